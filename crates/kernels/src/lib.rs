@@ -1,0 +1,29 @@
+//! CPU kernels for weightstream.
+//!
+//! Every kernel here works on plain contiguous `f32` slices with its
+//! dimensions passed explicitly (llm.c style), so that the same kernels serve
+//! a resident model, a streamed layer or a GPU check. Each fast kernel has a
+//! plain reference version beside it (`reference` submodules) and the tests
+//! compare the two on random inputs.
+//!
+//! Conventions, the same in every module:
+//! - argument order: outputs, saved-for-backward, inputs, weights, dimensions;
+//! - shapes use one alphabet: B batch, T time, C channels, H heads, V vocab,
+//!   N output channels of a linear layer, K its input channels;
+//! - parameter gradients accumulate (`+=`); activation gradients overwrite,
+//!   unless the function says it accumulates (the residual stream).
+//!
+//! What is not here: the model (which kernel runs when), the optimizer
+//! schedule, I/O.
+
+pub mod adamw;
+pub mod attention;
+pub mod crossentropy;
+pub mod embedding;
+pub mod gelu;
+pub mod layernorm;
+pub mod matmul;
+pub mod parallel;
+pub mod rng;
+
+pub use rng::Rng;

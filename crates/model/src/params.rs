@@ -1,0 +1,65 @@
+//! A resident parameter set: one `Vec<f32>` per tensor of a [`ModelSpec`].
+//!
+//! Used for the resident baseline, for gradients and optimizer moments of a
+//! resident run, and for loading and saving checkpoints. Layers never see a
+//! `Params`: they are handed the slices of their own tensors.
+
+use crate::spec::ModelSpec;
+use ws_kernels::Rng;
+
+/// Stream id of weight initialisation in [`Rng::for_stream`].
+const INIT_STREAM: u64 = 1;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    pub tensors: Vec<Vec<f32>>,
+}
+
+impl Params {
+    pub fn zeros(spec: &ModelSpec) -> Params {
+        Params { tensors: spec.tensors.iter().map(|t| vec![0f32; t.numel()]).collect() }
+    }
+
+    /// GPT-2 initialisation: normal(0, 0.02) for weights and embeddings,
+    /// 0.02/sqrt(2 n_layer) for the residual projections, LayerNorm weights
+    /// one, biases zero. Each tensor draws from its own seeded stream.
+    pub fn init(spec: &ModelSpec, seed: u64) -> Params {
+        let mut p = Params::zeros(spec);
+        for (i, (t, data)) in spec.tensors.iter().zip(p.tensors.iter_mut()).enumerate() {
+            match t.init_std {
+                Some(std) => Rng::for_stream(seed, INIT_STREAM, i as u64).fill_normal(data, 0.0, std),
+                None if t.is_layernorm_weight() => data.fill(1.0),
+                None => data.fill(0.0),
+            }
+        }
+        p
+    }
+
+    /// The slices of layer `l`'s tensors, in the layer's order.
+    pub fn layer(&self, spec: &ModelSpec, l: usize) -> Vec<&[f32]> {
+        spec.layers[l].tensors.iter().map(|&i| self.tensors[i].as_slice()).collect()
+    }
+
+    /// Mutable slices of layer `l`'s tensors, in the layer's order.
+    pub fn layer_mut(&mut self, spec: &ModelSpec, l: usize) -> Vec<&mut [f32]> {
+        let ids = &spec.layers[l].tensors;
+        let mut slots: Vec<Option<&mut [f32]>> = self.tensors.iter_mut().map(|t| Some(t.as_mut_slice())).collect();
+        ids.iter()
+            .map(|&i| slots[i].take().expect("a layer lists each tensor once"))
+            .collect()
+    }
+
+    pub fn fill(&mut self, value: f32) {
+        for t in &mut self.tensors {
+            t.fill(value);
+        }
+    }
+
+    /// Sum of squares of every element, in f64, in tensor order.
+    pub fn sum_of_squares(&self) -> f64 {
+        self.tensors
+            .iter()
+            .map(|t| t.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+            .sum()
+    }
+}
