@@ -1,14 +1,47 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Training for weightstream: the run configuration (presets, TOML, `--set`
+//! overrides), AdamW with PyTorch semantics and the learning-rate schedule,
+//! the resident trainer (every weight held by one process: the baseline the
+//! streaming executor is checked against), Hugging Face checkpoints, metrics
+//! and the loss plot.
+//!
+//! Errors a user can cause (config, data, checkpoint, run directory) are
+//! [`TrainError`]s with one-line messages; broken invariants panic.
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod trainer;
+
+pub use config::RunConfig;
+pub use trainer::{StepStats, Trainer};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] ws_model::ConfigError),
+    #[error(transparent)]
+    Data(#[from] ws_data::DataError),
+    #[error("checkpoint {path}: {problem}")]
+    Checkpoint { path: PathBuf, problem: String },
+    #[error("run directory {path}: {problem}")]
+    RunDir { path: PathBuf, problem: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl TrainError {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> TrainError {
+        TrainError::Io { what, path: path.into(), source }
     }
 }

@@ -1,0 +1,367 @@
+//! The run configuration: a preset, then a TOML file, then `--set key=value`
+//! overrides, each layer replacing single keys of the one below.
+//!
+//! Every key has a default, so `weightstream train` needs no argument. An
+//! unknown key is an error that names the key and the closest known one; a
+//! value of the wrong type names the key and the expected type. The resolved
+//! configuration is written to the run directory, so a run can be repeated
+//! from it alone.
+
+use crate::TrainError;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use toml::{Table, Value};
+use ws_model::Gpt2Config;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The preset this configuration started from (`tiny`, `small`).
+    pub preset: String,
+    /// Where metrics, the resolved config, checkpoints and the plot go.
+    /// Empty: `runs/<preset>-<UTC time>`.
+    pub run_dir: String,
+    pub model: Gpt2Config,
+    pub train: TrainSection,
+    pub data: DataSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Sequences per step (the global batch).
+    pub batch_size: usize,
+    /// Tokens per sequence; 0 means model.block_size.
+    pub seq_len: usize,
+    /// Sequences per micro-batch; 0 means the whole batch at once.
+    pub micro_batch: usize,
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Evaluate on the validation split every this many steps (and at the end); 0: only at the end.
+    pub eval_interval: u64,
+    /// Batches averaged for a validation loss.
+    pub eval_batches: usize,
+    /// Save a checkpoint every this many steps (and at the end); 0: only at the end.
+    pub checkpoint_interval: u64,
+    /// Compute precision: "fp32" (bf16 is not implemented on CPU yet).
+    pub precision: String,
+    /// Worker threads; 0: one per core.
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A UTF-8 text file (tokenized with the GPT-2 BPE) or a uint16 `.bin` token file.
+    pub path: String,
+    /// The last fraction of the tokens held out for validation.
+    pub val_fraction: f64,
+    /// Where tokenized text is cached; empty disables the cache.
+    pub cache_dir: String,
+}
+
+pub const PRESETS: &[&str] = &["tiny", "small"];
+
+impl RunConfig {
+    pub fn preset(name: &str) -> Result<RunConfig, TrainError> {
+        let train = TrainSection {
+            steps: 200,
+            batch_size: 8,
+            seq_len: 0,
+            micro_batch: 0,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 20,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 1337,
+            eval_interval: 50,
+            eval_batches: 8,
+            checkpoint_interval: 0,
+            precision: "fp32".into(),
+            threads: 0,
+        };
+        let data = DataSection {
+            path: "../shared/data/shakespeare.txt".into(),
+            val_fraction: 0.1,
+            cache_dir: ".cache/weightstream".into(),
+        };
+        let (model, train) = match name {
+            "tiny" => (Gpt2Config::tiny(), train),
+            "small" => (
+                Gpt2Config::gpt2_small(),
+                TrainSection { steps: 1000, batch_size: 4, lr: 6e-4, min_lr: 6e-5, warmup_steps: 50, eval_interval: 100, ..train },
+            ),
+            other => {
+                return Err(TrainError::Config(format!(
+                    "unknown preset `{other}`: choose one of {}",
+                    PRESETS.join(", ")
+                )))
+            }
+        };
+        Ok(RunConfig { preset: name.into(), run_dir: String::new(), model, train, data })
+    }
+
+    /// Resolves preset, file and overrides. The preset is taken from the last
+    /// `preset=` override, else the file's `preset`, else `tiny`.
+    pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig, TrainError> {
+        let file_table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("cannot read config file", path, e))?;
+                text.parse::<Table>().map_err(|e| {
+                    TrainError::Config(format!("config file {}: {}", path.display(), one_line(&e.to_string())))
+                })?
+            }
+            None => Table::new(),
+        };
+        let mut sets = Vec::new();
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| TrainError::Config(format!("--set {o}: expected key=value, e.g. --set train.lr=3e-4")))?;
+            sets.push((key.trim().to_string(), parse_value(value.trim())));
+        }
+        let preset = sets
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "preset")
+            .map(|(_, v)| v.clone())
+            .or_else(|| file_table.get("preset").cloned())
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(TrainError::Config(format!("preset must be a string, got {other}"))),
+            })
+            .transpose()?
+            .unwrap_or_else(|| "tiny".into());
+        let base = RunConfig::preset(&preset)?;
+        let mut table = Table::try_from(&base).expect("a config serializes");
+        let known = table.clone();
+        merge(&mut table, &file_table, &known, "")?;
+        for (key, value) in sets {
+            set_path(&mut table, &known, &key, value)?;
+        }
+        let config: RunConfig = Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Config(format!("config: {}", one_line(&e.to_string()))))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn seq_len(&self) -> usize {
+        if self.train.seq_len == 0 {
+            self.model.block_size
+        } else {
+            self.train.seq_len
+        }
+    }
+
+    pub fn micro_batch(&self) -> usize {
+        if self.train.micro_batch == 0 {
+            self.train.batch_size
+        } else {
+            self.train.micro_batch
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), TrainError> {
+        self.model.validate()?;
+        let t = &self.train;
+        let bad = |msg: String| Err(TrainError::Config(msg));
+        if t.batch_size == 0 {
+            return bad("train.batch_size must be at least 1".into());
+        }
+        if self.seq_len() > self.model.block_size {
+            return bad(format!(
+                "train.seq_len ({}) is longer than model.block_size ({})",
+                t.seq_len, self.model.block_size
+            ));
+        }
+        if t.batch_size % self.micro_batch() != 0 {
+            return bad(format!(
+                "train.micro_batch ({}) must divide train.batch_size ({})",
+                t.micro_batch, t.batch_size
+            ));
+        }
+        if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+            return bad(format!("need 0 <= train.min_lr <= train.lr and lr > 0 (lr {}, min_lr {})", t.lr, t.min_lr));
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            return bad(format!("train.beta1 and train.beta2 must be in [0, 1) (got {}, {})", t.beta1, t.beta2));
+        }
+        if t.eps <= 0.0 || t.weight_decay < 0.0 || t.grad_clip < 0.0 {
+            return bad("train.eps must be positive, train.weight_decay and train.grad_clip non-negative".into());
+        }
+        if t.precision != "fp32" {
+            return bad(format!(
+                "train.precision `{}` is not available: the CPU worker computes in fp32 (set train.precision=\"fp32\")",
+                t.precision
+            ));
+        }
+        if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
+            return bad(format!("data.val_fraction must be between 0 and 1 (got {})", self.data.val_fraction));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a config serializes")
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
+/// A `--set` value: TOML if it parses as a value (numbers, booleans, quoted
+/// strings), else a bare string (`--set data.path=corpus.txt`).
+fn parse_value(s: &str) -> Value {
+    format!("v = {s}")
+        .parse::<Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| Value::String(s.to_string()))
+}
+
+fn unknown_key(path: &str, key: &str, known: &Table) -> TrainError {
+    let full = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    let closest = known
+        .keys()
+        .map(|k| (edit_distance(k, key), k))
+        .min()
+        .filter(|(d, _)| *d <= 3)
+        .map(|(_, k)| if path.is_empty() { format!(" (did you mean `{k}`?)") } else { format!(" (did you mean `{path}.{k}`?)") })
+        .unwrap_or_default();
+    let keys: Vec<&str> = known.keys().map(String::as_str).collect();
+    TrainError::Config(format!("unknown config key `{full}`{closest}; known keys here: {}", keys.join(", ")))
+}
+
+/// Copies `src` over `dst` key by key; every key must exist in `known`.
+fn merge(dst: &mut Table, src: &Table, known: &Table, path: &str) -> Result<(), TrainError> {
+    for (k, v) in src {
+        let Some(kv) = known.get(k) else { return Err(unknown_key(path, k, known)) };
+        let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+        match (kv, v) {
+            (Value::Table(kt), Value::Table(vt)) => {
+                let Some(Value::Table(dt)) = dst.get_mut(k) else { unreachable!("dst mirrors known") };
+                merge(dt, vt, kt, &sub)?;
+            }
+            (Value::Table(_), _) => {
+                return Err(TrainError::Config(format!("config key `{sub}` is a section: use [{sub}] with keys inside")))
+            }
+            _ => {
+                dst.insert(k.clone(), coerce(kv, v.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_path(table: &mut Table, known: &Table, key: &str, value: Value) -> Result<(), TrainError> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let (mut dst, mut kn) = (table, known);
+    let mut path = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        let Some(kv) = kn.get(*part) else { return Err(unknown_key(&path, part, kn)) };
+        if i + 1 == parts.len() {
+            if kv.is_table() {
+                return Err(TrainError::Config(format!("--set {key}: `{key}` is a section; set one of its keys")));
+            }
+            dst.insert(part.to_string(), coerce(kv, value));
+            return Ok(());
+        }
+        let (Value::Table(kt), Some(Value::Table(dt))) = (kv, dst.get_mut(*part)) else {
+            return Err(TrainError::Config(format!("--set {key}: `{part}` has no keys below it")));
+        };
+        path = if path.is_empty() { part.to_string() } else { format!("{path}.{part}") };
+        dst = dt;
+        kn = kt;
+    }
+    unreachable!("the loop returns on the last part")
+}
+
+/// Integers are accepted where floats are expected (`lr = 1`), and a bare
+/// word where a string is expected.
+fn coerce(expected: &Value, v: Value) -> Value {
+    match (expected, v) {
+        (Value::Float(_), Value::Integer(i)) => Value::Float(i as f64),
+        (_, v) => v,
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(file: Option<&Path>, sets: &[&str]) -> String {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::resolve(file, &sets).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_resolve_to_the_tiny_preset() {
+        let c = RunConfig::resolve(None, &[]).unwrap();
+        assert_eq!(c, RunConfig::preset("tiny").unwrap());
+        assert_eq!(c.seq_len(), 256);
+    }
+
+    #[test]
+    fn overrides_apply_in_order_over_the_file_and_preset() {
+        let dir = std::env::temp_dir().join(format!("ws-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("run.toml");
+        std::fs::write(&file, "preset = \"small\"\n[train]\nlr = 1\nsteps = 7\n[model]\nn_layer = 2\n").unwrap();
+        let sets = vec!["train.steps=9".to_string(), "data.path=x.txt".to_string()];
+        let c = RunConfig::resolve(Some(&file), &sets).unwrap();
+        assert_eq!(c.model.n_embd, 768, "from the small preset");
+        assert_eq!(c.model.n_layer, 2, "from the file");
+        assert_eq!(c.train.lr, 1.0, "integer accepted for a float");
+        assert_eq!(c.train.steps, 9, "--set wins over the file");
+        assert_eq!(c.data.path, "x.txt", "bare word as a string");
+        let round: RunConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(round, c);
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_one_line_errors() {
+        let e = err(None, &["train.lrr=1"]);
+        assert!(e.contains("unknown config key `train.lrr`") && e.contains("did you mean `train.lr`"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = err(None, &["trian.lr=1"]);
+        assert!(e.contains("`trian`") && e.contains("did you mean `train`"), "{e}");
+        let e = err(None, &["train.steps=lots"]);
+        assert!(e.contains("steps") && !e.contains('\n'), "{e}");
+        let e = err(None, &["preset=huge"]);
+        assert!(e.contains("unknown preset `huge`"), "{e}");
+        let e = err(None, &["model.n_head=5"]);
+        assert!(e.contains("divisible"), "{e}");
+        let e = err(None, &["train.lr"]);
+        assert!(e.contains("key=value"), "{e}");
+    }
+}

@@ -1,0 +1,246 @@
+//! The resident trainer: every weight, gradient and AdamW moment held in this
+//! process. It is the baseline the streaming executor must equal bit for bit,
+//! and the engine behind `weightstream train` until streaming lands.
+//!
+//! One step: sample the global batch (a pure function of seed and step, so a
+//! resumed run sees the same data), split it into micro-batches, and for
+//! each run forward over layers 0..L-1, the head, and backward over
+//! L-2..0 with gradients accumulating; then clip and update.
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::RunConfig;
+use crate::metrics::{MetricsWriter, Record};
+use crate::optim::{learning_rate, AdamW};
+use crate::{plot, TrainError};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use ws_data::{sample_batch, Split};
+use ws_model::{ModelSpec, Params, Workspace};
+
+/// [`ws_kernels::Rng::for_stream`] stream ids of the data sampler.
+pub const TRAIN_STREAM: u64 = 2;
+pub const VAL_STREAM: u64 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// The step just completed, counting from 1.
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+pub struct Trainer {
+    pub config: RunConfig,
+    pub spec: ModelSpec,
+    pub params: Params,
+    pub grads: Params,
+    pub optimizer: AdamW,
+    workspace: Workspace,
+    /// Steps completed.
+    pub step: u64,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+impl Trainer {
+    /// A fresh model initialised from the config's seed.
+    pub fn new(config: RunConfig) -> Result<Trainer, TrainError> {
+        config.validate()?;
+        let spec = ModelSpec::new(config.model);
+        let params = Params::init(&spec, config.train.seed);
+        Ok(Trainer::with_params(config, spec, params))
+    }
+
+    pub fn with_params(config: RunConfig, spec: ModelSpec, params: Params) -> Trainer {
+        let workspace = Workspace::new(&spec, config.micro_batch(), config.seq_len());
+        Trainer {
+            grads: Params::zeros(&spec),
+            optimizer: AdamW::new(&spec),
+            workspace,
+            step: 0,
+            inputs: Vec::new(),
+            targets: Vec::new(),
+            config,
+            spec,
+            params,
+        }
+    }
+
+    /// Forward and backward of one batch already in `inputs`/`targets`,
+    /// accumulating gradients; returns the mean loss.
+    pub fn accumulate_gradients(&mut self, inputs: &[u32], targets: &[u32]) -> f64 {
+        let (t, mb) = (self.config.seq_len(), self.config.micro_batch());
+        let b = inputs.len() / t;
+        assert_eq!(b % mb, 0);
+        let (spec, ws, params, grads) = (&self.spec, &mut self.workspace, &self.params, &mut self.grads);
+        let layers = spec.layer_count();
+        let dloss_scale = 1.0 / (b * t) as f32;
+        let mut loss_sum = 0f64;
+        for m in 0..b / mb {
+            let x = &inputs[m * mb * t..(m + 1) * mb * t];
+            let y = &targets[m * mb * t..(m + 1) * mb * t];
+            for l in 0..layers - 1 {
+                ws.forward(spec, l, &params.layer(spec, l), x, mb, t);
+            }
+            let head = layers - 1;
+            loss_sum += ws.head(spec, &params.layer(spec, head), Some(&mut grads.layer_mut(spec, head)), y, mb, t, dloss_scale);
+            for l in (0..layers - 1).rev() {
+                ws.backward(spec, l, &params.layer(spec, l), &mut grads.layer_mut(spec, l), x, mb, t);
+            }
+        }
+        loss_sum / (b * t) as f64
+    }
+
+    /// One optimizer step on a batch sampled from `train`.
+    pub fn train_step(&mut self, train: &[u16]) -> StepStats {
+        let start = Instant::now();
+        let (b, t) = (self.config.train.batch_size, self.config.seq_len());
+        let (mut inputs, mut targets) = (std::mem::take(&mut self.inputs), std::mem::take(&mut self.targets));
+        sample_batch(train, b, t, self.config.train.seed, TRAIN_STREAM, self.step, &mut inputs, &mut targets);
+        let stats = self.step_on(&inputs, &targets);
+        (self.inputs, self.targets) = (inputs, targets);
+        StepStats { seconds: start.elapsed().as_secs_f64(), ..stats }
+    }
+
+    /// One optimizer step on the given batch (B*T inputs and targets).
+    pub fn step_on(&mut self, inputs: &[u32], targets: &[u32]) -> StepStats {
+        let start = Instant::now();
+        let lr = learning_rate(&self.config.train, self.step);
+        self.grads.fill(0.0);
+        let loss = self.accumulate_gradients(inputs, targets);
+        let grad_norm = self.optimizer.step(&self.spec, &mut self.params, &self.grads, &self.config.train, lr, self.step + 1);
+        self.step += 1;
+        StepStats { step: self.step, loss, lr, grad_norm, tokens: inputs.len(), seconds: start.elapsed().as_secs_f64() }
+    }
+
+    /// Mean loss over `batches` batches sampled from `tokens` (the same
+    /// batches at every call: the sampler index does not move).
+    pub fn evaluate(&mut self, tokens: &[u16], batches: usize) -> f64 {
+        let (b, t) = (self.config.micro_batch(), self.config.seq_len());
+        let (spec, ws, params) = (&self.spec, &mut self.workspace, &self.params);
+        let layers = spec.layer_count();
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        let mut sum = 0f64;
+        for i in 0..batches {
+            sample_batch(tokens, b, t, self.config.train.seed, VAL_STREAM, i as u64, &mut inputs, &mut targets);
+            for l in 0..layers - 1 {
+                ws.forward(spec, l, &params.layer(spec, l), &inputs, b, t);
+            }
+            sum += ws.head(spec, &params.layer(spec, layers - 1), None, &targets, b, t, 0.0);
+        }
+        sum / (batches * b * t) as f64
+    }
+
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
+        let run_toml = self.config.to_toml();
+        let state = TrainState { step: self.step, optimizer: &self.optimizer, run_toml: &run_toml };
+        checkpoint::save(dir, &self.spec, &self.params, Some(state))
+    }
+}
+
+/// Seconds since the epoch as `YYYYmmdd-HHMMSS` (UTC), for run names.
+pub fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Creates the run directory (which must be new or empty) and returns it.
+pub fn prepare_run_dir(config: &mut RunConfig) -> Result<PathBuf, TrainError> {
+    if config.run_dir.is_empty() {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        config.run_dir = format!("runs/{}-{}", config.preset, utc_stamp(secs));
+    }
+    let dir = PathBuf::from(&config.run_dir);
+    let fail = |problem: String| TrainError::RunDir { path: dir.clone(), problem };
+    if dir.exists() {
+        let mut entries = std::fs::read_dir(&dir).map_err(|e| fail(format!("cannot read: {e}")))?;
+        if entries.next().is_some() {
+            return Err(fail("already holds files; choose a new one with --set run_dir=PATH".into()));
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| fail(format!("cannot create: {e}")))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"").map_err(|e| fail(format!("cannot write: {e}")))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(dir)
+}
+
+/// What a training run reports as it goes.
+pub trait Progress {
+    fn started(&mut self, _trainer: &Trainer, _run_dir: &Path) {}
+    fn step(&mut self, _stats: &StepStats, _val_loss: Option<f64>) {}
+    fn message(&mut self, _text: &str) {}
+}
+
+/// The whole `weightstream train` job: run directory, data, steps,
+/// evaluation, checkpoints, metrics and the plot. Returns the run directory.
+pub fn run(mut config: RunConfig, data: &Split, progress: &mut dyn Progress) -> Result<PathBuf, TrainError> {
+    config.validate()?;
+    ws_data::check_vocab(&data.train, config.model.vocab_size)?;
+    ws_data::check_vocab(&data.val, config.model.vocab_size)?;
+    let run_dir = prepare_run_dir(&mut config)?;
+    let config_path = run_dir.join("config.toml");
+    std::fs::write(&config_path, config.to_toml()).map_err(|e| TrainError::io("cannot write", &config_path, e))?;
+    let mut metrics = MetricsWriter::create(&run_dir.join("metrics.jsonl"))?;
+    let mut trainer = Trainer::new(config.clone())?;
+    progress.started(&trainer, &run_dir);
+    let tc = &config.train;
+    let mut records = Vec::new();
+    while trainer.step < tc.steps {
+        let stats = trainer.train_step(&data.train);
+        if !stats.loss.is_finite() {
+            return Err(TrainError::Config(format!(
+                "training diverged at step {} (loss {}): lower train.lr or raise train.warmup_steps",
+                stats.step, stats.loss
+            )));
+        }
+        let last = stats.step == tc.steps;
+        let val_loss = (last || (tc.eval_interval > 0 && stats.step % tc.eval_interval == 0))
+            .then(|| trainer.evaluate(&data.val, tc.eval_batches.max(1)));
+        let record = Record {
+            step: stats.step,
+            train_loss: stats.loss,
+            val_loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            tokens_per_s: stats.tokens as f64 / stats.seconds,
+            step_ms: stats.seconds * 1e3,
+        };
+        metrics.write(&record)?;
+        records.push(record);
+        progress.step(&stats, val_loss);
+        if last || (tc.checkpoint_interval > 0 && stats.step % tc.checkpoint_interval == 0) {
+            let dir = checkpoint::dir_for_step(&run_dir, stats.step);
+            trainer.save_checkpoint(&dir)?;
+            progress.message(&format!("checkpoint {}", dir.display()));
+            plot::write_loss_svg(&run_dir.join("loss.svg"), &records, &format!("weightstream {}", config.preset))?;
+        }
+    }
+    Ok(run_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamp_formats_known_dates() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(1_795_651_200 + 3_723), "20261126-010203");
+        assert_eq!(utc_stamp(951_782_400), "20000229-000000");
+    }
+}
