@@ -67,7 +67,19 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// Keeps freed buffers in the process instead of returning them to the
+/// kernel: the GEMM library allocates its packing buffers on every call, and
+/// with glibc's defaults each became a fresh mmap and a storm of page faults.
+fn keep_freed_memory() {
+    // SAFETY: mallopt only tunes glibc's allocator; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WEIGHTSTREAM_LOG").unwrap_or_else(|_| "warn".into()),

@@ -10,6 +10,7 @@
 //! that the causal mask discards is mostly never multiplied.
 //! Backward overwrites `dqkv`.
 
+use crate::math;
 use crate::matmul::{gemm_raw, Mat};
 use crate::parallel::SendPtr;
 use rayon::prelude::*;
@@ -57,13 +58,8 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
             for i in r0..r1 {
                 let row = &mut p[i * t..(i + 1) * t];
                 let (live, masked) = row.split_at_mut(i + 1);
-                let max = live.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                let mut sum = 0f32;
-                for x in live.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
+                let max = math::max(live);
+                let inv = 1.0 / math::exp_shifted_sum(live, max);
                 for x in live.iter_mut() {
                     *x *= inv;
                 }
@@ -155,7 +151,7 @@ pub fn attention_backward(
                 for i in r0..r1 {
                     let pr = &p[i * t..i * t + r1];
                     let dr = &mut ds[i * t..i * t + r1];
-                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    let dot = math::dot(pr, dr);
                     for (d, &pv) in dr.iter_mut().zip(pr) {
                         *d = pv * (*d - dot) * scale;
                     }

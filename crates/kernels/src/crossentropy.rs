@@ -5,6 +5,7 @@
 //! the loss and the gradient in one pass over the row saves a second read of
 //! the largest activation in the model.
 
+use crate::math;
 use rayon::prelude::*;
 
 /// Per-row losses (natural log) into `losses[R]`; if `dloss_scale` is given,
@@ -26,32 +27,21 @@ pub fn crossentropy_forward_backward(
         .for_each(|((row, loss), &target)| {
             let target = target as usize;
             assert!(target < v, "target {target} outside the vocabulary of {v}");
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let mut sum = 0f32;
+            let max = math::max(row);
+            let shifted_target = row[target] - max;
             match dloss_scale {
                 Some(scale) => {
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let target_prob = row[target] / sum;
-                    *loss = -target_prob.ln();
-                    // Recompute log-softmax of the target exactly rather than ln of
-                    // a possibly underflowed probability.
+                    let sum = math::exp_shifted_sum(row, max);
+                    *loss = sum.ln() - shifted_target;
                     let inv = scale / sum;
                     for x in row.iter_mut() {
                         *x *= inv;
                     }
                     row[target] -= scale;
-                    if target_prob == 0.0 {
-                        *loss = f32::INFINITY;
-                    }
                 }
                 None => {
-                    for &x in row.iter() {
-                        sum += (x - max).exp();
-                    }
-                    *loss = sum.ln() + max - row[target];
+                    let sum = math::sum_exp_shifted(row, max);
+                    *loss = sum.ln() - shifted_target;
                 }
             }
         });

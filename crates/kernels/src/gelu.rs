@@ -1,24 +1,29 @@
-//! GELU, tanh approximation (Hugging Face `gelu_new`, GPT-2's activation).
+//! GELU, tanh approximation (Hugging Face `gelu_new`, GPT-2's activation),
+//! computed through the identical sigmoid form.
 //!
 //! Backward overwrites `dinp`.
 
+use crate::math::sigmoid;
 use rayon::prelude::*;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const COEF: f32 = 0.044715;
 const CHUNK: usize = 16384;
 
-#[inline]
+// 0.5 * (1 + tanh(u)) = sigmoid(2u), so gelu(x) = x * sigmoid(2u) with
+// u = sqrt(2/pi) (x + 0.044715 x^3): one vectorizable exp, no cancellation.
+#[inline(always)]
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + COEF * x * x * x)).tanh())
+    let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+    x * sigmoid(2.0 * u)
 }
 
-#[inline]
+// d/dx x*s(2u) = s + x * 2 s (1 - s) * u'(x).
+#[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-    let th = u.tanh();
-    let sech2 = 1.0 - th * th;
-    0.5 * (1.0 + th) + 0.5 * x * sech2 * SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x)
+    let s = sigmoid(2.0 * u);
+    s + x * 2.0 * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x)
 }
 
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {

@@ -4,6 +4,7 @@
 //! backward pass. Backward accumulates into `dinp` (it is the residual
 //! stream's gradient) and into `dweight`/`dbias`.
 
+use crate::math;
 use crate::parallel::{column_sums_into, SendPtr};
 use rayon::prelude::*;
 
@@ -31,8 +32,8 @@ pub fn layernorm_forward(
         .with_min_len(crate::parallel::rows_per_task(c))
         .for_each(|(r, ((o, m), s))| {
             let x = &inp[r * c..(r + 1) * c];
-            let mu = x.iter().sum::<f32>() / c as f32;
-            let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+            let mu = math::sum(x) / c as f32;
+            let var = math::centered_sum_sq(x, mu) / c as f32;
             let rs = 1.0 / (var + EPS).sqrt();
             for j in 0..c {
                 o[j] = (x[j] - mu) * rs * weight[j] + bias[j];

@@ -22,6 +22,7 @@ pub mod crossentropy;
 pub mod embedding;
 pub mod gelu;
 pub mod layernorm;
+pub mod math;
 pub mod matmul;
 pub mod parallel;
 pub mod rng;
