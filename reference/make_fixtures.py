@@ -138,5 +138,31 @@ def main():
         f.write("\n")
 
 
+def write_eval_fixture():
+    """fixtures/eval_tokens.bin (random ids, nanoGPT uint16) and the loss that
+    transformers computes on it with the saved model, for `weightstream eval`."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from check_hf_roundtrip import read_tokens
+    import numpy as np
+    gen = np.random.default_rng(20261126)
+    ids = gen.integers(0, CFG["vocab_size"], size=500, dtype=np.uint16)
+    path = os.path.join(OUT, "eval_tokens.bin")
+    ids.astype("<u2").tofile(path)
+    model = GPT2LMHeadModel.from_pretrained(os.path.join(OUT, "hf_saved"), use_safetensors=True).double().eval()
+    tokens = torch.from_numpy(read_tokens(path))
+    T, V = 24, CFG["vocab_size"]
+    n = (tokens.numel() - 1) // T
+    offs = torch.arange(n)[:, None] * T + torch.arange(T)[None, :]
+    with torch.no_grad():
+        logits = model(tokens[offs]).logits
+        loss = F.cross_entropy(logits.reshape(-1, V), tokens[offs + 1].reshape(-1)).item()
+    with open(os.path.join(OUT, "eval_expected.json"), "w") as f:
+        json.dump({"seq": T, "windows": n, "loss": loss, "dtype": "float64"}, f, indent=2)
+        f.write("\n")
+    print(f"eval fixture: {n} windows of {T}, loss {loss:.6f}")
+
+
 if __name__ == "__main__":
     main()
+    write_eval_fixture()

@@ -38,7 +38,13 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Train { preset, steps, seq, batch, threads } => bench_train(&preset, steps, seq, batch, threads),
+        BenchCommand::Train {
+            preset,
+            steps,
+            seq,
+            batch,
+            threads,
+        } => bench_train(&preset, steps, seq, batch, threads),
         BenchCommand::Gemm { repeats, threads } => {
             set_threads(threads);
             for (name, a_t, b_t, m, n, k) in gemm_shapes() {
@@ -59,7 +65,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 fn gemm_shapes() -> Vec<(&'static str, bool, bool, usize, usize, usize)> {
     vec![
         ("fwd 2048x768 @ 768x3072", false, false, 2048, 3072, 768),
-        ("dinp 2048x3072 @ (768x3072)^T", false, true, 2048, 768, 3072),
+        (
+            "dinp 2048x3072 @ (768x3072)^T",
+            false,
+            true,
+            2048,
+            768,
+            3072,
+        ),
         ("dw (2048x768)^T @ 2048x3072", true, false, 768, 3072, 2048),
     ]
 }
@@ -86,8 +99,16 @@ fn gemm_gflops(a_t: bool, b_t: bool, m: usize, n: usize, k: usize, repeats: usiz
     rng.fill_uniform(&mut a, -1.0, 1.0);
     rng.fill_uniform(&mut b, -1.0, 1.0);
     let mut c = vec![0f32; m * n];
-    let am = if a_t { Mat::transposed(&a, m) } else { Mat::rows(&a, k) };
-    let bm = if b_t { Mat::transposed(&b, k) } else { Mat::rows(&b, n) };
+    let am = if a_t {
+        Mat::transposed(&a, m)
+    } else {
+        Mat::rows(&a, k)
+    };
+    let bm = if b_t {
+        Mat::transposed(&b, k)
+    } else {
+        Mat::rows(&b, n)
+    };
     let threads = pool_threads();
     gemm(&mut c, n, false, am, bm, m, n, k, 1.0, threads);
     let times: Vec<f64> = (0..repeats.max(1))
@@ -100,7 +121,13 @@ fn gemm_gflops(a_t: bool, b_t: bool, m: usize, n: usize, k: usize, repeats: usiz
     2.0 * (m * n * k) as f64 / median(times) / 1e9
 }
 
-fn bench_train(preset: &str, steps: usize, seq: Option<usize>, batch: Option<usize>, threads: usize) -> Result<()> {
+fn bench_train(
+    preset: &str,
+    steps: usize,
+    seq: Option<usize>,
+    batch: Option<usize>,
+    threads: usize,
+) -> Result<()> {
     set_threads(threads);
     let mut config = RunConfig::preset(preset)?;
     if let Some(t) = seq {
@@ -114,16 +141,24 @@ fn bench_train(preset: &str, steps: usize, seq: Option<usize>, batch: Option<usi
     if steps == 0 {
         return Err(TrainError::Config("--steps must be at least 1".into()));
     }
-    let (b, t, v) = (config.train.batch_size, config.seq_len(), config.model.vocab_size);
+    let (b, t, v) = (
+        config.train.batch_size,
+        config.seq_len(),
+        config.model.vocab_size,
+    );
     let mut rng = Rng::new(7);
-    let data: Vec<u16> = (0..(b * t * 4).max(t + 1)).map(|_| rng.below(v as u64) as u16).collect();
+    let data: Vec<u16> = (0..(b * t * 4).max(t + 1))
+        .map(|_| rng.below(v as u64) as u16)
+        .collect();
     let flops_per_token = config.model.train_flops_per_token(t);
     let mut trainer = Trainer::new(config)?;
     let warmup = 1;
     for _ in 0..warmup {
         trainer.train_step(&data);
     }
-    let times: Vec<f64> = (0..steps).map(|_| trainer.train_step(&data).seconds).collect();
+    let times: Vec<f64> = (0..steps)
+        .map(|_| trainer.train_step(&data).seconds)
+        .collect();
     let step_s = median(times);
     let tokens_per_s = (b * t) as f64 / step_s;
     let model_gflops = flops_per_token * tokens_per_s / 1e9;

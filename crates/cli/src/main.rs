@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "weightstream", version, about = "Train GPT models larger than the memory of the machine that computes them")]
+#[command(
+    name = "weightstream",
+    version,
+    about = "Train GPT models larger than the memory of the machine that computes them"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,17 +86,28 @@ fn main() -> ExitCode {
     keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEIGHTSTREAM_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("WEIGHTSTREAM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train { config, set } => commands::train(config.as_deref(), &set),
-        Command::Eval { checkpoint, data, batch, seq } => commands::eval(&checkpoint, &data, batch, seq),
-        Command::Generate { checkpoint, prompt, tokens, temperature, top_k, seed } => {
-            commands::generate(&checkpoint, &prompt, tokens, temperature, top_k, seed)
-        }
+        Command::Eval {
+            checkpoint,
+            data,
+            batch,
+            seq,
+        } => commands::eval(&checkpoint, &data, batch, seq),
+        Command::Generate {
+            checkpoint,
+            prompt,
+            tokens,
+            temperature,
+            top_k,
+            seed,
+        } => commands::generate(&checkpoint, &prompt, tokens, temperature, top_k, seed),
         Command::Bench(b) => bench::run(b),
     };
     match result {

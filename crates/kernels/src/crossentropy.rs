@@ -48,7 +48,14 @@ pub fn crossentropy_forward_backward(
 }
 
 pub mod reference {
-    pub fn crossentropy(losses: &mut [f32], dlogits: &mut [f32], logits: &[f32], targets: &[u32], v: usize, scale: f32) {
+    pub fn crossentropy(
+        losses: &mut [f32],
+        dlogits: &mut [f32],
+        logits: &[f32],
+        targets: &[u32],
+        v: usize,
+        scale: f32,
+    ) {
         for (r, &t) in targets.iter().enumerate() {
             let row = &logits[r * v..(r + 1) * v];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;

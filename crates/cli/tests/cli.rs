@@ -1,0 +1,376 @@
+//! The `weightstream` binary end to end: the main job's run directory,
+//! `eval` against `transformers`, `generate`, and one-line errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn weightstream(args: &[&str]) -> Out {
+    let out = Command::new(env!("CARGO_BIN_EXE_weightstream"))
+        .args(args)
+        .current_dir(ROOT)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run weightstream");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ws-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fixture(name: &str) -> String {
+    format!("{ROOT}/fixtures/{name}")
+}
+
+fn last_loss(stdout: &str) -> f64 {
+    let line = stdout.lines().last().expect("some output");
+    line.strip_prefix("loss: ")
+        .unwrap_or_else(|| panic!("last line `{line}`"))
+        .parse()
+        .unwrap()
+}
+
+/// A small model on the committed excerpt: seconds, not minutes.
+fn small_run_sets(dir: &Path) -> Vec<String> {
+    [
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=64",
+        "model.block_size=64",
+        "train.steps=4",
+        "train.batch_size=2",
+        "train.warmup_steps=1",
+        "train.eval_interval=2",
+        "train.eval_batches=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        format!("run_dir={}", dir.join("run").display()),
+        format!("data.path={}", fixture("shakespeare_excerpt.txt")),
+        format!("data.cache_dir={}", dir.join("cache").display()),
+    ])
+    .collect()
+}
+
+fn train_args(sets: &[String]) -> Vec<String> {
+    let mut args = vec!["train".to_string()];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    args
+}
+
+#[test]
+fn eval_of_a_transformers_checkpoint_matches_transformers() {
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("eval_expected.json")).unwrap()).unwrap();
+    let want = expected["loss"].as_f64().unwrap();
+    let out = weightstream(&[
+        "eval",
+        "--checkpoint",
+        &fixture("hf_saved"),
+        "--data",
+        &fixture("eval_tokens.bin"),
+        "--seq",
+        "24",
+        "--batch",
+        "7",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let got = last_loss(&out.stdout);
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "eval loss {got} vs transformers {want}"
+    );
+}
+
+#[test]
+fn train_writes_a_run_directory_that_eval_and_generate_read() {
+    let dir = tmp("train");
+    let args = train_args(&small_run_sets(&dir));
+    let out = weightstream(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let run = dir.join("run");
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "loss.svg",
+        "checkpoint-000004/model.safetensors",
+        "checkpoint-000004/config.json",
+    ] {
+        assert!(run.join(f).is_file(), "run directory lacks {f}");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i as u64 + 1);
+        for key in ["train_loss", "lr", "tokens_per_s"] {
+            assert!(
+                l[key].as_f64().is_some_and(f64::is_finite),
+                "step {}: {key}",
+                i + 1
+            );
+        }
+        assert_eq!(
+            l.get("val_loss").is_some(),
+            (i + 1) % 2 == 0,
+            "validation every 2 steps"
+        );
+    }
+    // The resolved config reproduces the run's settings.
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        config.contains("n_embd = 64") && config.contains("steps = 4"),
+        "{config}"
+    );
+
+    let ckpt = run.join("checkpoint-000004");
+    let ckpt = ckpt.to_str().unwrap();
+    let out = weightstream(&[
+        "eval",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        &fixture("shakespeare_excerpt.txt"),
+        "--seq",
+        "64",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(last_loss(&out.stdout) < 11.0);
+
+    let out = weightstream(&[
+        "generate",
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "To be",
+        "--tokens",
+        "8",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.starts_with("To be") && out.stdout.len() > "To be".len() + 1,
+        "{}",
+        out.stdout
+    );
+    let again = weightstream(&[
+        "generate",
+        "--checkpoint",
+        ckpt,
+        "--prompt",
+        "To be",
+        "--tokens",
+        "8",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(again.stdout, out.stdout, "generation is seeded");
+}
+
+/// Runs a bad command and checks the error is one line naming `needle`.
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let out = weightstream(args);
+    assert_eq!(out.code, 1, "{args:?} should fail; stderr: {}", out.stderr);
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one line, got:\n{}",
+        out.stderr
+    );
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{args:?}: `{}` lacks `{needle}`",
+        lines[0]
+    );
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_and_exit_status_1() {
+    let dir = tmp("bad");
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+
+    assert_one_line_error(
+        &["train", "--set", "train.lrr=1"],
+        "unknown config key `train.lrr` (did you mean `train.lr`?)",
+    );
+    assert_one_line_error(&["train", "--set", "train.steps=many"], "steps");
+    assert_one_line_error(
+        &["train", "--config", &p("missing.toml")],
+        "cannot read config file",
+    );
+    std::fs::write(p("bad.toml"), "[train\nlr = 1").unwrap();
+    assert_one_line_error(&["train", "--config", &p("bad.toml")], "bad.toml");
+    assert_one_line_error(
+        &["train", "--set", &format!("data.path={}", p("missing.txt"))],
+        "not found",
+    );
+    std::fs::write(p("short.txt"), "Hi.").unwrap();
+    assert_one_line_error(
+        &[
+            "train",
+            "--set",
+            &format!("data.path={}", p("short.txt")),
+            "--set",
+            "data.cache_dir=",
+        ],
+        "at least",
+    );
+    std::fs::write(p("file"), "not a directory").unwrap();
+    let mut sets = small_run_sets(&dir);
+    sets.push(format!("run_dir={}/run", p("file")));
+    let args = train_args(&sets);
+    assert_one_line_error(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "run directory",
+    );
+    std::fs::create_dir_all(p("full")).unwrap();
+    std::fs::write(dir.join("full/x"), "").unwrap();
+    sets.push(format!("run_dir={}", p("full")));
+    let args = train_args(&sets);
+    assert_one_line_error(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "already holds files",
+    );
+
+    // Token files: odd length, ids beyond the checkpoint's vocabulary (320).
+    let hf = fixture("hf_saved");
+    std::fs::write(p("odd.bin"), [1u8, 2, 3]).unwrap();
+    assert_one_line_error(
+        &["eval", "--checkpoint", &hf, "--data", &p("odd.bin")],
+        "odd.bin",
+    );
+    let ids: Vec<u8> = [5u16, 7, 1000, 9]
+        .iter()
+        .flat_map(|i| i.to_le_bytes())
+        .collect();
+    std::fs::write(p("big_ids.bin"), ids).unwrap();
+    assert_one_line_error(
+        &[
+            "eval",
+            "--checkpoint",
+            &hf,
+            "--data",
+            &p("big_ids.bin"),
+            "--seq",
+            "2",
+        ],
+        "1000",
+    );
+    assert_one_line_error(
+        &[
+            "eval",
+            "--checkpoint",
+            &hf,
+            "--data",
+            &fixture("eval_tokens.bin"),
+            "--seq",
+            "999",
+        ],
+        "block size",
+    );
+
+    // Checkpoints: missing, and shapes that disagree with config.json.
+    assert_one_line_error(
+        &[
+            "eval",
+            "--checkpoint",
+            &p("nothing"),
+            "--data",
+            &fixture("eval_tokens.bin"),
+        ],
+        "not a directory",
+    );
+    let ck = dir.join("ck");
+    std::fs::create_dir_all(&ck).unwrap();
+    std::fs::copy(
+        format!("{hf}/model.safetensors"),
+        ck.join("model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(format!("{hf}/config.json"))
+        .unwrap()
+        .replace("\"n_embd\": 64", "\"n_embd\": 32");
+    assert!(config.contains("\"n_embd\": 32"));
+    std::fs::write(ck.join("config.json"), config).unwrap();
+    assert_one_line_error(
+        &[
+            "eval",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--data",
+            &fixture("eval_tokens.bin"),
+        ],
+        "but config.json implies",
+    );
+    assert_one_line_error(
+        &["generate", "--checkpoint", &hf, "--prompt", "Shakespeare"],
+        "beyond this checkpoint's vocabulary",
+    );
+}
+
+#[test]
+fn tiny_preset_loss_falls_on_the_bundled_corpus() {
+    let corpus = Path::new(ROOT).join("../shared/data/shakespeare.txt");
+    if !corpus.is_file() {
+        eprintln!(
+            "skipped: {} is absent (../shared is not beside the checkout)",
+            corpus.display()
+        );
+        return;
+    }
+    let dir = tmp("tiny");
+    let run = dir.join("run");
+    let out = weightstream(&[
+        "train",
+        "--set",
+        "train.steps=30",
+        "--set",
+        "train.eval_interval=0",
+        "--set",
+        &format!("run_dir={}", run.display()),
+        "--set",
+        &format!("data.cache_dir={}", dir.join("cache").display()),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = lines[0]["train_loss"].as_f64().unwrap();
+    let val = lines.last().unwrap()["val_loss"].as_f64().unwrap();
+    // ln(50304) = 10.83 at initialisation; 30 steps of the tiny preset reach about 6.9.
+    assert!(first > 10.0, "initial loss {first}");
+    assert!(
+        val < 7.5,
+        "validation loss after 30 steps: {val} (from {first})"
+    );
+}
