@@ -26,6 +26,9 @@ pub enum BenchCommand {
         /// Worker threads (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// fp32, or bf16 (oneDNN) for the linear layers.
+        #[arg(long, default_value = "fp32")]
+        precision: String,
     },
     /// fp32 GEMM throughput on the GPT-2 small layer shapes (M = 2048 tokens).
     Gemm {
@@ -38,21 +41,19 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Train {
-            preset,
-            steps,
-            seq,
-            batch,
-            threads,
-        } => bench_train(&preset, steps, seq, batch, threads),
+        BenchCommand::Train { preset, steps, seq, batch, threads, precision } => {
+            bench_train(&preset, steps, seq, batch, threads, &precision)
+        }
         BenchCommand::Gemm { repeats, threads } => {
             set_threads(threads);
+            let bf16 = ws_kernels::bf16::available().is_ok();
             for (name, a_t, b_t, m, n, k) in gemm_shapes() {
                 let gflops = gemm_gflops(a_t, b_t, m, n, k, repeats);
+                let bf16_gflops = bf16.then(|| round(linear_bf16_gflops(m, n, k, repeats)));
                 println!(
                     "{}",
                     serde_json::json!({"bench": "gemm", "shape": name, "m": m, "n": n, "k": k,
-                        "gflops": round(gflops), "threads": pool_threads()})
+                        "fp32_gflops": round(gflops), "bf16_linear_gflops": bf16_gflops, "threads": pool_threads()})
                 );
             }
             Ok(())
@@ -65,14 +66,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 fn gemm_shapes() -> Vec<(&'static str, bool, bool, usize, usize, usize)> {
     vec![
         ("fwd 2048x768 @ 768x3072", false, false, 2048, 3072, 768),
-        (
-            "dinp 2048x3072 @ (768x3072)^T",
-            false,
-            true,
-            2048,
-            768,
-            3072,
-        ),
+        ("dinp 2048x3072 @ (768x3072)^T", false, true, 2048, 768, 3072),
         ("dw (2048x768)^T @ 2048x3072", true, false, 768, 3072, 2048),
     ]
 }
@@ -99,16 +93,8 @@ fn gemm_gflops(a_t: bool, b_t: bool, m: usize, n: usize, k: usize, repeats: usiz
     rng.fill_uniform(&mut a, -1.0, 1.0);
     rng.fill_uniform(&mut b, -1.0, 1.0);
     let mut c = vec![0f32; m * n];
-    let am = if a_t {
-        Mat::transposed(&a, m)
-    } else {
-        Mat::rows(&a, k)
-    };
-    let bm = if b_t {
-        Mat::transposed(&b, k)
-    } else {
-        Mat::rows(&b, n)
-    };
+    let am = if a_t { Mat::transposed(&a, m) } else { Mat::rows(&a, k) };
+    let bm = if b_t { Mat::transposed(&b, k) } else { Mat::rows(&b, n) };
     let threads = pool_threads();
     gemm(&mut c, n, false, am, bm, m, n, k, 1.0, threads);
     let times: Vec<f64> = (0..repeats.max(1))
@@ -121,12 +107,33 @@ fn gemm_gflops(a_t: bool, b_t: bool, m: usize, n: usize, k: usize, repeats: usiz
     2.0 * (m * n * k) as f64 / median(times) / 1e9
 }
 
+/// Median GFLOP/s of a bf16 linear layer forward (`m x k` by `k x n`),
+/// including the rounding of both inputs to bf16.
+fn linear_bf16_gflops(m: usize, n: usize, k: usize, repeats: usize) -> f64 {
+    let mut rng = Rng::new(2);
+    let mut a = vec![0f32; m * k];
+    let mut b = vec![0f32; k * n];
+    rng.fill_uniform(&mut a, -1.0, 1.0);
+    rng.fill_uniform(&mut b, -1.0, 1.0);
+    let mut c = vec![0f32; m * n];
+    ws_kernels::bf16::matmul_forward(&mut c, &a, &b, None, m, k, n);
+    let times: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            ws_kernels::bf16::matmul_forward(&mut c, &a, &b, None, m, k, n);
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    2.0 * (m * n * k) as f64 / median(times) / 1e9
+}
+
 fn bench_train(
     preset: &str,
     steps: usize,
     seq: Option<usize>,
     batch: Option<usize>,
     threads: usize,
+    precision: &str,
 ) -> Result<()> {
     set_threads(threads);
     let mut config = RunConfig::preset(preset)?;
@@ -137,28 +144,21 @@ fn bench_train(
         config.train.batch_size = b;
     }
     config.train.steps = (steps + 2) as u64;
+    config.train.precision = precision.to_string();
     config.validate()?;
     if steps == 0 {
         return Err(TrainError::Config("--steps must be at least 1".into()));
     }
-    let (b, t, v) = (
-        config.train.batch_size,
-        config.seq_len(),
-        config.model.vocab_size,
-    );
+    let (b, t, v) = (config.train.batch_size, config.seq_len(), config.model.vocab_size);
     let mut rng = Rng::new(7);
-    let data: Vec<u16> = (0..(b * t * 4).max(t + 1))
-        .map(|_| rng.below(v as u64) as u16)
-        .collect();
+    let data: Vec<u16> = (0..(b * t * 4).max(t + 1)).map(|_| rng.below(v as u64) as u16).collect();
     let flops_per_token = config.model.train_flops_per_token(t);
     let mut trainer = Trainer::new(config)?;
     let warmup = 1;
     for _ in 0..warmup {
         trainer.train_step(&data);
     }
-    let times: Vec<f64> = (0..steps)
-        .map(|_| trainer.train_step(&data).seconds)
-        .collect();
+    let times: Vec<f64> = (0..steps).map(|_| trainer.train_step(&data).seconds).collect();
     let step_s = median(times);
     let tokens_per_s = (b * t) as f64 / step_s;
     let model_gflops = flops_per_token * tokens_per_s / 1e9;
@@ -168,7 +168,7 @@ fn bench_train(
     println!(
         "{}",
         serde_json::json!({
-            "bench": "train", "preset": preset, "precision": "fp32", "mode": "resident",
+            "bench": "train", "preset": preset, "precision": precision, "mode": "resident",
             "batch": b, "seq": t, "params": trainer.spec.parameter_count(), "steps": steps,
             "step_ms": round(step_s * 1e3), "tokens_per_s": round(tokens_per_s),
             "model_gflops": round(model_gflops), "gemm_peak_gflops": round(peak),

@@ -15,9 +15,7 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 /// Uses `threads` worker threads (0: one per core) for every kernel.
 pub fn set_threads(threads: usize) {
     // Only the first call in a process can size the global pool.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
 }
 
 struct Bar {
@@ -52,10 +50,7 @@ impl Progress for Bar {
         self.tokens += s.tokens;
         let tps = self.tokens as f64 / self.started.elapsed().as_secs_f64();
         let val = val.map(|v| format!(" val {v:.4}")).unwrap_or_default();
-        self.bar.set_message(format!(
-            "loss {:.4}{val} | {tps:.0} tok/s | lr {:.2e}",
-            s.loss, s.lr
-        ));
+        self.bar.set_message(format!("loss {:.4}{val} | {tps:.0} tok/s | lr {:.2e}", s.loss, s.lr));
         self.bar.set_position(s.step);
         if !self.tty && (self.last_print.elapsed().as_secs_f64() > 10.0 || !val.is_empty()) {
             eprintln!("step {} loss {:.4}{val} {tps:.0} tok/s", s.step, s.loss);
@@ -80,34 +75,20 @@ pub fn train(config_file: Option<&Path>, sets: &[String]) -> Result<()> {
     let tty = std::io::stderr().is_terminal();
     let bar = ProgressBar::with_draw_target(
         Some(config.train.steps),
-        if tty {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
+        if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
         ProgressStyle::with_template("{bar:30.cyan/blue} step {pos}/{len} {msg} | ETA {eta}")
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let mut progress = Bar {
-        bar,
-        tty,
-        started: Instant::now(),
-        tokens: 0,
-        last_print: Instant::now(),
-    };
+    let mut progress = Bar { bar, tty, started: Instant::now(), tokens: 0, last_print: Instant::now() };
     let run_dir = ws_train::trainer::run(config, &split, &mut progress)?;
     progress.bar.finish();
     let records = ws_train::metrics::read(&run_dir.join("metrics.jsonl"))?;
     let first = records.first().map(|r| r.train_loss).unwrap_or(f64::NAN);
     let last = records.last().map(|r| r.train_loss).unwrap_or(f64::NAN);
-    let val = records
-        .iter()
-        .rev()
-        .find_map(|r| r.val_loss)
-        .unwrap_or(f64::NAN);
+    let val = records.iter().rev().find_map(|r| r.val_loss).unwrap_or(f64::NAN);
     println!(
         "done: {} steps, train loss {first:.4} -> {last:.4}, validation loss {val:.4}; run directory {}",
         records.len(),
@@ -154,15 +135,7 @@ pub fn eval(checkpoint_dir: &Path, data: &Path, batch: usize, seq: Option<usize>
         for l in 0..layers - 1 {
             ws.forward(&spec, l, &params.layer(&spec, l), &inputs, b, t);
         }
-        sum += ws.head(
-            &spec,
-            &params.layer(&spec, layers - 1),
-            None,
-            &targets,
-            b,
-            t,
-            0.0,
-        );
+        sum += ws.head(&spec, &params.layer(&spec, layers - 1), None, &targets, b, t, 0.0);
         i += b;
     }
     eprintln!("{n} windows of {t} tokens from {}", data.display());
@@ -191,9 +164,7 @@ pub fn generate(
         )));
     }
     if !(temperature >= 0.0 && temperature.is_finite()) {
-        return Err(TrainError::Config(
-            "--temperature must be a finite number >= 0".into(),
-        ));
+        return Err(TrainError::Config("--temperature must be a finite number >= 0".into()));
     }
     let t_max = spec.config.block_size;
     let mut ws = Workspace::new(&spec, 1, t_max);
@@ -219,10 +190,7 @@ pub fn generate(
 /// Picks a token: argmax at temperature 0, else softmax(logits / T) over
 /// the `top_k` largest (all when 0).
 fn sample(logits: &[f32], temperature: f64, top_k: usize, rng: &mut Rng) -> u32 {
-    let argmax = logits
-        .iter()
-        .enumerate()
-        .fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
+    let argmax = logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
     if temperature == 0.0 {
         return argmax as u32;
     }
@@ -232,10 +200,7 @@ fn sample(logits: &[f32], temperature: f64, top_k: usize, rng: &mut Rng) -> u32 
         order.truncate(top_k);
     }
     let max = logits[argmax] as f64;
-    let weights: Vec<f64> = order
-        .iter()
-        .map(|&i| ((logits[i] as f64 - max) / temperature).exp())
-        .collect();
+    let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
     let total: f64 = weights.iter().sum();
     let mut u = rng.uniform_f64() * total;
     for (&i, w) in order.iter().zip(&weights) {

@@ -82,32 +82,30 @@ fn keep_freed_memory() {
     }
 }
 
+/// oneDNN (bf16) brings an OpenMP pool; passive waiting keeps its threads
+/// from spinning against ours between products. Set before any thread starts.
+fn quiet_openmp() {
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
+    }
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
+    quiet_openmp();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEIGHTSTREAM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("WEIGHTSTREAM_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train { config, set } => commands::train(config.as_deref(), &set),
-        Command::Eval {
-            checkpoint,
-            data,
-            batch,
-            seq,
-        } => commands::eval(&checkpoint, &data, batch, seq),
-        Command::Generate {
-            checkpoint,
-            prompt,
-            tokens,
-            temperature,
-            top_k,
-            seed,
-        } => commands::generate(&checkpoint, &prompt, tokens, temperature, top_k, seed),
+        Command::Eval { checkpoint, data, batch, seq } => commands::eval(&checkpoint, &data, batch, seq),
+        Command::Generate { checkpoint, prompt, tokens, temperature, top_k, seed } => {
+            commands::generate(&checkpoint, &prompt, tokens, temperature, top_k, seed)
+        }
         Command::Bench(b) => bench::run(b),
     };
     match result {

@@ -39,10 +39,7 @@ fn fixture(name: &str) -> String {
 
 fn last_loss(stdout: &str) -> f64 {
     let line = stdout.lines().last().expect("some output");
-    line.strip_prefix("loss: ")
-        .unwrap_or_else(|| panic!("last line `{line}`"))
-        .parse()
-        .unwrap()
+    line.strip_prefix("loss: ").unwrap_or_else(|| panic!("last line `{line}`")).parse().unwrap()
 }
 
 /// A small model on the committed excerpt: seconds, not minutes.
@@ -95,10 +92,7 @@ fn eval_of_a_transformers_checkpoint_matches_transformers() {
     ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let got = last_loss(&out.stdout);
-    assert!(
-        (got - want).abs() <= 1e-5 * want,
-        "eval loss {got} vs transformers {want}"
-    );
+    assert!((got - want).abs() <= 1e-5 * want, "eval loss {got} vs transformers {want}");
 }
 
 #[test]
@@ -118,75 +112,30 @@ fn train_writes_a_run_directory_that_eval_and_generate_read() {
         assert!(run.join(f).is_file(), "run directory lacks {f}");
     }
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 4);
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["step"], i as u64 + 1);
         for key in ["train_loss", "lr", "tokens_per_s"] {
-            assert!(
-                l[key].as_f64().is_some_and(f64::is_finite),
-                "step {}: {key}",
-                i + 1
-            );
+            assert!(l[key].as_f64().is_some_and(f64::is_finite), "step {}: {key}", i + 1);
         }
-        assert_eq!(
-            l.get("val_loss").is_some(),
-            (i + 1) % 2 == 0,
-            "validation every 2 steps"
-        );
+        assert_eq!(l.get("val_loss").is_some(), (i + 1) % 2 == 0, "validation every 2 steps");
     }
     // The resolved config reproduces the run's settings.
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    assert!(
-        config.contains("n_embd = 64") && config.contains("steps = 4"),
-        "{config}"
-    );
+    assert!(config.contains("n_embd = 64") && config.contains("steps = 4"), "{config}");
 
     let ckpt = run.join("checkpoint-000004");
     let ckpt = ckpt.to_str().unwrap();
-    let out = weightstream(&[
-        "eval",
-        "--checkpoint",
-        ckpt,
-        "--data",
-        &fixture("shakespeare_excerpt.txt"),
-        "--seq",
-        "64",
-    ]);
+    let out =
+        weightstream(&["eval", "--checkpoint", ckpt, "--data", &fixture("shakespeare_excerpt.txt"), "--seq", "64"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(last_loss(&out.stdout) < 11.0);
 
-    let out = weightstream(&[
-        "generate",
-        "--checkpoint",
-        ckpt,
-        "--prompt",
-        "To be",
-        "--tokens",
-        "8",
-        "--seed",
-        "3",
-    ]);
+    let out = weightstream(&["generate", "--checkpoint", ckpt, "--prompt", "To be", "--tokens", "8", "--seed", "3"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(
-        out.stdout.starts_with("To be") && out.stdout.len() > "To be".len() + 1,
-        "{}",
-        out.stdout
-    );
-    let again = weightstream(&[
-        "generate",
-        "--checkpoint",
-        ckpt,
-        "--prompt",
-        "To be",
-        "--tokens",
-        "8",
-        "--seed",
-        "3",
-    ]);
+    assert!(out.stdout.starts_with("To be") && out.stdout.len() > "To be".len() + 1, "{}", out.stdout);
+    let again = weightstream(&["generate", "--checkpoint", ckpt, "--prompt", "To be", "--tokens", "8", "--seed", "3"]);
     assert_eq!(again.stdout, out.stdout, "generation is seeded");
 }
 
@@ -194,22 +143,9 @@ fn train_writes_a_run_directory_that_eval_and_generate_read() {
 fn assert_one_line_error(args: &[&str], needle: &str) {
     let out = weightstream(args);
     assert_eq!(out.code, 1, "{args:?} should fail; stderr: {}", out.stderr);
-    let lines: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{args:?}: expected one line, got:\n{}",
-        out.stderr
-    );
-    assert!(
-        lines[0].starts_with("error: ") && lines[0].contains(needle),
-        "{args:?}: `{}` lacks `{needle}`",
-        lines[0]
-    );
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{}", out.stderr);
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: `{}` lacks `{needle}`", lines[0]);
 }
 
 #[test]
@@ -222,112 +158,52 @@ fn bad_input_gets_a_one_line_error_and_exit_status_1() {
         "unknown config key `train.lrr` (did you mean `train.lr`?)",
     );
     assert_one_line_error(&["train", "--set", "train.steps=many"], "steps");
-    assert_one_line_error(
-        &["train", "--config", &p("missing.toml")],
-        "cannot read config file",
-    );
+    assert_one_line_error(&["train", "--config", &p("missing.toml")], "cannot read config file");
     std::fs::write(p("bad.toml"), "[train\nlr = 1").unwrap();
     assert_one_line_error(&["train", "--config", &p("bad.toml")], "bad.toml");
-    assert_one_line_error(
-        &["train", "--set", &format!("data.path={}", p("missing.txt"))],
-        "not found",
-    );
+    assert_one_line_error(&["train", "--set", &format!("data.path={}", p("missing.txt"))], "not found");
     std::fs::write(p("short.txt"), "Hi.").unwrap();
     assert_one_line_error(
-        &[
-            "train",
-            "--set",
-            &format!("data.path={}", p("short.txt")),
-            "--set",
-            "data.cache_dir=",
-        ],
+        &["train", "--set", &format!("data.path={}", p("short.txt")), "--set", "data.cache_dir="],
         "at least",
     );
     std::fs::write(p("file"), "not a directory").unwrap();
     let mut sets = small_run_sets(&dir);
     sets.push(format!("run_dir={}/run", p("file")));
     let args = train_args(&sets);
-    assert_one_line_error(
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        "run directory",
-    );
+    assert_one_line_error(&args.iter().map(String::as_str).collect::<Vec<_>>(), "run directory");
     std::fs::create_dir_all(p("full")).unwrap();
     std::fs::write(dir.join("full/x"), "").unwrap();
     sets.push(format!("run_dir={}", p("full")));
     let args = train_args(&sets);
-    assert_one_line_error(
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        "already holds files",
-    );
+    assert_one_line_error(&args.iter().map(String::as_str).collect::<Vec<_>>(), "already holds files");
 
     // Token files: odd length, ids beyond the checkpoint's vocabulary (320).
     let hf = fixture("hf_saved");
     std::fs::write(p("odd.bin"), [1u8, 2, 3]).unwrap();
-    assert_one_line_error(
-        &["eval", "--checkpoint", &hf, "--data", &p("odd.bin")],
-        "odd.bin",
-    );
-    let ids: Vec<u8> = [5u16, 7, 1000, 9]
-        .iter()
-        .flat_map(|i| i.to_le_bytes())
-        .collect();
+    assert_one_line_error(&["eval", "--checkpoint", &hf, "--data", &p("odd.bin")], "odd.bin");
+    let ids: Vec<u8> = [5u16, 7, 1000, 9].iter().flat_map(|i| i.to_le_bytes()).collect();
     std::fs::write(p("big_ids.bin"), ids).unwrap();
+    assert_one_line_error(&["eval", "--checkpoint", &hf, "--data", &p("big_ids.bin"), "--seq", "2"], "1000");
     assert_one_line_error(
-        &[
-            "eval",
-            "--checkpoint",
-            &hf,
-            "--data",
-            &p("big_ids.bin"),
-            "--seq",
-            "2",
-        ],
-        "1000",
-    );
-    assert_one_line_error(
-        &[
-            "eval",
-            "--checkpoint",
-            &hf,
-            "--data",
-            &fixture("eval_tokens.bin"),
-            "--seq",
-            "999",
-        ],
+        &["eval", "--checkpoint", &hf, "--data", &fixture("eval_tokens.bin"), "--seq", "999"],
         "block size",
     );
 
     // Checkpoints: missing, and shapes that disagree with config.json.
     assert_one_line_error(
-        &[
-            "eval",
-            "--checkpoint",
-            &p("nothing"),
-            "--data",
-            &fixture("eval_tokens.bin"),
-        ],
+        &["eval", "--checkpoint", &p("nothing"), "--data", &fixture("eval_tokens.bin")],
         "not a directory",
     );
     let ck = dir.join("ck");
     std::fs::create_dir_all(&ck).unwrap();
-    std::fs::copy(
-        format!("{hf}/model.safetensors"),
-        ck.join("model.safetensors"),
-    )
-    .unwrap();
-    let config = std::fs::read_to_string(format!("{hf}/config.json"))
-        .unwrap()
-        .replace("\"n_embd\": 64", "\"n_embd\": 32");
+    std::fs::copy(format!("{hf}/model.safetensors"), ck.join("model.safetensors")).unwrap();
+    let config =
+        std::fs::read_to_string(format!("{hf}/config.json")).unwrap().replace("\"n_embd\": 64", "\"n_embd\": 32");
     assert!(config.contains("\"n_embd\": 32"));
     std::fs::write(ck.join("config.json"), config).unwrap();
     assert_one_line_error(
-        &[
-            "eval",
-            "--checkpoint",
-            ck.to_str().unwrap(),
-            "--data",
-            &fixture("eval_tokens.bin"),
-        ],
+        &["eval", "--checkpoint", ck.to_str().unwrap(), "--data", &fixture("eval_tokens.bin")],
         "but config.json implies",
     );
     assert_one_line_error(
@@ -340,10 +216,7 @@ fn bad_input_gets_a_one_line_error_and_exit_status_1() {
 fn tiny_preset_loss_falls_on_the_bundled_corpus() {
     let corpus = Path::new(ROOT).join("../shared/data/shakespeare.txt");
     if !corpus.is_file() {
-        eprintln!(
-            "skipped: {} is absent (../shared is not beside the checkout)",
-            corpus.display()
-        );
+        eprintln!("skipped: {} is absent (../shared is not beside the checkout)", corpus.display());
         return;
     }
     let dir = tmp("tiny");
@@ -361,16 +234,10 @@ fn tiny_preset_loss_falls_on_the_bundled_corpus() {
     ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let first = lines[0]["train_loss"].as_f64().unwrap();
     let val = lines.last().unwrap()["val_loss"].as_f64().unwrap();
     // ln(50304) = 10.83 at initialisation; 30 steps of the tiny preset reach about 6.9.
     assert!(first > 10.0, "initial loss {first}");
-    assert!(
-        val < 7.5,
-        "validation loss after 30 steps: {val} (from {first})"
-    );
+    assert!(val < 7.5, "validation loss after 30 steps: {val} (from {first})");
 }

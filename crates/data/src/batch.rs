@@ -99,12 +99,7 @@ pub fn sample_batch(
     targets: &mut Vec<u32>,
 ) {
     assert!(t > 0, "sample_batch: T must be positive");
-    assert!(
-        tokens.len() > t,
-        "sample_batch: {} tokens cannot hold a window of T+1 = {}",
-        tokens.len(),
-        t + 1
-    );
+    assert!(tokens.len() > t, "sample_batch: {} tokens cannot hold a window of T+1 = {}", tokens.len(), t + 1);
     inputs.clear();
     targets.clear();
     let offsets = (tokens.len() - t) as u64; // offsets 0 ..= len - t - 1
@@ -130,21 +125,11 @@ pub fn eval_windows(len: usize, t: usize) -> usize {
 /// Panics unless `i < eval_windows(tokens.len(), t)`.
 pub fn window(tokens: &[u16], t: usize, i: usize, inputs: &mut Vec<u32>, targets: &mut Vec<u32>) {
     let windows = eval_windows(tokens.len(), t);
-    assert!(
-        i < windows,
-        "window {i} of {windows} (len {}, T {t})",
-        tokens.len()
-    );
+    assert!(i < windows, "window {i} of {windows} (len {}, T {t})", tokens.len());
     push_window(tokens, i * t, t, inputs, targets);
 }
 
-fn push_window(
-    tokens: &[u16],
-    offset: usize,
-    t: usize,
-    inputs: &mut Vec<u32>,
-    targets: &mut Vec<u32>,
-) {
+fn push_window(tokens: &[u16], offset: usize, t: usize, inputs: &mut Vec<u32>, targets: &mut Vec<u32>) {
     let span = &tokens[offset..offset + t + 1];
     inputs.extend(span[..t].iter().map(|&id| id as u32));
     targets.extend(span[1..].iter().map(|&id| id as u32));
@@ -171,38 +156,16 @@ mod tests {
     fn split_needs_a_window_in_each_part() {
         // 10% of 160 is 16 < 17 = seq+1; the smallest that fits is 170.
         let error = split(ramp(160), 0.1, 16).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                DataError::TooFewTokens {
-                    tokens: 160,
-                    tokens_needed: 170,
-                    window: 17
-                }
-            ),
-            "{error}"
-        );
+        assert!(matches!(error, DataError::TooFewTokens { tokens: 160, tokens_needed: 170, window: 17 }), "{error}");
         assert!(split(ramp(170), 0.1, 16).is_ok());
         assert!(split(ramp(169), 0.1, 16).is_err());
         let message = error.to_string();
-        assert!(
-            message.starts_with("data has 160 tokens; training needs at least 170"),
-            "{message}"
-        );
+        assert!(message.starts_with("data has 160 tokens; training needs at least 170"), "{message}");
 
         // A large fraction limits the training part instead.
         // ceil(0.1 * len) >= 17 first holds at 161.
         let error = split(ramp(20), 0.9, 16).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                DataError::TooFewTokens {
-                    tokens_needed: 161,
-                    ..
-                }
-            ),
-            "{error}"
-        );
+        assert!(matches!(error, DataError::TooFewTokens { tokens_needed: 161, .. }), "{error}");
         assert!(split(ramp(161), 0.9, 16).is_ok());
         assert!(split(ramp(160), 0.9, 16).is_err());
     }
@@ -240,45 +203,18 @@ mod tests {
             let row_targets = &targets[row * t..(row + 1) * t];
             assert_eq!(&row_inputs[1..], &row_targets[..t - 1]);
             let offset = row_inputs[0] as usize;
-            let expected: Vec<u32> = tokens[offset + 1..offset + t + 1]
-                .iter()
-                .map(|&x| x as u32)
-                .collect();
+            let expected: Vec<u32> = tokens[offset + 1..offset + t + 1].iter().map(|&x| x as u32).collect();
             assert_eq!(row_targets, expected.as_slice());
         }
 
         let (mut again_inputs, mut again_targets) = (vec![7; 3], vec![7; 3]);
-        sample_batch(
-            &tokens,
-            b,
-            t,
-            1337,
-            0,
-            17,
-            &mut again_inputs,
-            &mut again_targets,
-        );
-        assert_eq!(
-            again_inputs, inputs,
-            "same arguments, same batch (vectors are cleared)"
-        );
+        sample_batch(&tokens, b, t, 1337, 0, 17, &mut again_inputs, &mut again_targets);
+        assert_eq!(again_inputs, inputs, "same arguments, same batch (vectors are cleared)");
         assert_eq!(again_targets, targets);
 
         for (seed, stream, index) in [(1338, 0, 17), (1337, 1, 17), (1337, 0, 18)] {
-            sample_batch(
-                &tokens,
-                b,
-                t,
-                seed,
-                stream,
-                index,
-                &mut again_inputs,
-                &mut again_targets,
-            );
-            assert_ne!(
-                again_inputs, inputs,
-                "seed {seed} stream {stream} index {index}"
-            );
+            sample_batch(&tokens, b, t, seed, stream, index, &mut again_inputs, &mut again_targets);
+            assert_ne!(again_inputs, inputs, "seed {seed} stream {stream} index {index}");
         }
     }
 

@@ -24,19 +24,13 @@ pub enum DataError {
     NotFound { path: PathBuf },
 
     #[error("cannot read {}: {source}: check the path and its permissions", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
 
     #[error(
         "cannot write {}: {source}: check that the directory is writable and the disk has free space",
         path.display()
     )]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 
     #[error("data file {} is empty: pass a non-empty text file or .bin token file", path.display())]
     Empty { path: PathBuf },
@@ -63,12 +57,7 @@ pub enum DataError {
         "token file {}: its llm.c header says {count} tokens ({bytes_expected} bytes with the header) but the file has {bytes} bytes: the file is truncated or corrupt; regenerate it",
         path.display()
     )]
-    LlmcCount {
-        path: PathBuf,
-        count: i64,
-        bytes_expected: u64,
-        bytes: u64,
-    },
+    LlmcCount { path: PathBuf, count: i64, bytes_expected: u64, bytes: u64 },
 
     #[error(
         "data file {} is not UTF-8 text (invalid byte at offset {offset}): convert it to UTF-8, or pass a uint16 token file whose name ends in .bin",
@@ -90,11 +79,7 @@ pub enum DataError {
     #[error(
         "token {id} at position {position} is outside the model's vocabulary of {vocab_size}: the data was made with another tokenizer; retokenize it with GPT-2 BPE or raise model.vocab_size"
     )]
-    VocabOverflow {
-        id: u16,
-        position: usize,
-        vocab_size: usize,
-    },
+    VocabOverflow { id: u16, position: usize, vocab_size: usize },
 
     #[error(
         "data.val_fraction is {val_fraction}, but it must be strictly between 0 and 1: pass e.g. --set data.val_fraction=0.1"
@@ -104,9 +89,5 @@ pub enum DataError {
     #[error(
         "data has {tokens} tokens; training needs at least {tokens_needed} (seq+1 = {window} for each of train and validation split): use a longer file or a shorter model.block_size"
     )]
-    TooFewTokens {
-        tokens: usize,
-        tokens_needed: usize,
-        window: usize,
-    },
+    TooFewTokens { tokens: usize, tokens_needed: usize, window: usize },
 }

@@ -43,9 +43,8 @@ impl Tokenizer {
     pub const VOCAB_SIZE: usize = 50257;
 
     pub fn gpt2() -> Result<Tokenizer, DataError> {
-        let bpe = tiktoken_rs::r50k_base().map_err(|error| DataError::Tokenizer {
-            reason: error.to_string().replace('\n', " "),
-        })?;
+        let bpe = tiktoken_rs::r50k_base()
+            .map_err(|error| DataError::Tokenizer { reason: error.to_string().replace('\n', " ") })?;
         Ok(Tokenizer { bpe })
     }
 
@@ -73,10 +72,7 @@ impl Tokenizer {
     /// `min(available cores, PARALLEL_THREADS_MAX)` threads, one chunk each.
     pub fn encode_parallel(&self, text: &str) -> Vec<u32> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunks = cores
-            .min(PARALLEL_THREADS_MAX)
-            .min(text.len() / PARALLEL_CHUNK_BYTES_MIN)
-            .max(1);
+        let chunks = cores.min(PARALLEL_THREADS_MAX).min(text.len() / PARALLEL_CHUNK_BYTES_MIN).max(1);
         self.encode_chunks(text, &chunk_boundaries(text, chunks))
     }
 
@@ -93,15 +89,11 @@ impl Tokenizer {
         let chunk = |k: usize| &text[boundaries[k]..boundaries[k + 1]];
         let chunk_count = boundaries.len() - 1;
         std::thread::scope(|scope| {
-            let handles: Vec<_> = (1..chunk_count)
-                .map(|k| scope.spawn(move || self.encode(chunk(k))))
-                .collect();
+            let handles: Vec<_> = (1..chunk_count).map(|k| scope.spawn(move || self.encode(chunk(k)))).collect();
             let mut ids = self.encode(chunk(0));
             for handle in handles {
                 // A panic inside the tokenizer is a bug; re-raise it here.
-                let chunk_ids = handle
-                    .join()
-                    .unwrap_or_else(|payload| std::panic::resume_unwind(payload));
+                let chunk_ids = handle.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload));
                 ids.extend_from_slice(&chunk_ids);
             }
             ids
@@ -218,22 +210,14 @@ mod tests {
         for round in 0..20 {
             for (i, paragraph) in paragraphs.iter().enumerate() {
                 text.push_str(paragraph);
-                text.push_str(if (round + i) % 3 == 0 {
-                    "\n\n\n"
-                } else {
-                    "\n\n"
-                });
+                text.push_str(if (round + i) % 3 == 0 { "\n\n\n" } else { "\n\n" });
             }
         }
         let whole = tokenizer.encode(&text);
         for chunks in [2, 3, 7, 50, 1000] {
             let boundaries = chunk_boundaries(&text, chunks);
             assert!(boundaries.len() > 2, "the text must actually be split");
-            assert_eq!(
-                tokenizer.encode_chunks(&text, &boundaries),
-                whole,
-                "chunks={chunks}"
-            );
+            assert_eq!(tokenizer.encode_chunks(&text, &boundaries), whole, "chunks={chunks}");
         }
     }
 

@@ -38,9 +38,7 @@ const CACHE_HASH_HEX_DIGITS: usize = 16;
 pub fn load_tokens(path: &Path, cache_dir: Option<&Path>) -> Result<Vec<u16>, DataError> {
     let bytes = read_file(path)?;
     if bytes.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
+        return Err(DataError::Empty { path: path.to_path_buf() });
     }
     if path.extension().is_some_and(|extension| extension == "bin") {
         return parse_bin(path, &bytes);
@@ -52,19 +50,14 @@ pub fn load_tokens(path: &Path, cache_dir: Option<&Path>) -> Result<Vec<u16>, Da
             return read_cache(cache_path);
         }
     }
-    let text = std::str::from_utf8(&bytes).map_err(|error| DataError::NotUtf8 {
-        path: path.to_path_buf(),
-        offset: error.valid_up_to(),
-    })?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|error| DataError::NotUtf8 { path: path.to_path_buf(), offset: error.valid_up_to() })?;
     let tokenizer = Tokenizer::gpt2()?;
     let tokens: Vec<u16> = tokenizer
         .encode_parallel(text)
         .into_iter()
         .map(|id| {
-            assert!(
-                (id as usize) < Tokenizer::VOCAB_SIZE,
-                "GPT-2 id {id} out of range"
-            );
+            assert!((id as usize) < Tokenizer::VOCAB_SIZE, "GPT-2 id {id} out of range");
             id as u16
         })
         .collect();
@@ -72,10 +65,7 @@ pub fn load_tokens(path: &Path, cache_dir: Option<&Path>) -> Result<Vec<u16>, Da
 
     if let Some(cache_path) = &cache_path {
         if let Some(dir) = cache_path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| DataError::Write {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|source| DataError::Write { path: dir.to_path_buf(), source })?;
         }
         write_tokens_bin(cache_path, &tokens)?;
     }
@@ -97,23 +87,14 @@ pub fn write_tokens_bin(path: &Path, tokens: &[u16]) -> Result<(), DataError> {
 pub fn check_vocab(tokens: &[u16], vocab_size: usize) -> Result<(), DataError> {
     match tokens.iter().position(|&id| id as usize >= vocab_size) {
         None => Ok(()),
-        Some(position) => Err(DataError::VocabOverflow {
-            id: tokens[position],
-            position,
-            vocab_size,
-        }),
+        Some(position) => Err(DataError::VocabOverflow { id: tokens[position], position, vocab_size }),
     }
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
     std::fs::read(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => DataError::NotFound {
-            path: path.to_path_buf(),
-        },
-        _ => DataError::Read {
-            path: path.to_path_buf(),
-            source,
-        },
+        std::io::ErrorKind::NotFound => DataError::NotFound { path: path.to_path_buf() },
+        _ => DataError::Read { path: path.to_path_buf(), source },
     })
 }
 
@@ -123,34 +104,20 @@ fn parse_bin(path: &Path, bytes: &[u8]) -> Result<Vec<u16>, DataError> {
     let file_bytes = bytes.len() as u64;
     let starts_with_magic = bytes.len() >= 4 && read_i32_le(bytes, 0) == LLMC_MAGIC;
     if !starts_with_magic {
-        return parse_raw(bytes).ok_or(DataError::OddLength {
-            path: path.to_path_buf(),
-            bytes: file_bytes,
-        });
+        return parse_raw(bytes).ok_or(DataError::OddLength { path: path.to_path_buf(), bytes: file_bytes });
     }
 
     if bytes.len() < LLMC_HEADER_BYTES {
-        return Err(DataError::LlmcHeaderTruncated {
-            path: path.to_path_buf(),
-            bytes: file_bytes,
-        });
+        return Err(DataError::LlmcHeaderTruncated { path: path.to_path_buf(), bytes: file_bytes });
     }
     let version = read_i32_le(bytes, 1);
     if version != LLMC_VERSION {
-        return Err(DataError::LlmcVersion {
-            path: path.to_path_buf(),
-            version,
-        });
+        return Err(DataError::LlmcVersion { path: path.to_path_buf(), version });
     }
     let count = read_i32_le(bytes, 2) as i64;
     let bytes_expected = LLMC_HEADER_BYTES as u64 + 2 * count.max(0) as u64;
     if count <= 0 || bytes_expected != file_bytes {
-        return Err(DataError::LlmcCount {
-            path: path.to_path_buf(),
-            count,
-            bytes_expected,
-            bytes: file_bytes,
-        });
+        return Err(DataError::LlmcCount { path: path.to_path_buf(), count, bytes_expected, bytes: file_bytes });
     }
     let tokens = parse_raw(&bytes[LLMC_HEADER_BYTES..]).expect("length checked against the header");
     assert_eq!(tokens.len() as i64, count);
@@ -162,10 +129,7 @@ fn parse_raw(bytes: &[u8]) -> Option<Vec<u16>> {
     if bytes.len() % 2 != 0 {
         return None;
     }
-    let tokens = bytes
-        .chunks_exact(2)
-        .map(|pair| u16::from_le_bytes([pair[0], pair[1]]))
-        .collect();
+    let tokens = bytes.chunks_exact(2).map(|pair| u16::from_le_bytes([pair[0], pair[1]])).collect();
     Some(tokens)
 }
 
@@ -175,16 +139,9 @@ fn read_i32_le(bytes: &[u8], index: usize) -> i32 {
 }
 
 fn cache_file_name(text_path: &Path, text_bytes: &[u8]) -> String {
-    let stem = text_path.file_stem().map_or_else(
-        || "data".to_string(),
-        |stem| stem.to_string_lossy().into_owned(),
-    );
+    let stem = text_path.file_stem().map_or_else(|| "data".to_string(), |stem| stem.to_string_lossy().into_owned());
     let digest = Sha256::digest(text_bytes);
-    let hex: String = digest
-        .iter()
-        .take(CACHE_HASH_HEX_DIGITS / 2)
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
+    let hex: String = digest.iter().take(CACHE_HASH_HEX_DIGITS / 2).map(|byte| format!("{byte:02x}")).collect();
     format!("{stem}-{hex}.bin")
 }
 
@@ -195,10 +152,7 @@ fn read_cache(path: &Path) -> Result<Vec<u16>, DataError> {
     let bytes = read_file(path)?;
     match parse_raw(&bytes) {
         Some(tokens) if !tokens.is_empty() => Ok(tokens),
-        _ => Err(DataError::CacheCorrupt {
-            path: path.to_path_buf(),
-            bytes: bytes.len() as u64,
-        }),
+        _ => Err(DataError::CacheCorrupt { path: path.to_path_buf(), bytes: bytes.len() as u64 }),
     }
 }
 
@@ -207,20 +161,11 @@ fn read_cache(path: &Path) -> Result<Vec<u16>, DataError> {
 static TEMP_FILE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    let file_name = path.file_name().map_or_else(
-        || "tokens".to_string(),
-        |name| name.to_string_lossy().into_owned(),
-    );
-    let temp_name = format!(
-        ".{file_name}.tmp-{}-{}",
-        std::process::id(),
-        TEMP_FILE_COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let file_name = path.file_name().map_or_else(|| "tokens".to_string(), |name| name.to_string_lossy().into_owned());
+    let temp_name =
+        format!(".{file_name}.tmp-{}-{}", std::process::id(), TEMP_FILE_COUNTER.fetch_add(1, Ordering::Relaxed));
     let temp_path: PathBuf = path.with_file_name(temp_name);
-    let write_error = |source| DataError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+    let write_error = |source| DataError::Write { path: path.to_path_buf(), source };
 
     let written = (|| {
         let mut file = std::fs::File::create(&temp_path)?;
@@ -281,23 +226,14 @@ mod tests {
         let cache_dir = dir.0.join("cache");
 
         let first = load_tokens(&text_path, Some(&cache_dir)).unwrap();
-        let expected: Vec<u16> = Tokenizer::gpt2()
-            .unwrap()
-            .encode(text)
-            .into_iter()
-            .map(|id| id as u16)
-            .collect();
+        let expected: Vec<u16> = Tokenizer::gpt2().unwrap().encode(text).into_iter().map(|id| id as u16).collect();
         assert_eq!(first, expected);
         assert_eq!(&first[..2], &[31373, 995]);
 
         let digest = Sha256::digest(text.as_bytes());
         let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
         let cache_path = cache_dir.join(format!("story-{hex}.bin"));
-        assert!(
-            cache_path.is_file(),
-            "cache file {} missing",
-            cache_path.display()
-        );
+        assert!(cache_path.is_file(), "cache file {} missing", cache_path.display());
         assert_eq!(load_tokens(&cache_path, None).unwrap(), first);
         let entries: Vec<_> = std::fs::read_dir(&cache_dir).unwrap().collect();
         assert_eq!(entries.len(), 1, "no temporary file is left behind");
@@ -305,17 +241,11 @@ mod tests {
         // Prove the second call reads the cache instead of tokenizing: plant
         // different ids there and get them back.
         write_tokens_bin(&cache_path, &[1, 2, 3]).unwrap();
-        assert_eq!(
-            load_tokens(&text_path, Some(&cache_dir)).unwrap(),
-            vec![1, 2, 3]
-        );
+        assert_eq!(load_tokens(&text_path, Some(&cache_dir)).unwrap(), vec![1, 2, 3]);
 
         // A changed text has another hash, hence another cache file.
         std::fs::write(&text_path, "hello world!").unwrap();
-        assert_eq!(
-            load_tokens(&text_path, Some(&cache_dir)).unwrap(),
-            vec![31373, 995, 0]
-        );
+        assert_eq!(load_tokens(&text_path, Some(&cache_dir)).unwrap(), vec![31373, 995, 0]);
         assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 2);
     }
 
@@ -348,10 +278,7 @@ mod tests {
         let raw_path = dir.0.join("raw.bin");
         write_tokens_bin(&raw_path, &[5, 6]).unwrap();
         let cache_dir = dir.0.join("cache");
-        assert_eq!(
-            load_tokens(&raw_path, Some(&cache_dir)).unwrap(),
-            vec![5, 6]
-        );
+        assert_eq!(load_tokens(&raw_path, Some(&cache_dir)).unwrap(), vec![5, 6]);
         assert!(!cache_dir.exists());
     }
 
@@ -363,39 +290,19 @@ mod tests {
 
         std::fs::write(&path, llmc_file(&tokens, 2, 3)).unwrap();
         let error = load_tokens(&path, None).unwrap_err();
-        assert!(
-            matches!(error, DataError::LlmcVersion { version: 2, .. }),
-            "{error}"
-        );
+        assert!(matches!(error, DataError::LlmcVersion { version: 2, .. }), "{error}");
 
         std::fs::write(&path, llmc_file(&tokens, 1, 4)).unwrap();
         let error = load_tokens(&path, None).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                DataError::LlmcCount {
-                    count: 4,
-                    bytes_expected: 1032,
-                    bytes: 1030,
-                    ..
-                }
-            ),
-            "{error}"
-        );
+        assert!(matches!(error, DataError::LlmcCount { count: 4, bytes_expected: 1032, bytes: 1030, .. }), "{error}");
 
         std::fs::write(&path, llmc_file(&tokens, 1, -1)).unwrap();
         let error = load_tokens(&path, None).unwrap_err();
-        assert!(
-            matches!(error, DataError::LlmcCount { count: -1, .. }),
-            "{error}"
-        );
+        assert!(matches!(error, DataError::LlmcCount { count: -1, .. }), "{error}");
 
         std::fs::write(&path, &llmc_file(&tokens, 1, 3)[..100]).unwrap();
         let error = load_tokens(&path, None).unwrap_err();
-        assert!(
-            matches!(error, DataError::LlmcHeaderTruncated { bytes: 100, .. }),
-            "{error}"
-        );
+        assert!(matches!(error, DataError::LlmcHeaderTruncated { bytes: 100, .. }), "{error}");
     }
 
     #[test]
@@ -404,10 +311,7 @@ mod tests {
         let odd = dir.0.join("odd.bin");
         std::fs::write(&odd, [1u8, 2, 3]).unwrap();
         let error = load_tokens(&odd, None).unwrap_err();
-        assert!(
-            matches!(error, DataError::OddLength { bytes: 3, .. }),
-            "{error}"
-        );
+        assert!(matches!(error, DataError::OddLength { bytes: 3, .. }), "{error}");
 
         for name in ["empty.bin", "empty.txt"] {
             let empty = dir.0.join(name);
@@ -418,15 +322,9 @@ mod tests {
 
         let missing = dir.0.join("missing.txt");
         let error = load_tokens(&missing, None).unwrap_err();
-        assert!(
-            matches!(&error, DataError::NotFound { path } if path == &missing),
-            "{error}"
-        );
+        assert!(matches!(&error, DataError::NotFound { path } if path == &missing), "{error}");
         let message = error.to_string();
-        assert!(
-            message.contains("missing.txt not found: pass --set data.path=FILE"),
-            "{message}"
-        );
+        assert!(message.contains("missing.txt not found: pass --set data.path=FILE"), "{message}");
         assert!(!message.contains('\n'));
 
         let error = load_tokens(&dir.0, None).unwrap_err();
@@ -439,10 +337,7 @@ mod tests {
         let path = dir.0.join("latin1.txt");
         std::fs::write(&path, b"caf\xe9 au lait").unwrap();
         let error = load_tokens(&path, Some(&dir.0.join("cache"))).unwrap_err();
-        assert!(
-            matches!(error, DataError::NotUtf8 { offset: 3, .. }),
-            "{error}"
-        );
+        assert!(matches!(error, DataError::NotUtf8 { offset: 3, .. }), "{error}");
         assert!(!dir.0.join("cache").exists());
     }
 
@@ -453,18 +348,10 @@ mod tests {
         std::fs::write(&text_path, "hello world").unwrap();
         let cache_dir = dir.0.join("cache");
         load_tokens(&text_path, Some(&cache_dir)).unwrap();
-        let cache_path = std::fs::read_dir(&cache_dir)
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let cache_path = std::fs::read_dir(&cache_dir).unwrap().next().unwrap().unwrap().path();
         std::fs::write(&cache_path, [1u8, 2, 3]).unwrap();
         let error = load_tokens(&text_path, Some(&cache_dir)).unwrap_err();
-        assert!(
-            matches!(error, DataError::CacheCorrupt { bytes: 3, .. }),
-            "{error}"
-        );
+        assert!(matches!(error, DataError::CacheCorrupt { bytes: 3, .. }), "{error}");
     }
 
     #[test]
@@ -480,19 +367,7 @@ mod tests {
         assert!(check_vocab(&[0, 50256, 17], 50257).is_ok());
         assert!(check_vocab(&[], 0).is_ok());
         let error = check_vocab(&[3, 50257, 60000], 50257).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                DataError::VocabOverflow {
-                    id: 50257,
-                    position: 1,
-                    vocab_size: 50257
-                }
-            ),
-            "{error}"
-        );
-        assert!(error
-            .to_string()
-            .starts_with("token 50257 at position 1 is outside"));
+        assert!(matches!(error, DataError::VocabOverflow { id: 50257, position: 1, vocab_size: 50257 }), "{error}");
+        assert!(error.to_string().starts_with("token 50257 at position 1 is outside"));
     }
 }

@@ -10,10 +10,7 @@ use std::path::Path;
 use std::time::Instant;
 use ws_data::{check_vocab, load_tokens, Tokenizer};
 
-const SHAKESPEARE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/data/shakespeare.txt"
-);
+const SHAKESPEARE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/shakespeare.txt");
 
 #[test]
 fn shakespeare_tokenizes_to_a_plausible_count_and_matches_single_thread() {
@@ -45,10 +42,7 @@ fn shakespeare_tokenizes_to_a_plausible_count_and_matches_single_thread() {
     let text = std::fs::read_to_string(path).expect("read shakespeare.txt");
     let started = Instant::now();
     let tokenizer = Tokenizer::gpt2().expect("GPT-2 tokenizer");
-    println!(
-        "building the tokenizer: {:.2} s",
-        started.elapsed().as_secs_f64()
-    );
+    println!("building the tokenizer: {:.2} s", started.elapsed().as_secs_f64());
     let started = Instant::now();
     let parallel = tokenizer.encode_parallel(&text);
     let parallel_only_s = started.elapsed().as_secs_f64();
@@ -58,19 +52,12 @@ fn shakespeare_tokenizes_to_a_plausible_count_and_matches_single_thread() {
         parallel.len() as f64 / parallel_only_s
     );
     let started = Instant::now();
-    let single: Vec<u16> = tokenizer
-        .encode(&text)
-        .into_iter()
-        .map(|id| id as u16)
-        .collect();
+    let single: Vec<u16> = tokenizer.encode(&text).into_iter().map(|id| id as u16).collect();
     let single_s = started.elapsed().as_secs_f64();
     println!(
         "single thread: {} tokens in {single_s:.2} s ({:.0} tokens/s)",
         single.len(),
         single.len() as f64 / single_s
     );
-    assert_eq!(
-        tokens, single,
-        "parallel tokenization must equal whole-text tokenization"
-    );
+    assert_eq!(tokens, single, "parallel tokenization must equal whole-text tokenization");
 }

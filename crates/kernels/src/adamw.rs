@@ -54,13 +54,7 @@ pub mod reference {
     use super::AdamWStep;
 
     /// The same update, one element at a time in double precision.
-    pub fn adamw_update(
-        param: &mut [f32],
-        grad: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        s: AdamWStep,
-    ) {
+    pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
         let (b1, b2) = (s.beta1 as f64, s.beta2 as f64);
         for i in 0..param.len() {
             let g = grad[i] as f64 * s.grad_scale as f64;
@@ -92,15 +86,7 @@ mod tests {
         let (mut m_r, mut v_r) = (m.clone(), v.clone());
         for t in 1..=4 {
             let g = random(&mut rng, n);
-            let s = AdamWStep {
-                lr: 1e-2,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                t,
-                grad_scale: 0.7,
-            };
+            let s = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t, grad_scale: 0.7 };
             adamw_update(&mut p, &g, &mut m, &mut v, s);
             reference::adamw_update(&mut p_r, &g, &mut m_r, &mut v_r, s);
         }

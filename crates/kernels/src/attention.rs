@@ -19,21 +19,11 @@ use rayon::prelude::*;
 const ROW_BLOCK: usize = 64;
 
 fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..t)
-        .step_by(ROW_BLOCK)
-        .map(move |r0| (r0, (r0 + ROW_BLOCK).min(t)))
+    (0..t).step_by(ROW_BLOCK).map(move |r0| (r0, (r0 + ROW_BLOCK).min(t)))
 }
 
 /// `out[B,T,C]`, `att[B,H,T,T]` from `qkv[B,T,3C]`.
-pub fn attention_forward(
-    out: &mut [f32],
-    att: &mut [f32],
-    qkv: &[f32],
-    b: usize,
-    t: usize,
-    c: usize,
-    nh: usize,
-) {
+pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
     assert_eq!(c % nh, 0, "channels must divide by heads");
     assert_eq!(out.len(), b * t * c);
     assert_eq!(att.len(), b * nh * t * t);
@@ -56,16 +46,8 @@ pub fn attention_forward(
                     p.as_mut_ptr().add(r0 * t),
                     t,
                     false,
-                    Mat {
-                        data: &q[r0 * 3 * c..],
-                        rs: 3 * c,
-                        cs: 1,
-                    },
-                    Mat {
-                        data: k,
-                        rs: 1,
-                        cs: 3 * c,
-                    },
+                    Mat { data: &q[r0 * 3 * c..], rs: 3 * c, cs: 1 },
+                    Mat { data: k, rs: 1, cs: 3 * c },
                     m,
                     r1,
                     hs,
@@ -90,16 +72,8 @@ pub fn attention_forward(
                     out_ptr.get().add((bi * t + r0) * c + h * hs),
                     c,
                     false,
-                    Mat {
-                        data: &p[r0 * t..],
-                        rs: t,
-                        cs: 1,
-                    },
-                    Mat {
-                        data: v,
-                        rs: 3 * c,
-                        cs: 1,
-                    },
+                    Mat { data: &p[r0 * t..], rs: t, cs: 1 },
+                    Mat { data: v, rs: 3 * c, cs: 1 },
                     m,
                     hs,
                     r1,
@@ -140,9 +114,7 @@ pub fn attention_backward(
             let v = &qkv[base + 2 * c..];
             let dy = &dout[bi * t * c + h * hs..];
             let p = &att[bh * t * t..(bh + 1) * t * t];
-            let dst = |part: usize, row: usize| {
-                dqkv_ptr.get().wrapping_add(base + part * c + row * 3 * c)
-            };
+            let dst = |part: usize, row: usize| dqkv_ptr.get().wrapping_add(base + part * c + row * 3 * c);
             for (r0, r1) in blocks(t) {
                 let m = r1 - r0;
                 // dV[r0..r1] = P[r0.., r0..r1]^T dY[r0..]   (P is zero above the diagonal)
@@ -153,16 +125,8 @@ pub fn attention_backward(
                         dst(2, r0),
                         3 * c,
                         false,
-                        Mat {
-                            data: &p[r0 * t + r0..],
-                            rs: 1,
-                            cs: t,
-                        },
-                        Mat {
-                            data: &dy[r0 * c..],
-                            rs: c,
-                            cs: 1,
-                        },
+                        Mat { data: &p[r0 * t + r0..], rs: 1, cs: t },
+                        Mat { data: &dy[r0 * c..], rs: c, cs: 1 },
                         m,
                         hs,
                         t - r0,
@@ -174,16 +138,8 @@ pub fn attention_backward(
                         ds.as_mut_ptr().add(r0 * t),
                         t,
                         false,
-                        Mat {
-                            data: &dy[r0 * c..],
-                            rs: c,
-                            cs: 1,
-                        },
-                        Mat {
-                            data: v,
-                            rs: 1,
-                            cs: 3 * c,
-                        },
+                        Mat { data: &dy[r0 * c..], rs: c, cs: 1 },
+                        Mat { data: v, rs: 1, cs: 3 * c },
                         m,
                         r1,
                         hs,
@@ -209,16 +165,8 @@ pub fn attention_backward(
                         dst(0, r0),
                         3 * c,
                         false,
-                        Mat {
-                            data: &ds[r0 * t..],
-                            rs: t,
-                            cs: 1,
-                        },
-                        Mat {
-                            data: k,
-                            rs: 3 * c,
-                            cs: 1,
-                        },
+                        Mat { data: &ds[r0 * t..], rs: t, cs: 1 },
+                        Mat { data: k, rs: 3 * c, cs: 1 },
                         m,
                         hs,
                         r1,
@@ -230,16 +178,8 @@ pub fn attention_backward(
                         dst(1, r0),
                         3 * c,
                         false,
-                        Mat {
-                            data: &ds[r0 * t + r0..],
-                            rs: 1,
-                            cs: t,
-                        },
-                        Mat {
-                            data: &q[r0 * 3 * c..],
-                            rs: 3 * c,
-                            cs: 1,
-                        },
+                        Mat { data: &ds[r0 * t + r0..], rs: 1, cs: t },
+                        Mat { data: &q[r0 * 3 * c..], rs: 3 * c, cs: 1 },
                         m,
                         hs,
                         t - r0,
@@ -255,15 +195,7 @@ pub fn attention_backward(
 pub mod reference {
     //! Naive attention in double precision: the specification.
 
-    pub fn attention_forward(
-        out: &mut [f32],
-        att: &mut [f32],
-        qkv: &[f32],
-        b: usize,
-        t: usize,
-        c: usize,
-        nh: usize,
-    ) {
+    pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
         let hs = c / nh;
         let scale = 1.0 / (hs as f64).sqrt();
         for bi in 0..b {
@@ -272,21 +204,18 @@ pub mod reference {
                 let k = |i: usize, d: usize| qkv[(bi * t + i) * 3 * c + c + h * hs + d] as f64;
                 let v = |i: usize, d: usize| qkv[(bi * t + i) * 3 * c + 2 * c + h * hs + d] as f64;
                 for i in 0..t {
-                    let s: Vec<f64> = (0..=i)
-                        .map(|j| (0..hs).map(|d| q(i, d) * k(j, d)).sum::<f64>() * scale)
-                        .collect();
+                    let s: Vec<f64> =
+                        (0..=i).map(|j| (0..hs).map(|d| q(i, d) * k(j, d)).sum::<f64>() * scale).collect();
                     let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
                     let z: f64 = e.iter().sum();
-                    let row =
-                        &mut att[((bi * nh + h) * t + i) * t..((bi * nh + h) * t + i + 1) * t];
+                    let row = &mut att[((bi * nh + h) * t + i) * t..((bi * nh + h) * t + i + 1) * t];
                     row.fill(0.0);
                     for j in 0..=i {
                         row[j] = (e[j] / z) as f32;
                     }
                     for d in 0..hs {
-                        out[(bi * t + i) * c + h * hs + d] =
-                            (0..=i).map(|j| e[j] / z * v(j, d)).sum::<f64>() as f32;
+                        out[(bi * t + i) * c + h * hs + d] = (0..=i).map(|j| e[j] / z * v(j, d)).sum::<f64>() as f32;
                     }
                 }
             }

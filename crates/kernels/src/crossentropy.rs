@@ -20,31 +20,27 @@ pub fn crossentropy_forward_backward(
     let rows = targets.len();
     assert_eq!(logits.len(), rows * v);
     assert_eq!(losses.len(), rows);
-    logits
-        .par_chunks_mut(v)
-        .zip(losses.par_iter_mut())
-        .zip(targets.par_iter())
-        .for_each(|((row, loss), &target)| {
-            let target = target as usize;
-            assert!(target < v, "target {target} outside the vocabulary of {v}");
-            let max = math::max(row);
-            let shifted_target = row[target] - max;
-            match dloss_scale {
-                Some(scale) => {
-                    let sum = math::exp_shifted_sum(row, max);
-                    *loss = sum.ln() - shifted_target;
-                    let inv = scale / sum;
-                    for x in row.iter_mut() {
-                        *x *= inv;
-                    }
-                    row[target] -= scale;
+    logits.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &target)| {
+        let target = target as usize;
+        assert!(target < v, "target {target} outside the vocabulary of {v}");
+        let max = math::max(row);
+        let shifted_target = row[target] - max;
+        match dloss_scale {
+            Some(scale) => {
+                let sum = math::exp_shifted_sum(row, max);
+                *loss = sum.ln() - shifted_target;
+                let inv = scale / sum;
+                for x in row.iter_mut() {
+                    *x *= inv;
                 }
-                None => {
-                    let sum = math::sum_exp_shifted(row, max);
-                    *loss = sum.ln() - shifted_target;
-                }
+                row[target] -= scale;
             }
-        });
+            None => {
+                let sum = math::sum_exp_shifted(row, max);
+                *loss = sum.ln() - shifted_target;
+            }
+        }
+    });
 }
 
 pub mod reference {

@@ -7,21 +7,10 @@
 use crate::parallel::SendPtr;
 use rayon::prelude::*;
 
-pub fn embedding_forward(
-    out: &mut [f32],
-    tokens: &[u32],
-    wte: &[f32],
-    wpe: &[f32],
-    b: usize,
-    t: usize,
-    c: usize,
-) {
+pub fn embedding_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], b: usize, t: usize, c: usize) {
     assert_eq!(out.len(), b * t * c);
     assert_eq!(tokens.len(), b * t);
-    assert!(
-        wpe.len() >= t * c,
-        "sequence of {t} longer than the position table"
-    );
+    assert!(wpe.len() >= t * c, "sequence of {t} longer than the position table");
     out.par_chunks_mut(c).enumerate().for_each(|(i, o)| {
         let tok = tokens[i] as usize;
         let pos = i % t;
@@ -96,12 +85,7 @@ mod tests {
         let (mut dwte, mut dwpe) = (vec![0f32; v * c], vec![0f32; t * c]);
         embedding_backward(&mut dwte, &mut dwpe, &g, &tokens, b, t, c);
         let lhs: f64 = out.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let rhs: f64 = wte
-            .iter()
-            .zip(&dwte)
-            .chain(wpe.iter().zip(&dwpe))
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum();
+        let rhs: f64 = wte.iter().zip(&dwte).chain(wpe.iter().zip(&dwpe)).map(|(a, b)| *a as f64 * *b as f64).sum();
         assert!((lhs - rhs).abs() < 1e-3, "{lhs} vs {rhs}");
     }
 }

@@ -28,25 +28,21 @@ fn gelu_grad(x: f32) -> f32 {
 
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len());
-    out.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                *o = gelu(x);
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(o, x)| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = gelu(x);
+        }
+    });
 }
 
 /// `d = d * gelu'(inp)`: turns d(out) into d(inp) in place.
 pub fn gelu_backward_inplace(d: &mut [f32], inp: &[f32]) {
     assert_eq!(d.len(), inp.len());
-    d.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK))
-        .for_each(|(d, x)| {
-            for (d, &x) in d.iter_mut().zip(x) {
-                *d *= gelu_grad(x);
-            }
-        });
+    d.par_chunks_mut(CHUNK).zip(inp.par_chunks(CHUNK)).for_each(|(d, x)| {
+        for (d, &x) in d.iter_mut().zip(x) {
+            *d *= gelu_grad(x);
+        }
+    });
 }
 
 pub mod reference {
@@ -84,11 +80,7 @@ mod tests {
         for (i, &xi) in x.iter().enumerate().step_by(97) {
             let h = 1e-4;
             let fd = (reference::gelu(xi as f64 + h) - reference::gelu(xi as f64 - h)) / (2.0 * h);
-            assert!(
-                (fd - d[i] as f64).abs() < 1e-4,
-                "gelu'({xi}): {} vs {fd}",
-                d[i]
-            );
+            assert!((fd - d[i] as f64).abs() < 1e-4, "gelu'({xi}): {} vs {fd}", d[i]);
         }
     }
 }

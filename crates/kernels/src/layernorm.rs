@@ -116,8 +116,7 @@ pub mod reference {
             let var = x.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / c as f64;
             let rs = 1.0 / (var + super::EPS as f64).sqrt();
             for j in 0..c {
-                out[r * c + j] =
-                    ((x[j] as f64 - mu) * rs * weight[j] as f64 + bias[j] as f64) as f32;
+                out[r * c + j] = ((x[j] as f64 - mu) * rs * weight[j] as f64 + bias[j] as f64) as f32;
             }
             mean[r] = mu as f32;
             rstd[r] = rs as f32;
@@ -140,9 +139,7 @@ pub mod reference {
         for r in 0..rows {
             let (mu, rs) = (mean[r] as f64, rstd[r] as f64);
             let norm: Vec<f64> = (0..c).map(|j| (inp[r * c + j] as f64 - mu) * rs).collect();
-            let dnorm: Vec<f64> = (0..c)
-                .map(|j| weight[j] as f64 * dout[r * c + j] as f64)
-                .collect();
+            let dnorm: Vec<f64> = (0..c).map(|j| weight[j] as f64 * dout[r * c + j] as f64).collect();
             let m1 = dnorm.iter().sum::<f64>() / c as f64;
             let m2 = dnorm.iter().zip(&norm).map(|(a, b)| a * b).sum::<f64>() / c as f64;
             for j in 0..c {
@@ -168,8 +165,7 @@ mod tests {
         let w = random(&mut rng, c);
         let b = random(&mut rng, c);
         let dout = random(&mut rng, rows * c);
-        let (mut out, mut mean, mut rstd) =
-            (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
+        let (mut out, mut mean, mut rstd) = (vec![0f32; rows * c], vec![0f32; rows], vec![0f32; rows]);
         let (mut out_r, mut mean_r, mut rstd_r) = (out.clone(), mean.clone(), rstd.clone());
         layernorm_forward(&mut out, &mut mean, &mut rstd, &inp, &w, &b, rows, c);
         reference::layernorm_forward(&mut out_r, &mut mean_r, &mut rstd_r, &inp, &w, &b, rows, c);
@@ -179,12 +175,8 @@ mod tests {
         let start = random(&mut rng, rows * c);
         let (mut di, mut dw, mut db) = (start.clone(), vec![0.5f32; c], vec![0.25f32; c]);
         let (mut di_r, mut dw_r, mut db_r) = (start, dw.clone(), db.clone());
-        layernorm_backward(
-            &mut di, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, rows, c,
-        );
-        reference::layernorm_backward(
-            &mut di_r, &mut dw_r, &mut db_r, &dout, &inp, &w, &mean_r, &rstd_r, rows, c,
-        );
+        layernorm_backward(&mut di, &mut dw, &mut db, &dout, &inp, &w, &mean, &rstd, rows, c);
+        reference::layernorm_backward(&mut di_r, &mut dw_r, &mut db_r, &dout, &inp, &w, &mean_r, &rstd_r, rows, c);
         assert_close("dinp", &di, &di_r, 1e-4, 1e-5);
         assert_close("dweight", &dw, &dw_r, 1e-4, 1e-5);
         assert_close("dbias", &db, &db_r, 1e-5, 1e-5);
@@ -215,11 +207,7 @@ mod tests {
             let mut xm = inp.clone();
             xm[i] -= h;
             let fd = (loss(&xp) - loss(&xm)) / (2.0 * h as f64);
-            assert!(
-                (fd - di[i] as f64).abs() < 2e-3,
-                "dinp[{i}]: analytic {} vs finite difference {fd}",
-                di[i]
-            );
+            assert!((fd - di[i] as f64).abs() < 2e-3, "dinp[{i}]: analytic {} vs finite difference {fd}", di[i]);
         }
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bf16;
 pub mod crossentropy;
 pub mod embedding;
 pub mod gelu;
@@ -28,3 +29,28 @@ pub mod parallel;
 pub mod rng;
 
 pub use rng::Rng;
+
+/// The precision of the products in a linear layer: fp32 throughout, or bf16
+/// inputs with fp32 accumulation and output ([`bf16`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Option<Precision> {
+        match s {
+            "fp32" => Some(Precision::Fp32),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}

@@ -59,9 +59,7 @@ pub fn max(x: &[f32]) -> f32 {
             acc[i] = acc[i].max(c[i]);
         }
     }
-    acc.iter()
-        .chain(rest)
-        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    acc.iter().chain(rest).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -122,19 +120,12 @@ mod tests {
         let mut rng = Rng::new(3);
         let mut worst = 0f64;
         for i in 0..200_000 {
-            let x = if i < 1000 {
-                -87.0 + i as f32 * 0.175
-            } else {
-                (rng.uniform_f64() * 170.0 - 86.0) as f32
-            };
+            let x = if i < 1000 { -87.0 + i as f32 * 0.175 } else { (rng.uniform_f64() * 170.0 - 86.0) as f32 };
             let ours = exp(x) as f64;
             let exact = (x as f64).exp();
             worst = worst.max(((ours - exact) / exact).abs());
         }
-        assert!(
-            worst < 4.0 * f32::EPSILON as f64,
-            "worst relative error {worst}"
-        );
+        assert!(worst < 4.0 * f32::EPSILON as f64, "worst relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) < 1e-37 && exp(-1000.0) >= 0.0);
         assert!(exp(1000.0).is_finite() && exp(1000.0) > 1e38);
@@ -155,10 +146,7 @@ mod tests {
             assert!((dot(&a, &b) as f64 - d).abs() < 1e-4, "dot n={n}");
             assert_eq!(max(&a), m, "max n={n}");
             let ss: f64 = a.iter().map(|&x| (x as f64 - 0.1).powi(2)).sum();
-            assert!(
-                (centered_sum_sq(&a, 0.1) as f64 - ss).abs() < 1e-3,
-                "centered n={n}"
-            );
+            assert!((centered_sum_sq(&a, 0.1) as f64 - ss).abs() < 1e-3, "centered n={n}");
         }
     }
 }

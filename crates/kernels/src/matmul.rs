@@ -22,30 +22,18 @@ pub struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// Row-major matrix with `cols` columns.
     pub fn rows(data: &'a [f32], cols: usize) -> Mat<'a> {
-        Mat {
-            data,
-            rs: cols,
-            cs: 1,
-        }
+        Mat { data, rs: cols, cs: 1 }
     }
     /// The transpose of a row-major matrix with `cols` columns.
     pub fn transposed(data: &'a [f32], cols: usize) -> Mat<'a> {
-        Mat {
-            data,
-            rs: 1,
-            cs: cols,
-        }
+        Mat { data, rs: 1, cs: cols }
     }
     fn check(&self, rows: usize, cols: usize, what: &str) {
         if rows == 0 || cols == 0 {
             return;
         }
         let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
-        assert!(
-            last < self.data.len(),
-            "{what}: {rows}x{cols} view past the end of {} elements",
-            self.data.len()
-        );
+        assert!(last < self.data.len(), "{what}: {rows}x{cols} view past the end of {} elements", self.data.len());
     }
 }
 
@@ -71,20 +59,7 @@ pub fn gemm(
     assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst too small");
     // SAFETY: `dst` is large enough (checked) and, being a unique borrow,
     // aliases neither input.
-    unsafe {
-        gemm_raw(
-            dst.as_mut_ptr(),
-            dst_rs,
-            accumulate,
-            a,
-            b,
-            m,
-            n,
-            k,
-            scale,
-            threads,
-        )
-    }
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, accumulate, a, b, m, n, k, scale, threads) }
 }
 
 /// [`gemm`] into a raw destination, for parallel loops whose tasks write
@@ -119,11 +94,7 @@ pub unsafe fn gemm_raw(
         }
         return;
     }
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     gemm::gemm(
         m,
         n,
@@ -153,38 +124,18 @@ pub fn pool_threads() -> usize {
 }
 
 /// `out[BT,N] = inp[BT,K] @ w[K,N] + bias[N]`.
-pub fn matmul_forward(
-    out: &mut [f32],
-    inp: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    bt: usize,
-    k: usize,
-    n: usize,
-) {
+pub fn matmul_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, bt: usize, k: usize, n: usize) {
     assert_eq!(out.len(), bt * n);
     assert_eq!(inp.len(), bt * k);
     assert_eq!(w.len(), k * n);
     match bias {
         Some(bias) => {
             assert_eq!(bias.len(), n);
-            out.par_chunks_mut(n)
-                .for_each(|row| row.copy_from_slice(bias));
+            out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
         }
         None => out.fill(0.0),
     }
-    gemm(
-        out,
-        n,
-        true,
-        Mat::rows(inp, k),
-        Mat::rows(w, n),
-        bt,
-        n,
-        k,
-        1.0,
-        pool_threads(),
-    );
+    gemm(out, n, true, Mat::rows(inp, k), Mat::rows(w, n), bt, n, k, 1.0, pool_threads());
 }
 
 /// Backward of [`matmul_forward`]: `dinp = dout @ w^T` (overwrites),
@@ -207,30 +158,8 @@ pub fn matmul_backward(
     assert_eq!(inp.len(), bt * k);
     assert_eq!(w.len(), k * n);
     let threads = pool_threads();
-    gemm(
-        dinp,
-        k,
-        false,
-        Mat::rows(dout, n),
-        Mat::transposed(w, n),
-        bt,
-        k,
-        n,
-        1.0,
-        threads,
-    );
-    gemm(
-        dw,
-        n,
-        true,
-        Mat::transposed(inp, k),
-        Mat::rows(dout, n),
-        k,
-        n,
-        bt,
-        1.0,
-        threads,
-    );
+    gemm(dinp, k, false, Mat::rows(dout, n), Mat::transposed(w, n), bt, k, n, 1.0, threads);
+    gemm(dw, n, true, Mat::transposed(inp, k), Mat::rows(dout, n), k, n, bt, 1.0, threads);
     if let Some(dbias) = dbias {
         bias_backward(dbias, dout, bt, n);
     }
@@ -328,10 +257,7 @@ pub(crate) mod tests {
     pub fn assert_close(what: &str, a: &[f32], b: &[f32], rtol: f32, atol: f32) {
         assert_eq!(a.len(), b.len(), "{what}: lengths differ");
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= atol + rtol * y.abs(),
-                "{what}: element {i} differs: {x} vs reference {y}"
-            );
+            assert!((x - y).abs() <= atol + rtol * y.abs(), "{what}: element {i} differs: {x} vs reference {y}");
         }
     }
 
@@ -355,17 +281,7 @@ pub(crate) mod tests {
             let (mut dinp, mut dw, mut db) = (vec![9f32; bt * k], init_dw.clone(), init_db.clone());
             let (mut dinp_r, mut dw_r, mut db_r) = (vec![0f32; bt * k], init_dw, init_db);
             matmul_backward(&mut dinp, &mut dw, Some(&mut db), &dout, &inp, &w, bt, k, n);
-            reference::matmul_backward(
-                &mut dinp_r,
-                &mut dw_r,
-                Some(&mut db_r),
-                &dout,
-                &inp,
-                &w,
-                bt,
-                k,
-                n,
-            );
+            reference::matmul_backward(&mut dinp_r, &mut dw_r, Some(&mut db_r), &dout, &inp, &w, bt, k, n);
             assert_close("dinp", &dinp, &dinp_r, 1e-5, 1e-5);
             assert_close("dw", &dw, &dw_r, 1e-5, 1e-5);
             assert_close("dbias", &db, &db_r, 1e-5, 1e-5);
@@ -380,30 +296,8 @@ pub(crate) mod tests {
         let b = random(&mut rng, k * n);
         let mut d1 = vec![0f32; m * n];
         let mut d2 = vec![0f32; m * n];
-        gemm(
-            &mut d1,
-            n,
-            false,
-            Mat::rows(&a, k),
-            Mat::rows(&b, n),
-            m,
-            n,
-            k,
-            1.0,
-            1,
-        );
-        gemm(
-            &mut d2,
-            n,
-            false,
-            Mat::rows(&a, k),
-            Mat::rows(&b, n),
-            m,
-            n,
-            k,
-            1.0,
-            2,
-        );
+        gemm(&mut d1, n, false, Mat::rows(&a, k), Mat::rows(&b, n), m, n, k, 1.0, 1);
+        gemm(&mut d2, n, false, Mat::rows(&a, k), Mat::rows(&b, n), m, n, k, 1.0, 2);
         assert_eq!(d1, d2);
     }
 }

@@ -56,11 +56,9 @@ impl SendPtr {
 /// `acc += x` elementwise, over the pool.
 pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
     assert_eq!(acc.len(), x.len());
-    acc.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .for_each(|(a, x)| {
-            for (a, x) in a.iter_mut().zip(x) {
-                *a += x;
-            }
-        });
+    acc.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(a, x)| {
+        for (a, x) in a.iter_mut().zip(x) {
+            *a += x;
+        }
+    });
 }

@@ -21,12 +21,7 @@ fn splitmix64(state: &mut u64) -> u64 {
 impl Rng {
     pub fn new(seed: u64) -> Rng {
         let mut state = seed;
-        let s = [
-            splitmix64(&mut state),
-            splitmix64(&mut state),
-            splitmix64(&mut state),
-            splitmix64(&mut state),
-        ];
+        let s = [splitmix64(&mut state), splitmix64(&mut state), splitmix64(&mut state), splitmix64(&mut state)];
         Rng { s }
     }
 
@@ -39,9 +34,7 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let result = (self.s[0].wrapping_add(self.s[3]))
-            .rotate_left(23)
-            .wrapping_add(self.s[0]);
+        let result = (self.s[0].wrapping_add(self.s[3])).rotate_left(23).wrapping_add(self.s[0]);
         let t = self.s[1] << 17;
         self.s[2] ^= self.s[0];
         self.s[3] ^= self.s[1];
@@ -98,10 +91,7 @@ mod tests {
         let xc: Vec<u64> = (0..8).map(|_| c.next_u64()).collect();
         assert_eq!(xa, xb);
         assert_ne!(xa, xc);
-        assert_ne!(
-            Rng::for_stream(1, 2, 3).next_u64(),
-            Rng::for_stream(1, 2, 4).next_u64()
-        );
+        assert_ne!(Rng::for_stream(1, 2, 3).next_u64(), Rng::for_stream(1, 2, 4).next_u64());
     }
 
     #[test]

@@ -19,33 +19,19 @@ pub enum ConfigError {
     Zero { field: &'static str },
     #[error("model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})")]
     HeadsDoNotDivide { n_embd: usize, n_head: usize },
-    #[error(
-        "model.vocab_size ({vocab_size}) is above 65536, which uint16 token files cannot address"
-    )]
+    #[error("model.vocab_size ({vocab_size}) is above 65536, which uint16 token files cannot address")]
     VocabTooLarge { vocab_size: usize },
 }
 
 impl Gpt2Config {
     /// GPT-2 124M with the vocabulary padded to a multiple of 64 (50304).
     pub fn gpt2_small() -> Gpt2Config {
-        Gpt2Config {
-            n_layer: 12,
-            n_head: 12,
-            n_embd: 768,
-            block_size: 1024,
-            vocab_size: 50304,
-        }
+        Gpt2Config { n_layer: 12, n_head: 12, n_embd: 768, block_size: 1024, vocab_size: 50304 }
     }
 
     /// The `tiny` benchmark model: 4 layers, 4 heads, 256 channels, block 256.
     pub fn tiny() -> Gpt2Config {
-        Gpt2Config {
-            n_layer: 4,
-            n_head: 4,
-            n_embd: 256,
-            block_size: 256,
-            vocab_size: 50304,
-        }
+        Gpt2Config { n_layer: 4, n_head: 4, n_embd: 256, block_size: 256, vocab_size: 50304 }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -61,15 +47,10 @@ impl Gpt2Config {
             }
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(ConfigError::HeadsDoNotDivide {
-                n_embd: self.n_embd,
-                n_head: self.n_head,
-            });
+            return Err(ConfigError::HeadsDoNotDivide { n_embd: self.n_embd, n_head: self.n_head });
         }
         if self.vocab_size > 65536 {
-            return Err(ConfigError::VocabTooLarge {
-                vocab_size: self.vocab_size,
-            });
+            return Err(ConfigError::VocabTooLarge { vocab_size: self.vocab_size });
         }
         Ok(())
     }

@@ -17,9 +17,7 @@ pub struct Params {
 
 impl Params {
     pub fn zeros(spec: &ModelSpec) -> Params {
-        Params {
-            tensors: spec.tensors.iter().map(|t| vec![0f32; t.numel()]).collect(),
-        }
+        Params { tensors: spec.tensors.iter().map(|t| vec![0f32; t.numel()]).collect() }
     }
 
     /// GPT-2 initialisation: normal(0, 0.02) for weights and embeddings,
@@ -29,9 +27,7 @@ impl Params {
         let mut p = Params::zeros(spec);
         for (i, (t, data)) in spec.tensors.iter().zip(p.tensors.iter_mut()).enumerate() {
             match t.init_std {
-                Some(std) => {
-                    Rng::for_stream(seed, INIT_STREAM, i as u64).fill_normal(data, 0.0, std)
-                }
+                Some(std) => Rng::for_stream(seed, INIT_STREAM, i as u64).fill_normal(data, 0.0, std),
                 None if t.is_layernorm_weight() => data.fill(1.0),
                 None => data.fill(0.0),
             }
@@ -41,24 +37,14 @@ impl Params {
 
     /// The slices of layer `l`'s tensors, in the layer's order.
     pub fn layer(&self, spec: &ModelSpec, l: usize) -> Vec<&[f32]> {
-        spec.layers[l]
-            .tensors
-            .iter()
-            .map(|&i| self.tensors[i].as_slice())
-            .collect()
+        spec.layers[l].tensors.iter().map(|&i| self.tensors[i].as_slice()).collect()
     }
 
     /// Mutable slices of layer `l`'s tensors, in the layer's order.
     pub fn layer_mut(&mut self, spec: &ModelSpec, l: usize) -> Vec<&mut [f32]> {
         let ids = &spec.layers[l].tensors;
-        let mut slots: Vec<Option<&mut [f32]>> = self
-            .tensors
-            .iter_mut()
-            .map(|t| Some(t.as_mut_slice()))
-            .collect();
-        ids.iter()
-            .map(|&i| slots[i].take().expect("a layer lists each tensor once"))
-            .collect()
+        let mut slots: Vec<Option<&mut [f32]>> = self.tensors.iter_mut().map(|t| Some(t.as_mut_slice())).collect();
+        ids.iter().map(|&i| slots[i].take().expect("a layer lists each tensor once")).collect()
     }
 
     pub fn fill(&mut self, value: f32) {
@@ -69,9 +55,6 @@ impl Params {
 
     /// Sum of squares of every element, in f64, in tensor order.
     pub fn sum_of_squares(&self) -> f64 {
-        self.tensors
-            .iter()
-            .map(|t| t.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
-            .sum()
+        self.tensors.iter().map(|t| t.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sum()
     }
 }

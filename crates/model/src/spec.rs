@@ -24,9 +24,7 @@ impl TensorSpec {
         self.shape.iter().product()
     }
     pub fn is_layernorm_weight(&self) -> bool {
-        self.name.ends_with("ln_1.weight")
-            || self.name.ends_with("ln_2.weight")
-            || self.name.ends_with("ln_f.weight")
+        self.name.ends_with("ln_1.weight") || self.name.ends_with("ln_2.weight") || self.name.ends_with("ln_f.weight")
     }
 }
 
@@ -72,36 +70,18 @@ pub struct ModelSpec {
 
 impl ModelSpec {
     pub fn new(config: Gpt2Config) -> ModelSpec {
-        let Gpt2Config {
-            n_layer,
-            n_embd: c,
-            block_size,
-            vocab_size: v,
-            ..
-        } = config;
+        let Gpt2Config { n_layer, n_embd: c, block_size, vocab_size: v, .. } = config;
         let std = 0.02f32;
         let proj_std = 0.02 / (2.0 * n_layer as f32).sqrt();
         let mut tensors = Vec::new();
         let mut add = |name: String, shape: Vec<usize>, init_std: Option<f32>| {
             let decay = shape.len() == 2;
-            tensors.push(TensorSpec {
-                name,
-                shape,
-                decay,
-                init_std,
-            });
+            tensors.push(TensorSpec { name, shape, decay, init_std });
             tensors.len() - 1
         };
         let wte = add("transformer.wte.weight".into(), vec![v, c], Some(std));
-        let wpe = add(
-            "transformer.wpe.weight".into(),
-            vec![block_size, c],
-            Some(std),
-        );
-        let mut layers = vec![LayerSpec {
-            kind: LayerKind::Embedding,
-            tensors: vec![wte, wpe],
-        }];
+        let wpe = add("transformer.wpe.weight".into(), vec![block_size, c], Some(std));
+        let mut layers = vec![LayerSpec { kind: LayerKind::Embedding, tensors: vec![wte, wpe] }];
         for i in 0..n_layer {
             let p = format!("transformer.h.{i}");
             let ids = vec![
@@ -109,40 +89,22 @@ impl ModelSpec {
                 add(format!("{p}.ln_1.bias"), vec![c], None),
                 add(format!("{p}.attn.c_attn.weight"), vec![c, 3 * c], Some(std)),
                 add(format!("{p}.attn.c_attn.bias"), vec![3 * c], None),
-                add(
-                    format!("{p}.attn.c_proj.weight"),
-                    vec![c, c],
-                    Some(proj_std),
-                ),
+                add(format!("{p}.attn.c_proj.weight"), vec![c, c], Some(proj_std)),
                 add(format!("{p}.attn.c_proj.bias"), vec![c], None),
                 add(format!("{p}.ln_2.weight"), vec![c], None),
                 add(format!("{p}.ln_2.bias"), vec![c], None),
                 add(format!("{p}.mlp.c_fc.weight"), vec![c, 4 * c], Some(std)),
                 add(format!("{p}.mlp.c_fc.bias"), vec![4 * c], None),
-                add(
-                    format!("{p}.mlp.c_proj.weight"),
-                    vec![4 * c, c],
-                    Some(proj_std),
-                ),
+                add(format!("{p}.mlp.c_proj.weight"), vec![4 * c, c], Some(proj_std)),
                 add(format!("{p}.mlp.c_proj.bias"), vec![c], None),
             ];
             debug_assert_eq!(ids.len(), block::COUNT);
-            layers.push(LayerSpec {
-                kind: LayerKind::Block(i),
-                tensors: ids,
-            });
+            layers.push(LayerSpec { kind: LayerKind::Block(i), tensors: ids });
         }
         let lnf_w = add("transformer.ln_f.weight".into(), vec![c], None);
         let lnf_b = add("transformer.ln_f.bias".into(), vec![c], None);
-        layers.push(LayerSpec {
-            kind: LayerKind::Head,
-            tensors: vec![lnf_w, lnf_b, wte],
-        });
-        ModelSpec {
-            config,
-            tensors,
-            layers,
-        }
+        layers.push(LayerSpec { kind: LayerKind::Head, tensors: vec![lnf_w, lnf_b, wte] });
+        ModelSpec { config, tensors, layers }
     }
 
     /// Unique parameters (the tied embedding counted once).

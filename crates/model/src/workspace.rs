@@ -21,6 +21,42 @@ use ws_kernels::gelu::{gelu_backward_inplace, gelu_forward};
 use ws_kernels::layernorm::{layernorm_backward, layernorm_forward};
 use ws_kernels::matmul::{gemm, matmul_backward, matmul_forward, pool_threads, Mat};
 use ws_kernels::parallel::add_inplace;
+use ws_kernels::{bf16, Precision};
+
+fn linear_forward(
+    p: Precision,
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    bt: usize,
+    k: usize,
+    n: usize,
+) {
+    match p {
+        Precision::Fp32 => matmul_forward(out, inp, w, bias, bt, k, n),
+        Precision::Bf16 => bf16::matmul_forward(out, inp, w, bias, bt, k, n),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_backward(
+    p: Precision,
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    bt: usize,
+    k: usize,
+    n: usize,
+) {
+    match p {
+        Precision::Fp32 => matmul_backward(dinp, dw, dbias, dout, inp, w, bt, k, n),
+        Precision::Bf16 => bf16::matmul_backward(dinp, dw, dbias, dout, inp, w, bt, k, n),
+    }
+}
 
 /// Saved activations of one transformer block. Shapes for (B, T):
 struct BlockActs {
@@ -54,6 +90,10 @@ pub struct Workspace {
     /// Per-position losses of the last `head` call, [B,T].
     pub losses: Vec<f32>,
     head_rows: usize,
+    /// Precision of the linear layers' products (attention stays fp32).
+    precision: Precision,
+    /// The tied embedding rounded to bf16 for the head's products.
+    wte_bf16: Vec<u16>,
     // Backward scratch.
     dres: Vec<f32>,  // [B,T,C] gradient of the residual stream
     dln: Vec<f32>,   // [B,T,C]
@@ -70,11 +110,7 @@ fn head_rows_for(v: usize, bt: usize) -> usize {
 impl Workspace {
     pub fn new(spec: &ModelSpec, b_max: usize, t_max: usize) -> Workspace {
         let cfg = spec.config;
-        assert!(
-            t_max <= cfg.block_size,
-            "sequence {t_max} longer than block_size {}",
-            cfg.block_size
-        );
+        assert!(t_max <= cfg.block_size, "sequence {t_max} longer than block_size {}", cfg.block_size);
         let (c, nh, v) = (cfg.n_embd, cfg.n_head, cfg.vocab_size);
         let bt = b_max * t_max;
         let z = |n: usize| vec![0f32; n];
@@ -109,6 +145,8 @@ impl Workspace {
             logits: z(head_rows * v),
             losses: z(bt),
             head_rows,
+            precision: Precision::Fp32,
+            wte_bf16: Vec::new(),
             dres: z(bt * c),
             dln: z(bt * c),
             datty: z(bt * c),
@@ -117,43 +155,33 @@ impl Workspace {
         }
     }
 
+    /// Sets the precision of the linear layers and the head. bf16 must be
+    /// available ([`bf16::available`]).
+    pub fn set_precision(&mut self, precision: Precision) {
+        if precision == Precision::Bf16 {
+            bf16::available().expect("bf16 checked available before use");
+        }
+        self.precision = precision;
+    }
+
     /// Bytes of activations and scratch a workspace of this size holds.
     pub fn bytes_for(spec: &ModelSpec, b: usize, t: usize) -> usize {
         let cfg = spec.config;
         let (c, nh, bt) = (cfg.n_embd, cfg.n_head, b * t);
         let block = bt * (c * 6 + 4 + 3 * c + 8 * c) + b * nh * t * t;
-        let other = (cfg.n_layer + 1) * bt * c
-            + bt * c
-            + 3 * bt
-            + head_rows_for(cfg.vocab_size, bt) * cfg.vocab_size;
+        let other = (cfg.n_layer + 1) * bt * c + bt * c + 3 * bt + head_rows_for(cfg.vocab_size, bt) * cfg.vocab_size;
         let scratch = bt * c * 3 + bt * 3 * c + bt * 4 * c;
         4 * (cfg.n_layer * block + other + scratch)
     }
 
     fn check(&self, b: usize, t: usize) {
-        assert!(
-            b >= 1 && b <= self.b_max,
-            "batch {b} outside 1..={}",
-            self.b_max
-        );
-        assert!(
-            t >= 1 && t <= self.t_max,
-            "sequence {t} outside 1..={}",
-            self.t_max
-        );
+        assert!(b >= 1 && b <= self.b_max, "batch {b} outside 1..={}", self.b_max);
+        assert!(t >= 1 && t <= self.t_max, "sequence {t} outside 1..={}", self.t_max);
     }
 
     /// Forward of layer `l` (the embedding or a block; the head is [`Self::head`]).
     /// `tokens[B,T]`.
-    pub fn forward(
-        &mut self,
-        spec: &ModelSpec,
-        l: usize,
-        w: &[&[f32]],
-        tokens: &[u32],
-        b: usize,
-        t: usize,
-    ) {
+    pub fn forward(&mut self, spec: &ModelSpec, l: usize, w: &[&[f32]], tokens: &[u32], b: usize, t: usize) {
         self.check(b, t);
         let (c, nh, bt) = (self.c, self.nh, b * t);
         match spec.layers[l].kind {
@@ -167,57 +195,24 @@ impl Workspace {
                 let x = &before[i][..bt * c];
                 let out = &mut after[0][..bt * c];
                 let a = &mut self.blocks[i];
-                let (ln1, ln1_mean, ln1_rstd) = (
-                    &mut a.ln1[..bt * c],
-                    &mut a.ln1_mean[..bt],
-                    &mut a.ln1_rstd[..bt],
-                );
-                layernorm_forward(
-                    ln1,
-                    ln1_mean,
-                    ln1_rstd,
-                    x,
-                    w[block::LN1_W],
-                    w[block::LN1_B],
-                    bt,
-                    c,
-                );
+                let (ln1, ln1_mean, ln1_rstd) = (&mut a.ln1[..bt * c], &mut a.ln1_mean[..bt], &mut a.ln1_rstd[..bt]);
+                layernorm_forward(ln1, ln1_mean, ln1_rstd, x, w[block::LN1_W], w[block::LN1_B], bt, c);
                 let qkv = &mut a.qkv[..bt * 3 * c];
-                matmul_forward(
-                    qkv,
-                    ln1,
-                    w[block::ATTN_W],
-                    Some(w[block::ATTN_B]),
-                    bt,
-                    c,
-                    3 * c,
-                );
+                linear_forward(self.precision, qkv, ln1, w[block::ATTN_W], Some(w[block::ATTN_B]), bt, c, 3 * c);
                 let att = &mut a.att[..b * nh * t * t];
                 let atty = &mut a.atty[..bt * c];
                 attention_forward(atty, att, qkv, b, t, c, nh);
                 let x2 = &mut a.x2[..bt * c];
-                matmul_forward(x2, atty, w[block::PROJ_W], Some(w[block::PROJ_B]), bt, c, c);
+                linear_forward(self.precision, x2, atty, w[block::PROJ_W], Some(w[block::PROJ_B]), bt, c, c);
                 add_inplace(x2, x);
-                let (ln2, ln2_mean, ln2_rstd) = (
-                    &mut a.ln2[..bt * c],
-                    &mut a.ln2_mean[..bt],
-                    &mut a.ln2_rstd[..bt],
-                );
-                layernorm_forward(
-                    ln2,
-                    ln2_mean,
-                    ln2_rstd,
-                    x2,
-                    w[block::LN2_W],
-                    w[block::LN2_B],
-                    bt,
-                    c,
-                );
+                let (ln2, ln2_mean, ln2_rstd) = (&mut a.ln2[..bt * c], &mut a.ln2_mean[..bt], &mut a.ln2_rstd[..bt]);
+                layernorm_forward(ln2, ln2_mean, ln2_rstd, x2, w[block::LN2_W], w[block::LN2_B], bt, c);
                 let fch = &mut a.fch[..bt * 4 * c];
-                matmul_forward(fch, ln2, w[block::FC_W], Some(w[block::FC_B]), bt, c, 4 * c);
+                linear_forward(self.precision, fch, ln2, w[block::FC_W], Some(w[block::FC_B]), bt, c, 4 * c);
                 let fch_gelu = &mut a.fch_gelu[..bt * 4 * c];
                 gelu_forward(fch_gelu, fch);
-                matmul_forward(
+                linear_forward(
+                    self.precision,
                     out,
                     fch_gelu,
                     w[block::FCPROJ_W],
@@ -257,14 +252,14 @@ impl Workspace {
         let (c, v, bt) = (self.c, self.v, b * t);
         let n_layer = spec.config.n_layer;
         let x = &self.residual[n_layer][..bt * c];
-        let (lnf, lnf_mean, lnf_rstd) = (
-            &mut self.lnf[..bt * c],
-            &mut self.lnf_mean[..bt],
-            &mut self.lnf_rstd[..bt],
-        );
+        let (lnf, lnf_mean, lnf_rstd) = (&mut self.lnf[..bt * c], &mut self.lnf_mean[..bt], &mut self.lnf_rstd[..bt]);
         layernorm_forward(lnf, lnf_mean, lnf_rstd, x, w[0], w[1], bt, c);
         let wte = w[2];
         let threads = pool_threads();
+        let bf = self.precision == Precision::Bf16;
+        if bf {
+            bf16::to_bf16_vec(&mut self.wte_bf16, wte);
+        }
         let training = grads.is_some();
         let mut grads = grads;
         let dlnf = &mut self.dln[..bt * c];
@@ -272,62 +267,31 @@ impl Workspace {
             let r1 = (r0 + self.head_rows).min(bt);
             let rows = r1 - r0;
             let logits = &mut self.logits[..rows * v];
+            let x_rows = &lnf[r0 * c..r1 * c];
             // logits[rows,V] = lnf[rows,C] @ wte^T
-            gemm(
-                logits,
-                v,
-                false,
-                Mat::rows(&lnf[r0 * c..r1 * c], c),
-                Mat::transposed(wte, c),
-                rows,
-                v,
-                c,
-                1.0,
-                threads,
-            );
+            if bf {
+                bf16::logits_forward(logits, x_rows, &self.wte_bf16, rows, c, v);
+            } else {
+                gemm(logits, v, false, Mat::rows(x_rows, c), Mat::transposed(wte, c), rows, v, c, 1.0, threads);
+            }
             let scale = if training { Some(dloss_scale) } else { None };
-            crossentropy_forward_backward(
-                &mut self.losses[r0..r1],
-                logits,
-                &targets[r0..r1],
-                v,
-                scale,
-            );
+            crossentropy_forward_backward(&mut self.losses[r0..r1], logits, &targets[r0..r1], v, scale);
             if let Some(g) = grads.as_deref_mut() {
                 // dlnf[rows,C] = dlogits @ wte ; dwte[V,C] += dlogits^T @ lnf
-                gemm(
-                    &mut dlnf[r0 * c..r1 * c],
-                    c,
-                    false,
-                    Mat::rows(logits, v),
-                    Mat::rows(wte, c),
-                    rows,
-                    c,
-                    v,
-                    1.0,
-                    threads,
-                );
-                gemm(
-                    g[2],
-                    c,
-                    true,
-                    Mat::transposed(logits, v),
-                    Mat::rows(&lnf[r0 * c..r1 * c], c),
-                    v,
-                    c,
-                    rows,
-                    1.0,
-                    threads,
-                );
+                let dx_rows = &mut dlnf[r0 * c..r1 * c];
+                if bf {
+                    bf16::logits_backward(dx_rows, g[2], logits, x_rows, &self.wte_bf16, rows, c, v);
+                } else {
+                    gemm(dx_rows, c, false, Mat::rows(logits, v), Mat::rows(wte, c), rows, c, v, 1.0, threads);
+                    gemm(g[2], c, true, Mat::transposed(logits, v), Mat::rows(x_rows, c), v, c, rows, 1.0, threads);
+                }
             }
         }
         if let Some(g) = grads {
             let dres = &mut self.dres[..bt * c];
             dres.fill(0.0);
             let (gw, rest) = g.split_at_mut(1);
-            layernorm_backward(
-                dres, gw[0], rest[0], dlnf, x, w[0], lnf_mean, lnf_rstd, bt, c,
-            );
+            layernorm_backward(dres, gw[0], rest[0], dlnf, x, w[0], lnf_mean, lnf_rstd, bt, c);
         }
         self.losses[..bt].iter().map(|&l| l as f64).sum()
     }
@@ -341,18 +305,7 @@ impl Workspace {
         let (mut mean, mut rstd) = ([0f32], [0f32]);
         let lnf = &mut self.lnf[..c];
         layernorm_forward(lnf, &mut mean, &mut rstd, x, w[0], w[1], 1, c);
-        gemm(
-            out,
-            v,
-            false,
-            Mat::rows(lnf, c),
-            Mat::transposed(w[2], c),
-            1,
-            v,
-            c,
-            1.0,
-            pool_threads(),
-        );
+        gemm(out, v, false, Mat::rows(lnf, c), Mat::transposed(w[2], c), 1, v, c, 1.0, pool_threads());
     }
 
     /// Backward of layer `l` (embedding or block), after `head` or the
@@ -389,7 +342,8 @@ impl Workspace {
                 // MLP projection: dres is d(out), which reaches x2 through the residual.
                 let dfch = &mut self.dfch[..bt * 4 * c];
                 let fch_gelu = &a.fch_gelu[..bt * 4 * c];
-                matmul_backward(
+                linear_backward(
+                    self.precision,
                     dfch,
                     dfcproj_w,
                     Some(dfcproj_b),
@@ -402,7 +356,8 @@ impl Workspace {
                 );
                 gelu_backward_inplace(dfch, &a.fch[..bt * 4 * c]);
                 let dln = &mut self.dln[..bt * c];
-                matmul_backward(
+                linear_backward(
+                    self.precision,
                     dln,
                     dfc_w,
                     Some(dfc_b),
@@ -414,21 +369,11 @@ impl Workspace {
                     4 * c,
                 );
                 let (x2, mean2, rstd2) = (&a.x2[..bt * c], &a.ln2_mean[..bt], &a.ln2_rstd[..bt]);
-                layernorm_backward(
-                    dres,
-                    dln2_w,
-                    dln2_b,
-                    dln,
-                    x2,
-                    w[block::LN2_W],
-                    mean2,
-                    rstd2,
-                    bt,
-                    c,
-                );
+                layernorm_backward(dres, dln2_w, dln2_b, dln, x2, w[block::LN2_W], mean2, rstd2, bt, c);
                 // Attention: dres is now d(x2), which reaches x through the residual.
                 let datty = &mut self.datty[..bt * c];
-                matmul_backward(
+                linear_backward(
+                    self.precision,
                     datty,
                     dproj_w,
                     Some(dproj_b),
@@ -440,17 +385,9 @@ impl Workspace {
                     c,
                 );
                 let dqkv = &mut self.dqkv[..bt * 3 * c];
-                attention_backward(
-                    dqkv,
-                    datty,
-                    &a.qkv[..bt * 3 * c],
-                    &a.att[..b * nh * t * t],
-                    b,
-                    t,
-                    c,
-                    nh,
-                );
-                matmul_backward(
+                attention_backward(dqkv, datty, &a.qkv[..bt * 3 * c], &a.att[..b * nh * t * t], b, t, c, nh);
+                linear_backward(
+                    self.precision,
                     dln,
                     dattn_w,
                     Some(dattn_b),
@@ -462,18 +399,7 @@ impl Workspace {
                     3 * c,
                 );
                 let (mean1, rstd1) = (&a.ln1_mean[..bt], &a.ln1_rstd[..bt]);
-                layernorm_backward(
-                    dres,
-                    dln1_w,
-                    dln1_b,
-                    dln,
-                    x,
-                    w[block::LN1_W],
-                    mean1,
-                    rstd1,
-                    bt,
-                    c,
-                );
+                layernorm_backward(dres, dln1_w, dln1_b, dln, x, w[block::LN1_W], mean1, rstd1, bt, c);
             }
             LayerKind::Head => panic!("the head's backward runs inside Workspace::head"),
         }

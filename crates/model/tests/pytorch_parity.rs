@@ -13,23 +13,15 @@ use ws_model::{Gpt2Config, ModelSpec, Params, Workspace};
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    let t = st
-        .tensor(name)
-        .unwrap_or_else(|e| panic!("fixture lacks {name}: {e}"));
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture lacks {name}: {e}"));
     assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 fn ids(st: &SafeTensors, name: &str) -> Vec<u32> {
     let t = st.tensor(name).unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::I64);
-    t.data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
-        .collect()
+    t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
 }
 
 /// Fails naming the first element out of tolerance.
@@ -47,11 +39,9 @@ fn assert_scaled_close(what: &str, ours: &[f32], reference: &[f32], tol: f32) {
 
 #[test]
 fn forward_and_backward_match_pytorch_fixture() {
-    let bytes =
-        std::fs::read(format!("{FIXTURES}/gpt2_parity.safetensors")).expect("committed fixture");
+    let bytes = std::fs::read(format!("{FIXTURES}/gpt2_parity.safetensors")).expect("committed fixture");
     let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/gpt2_parity.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/gpt2_parity.json")).unwrap()).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let get = |k: &str| meta[k].as_u64().unwrap() as usize;
     let config = Gpt2Config {
@@ -86,39 +76,15 @@ fn forward_and_backward_match_pytorch_fixture() {
     assert_scaled_close("logits", &logits, &f32s(&st, "logits"), 1e-5);
 
     let scale = 1.0 / (b * t) as f32;
-    let loss_sum = ws.head(
-        &spec,
-        &head_w,
-        Some(&mut grads.layer_mut(&spec, n - 1)),
-        &targets,
-        b,
-        t,
-        scale,
-    );
+    let loss_sum = ws.head(&spec, &head_w, Some(&mut grads.layer_mut(&spec, n - 1)), &targets, b, t, scale);
     let loss = (loss_sum / (b * t) as f64) as f32;
     let loss_ref = f32s(&st, "loss")[0];
-    assert!(
-        (loss - loss_ref).abs() <= 1e-5 * loss_ref.abs(),
-        "loss {loss} vs PyTorch {loss_ref}"
-    );
+    assert!((loss - loss_ref).abs() <= 1e-5 * loss_ref.abs(), "loss {loss} vs PyTorch {loss_ref}");
 
     for l in (0..n - 1).rev() {
-        ws.backward(
-            &spec,
-            l,
-            &params.layer(&spec, l),
-            &mut grads.layer_mut(&spec, l),
-            &tokens,
-            b,
-            t,
-        );
+        ws.backward(&spec, l, &params.layer(&spec, l), &mut grads.layer_mut(&spec, l), &tokens, b, t);
     }
     for (ts, g) in spec.tensors.iter().zip(&grads.tensors) {
-        assert_scaled_close(
-            &format!("grad.{}", ts.name),
-            g,
-            &f32s(&st, &format!("grad.{}", ts.name)),
-            1e-4,
-        );
+        assert_scaled_close(&format!("grad.{}", ts.name), g, &f32s(&st, &format!("grad.{}", ts.name)), 1e-4);
     }
 }

@@ -56,42 +56,29 @@ fn hf_config_json(c: &Gpt2Config) -> serde_json::Value {
     })
 }
 
-fn write_safetensors(
-    path: &Path,
-    tensors: Vec<(String, &[usize], &[f32])>,
-) -> Result<(), TrainError> {
+fn write_safetensors(path: &Path, tensors: Vec<(String, &[usize], &[f32])>) -> Result<(), TrainError> {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .into_iter()
         .map(|(name, shape, data)| {
-            let view =
-                safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), bytes_of(data))
-                    .expect("shape matches data length");
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), bytes_of(data))
+                .expect("shape matches data length");
             (name, view)
         })
         .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| {
-        TrainError::Checkpoint {
-            path: path.into(),
-            problem: format!("cannot write: {e}"),
-        }
-    })?;
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| TrainError::Checkpoint { path: path.into(), problem: format!("cannot write: {e}") })?;
     fsync(path)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let mut f =
-        std::fs::File::create(path).map_err(|e| TrainError::io("cannot create", path, e))?;
-    f.write_all(bytes)
-        .map_err(|e| TrainError::io("cannot write", path, e))?;
-    f.sync_all()
-        .map_err(|e| TrainError::io("cannot fsync", path, e))
+    let mut f = std::fs::File::create(path).map_err(|e| TrainError::io("cannot create", path, e))?;
+    f.write_all(bytes).map_err(|e| TrainError::io("cannot write", path, e))?;
+    f.sync_all().map_err(|e| TrainError::io("cannot fsync", path, e))
 }
 
 fn fsync(path: &Path) -> Result<(), TrainError> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| TrainError::io("cannot fsync", path, e))
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| TrainError::io("cannot fsync", path, e))
 }
 
 /// Optimizer state saved with a training checkpoint.
@@ -104,28 +91,16 @@ pub struct TrainState<'a> {
 
 /// Writes a checkpoint directory at `dir` atomically (temporary directory,
 /// fsync, rename). `dir` must not exist yet.
-pub fn save(
-    dir: &Path,
-    spec: &ModelSpec,
-    params: &Params,
-    state: Option<TrainState>,
-) -> Result<(), TrainError> {
+pub fn save(dir: &Path, spec: &ModelSpec, params: &Params, state: Option<TrainState>) -> Result<(), TrainError> {
     if dir.exists() {
         return Err(TrainError::Checkpoint {
             path: dir.into(),
             problem: "already exists; refusing to overwrite".into(),
         });
     }
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .map_err(|e| TrainError::io("cannot create directory", parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| TrainError::io("cannot create directory", parent, e))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| TrainError::io("cannot create directory", &tmp, e))?;
@@ -138,55 +113,41 @@ pub fn save(
         all.extend(named_tensors(spec, "exp_avg_sq.", &state.optimizer.v));
         write_safetensors(&tmp.join(OPTIMIZER_FILE), all)?;
         let st = serde_json::json!({ "format": 1, "step": state.step });
-        write_file(
-            &tmp.join(STATE_FILE),
-            &serde_json::to_vec_pretty(&st).expect("json"),
-        )?;
+        write_file(&tmp.join(STATE_FILE), &serde_json::to_vec_pretty(&st).expect("json"))?;
         write_file(&tmp.join("run.toml"), state.run_toml.as_bytes())?;
     }
     fsync(&tmp)?;
-    std::fs::rename(&tmp, dir)
-        .map_err(|e| TrainError::io("cannot rename checkpoint into place", dir, e))?;
+    std::fs::rename(&tmp, dir).map_err(|e| TrainError::io("cannot rename checkpoint into place", dir, e))?;
     fsync(parent)
 }
 
 /// `(prefix + name, shape, data)` for every tensor of `p`.
-fn named_tensors<'a>(
-    spec: &'a ModelSpec,
-    prefix: &str,
-    p: &'a Params,
-) -> Vec<(String, &'a [usize], &'a [f32])> {
+fn named_tensors<'a>(spec: &'a ModelSpec, prefix: &str, p: &'a Params) -> Vec<(String, &'a [usize], &'a [f32])> {
     spec.tensors
         .iter()
         .zip(&p.tensors)
         .map(|(t, data)| {
             assert_eq!(t.numel(), data.len(), "{}", t.name);
-            (
-                format!("{prefix}{}", t.name),
-                t.shape.as_slice(),
-                data.as_slice(),
-            )
+            (format!("{prefix}{}", t.name), t.shape.as_slice(), data.as_slice())
         })
         .collect()
 }
 
 fn bad(path: &Path, problem: impl Into<String>) -> TrainError {
-    TrainError::Checkpoint {
-        path: path.to_path_buf(),
-        problem: problem.into(),
-    }
+    TrainError::Checkpoint { path: path.to_path_buf(), problem: problem.into() }
 }
 
 /// Reads `config.json` of a Hugging Face GPT-2 directory.
 pub fn load_config(dir: &Path) -> Result<Gpt2Config, TrainError> {
     let path = dir.join(CONFIG_FILE);
     if !dir.is_dir() {
-        return Err(bad(dir, "not a directory (expected a checkpoint directory with model.safetensors and config.json)"));
+        return Err(bad(
+            dir,
+            "not a directory (expected a checkpoint directory with model.safetensors and config.json)",
+        ));
     }
-    let text = std::fs::read(&path)
-        .map_err(|e| TrainError::io("cannot read checkpoint config", &path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| bad(&path, format!("invalid JSON: {e}")))?;
+    let text = std::fs::read(&path).map_err(|e| TrainError::io("cannot read checkpoint config", &path, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(&path, format!("invalid JSON: {e}")))?;
     let int = |key: &str| -> Result<usize, TrainError> {
         v.get(key)
             .and_then(|x| x.as_u64())
@@ -200,30 +161,19 @@ pub fn load_config(dir: &Path) -> Result<Gpt2Config, TrainError> {
     }
     if let Some(act) = v.get("activation_function").and_then(|x| x.as_str()) {
         if act != "gelu_new" && act != "gelu_pytorch_tanh" {
-            return Err(bad(
-                &path,
-                format!("activation_function `{act}` is not supported (only gelu_new)"),
-            ));
+            return Err(bad(&path, format!("activation_function `{act}` is not supported (only gelu_new)")));
         }
     }
     if let Some(eps) = v.get("layer_norm_epsilon").and_then(|x| x.as_f64()) {
         if (eps - 1e-5).abs() > 1e-12 {
-            return Err(bad(
-                &path,
-                format!("layer_norm_epsilon {eps} is not supported (only 1e-5)"),
-            ));
+            return Err(bad(&path, format!("layer_norm_epsilon {eps} is not supported (only 1e-5)")));
         }
     }
-    for (key, unsupported) in [
-        ("tie_word_embeddings", false),
-        ("scale_attn_weights", false),
-        ("scale_attn_by_inverse_layer_idx", true),
-    ] {
+    for (key, unsupported) in
+        [("tie_word_embeddings", false), ("scale_attn_weights", false), ("scale_attn_by_inverse_layer_idx", true)]
+    {
         if v.get(key).and_then(|x| x.as_bool()) == Some(unsupported) {
-            return Err(bad(
-                &path,
-                format!("`{key}: {unsupported}` is not supported"),
-            ));
+            return Err(bad(&path, format!("`{key}: {unsupported}` is not supported")));
         }
     }
     let config = Gpt2Config {
@@ -237,46 +187,30 @@ pub fn load_config(dir: &Path) -> Result<Gpt2Config, TrainError> {
     Ok(config)
 }
 
-fn read_f32(
-    path: &Path,
-    name: &str,
-    t: &safetensors::tensor::TensorView,
-) -> Result<Vec<f32>, TrainError> {
+fn read_f32(path: &Path, name: &str, t: &safetensors::tensor::TensorView) -> Result<Vec<f32>, TrainError> {
     let d = t.data();
     match t.dtype() {
-        Dtype::F32 => Ok(d
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()),
-        Dtype::BF16 => Ok(d
-            .chunks_exact(2)
-            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-            .collect()),
-        other => Err(bad(
-            path,
-            format!("tensor {name} has dtype {other:?}; only F32 and BF16 are read"),
-        )),
+        Dtype::F32 => Ok(d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
+        Dtype::BF16 => {
+            Ok(d.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect())
+        }
+        other => Err(bad(path, format!("tensor {name} has dtype {other:?}; only F32 and BF16 are read"))),
     }
 }
 
 /// Reads the tensors of `spec` from a safetensors file, mapping Hugging Face
 /// names (with or without `transformer.`, under `prefix` for optimizer state).
 fn read_params(path: &Path, spec: &ModelSpec, prefix: &str) -> Result<Params, TrainError> {
-    let bytes =
-        std::fs::read(path).map_err(|e| TrainError::io("cannot read checkpoint", path, e))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| bad(path, format!("not a valid safetensors file: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io("cannot read checkpoint", path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, format!("not a valid safetensors file: {e}")))?;
     // Every name in the file must be one of ours (with or without the
     // `transformer.` prefix), a buffer, or the tied head.
     for name in st.names() {
         let Some(stripped) = name.strip_prefix(prefix) else {
             continue;
         };
-        let key = if stripped.starts_with("transformer.") {
-            stripped.to_string()
-        } else {
-            format!("transformer.{stripped}")
-        };
+        let key =
+            if stripped.starts_with("transformer.") { stripped.to_string() } else { format!("transformer.{stripped}") };
         let buffer = stripped.ends_with(".attn.bias") || stripped.ends_with(".attn.masked_bias");
         if spec.tensor_index(&key).is_none() && !buffer && stripped != "lm_head.weight" {
             return Err(bad(path, format!("unexpected tensor `{name}`")));
@@ -284,10 +218,7 @@ fn read_params(path: &Path, spec: &ModelSpec, prefix: &str) -> Result<Params, Tr
     }
     let mut params = Params::zeros(spec);
     for (ts, data) in spec.tensors.iter().zip(params.tensors.iter_mut()) {
-        let short = ts
-            .name
-            .strip_prefix("transformer.")
-            .expect("our names carry the prefix");
+        let short = ts.name.strip_prefix("transformer.").expect("our names carry the prefix");
         let (name, view) = [format!("{prefix}{}", ts.name), format!("{prefix}{short}")]
             .into_iter()
             .find_map(|n| st.tensor(&n).ok().map(|v| (n, v)))
@@ -295,12 +226,7 @@ fn read_params(path: &Path, spec: &ModelSpec, prefix: &str) -> Result<Params, Tr
         if view.shape() != ts.shape.as_slice() {
             return Err(bad(
                 path,
-                format!(
-                    "tensor {} has shape {:?} but config.json implies {:?}",
-                    ts.name,
-                    view.shape(),
-                    ts.shape
-                ),
+                format!("tensor {} has shape {:?} but config.json implies {:?}", ts.name, view.shape(), ts.shape),
             ));
         }
         *data = read_f32(path, &name, &view)?;
@@ -308,18 +234,12 @@ fn read_params(path: &Path, spec: &ModelSpec, prefix: &str) -> Result<Params, Tr
     if let Ok(head) = st.tensor(&format!("{prefix}lm_head.weight")) {
         let wte = &params.tensors[spec.tensor_index("transformer.wte.weight").expect("wte")];
         if read_f32(path, "lm_head.weight", &head)? != *wte {
-            return Err(bad(
-                path,
-                "lm_head.weight differs from transformer.wte.weight; only tied GPT-2 is supported",
-            ));
+            return Err(bad(path, "lm_head.weight differs from transformer.wte.weight; only tied GPT-2 is supported"));
         }
     }
     for (ts, t) in spec.tensors.iter().zip(&params.tensors) {
         if let Some(j) = t.iter().position(|x| !x.is_finite()) {
-            return Err(bad(
-                path,
-                format!("tensor {} holds a non-finite value at element {j}", ts.name),
-            ));
+            return Err(bad(path, format!("tensor {} holds a non-finite value at element {j}", ts.name)));
         }
     }
     Ok(params)
@@ -336,14 +256,10 @@ pub fn load(dir: &Path) -> Result<(ModelSpec, Params), TrainError> {
 /// Loads the optimizer state and step of a training checkpoint.
 pub fn load_train_state(dir: &Path, spec: &ModelSpec) -> Result<(u64, AdamW), TrainError> {
     let state_path = dir.join(STATE_FILE);
-    let text =
-        std::fs::read(&state_path).map_err(|e| TrainError::io("cannot read", &state_path, e))?;
-    let v: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| bad(&state_path, format!("invalid JSON: {e}")))?;
-    let step = v
-        .get("step")
-        .and_then(|s| s.as_u64())
-        .ok_or_else(|| bad(&state_path, "missing `step`"))?;
+    let text = std::fs::read(&state_path).map_err(|e| TrainError::io("cannot read", &state_path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| bad(&state_path, format!("invalid JSON: {e}")))?;
+    let step = v.get("step").and_then(|s| s.as_u64()).ok_or_else(|| bad(&state_path, "missing `step`"))?;
     let opt = dir.join(OPTIMIZER_FILE);
     let m = read_params(&opt, spec, "exp_avg.")?;
     let v = read_params(&opt, spec, "exp_avg_sq.")?;
@@ -366,13 +282,7 @@ mod tests {
     }
 
     fn small() -> ModelSpec {
-        ModelSpec::new(Gpt2Config {
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 8,
-            block_size: 16,
-            vocab_size: 50,
-        })
+        ModelSpec::new(Gpt2Config { n_layer: 2, n_head: 2, n_embd: 8, block_size: 16, vocab_size: 50 })
     }
 
     #[test]
@@ -383,17 +293,7 @@ mod tests {
         opt.m = Params::init(&spec, 4);
         opt.v = Params::init(&spec, 5);
         let dir = tmp("roundtrip").join("checkpoint-000007");
-        save(
-            &dir,
-            &spec,
-            &params,
-            Some(TrainState {
-                step: 7,
-                optimizer: &opt,
-                run_toml: "x = 1",
-            }),
-        )
-        .unwrap();
+        save(&dir, &spec, &params, Some(TrainState { step: 7, optimizer: &opt, run_toml: "x = 1" })).unwrap();
         let (spec2, p2) = load(&dir).unwrap();
         assert_eq!(spec2, spec);
         assert_eq!(p2, params);
@@ -406,21 +306,9 @@ mod tests {
 
     #[test]
     fn loads_what_transformers_save_pretrained_wrote() {
-        let dir = Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../fixtures/hf_saved"
-        ));
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/hf_saved"));
         let (spec, params) = load(dir).unwrap();
-        assert_eq!(
-            spec.config,
-            Gpt2Config {
-                n_layer: 2,
-                n_head: 4,
-                n_embd: 64,
-                block_size: 32,
-                vocab_size: 320
-            }
-        );
+        assert_eq!(spec.config, Gpt2Config { n_layer: 2, n_head: 4, n_embd: 64, block_size: 32, vocab_size: 320 });
         assert!(params.tensors.iter().all(|t| t.iter().any(|&x| x != 0.0)));
     }
 
@@ -429,23 +317,14 @@ mod tests {
         let spec = small();
         let dir = tmp("mismatch").join("ck");
         save(&dir, &spec, &Params::init(&spec, 1), None).unwrap();
-        let cfg = std::fs::read_to_string(dir.join(CONFIG_FILE))
-            .unwrap()
-            .replace("\"n_embd\": 8", "\"n_embd\": 16");
+        let cfg = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap().replace("\"n_embd\": 8", "\"n_embd\": 16");
         std::fs::write(dir.join(CONFIG_FILE), cfg).unwrap();
         let e = load(&dir).unwrap_err().to_string();
-        assert!(
-            e.contains("has shape [50, 8] but config.json implies [50, 16]"),
-            "{e}"
-        );
+        assert!(e.contains("has shape [50, 8] but config.json implies [50, 16]"), "{e}");
         let e = load(&tmp("nothing")).unwrap_err().to_string();
         assert!(e.contains("not a directory"), "{e}");
         std::fs::write(dir.join(MODEL_FILE), b"garbage").unwrap();
-        std::fs::write(
-            dir.join(CONFIG_FILE),
-            serde_json::to_vec(&hf_config_json(&spec.config)).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.join(CONFIG_FILE), serde_json::to_vec(&hf_config_json(&spec.config)).unwrap()).unwrap();
         let e = load(&dir).unwrap_err().to_string();
         assert!(e.contains("not a valid safetensors file"), "{e}");
     }

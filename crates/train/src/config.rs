@@ -54,7 +54,8 @@ pub struct TrainSection {
     pub eval_batches: usize,
     /// Save a checkpoint every this many steps (and at the end); 0: only at the end.
     pub checkpoint_interval: u64,
-    /// Compute precision: "fp32" (bf16 is not implemented on CPU yet).
+    /// Precision of the linear layers' products: "fp32", or "bf16" (bf16
+    /// inputs, fp32 accumulation, through oneDNN; master weights stay fp32).
     pub precision: String,
     /// Worker threads; 0: one per core.
     pub threads: usize,
@@ -121,13 +122,7 @@ impl RunConfig {
                 )))
             }
         };
-        Ok(RunConfig {
-            preset: name.into(),
-            run_dir: String::new(),
-            model,
-            train,
-            data,
-        })
+        Ok(RunConfig { preset: name.into(), run_dir: String::new(), model, train, data })
     }
 
     /// Resolves preset, file and overrides. The preset is taken from the last
@@ -135,14 +130,10 @@ impl RunConfig {
     pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<RunConfig, TrainError> {
         let file_table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| TrainError::io("cannot read config file", path, e))?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| TrainError::io("cannot read config file", path, e))?;
                 text.parse::<Table>().map_err(|e| {
-                    TrainError::Config(format!(
-                        "config file {}: {}",
-                        path.display(),
-                        one_line(&e.to_string())
-                    ))
+                    TrainError::Config(format!("config file {}: {}", path.display(), one_line(&e.to_string())))
                 })?
             }
             None => Table::new(),
@@ -150,9 +141,7 @@ impl RunConfig {
         let mut sets = Vec::new();
         for o in overrides {
             let (key, value) = o.split_once('=').ok_or_else(|| {
-                TrainError::Config(format!(
-                    "--set {o}: expected key=value, e.g. --set train.lr=3e-4"
-                ))
+                TrainError::Config(format!("--set {o}: expected key=value, e.g. --set train.lr=3e-4"))
             })?;
             sets.push((key.trim().to_string(), parse_value(value.trim())));
         }
@@ -164,9 +153,7 @@ impl RunConfig {
             .or_else(|| file_table.get("preset").cloned())
             .map(|v| match v {
                 Value::String(s) => Ok(s),
-                other => Err(TrainError::Config(format!(
-                    "preset must be a string, got {other}"
-                ))),
+                other => Err(TrainError::Config(format!("preset must be a string, got {other}"))),
             })
             .transpose()?
             .unwrap_or_else(|| "tiny".into());
@@ -179,9 +166,7 @@ impl RunConfig {
         }
         let config: RunConfig = Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| {
-                TrainError::Config(format!("config: {}", one_line(&e.to_string())))
-            })?;
+            .map_err(|e: toml::de::Error| TrainError::Config(format!("config: {}", one_line(&e.to_string()))))?;
         config.validate()?;
         Ok(config)
     }
@@ -222,34 +207,22 @@ impl RunConfig {
             ));
         }
         if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
-            return bad(format!(
-                "need 0 <= train.min_lr <= train.lr and lr > 0 (lr {}, min_lr {})",
-                t.lr, t.min_lr
-            ));
+            return bad(format!("need 0 <= train.min_lr <= train.lr and lr > 0 (lr {}, min_lr {})", t.lr, t.min_lr));
         }
         if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
-            return bad(format!(
-                "train.beta1 and train.beta2 must be in [0, 1) (got {}, {})",
-                t.beta1, t.beta2
-            ));
+            return bad(format!("train.beta1 and train.beta2 must be in [0, 1) (got {}, {})", t.beta1, t.beta2));
         }
         if t.eps <= 0.0 || t.weight_decay < 0.0 || t.grad_clip < 0.0 {
-            return bad(
-                "train.eps must be positive, train.weight_decay and train.grad_clip non-negative"
-                    .into(),
-            );
+            return bad("train.eps must be positive, train.weight_decay and train.grad_clip non-negative".into());
         }
-        if t.precision != "fp32" {
-            return bad(format!(
-                "train.precision `{}` is not available: the CPU worker computes in fp32 (set train.precision=\"fp32\")",
-                t.precision
-            ));
+        match ws_kernels::Precision::parse(&t.precision) {
+            Some(ws_kernels::Precision::Bf16) => ws_kernels::bf16::available()
+                .map_err(|e| TrainError::Config(format!("train.precision = \"bf16\": {e}")))?,
+            Some(ws_kernels::Precision::Fp32) => {}
+            None => return bad(format!("train.precision `{}` is not one of fp32, bf16", t.precision)),
         }
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
-            return bad(format!(
-                "data.val_fraction must be between 0 and 1 (got {})",
-                self.data.val_fraction
-            ));
+            return bad(format!("data.val_fraction must be between 0 and 1 (got {})", self.data.val_fraction));
         }
         Ok(())
     }
@@ -260,11 +233,7 @@ impl RunConfig {
 }
 
 fn one_line(s: &str) -> String {
-    s.split('\n')
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
+    s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 /// A `--set` value: TOML if it parses as a value (numbers, booleans, quoted
@@ -278,29 +247,23 @@ fn parse_value(s: &str) -> Value {
 }
 
 fn unknown_key(path: &str, key: &str, known: &Table) -> TrainError {
-    let full = if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    };
-    let closest = known
-        .keys()
-        .map(|k| (edit_distance(k, key), k))
-        .min()
-        .filter(|(d, _)| *d <= 3)
-        .map(|(_, k)| {
-            if path.is_empty() {
-                format!(" (did you mean `{k}`?)")
-            } else {
-                format!(" (did you mean `{path}.{k}`?)")
-            }
-        })
-        .unwrap_or_default();
+    let full = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    let closest =
+        known
+            .keys()
+            .map(|k| (edit_distance(k, key), k))
+            .min()
+            .filter(|(d, _)| *d <= 3)
+            .map(|(_, k)| {
+                if path.is_empty() {
+                    format!(" (did you mean `{k}`?)")
+                } else {
+                    format!(" (did you mean `{path}.{k}`?)")
+                }
+            })
+            .unwrap_or_default();
     let keys: Vec<&str> = known.keys().map(String::as_str).collect();
-    TrainError::Config(format!(
-        "unknown config key `{full}`{closest}; known keys here: {}",
-        keys.join(", ")
-    ))
+    TrainError::Config(format!("unknown config key `{full}`{closest}; known keys here: {}", keys.join(", ")))
 }
 
 /// Copies `src` over `dst` key by key; every key must exist in `known`.
@@ -309,16 +272,10 @@ fn merge(dst: &mut Table, src: &Table, known: &Table, path: &str) -> Result<(), 
         let Some(kv) = known.get(k) else {
             return Err(unknown_key(path, k, known));
         };
-        let sub = if path.is_empty() {
-            k.clone()
-        } else {
-            format!("{path}.{k}")
-        };
+        let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
         match (kv, v) {
             (Value::Table(kt), Value::Table(vt)) => {
-                let Some(Value::Table(dt)) = dst.get_mut(k) else {
-                    unreachable!("dst mirrors known")
-                };
+                let Some(Value::Table(dt)) = dst.get_mut(k) else { unreachable!("dst mirrors known") };
                 merge(dt, vt, kt, &sub)?;
             }
             (Value::Table(_), _) => {
@@ -344,23 +301,15 @@ fn set_path(table: &mut Table, known: &Table, key: &str, value: Value) -> Result
         };
         if i + 1 == parts.len() {
             if kv.is_table() {
-                return Err(TrainError::Config(format!(
-                    "--set {key}: `{key}` is a section; set one of its keys"
-                )));
+                return Err(TrainError::Config(format!("--set {key}: `{key}` is a section; set one of its keys")));
             }
             dst.insert(part.to_string(), coerce(kv, value));
             return Ok(());
         }
         let (Value::Table(kt), Some(Value::Table(dt))) = (kv, dst.get_mut(*part)) else {
-            return Err(TrainError::Config(format!(
-                "--set {key}: `{part}` has no keys below it"
-            )));
+            return Err(TrainError::Config(format!("--set {key}: `{part}` has no keys below it")));
         };
-        path = if path.is_empty() {
-            part.to_string()
-        } else {
-            format!("{path}.{part}")
-        };
+        path = if path.is_empty() { part.to_string() } else { format!("{path}.{part}") };
         dst = dt;
         kn = kt;
     }
@@ -382,11 +331,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + (ca != *cb) as usize)
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
+            cur.push((prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1));
         }
         prev = cur;
     }
@@ -414,11 +359,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ws-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("run.toml");
-        std::fs::write(
-            &file,
-            "preset = \"small\"\n[train]\nlr = 1\nsteps = 7\n[model]\nn_layer = 2\n",
-        )
-        .unwrap();
+        std::fs::write(&file, "preset = \"small\"\n[train]\nlr = 1\nsteps = 7\n[model]\nn_layer = 2\n").unwrap();
         let sets = vec!["train.steps=9".to_string(), "data.path=x.txt".to_string()];
         let c = RunConfig::resolve(Some(&file), &sets).unwrap();
         assert_eq!(c.model.n_embd, 768, "from the small preset");
@@ -433,16 +374,10 @@ mod tests {
     #[test]
     fn unknown_and_mistyped_keys_are_one_line_errors() {
         let e = err(None, &["train.lrr=1"]);
-        assert!(
-            e.contains("unknown config key `train.lrr`") && e.contains("did you mean `train.lr`"),
-            "{e}"
-        );
+        assert!(e.contains("unknown config key `train.lrr`") && e.contains("did you mean `train.lr`"), "{e}");
         assert!(!e.contains('\n'));
         let e = err(None, &["trian.lr=1"]);
-        assert!(
-            e.contains("`trian`") && e.contains("did you mean `train`"),
-            "{e}"
-        );
+        assert!(e.contains("`trian`") && e.contains("did you mean `train`"), "{e}");
         let e = err(None, &["train.steps=lots"]);
         assert!(e.contains("steps") && !e.contains('\n'), "{e}");
         let e = err(None, &["preset=huge"]);

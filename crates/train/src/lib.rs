@@ -42,10 +42,6 @@ pub enum TrainError {
 
 impl TrainError {
     pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> TrainError {
-        TrainError::Io {
-            what,
-            path: path.into(),
-            source,
-        }
+        TrainError::Io { what, path: path.into(), source }
     }
 }

@@ -31,31 +31,24 @@ impl MetricsWriter {
             .append(true)
             .open(path)
             .map_err(|e| TrainError::io("cannot open metrics file", path, e))?;
-        Ok(MetricsWriter {
-            path: path.into(),
-            file,
-        })
+        Ok(MetricsWriter { path: path.into(), file })
     }
 
     pub fn write(&mut self, r: &Record) -> Result<(), TrainError> {
         let mut line = serde_json::to_vec(r).expect("json");
         line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .map_err(|e| TrainError::io("cannot write metrics", &self.path, e))
+        self.file.write_all(&line).map_err(|e| TrainError::io("cannot write metrics", &self.path, e))
     }
 }
 
 /// Reads a metrics file back (for the plot and for tests).
 pub fn read(path: &Path) -> Result<Vec<Record>, TrainError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TrainError::io("cannot read metrics", path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("cannot read metrics", path, e))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            serde_json::from_str(l).map_err(|e| {
-                TrainError::Config(format!("metrics {}: bad line: {e}", path.display()))
-            })
+            serde_json::from_str(l)
+                .map_err(|e| TrainError::Config(format!("metrics {}: bad line: {e}", path.display())))
         })
         .collect()
 }

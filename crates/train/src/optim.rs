@@ -38,10 +38,7 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(spec: &ModelSpec) -> AdamW {
-        AdamW {
-            m: Params::zeros(spec),
-            v: Params::zeros(spec),
-        }
+        AdamW { m: Params::zeros(spec), v: Params::zeros(spec) }
     }
 
     /// One update of every tensor; `t` is the 1-based step number. Returns
@@ -63,21 +60,11 @@ impl AdamW {
                 beta1: cfg.beta1 as f32,
                 beta2: cfg.beta2 as f32,
                 eps: cfg.eps as f32,
-                weight_decay: if ts.decay {
-                    cfg.weight_decay as f32
-                } else {
-                    0.0
-                },
+                weight_decay: if ts.decay { cfg.weight_decay as f32 } else { 0.0 },
                 t,
                 grad_scale,
             };
-            adamw_update(
-                &mut params.tensors[i],
-                &grads.tensors[i],
-                &mut self.m.tensors[i],
-                &mut self.v.tensors[i],
-                s,
-            );
+            adamw_update(&mut params.tensors[i], &grads.tensors[i], &mut self.m.tensors[i], &mut self.v.tensors[i], s);
         }
         norm
     }
@@ -98,10 +85,7 @@ mod tests {
         assert!((learning_rate(&t, 0) - 1.0 / 11.0).abs() < 1e-12);
         assert!((learning_rate(&t, 9) - 10.0 / 11.0).abs() < 1e-12);
         assert!((learning_rate(&t, 10) - 1.0).abs() < 1e-12);
-        assert!(
-            (learning_rate(&t, 55) - 0.55).abs() < 1e-12,
-            "halfway down the cosine"
-        );
+        assert!((learning_rate(&t, 55) - 0.55).abs() < 1e-12, "halfway down the cosine");
         assert!(learning_rate(&t, 99) > 0.1 && learning_rate(&t, 99) < 0.101);
         assert_eq!(learning_rate(&t, 100), 0.1);
         let lrs: Vec<f64> = (10..100).map(|s| learning_rate(&t, s)).collect();

@@ -33,19 +33,10 @@ fn nice_step(range: f64, ticks: usize) -> f64 {
 
 /// Renders train loss (a line) and validation loss (points and a line).
 pub fn loss_svg(records: &[Record], title: &str) -> String {
-    let train: Vec<(f64, f64)> = records
-        .iter()
-        .filter(|r| r.train_loss.is_finite())
-        .map(|r| (r.step as f64, r.train_loss))
-        .collect();
-    let val: Vec<(f64, f64)> = records
-        .iter()
-        .filter_map(|r| {
-            r.val_loss
-                .filter(|v| v.is_finite())
-                .map(|v| (r.step as f64, v))
-        })
-        .collect();
+    let train: Vec<(f64, f64)> =
+        records.iter().filter(|r| r.train_loss.is_finite()).map(|r| (r.step as f64, r.train_loss)).collect();
+    let val: Vec<(f64, f64)> =
+        records.iter().filter_map(|r| r.val_loss.filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect();
     let all = train.iter().chain(&val);
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in all {
@@ -73,12 +64,7 @@ pub fn loss_svg(records: &[Record], title: &str) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
-        W / 2.0,
-        escape(title)
-    );
+    let _ = writeln!(s, r#"<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#, W / 2.0, escape(title));
     let ystep = nice_step(y1 - y0, 6);
     let mut y = (y0 / ystep).ceil() * ystep;
     while y <= y1 {
@@ -96,13 +82,8 @@ pub fn loss_svg(records: &[Record], title: &str) -> String {
     let xstep = nice_step(x1 - x0, 8).max(1.0);
     let mut x = (x0 / xstep).ceil() * xstep;
     while x <= x1 {
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            sx(x),
-            H - BOTTOM + 16.0,
-            x as u64
-        );
+        let _ =
+            writeln!(s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, sx(x), H - BOTTOM + 16.0, x as u64);
         x += xstep;
     }
     let _ = writeln!(
@@ -111,40 +92,19 @@ pub fn loss_svg(records: &[Record], title: &str) -> String {
         W - LEFT - RIGHT,
         H - TOP - BOTTOM
     );
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#,
-        (LEFT + W - RIGHT) / 2.0,
-        H - 10.0
-    );
+    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#, (LEFT + W - RIGHT) / 2.0, H - 10.0);
     let _ = writeln!(
         s,
         r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {0})">loss</text>"#,
         (TOP + H - BOTTOM) / 2.0
     );
     let line = |pts: &[(f64, f64)]| {
-        pts.iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect::<Vec<_>>()
-            .join(" ")
+        pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect::<Vec<_>>().join(" ")
     };
-    let _ = writeln!(
-        s,
-        r##"<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{}"/>"##,
-        line(&train)
-    );
-    let _ = writeln!(
-        s,
-        r##"<polyline fill="none" stroke="#d62728" stroke-width="1.5" points="{}"/>"##,
-        line(&val)
-    );
+    let _ = writeln!(s, r##"<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{}"/>"##, line(&train));
+    let _ = writeln!(s, r##"<polyline fill="none" stroke="#d62728" stroke-width="1.5" points="{}"/>"##, line(&val));
     for &(x, y) in &val {
-        let _ = writeln!(
-            s,
-            r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#d62728"/>"##,
-            sx(x),
-            sy(y)
-        );
+        let _ = writeln!(s, r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#d62728"/>"##, sx(x), sy(y));
     }
     let lx = W - RIGHT - 150.0;
     let _ = writeln!(
@@ -173,14 +133,11 @@ fn fmt_tick(v: f64, step: f64) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 pub fn write_loss_svg(path: &Path, records: &[Record], title: &str) -> Result<(), TrainError> {
-    std::fs::write(path, loss_svg(records, title))
-        .map_err(|e| TrainError::io("cannot write plot", path, e))
+    std::fs::write(path, loss_svg(records, title)).map_err(|e| TrainError::io("cannot write plot", path, e))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use crate::{plot, TrainError};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ws_data::{sample_batch, Split};
+use ws_kernels::Precision;
 use ws_model::{ModelSpec, Params, Workspace};
 
 /// [`ws_kernels::Rng::for_stream`] stream ids of the data sampler.
@@ -55,7 +56,8 @@ impl Trainer {
     }
 
     pub fn with_params(config: RunConfig, spec: ModelSpec, params: Params) -> Trainer {
-        let workspace = Workspace::new(&spec, config.micro_batch(), config.seq_len());
+        let mut workspace = Workspace::new(&spec, config.micro_batch(), config.seq_len());
+        workspace.set_precision(Precision::parse(&config.train.precision).expect("validated precision"));
         Trainer {
             grads: Params::zeros(&spec),
             optimizer: AdamW::new(&spec),
@@ -75,12 +77,7 @@ impl Trainer {
         let (t, mb) = (self.config.seq_len(), self.config.micro_batch());
         let b = inputs.len() / t;
         assert_eq!(b % mb, 0);
-        let (spec, ws, params, grads) = (
-            &self.spec,
-            &mut self.workspace,
-            &self.params,
-            &mut self.grads,
-        );
+        let (spec, ws, params, grads) = (&self.spec, &mut self.workspace, &self.params, &mut self.grads);
         let layers = spec.layer_count();
         let dloss_scale = 1.0 / (b * t) as f32;
         let mut loss_sum = 0f64;
@@ -91,25 +88,10 @@ impl Trainer {
                 ws.forward(spec, l, &params.layer(spec, l), x, mb, t);
             }
             let head = layers - 1;
-            loss_sum += ws.head(
-                spec,
-                &params.layer(spec, head),
-                Some(&mut grads.layer_mut(spec, head)),
-                y,
-                mb,
-                t,
-                dloss_scale,
-            );
+            loss_sum +=
+                ws.head(spec, &params.layer(spec, head), Some(&mut grads.layer_mut(spec, head)), y, mb, t, dloss_scale);
             for l in (0..layers - 1).rev() {
-                ws.backward(
-                    spec,
-                    l,
-                    &params.layer(spec, l),
-                    &mut grads.layer_mut(spec, l),
-                    x,
-                    mb,
-                    t,
-                );
+                ws.backward(spec, l, &params.layer(spec, l), &mut grads.layer_mut(spec, l), x, mb, t);
             }
         }
         loss_sum / (b * t) as f64
@@ -119,26 +101,11 @@ impl Trainer {
     pub fn train_step(&mut self, train: &[u16]) -> StepStats {
         let start = Instant::now();
         let (b, t) = (self.config.train.batch_size, self.config.seq_len());
-        let (mut inputs, mut targets) = (
-            std::mem::take(&mut self.inputs),
-            std::mem::take(&mut self.targets),
-        );
-        sample_batch(
-            train,
-            b,
-            t,
-            self.config.train.seed,
-            TRAIN_STREAM,
-            self.step,
-            &mut inputs,
-            &mut targets,
-        );
+        let (mut inputs, mut targets) = (std::mem::take(&mut self.inputs), std::mem::take(&mut self.targets));
+        sample_batch(train, b, t, self.config.train.seed, TRAIN_STREAM, self.step, &mut inputs, &mut targets);
         let stats = self.step_on(&inputs, &targets);
         (self.inputs, self.targets) = (inputs, targets);
-        StepStats {
-            seconds: start.elapsed().as_secs_f64(),
-            ..stats
-        }
+        StepStats { seconds: start.elapsed().as_secs_f64(), ..stats }
     }
 
     /// One optimizer step on the given batch (B*T inputs and targets).
@@ -147,23 +114,10 @@ impl Trainer {
         let lr = learning_rate(&self.config.train, self.step);
         self.grads.fill(0.0);
         let loss = self.accumulate_gradients(inputs, targets);
-        let grad_norm = self.optimizer.step(
-            &self.spec,
-            &mut self.params,
-            &self.grads,
-            &self.config.train,
-            lr,
-            self.step + 1,
-        );
+        let grad_norm =
+            self.optimizer.step(&self.spec, &mut self.params, &self.grads, &self.config.train, lr, self.step + 1);
         self.step += 1;
-        StepStats {
-            step: self.step,
-            loss,
-            lr,
-            grad_norm,
-            tokens: inputs.len(),
-            seconds: start.elapsed().as_secs_f64(),
-        }
+        StepStats { step: self.step, loss, lr, grad_norm, tokens: inputs.len(), seconds: start.elapsed().as_secs_f64() }
     }
 
     /// Mean loss over `batches` batches sampled from `tokens` (the same
@@ -175,39 +129,18 @@ impl Trainer {
         let (mut inputs, mut targets) = (Vec::new(), Vec::new());
         let mut sum = 0f64;
         for i in 0..batches {
-            sample_batch(
-                tokens,
-                b,
-                t,
-                self.config.train.seed,
-                VAL_STREAM,
-                i as u64,
-                &mut inputs,
-                &mut targets,
-            );
+            sample_batch(tokens, b, t, self.config.train.seed, VAL_STREAM, i as u64, &mut inputs, &mut targets);
             for l in 0..layers - 1 {
                 ws.forward(spec, l, &params.layer(spec, l), &inputs, b, t);
             }
-            sum += ws.head(
-                spec,
-                &params.layer(spec, layers - 1),
-                None,
-                &targets,
-                b,
-                t,
-                0.0,
-            );
+            sum += ws.head(spec, &params.layer(spec, layers - 1), None, &targets, b, t, 0.0);
         }
         sum / (batches * b * t) as f64
     }
 
     pub fn save_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
         let run_toml = self.config.to_toml();
-        let state = TrainState {
-            step: self.step,
-            optimizer: &self.optimizer,
-            run_toml: &run_toml,
-        };
+        let state = TrainState { step: self.step, optimizer: &self.optimizer, run_toml: &run_toml };
         checkpoint::save(dir, &self.spec, &self.params, Some(state))
     }
 }
@@ -226,34 +159,21 @@ pub fn utc_stamp(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + (m <= 2) as i64;
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Creates the run directory (which must be new or empty) and returns it.
 pub fn prepare_run_dir(config: &mut RunConfig) -> Result<PathBuf, TrainError> {
     if config.run_dir.is_empty() {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         config.run_dir = format!("runs/{}-{}", config.preset, utc_stamp(secs));
     }
     let dir = PathBuf::from(&config.run_dir);
-    let fail = |problem: String| TrainError::RunDir {
-        path: dir.clone(),
-        problem,
-    };
+    let fail = |problem: String| TrainError::RunDir { path: dir.clone(), problem };
     if dir.exists() {
         let mut entries = std::fs::read_dir(&dir).map_err(|e| fail(format!("cannot read: {e}")))?;
         if entries.next().is_some() {
-            return Err(fail(
-                "already holds files; choose a new one with --set run_dir=PATH".into(),
-            ));
+            return Err(fail("already holds files; choose a new one with --set run_dir=PATH".into()));
         }
     }
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("cannot create: {e}")))?;
@@ -272,18 +192,13 @@ pub trait Progress {
 
 /// The whole `weightstream train` job: run directory, data, steps,
 /// evaluation, checkpoints, metrics and the plot. Returns the run directory.
-pub fn run(
-    mut config: RunConfig,
-    data: &Split,
-    progress: &mut dyn Progress,
-) -> Result<PathBuf, TrainError> {
+pub fn run(mut config: RunConfig, data: &Split, progress: &mut dyn Progress) -> Result<PathBuf, TrainError> {
     config.validate()?;
     ws_data::check_vocab(&data.train, config.model.vocab_size)?;
     ws_data::check_vocab(&data.val, config.model.vocab_size)?;
     let run_dir = prepare_run_dir(&mut config)?;
     let config_path = run_dir.join("config.toml");
-    std::fs::write(&config_path, config.to_toml())
-        .map_err(|e| TrainError::io("cannot write", &config_path, e))?;
+    std::fs::write(&config_path, config.to_toml()).map_err(|e| TrainError::io("cannot write", &config_path, e))?;
     let mut metrics = MetricsWriter::create(&run_dir.join("metrics.jsonl"))?;
     let mut trainer = Trainer::new(config.clone())?;
     progress.started(&trainer, &run_dir);
@@ -316,11 +231,7 @@ pub fn run(
             let dir = checkpoint::dir_for_step(&run_dir, stats.step);
             trainer.save_checkpoint(&dir)?;
             progress.message(&format!("checkpoint {}", dir.display()));
-            plot::write_loss_svg(
-                &run_dir.join("loss.svg"),
-                &records,
-                &format!("weightstream {}", config.preset),
-            )?;
+            plot::write_loss_svg(&run_dir.join("loss.svg"), &records, &format!("weightstream {}", config.preset))?;
         }
     }
     Ok(run_dir)
