@@ -81,6 +81,14 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
+/// Peak resident set size of this process so far, MiB.
+pub fn peak_rss_mb() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage.ru_maxrss as f64 / 1024.0
+}
+
 fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
@@ -173,7 +181,7 @@ fn bench_train(
             "step_ms": round(step_s * 1e3), "tokens_per_s": round(tokens_per_s),
             "model_gflops": round(model_gflops), "gemm_peak_gflops": round(peak),
             "fraction_of_gemm_peak": round(model_gflops / peak * 100.0) / 100.0,
-            "threads": pool_threads(),
+            "threads": pool_threads(), "peak_rss_mb": round(peak_rss_mb()),
         })
     );
     Ok(())
