@@ -7,7 +7,8 @@ use std::time::Instant;
 use ws_data::{eval_windows, load_tokens, window, Tokenizer};
 use ws_kernels::Rng;
 use ws_model::Workspace;
-use ws_train::trainer::{Progress, StepStats, Trainer};
+use ws_train::trainer::{Progress, StepStats};
+use ws_train::Engine;
 use ws_train::{checkpoint, RunConfig, TrainError};
 
 pub type Result<T> = std::result::Result<T, TrainError>;
@@ -27,16 +28,17 @@ struct Bar {
 }
 
 impl Progress for Bar {
-    fn started(&mut self, trainer: &Trainer, run_dir: &Path) {
-        let c = &trainer.config;
+    fn started(&mut self, engine: &dyn Engine, run_dir: &Path) {
+        let c = engine.config();
         let msg = format!(
-            "run {} | preset {} | {:.1}M parameters | batch {} x {} tokens | {} steps | {} threads",
+            "run {} | preset {} | {:.1}M parameters | batch {} x {} tokens | {} steps | {} | {} threads",
             run_dir.display(),
             c.preset,
-            trainer.spec.parameter_count() as f64 / 1e6,
+            engine.spec().parameter_count() as f64 / 1e6,
             c.train.batch_size,
             c.seq_len(),
             c.train.steps,
+            c.stream.mode,
             rayon::current_num_threads()
         );
         self.bar.println(msg.clone());
@@ -66,8 +68,21 @@ impl Progress for Bar {
     }
 }
 
-pub fn train(config_file: Option<&Path>, sets: &[String]) -> Result<()> {
-    let config = RunConfig::resolve(config_file, sets)?;
+pub fn train(config_file: Option<&Path>, sets: &[String], resume: Option<&Path>) -> Result<()> {
+    let config = match resume {
+        None => RunConfig::resolve(config_file, sets)?,
+        Some(run_dir) => {
+            if config_file.is_some() {
+                return Err(TrainError::Config("--resume takes the run's own configuration; drop --config".into()));
+            }
+            let ckpt = run_dir.join("checkpoint");
+            let manifest = ws_store::read_manifest(&ckpt).map_err(|e| TrainError::RunDir {
+                path: run_dir.into(),
+                problem: format!("no checkpoint to resume from ({e})"),
+            })?;
+            RunConfig::resolve_text(&manifest.run_toml, sets)?
+        }
+    };
     set_threads(config.train.threads);
     let cache = (!config.data.cache_dir.is_empty()).then(|| PathBuf::from(&config.data.cache_dir));
     let tokens = load_tokens(Path::new(&config.data.path), cache.as_deref())?;
@@ -83,7 +98,10 @@ pub fn train(config_file: Option<&Path>, sets: &[String]) -> Result<()> {
             .progress_chars("=> "),
     );
     let mut progress = Bar { bar, tty, started: Instant::now(), tokens: 0, last_print: Instant::now() };
-    let run_dir = ws_train::trainer::run(config, &split, &mut progress)?;
+    let run_dir = match resume {
+        None => ws_train::trainer::run(config, &split, &mut progress)?,
+        Some(run_dir) => ws_train::trainer::resume(run_dir, sets, &split, &mut progress)?,
+    };
     progress.bar.finish();
     let records = ws_train::metrics::read(&run_dir.join("metrics.jsonl"))?;
     let first = records.first().map(|r| r.train_loss).unwrap_or(f64::NAN);
@@ -210,4 +228,25 @@ fn sample(logits: &[f32], temperature: f64, top_k: usize, rng: &mut Rng) -> u32 
         u -= w;
     }
     argmax as u32
+}
+
+pub fn export(run: &Path, out: &Path) -> Result<()> {
+    let ckpt = if run.join("checkpoint").join(ws_store::MANIFEST).is_file() {
+        run.join("checkpoint")
+    } else {
+        run.to_path_buf()
+    };
+    let manifest = ws_store::read_manifest(&ckpt).map_err(|e| TrainError::Config(e.to_string()))?;
+    let config = RunConfig::resolve_text(&manifest.run_toml, &[])?;
+    let spec = ws_model::ModelSpec::new(config.model);
+    let tmp = std::env::temp_dir().join(format!("ws-export-{}", std::process::id()));
+    let opt = ws_train::stream::optimizer_config(&config);
+    let (mut store, _) = ws_store::Store::restore(&spec, &ckpt, &tmp, u64::MAX, opt, 1)
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let (params, _, _) = store.snapshot().map_err(|e| TrainError::Config(e.to_string()))?;
+    drop(store);
+    let _ = std::fs::remove_dir_all(&tmp);
+    checkpoint::save(out, &spec, &params, None)?;
+    println!("exported step {} to {}", manifest.step, out.display());
+    Ok(())
 }

@@ -32,6 +32,20 @@ enum Command {
         /// Override one key, e.g. --set train.steps=500 --set preset=small (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Continue the run in this directory from its last checkpoint (same
+        /// configuration and data order; --set may change e.g. train.steps).
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+    },
+    /// Write the Hugging Face checkpoint (model.safetensors, config.json) of a
+    /// run's store checkpoint.
+    Export {
+        /// A run directory (its checkpoint/) or a store checkpoint directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// The new checkpoint directory.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Mean next-token cross-entropy of a checkpoint over a token or text file.
     Eval {
@@ -101,7 +115,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, set } => commands::train(config.as_deref(), &set),
+        Command::Train { config, set, resume } => commands::train(config.as_deref(), &set, resume.as_deref()),
+        Command::Export { run, out } => commands::export(&run, &out),
         Command::Eval { checkpoint, data, batch, seq } => commands::eval(&checkpoint, &data, batch, seq),
         Command::Generate { checkpoint, prompt, tokens, temperature, top_k, seed } => {
             commands::generate(&checkpoint, &prompt, tokens, temperature, top_k, seed)

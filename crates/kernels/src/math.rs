@@ -110,6 +110,13 @@ pub fn centered_sum_sq(x: &[f32], mean: f32) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
 }
 
+/// Sum of squares in f64, element by element in order: the gradient norm's
+/// definition, shared by every place that computes it so that they agree
+/// bit for bit.
+pub fn sum_of_squares_f64(x: &[f32]) -> f64 {
+    x.iter().map(|&v| v as f64 * v as f64).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

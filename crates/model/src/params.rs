@@ -10,6 +10,18 @@ use ws_kernels::Rng;
 /// Stream id of weight initialisation in [`Rng::for_stream`].
 const INIT_STREAM: u64 = 1;
 
+/// Initialises tensor `i` of `spec` into `out` (see [`Params::init`]); one
+/// tensor at a time, so a store can initialise a model larger than memory.
+pub fn init_tensor(spec: &ModelSpec, i: usize, seed: u64, out: &mut [f32]) {
+    let t = &spec.tensors[i];
+    assert_eq!(out.len(), t.numel());
+    match t.init_std {
+        Some(std) => Rng::for_stream(seed, INIT_STREAM, i as u64).fill_normal(out, 0.0, std),
+        None if t.is_layernorm_weight() => out.fill(1.0),
+        None => out.fill(0.0),
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Params {
     pub tensors: Vec<Vec<f32>>,
@@ -25,12 +37,8 @@ impl Params {
     /// one, biases zero. Each tensor draws from its own seeded stream.
     pub fn init(spec: &ModelSpec, seed: u64) -> Params {
         let mut p = Params::zeros(spec);
-        for (i, (t, data)) in spec.tensors.iter().zip(p.tensors.iter_mut()).enumerate() {
-            match t.init_std {
-                Some(std) => Rng::for_stream(seed, INIT_STREAM, i as u64).fill_normal(data, 0.0, std),
-                None if t.is_layernorm_weight() => data.fill(1.0),
-                None => data.fill(0.0),
-            }
+        for (i, data) in p.tensors.iter_mut().enumerate() {
+            init_tensor(spec, i, seed, data);
         }
         p
     }

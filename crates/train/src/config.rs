@@ -24,7 +24,42 @@ pub struct RunConfig {
     pub model: Gpt2Config,
     pub train: TrainSection,
     pub data: DataSection,
+    pub stream: StreamSection,
+    pub store: StoreSection,
+    pub worker: WorkerSection,
 }
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSection {
+    /// "streaming": weights live in the store and stream to the worker layer
+    /// by layer; "resident": every weight held by one process (the baseline).
+    pub mode: String,
+    /// Layers in flight beyond the one computing (at most `PREFETCH_DEPTH_MAX`).
+    pub prefetch_depth: usize,
+    /// Streamed weights: "fp32" or "bf16" (master weights stay fp32).
+    pub dtype: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// DRAM budget of the store in bytes; 0: use dram_fraction.
+    pub dram_bytes: u64,
+    /// DRAM budget as a fraction of the model state (16 bytes per parameter).
+    pub dram_fraction: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    /// Worker memory budget (weights in flight, activations, workspace) in
+    /// bytes; 0: no limit. The batch is split into micro-batches to fit.
+    pub memory_bytes: u64,
+}
+
+/// Named limit on `stream.prefetch_depth`.
+pub const PREFETCH_DEPTH_MAX: usize = 16;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,7 +157,16 @@ impl RunConfig {
                 )))
             }
         };
-        Ok(RunConfig { preset: name.into(), run_dir: String::new(), model, train, data })
+        Ok(RunConfig {
+            preset: name.into(),
+            run_dir: String::new(),
+            model,
+            train,
+            data,
+            stream: StreamSection { mode: "streaming".into(), prefetch_depth: 2, dtype: "fp32".into() },
+            store: StoreSection { dram_bytes: 0, dram_fraction: 1.0 },
+            worker: WorkerSection { memory_bytes: 0 },
+        })
     }
 
     /// Resolves preset, file and overrides. The preset is taken from the last
@@ -138,6 +182,18 @@ impl RunConfig {
             }
             None => Table::new(),
         };
+        RunConfig::resolve_table(file_table, overrides)
+    }
+
+    /// A saved configuration (a run's `config.toml`) with `--set` overrides.
+    pub fn resolve_text(text: &str, overrides: &[String]) -> Result<RunConfig, TrainError> {
+        let table = text
+            .parse::<Table>()
+            .map_err(|e| TrainError::Config(format!("saved configuration: {}", one_line(&e.to_string()))))?;
+        RunConfig::resolve_table(table, overrides)
+    }
+
+    fn resolve_table(file_table: Table, overrides: &[String]) -> Result<RunConfig, TrainError> {
         let mut sets = Vec::new();
         for o in overrides {
             let (key, value) = o.split_once('=').ok_or_else(|| {
@@ -220,6 +276,19 @@ impl RunConfig {
                 .map_err(|e| TrainError::Config(format!("train.precision = \"bf16\": {e}")))?,
             Some(ws_kernels::Precision::Fp32) => {}
             None => return bad(format!("train.precision `{}` is not one of fp32, bf16", t.precision)),
+        }
+        let st = &self.stream;
+        if st.mode != "streaming" && st.mode != "resident" {
+            return bad(format!("stream.mode `{}` is not one of streaming, resident", st.mode));
+        }
+        if st.prefetch_depth > PREFETCH_DEPTH_MAX {
+            return bad(format!("stream.prefetch_depth {} is above its limit {PREFETCH_DEPTH_MAX}", st.prefetch_depth));
+        }
+        if ws_kernels::Precision::parse(&st.dtype).is_none() {
+            return bad(format!("stream.dtype `{}` is not one of fp32, bf16", st.dtype));
+        }
+        if !(self.store.dram_fraction > 0.0 && self.store.dram_fraction <= 1.0) {
+            return bad(format!("store.dram_fraction must be in (0, 1] (got {})", self.store.dram_fraction));
         }
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             return bad(format!("data.val_fraction must be between 0 and 1 (got {})", self.data.val_fraction));

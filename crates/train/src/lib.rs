@@ -12,10 +12,12 @@ pub mod config;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod schedule;
+pub mod stream;
 pub mod trainer;
 
 pub use config::RunConfig;
-pub use trainer::{StepStats, Trainer};
+pub use trainer::{Engine, StepStats, Trainer};
 
 use std::path::PathBuf;
 

@@ -20,15 +20,7 @@ pub fn learning_rate(t: &TrainSection, step: u64) -> f64 {
     t.min_lr + coeff * (t.lr - t.min_lr)
 }
 
-/// The factor that scales the gradient to norm `max_norm`, as
-/// `torch.nn.utils.clip_grad_norm_` computes it (1 when not clipping).
-pub fn clip_factor(grad_norm: f64, max_norm: f64) -> f32 {
-    if max_norm <= 0.0 {
-        return 1.0;
-    }
-    let coef = max_norm / (grad_norm + 1e-6);
-    coef.min(1.0) as f32
-}
+pub use ws_store::clip_factor;
 
 /// AdamW moments of a resident run.
 pub struct AdamW {

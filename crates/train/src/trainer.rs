@@ -1,16 +1,21 @@
 //! The resident trainer: every weight, gradient and AdamW moment held in this
-//! process. It is the baseline the streaming executor must equal bit for bit,
-//! and the engine behind `weightstream train` until streaming lands.
+//! process. It is the baseline the streaming executor ([`crate::stream`])
+//! must equal bit for bit; and the run loop of `weightstream train` over
+//! either [`Engine`].
 //!
 //! One step: sample the global batch (a pure function of seed and step, so a
 //! resumed run sees the same data), split it into micro-batches, and for
 //! each run forward over layers 0..L-1, the head, and backward over
-//! L-2..0 with gradients accumulating; then clip and update.
+//! L-2..0; then clip and update. A layer's gradient for one micro-batch is
+//! computed into a zeroed buffer and added to the accumulator, exactly as
+//! the store adds what a worker sends (a tensor's first contribution is
+//! computed in place, which is the same thing: the accumulator is zero).
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::metrics::{MetricsWriter, Record};
 use crate::optim::{learning_rate, AdamW};
+use crate::stream::{self, StreamingTrainer};
 use crate::{plot, TrainError};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,6 +36,20 @@ pub struct StepStats {
     pub grad_norm: f64,
     pub tokens: usize,
     pub seconds: f64,
+}
+
+/// What the run loop drives: the resident trainer or the streaming one.
+pub trait Engine {
+    /// Steps completed.
+    fn step(&self) -> u64;
+    fn spec(&self) -> &ModelSpec;
+    fn config(&self) -> &RunConfig;
+    fn train_step(&mut self, train: &[u16]) -> Result<StepStats, TrainError>;
+    fn evaluate(&mut self, tokens: &[u16], batches: usize) -> Result<f64, TrainError>;
+    /// Writes a resumable checkpoint under `run_dir`; returns its directory.
+    fn checkpoint(&mut self, run_dir: &Path) -> Result<PathBuf, TrainError>;
+    /// The current weights, every tensor.
+    fn params(&mut self) -> Result<Params, TrainError>;
 }
 
 pub struct Trainer {
@@ -71,7 +90,7 @@ impl Trainer {
         }
     }
 
-    /// Forward and backward of one batch already in `inputs`/`targets`,
+    /// Forward and backward of one batch (B*T inputs and targets),
     /// accumulating gradients; returns the mean loss.
     pub fn accumulate_gradients(&mut self, inputs: &[u32], targets: &[u32]) -> f64 {
         let (t, mb) = (self.config.seq_len(), self.config.micro_batch());
@@ -80,7 +99,46 @@ impl Trainer {
         let (spec, ws, params, grads) = (&self.spec, &mut self.workspace, &self.params, &mut self.grads);
         let layers = spec.layer_count();
         let dloss_scale = 1.0 / (b * t) as f32;
+        let mut touched = vec![false; spec.tensors.len()];
+        let mut scratch: Vec<Vec<f32>> = vec![Vec::new(); spec.tensors.len()];
         let mut loss_sum = 0f64;
+        // Gradient slices for layer `l`: the accumulator where it is still
+        // untouched this step, else a zeroed scratch buffer added afterwards.
+        fn with_grads(
+            spec: &ModelSpec,
+            l: usize,
+            grads: &mut Params,
+            touched: &mut [bool],
+            scratch: &mut [Vec<f32>],
+            f: impl FnOnce(&mut [&mut [f32]]),
+        ) {
+            let ids = &spec.layers[l].tensors;
+            for &i in ids {
+                if touched[i] {
+                    scratch[i].clear();
+                    scratch[i].resize(spec.tensors[i].numel(), 0.0);
+                }
+            }
+            {
+                let mut acc = grads.layer_mut(spec, l);
+                let mut slices: Vec<&mut [f32]> = Vec::with_capacity(ids.len());
+                let mut scratch_refs: Vec<Option<&mut Vec<f32>>> = scratch.iter_mut().map(Some).collect();
+                for (a, &i) in acc.iter_mut().zip(ids) {
+                    if touched[i] {
+                        slices.push(scratch_refs[i].take().expect("each tensor once").as_mut_slice());
+                    } else {
+                        slices.push(std::mem::take(a));
+                    }
+                }
+                f(&mut slices);
+            }
+            for &i in ids {
+                if touched[i] {
+                    ws_kernels::parallel::add_inplace(&mut grads.tensors[i], &scratch[i]);
+                }
+                touched[i] = true;
+            }
+        }
         for m in 0..b / mb {
             let x = &inputs[m * mb * t..(m + 1) * mb * t];
             let y = &targets[m * mb * t..(m + 1) * mb * t];
@@ -88,10 +146,13 @@ impl Trainer {
                 ws.forward(spec, l, &params.layer(spec, l), x, mb, t);
             }
             let head = layers - 1;
-            loss_sum +=
-                ws.head(spec, &params.layer(spec, head), Some(&mut grads.layer_mut(spec, head)), y, mb, t, dloss_scale);
+            with_grads(spec, head, grads, &mut touched, &mut scratch, |g| {
+                loss_sum += ws.head(spec, &params.layer(spec, head), Some(g), y, mb, t, dloss_scale);
+            });
             for l in (0..layers - 1).rev() {
-                ws.backward(spec, l, &params.layer(spec, l), &mut grads.layer_mut(spec, l), x, mb, t);
+                with_grads(spec, l, grads, &mut touched, &mut scratch, |g| {
+                    ws.backward(spec, l, &params.layer(spec, l), g, x, mb, t);
+                });
             }
         }
         loss_sum / (b * t) as f64
@@ -145,6 +206,32 @@ impl Trainer {
     }
 }
 
+impl Engine for Trainer {
+    fn step(&self) -> u64 {
+        self.step
+    }
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+    fn config(&self) -> &RunConfig {
+        &self.config
+    }
+    fn train_step(&mut self, train: &[u16]) -> Result<StepStats, TrainError> {
+        Ok(Trainer::train_step(self, train))
+    }
+    fn evaluate(&mut self, tokens: &[u16], batches: usize) -> Result<f64, TrainError> {
+        Ok(Trainer::evaluate(self, tokens, batches))
+    }
+    fn checkpoint(&mut self, run_dir: &Path) -> Result<PathBuf, TrainError> {
+        let dir = checkpoint::dir_for_step(run_dir, self.step);
+        self.save_checkpoint(&dir)?;
+        Ok(dir)
+    }
+    fn params(&mut self) -> Result<Params, TrainError> {
+        Ok(self.params.clone())
+    }
+}
+
 /// Seconds since the epoch as `YYYYmmdd-HHMMSS` (UTC), for run names.
 pub fn utc_stamp(secs: u64) -> String {
     let days = (secs / 86400) as i64;
@@ -185,9 +272,38 @@ pub fn prepare_run_dir(config: &mut RunConfig) -> Result<PathBuf, TrainError> {
 
 /// What a training run reports as it goes.
 pub trait Progress {
-    fn started(&mut self, _trainer: &Trainer, _run_dir: &Path) {}
+    fn started(&mut self, _engine: &dyn Engine, _run_dir: &Path) {}
     fn step(&mut self, _stats: &StepStats, _val_loss: Option<f64>) {}
     fn message(&mut self, _text: &str) {}
+}
+
+/// Builds the engine the config asks for: a store in `run_dir/store` and a
+/// streaming worker, or the resident trainer. With `resume`, the store starts
+/// from the checkpoint in that directory.
+pub fn start_engine(config: &RunConfig, run_dir: &Path, resume: Option<&Path>) -> Result<Box<dyn Engine>, TrainError> {
+    let spec = ModelSpec::new(config.model);
+    if config.stream.mode == "resident" {
+        if resume.is_some() {
+            return Err(TrainError::Config(
+                "--resume needs stream.mode = \"streaming\" (the store checkpoints)".into(),
+            ));
+        }
+        return Ok(Box::new(Trainer::new(config.clone())?));
+    }
+    let mb = stream::choose_micro_batch(config, &spec)?;
+    let micro_batches = config.train.batch_size / mb;
+    let store_dir = run_dir.join("store");
+    let store = match resume {
+        None => stream::create_store(config, &spec, &store_dir, micro_batches)?,
+        Some(ckpt) => {
+            let budget = stream::dram_budget(config, &spec);
+            let opt = stream::optimizer_config(config);
+            ws_store::Store::restore(&spec, ckpt, &store_dir, budget, opt, micro_batches)
+                .map_err(|e| TrainError::Config(e.to_string()))?
+                .0
+        }
+    };
+    Ok(Box::new(StreamingTrainer::start(config.clone(), store)?))
 }
 
 /// The whole `weightstream train` job: run directory, data, steps,
@@ -199,13 +315,46 @@ pub fn run(mut config: RunConfig, data: &Split, progress: &mut dyn Progress) -> 
     let run_dir = prepare_run_dir(&mut config)?;
     let config_path = run_dir.join("config.toml");
     std::fs::write(&config_path, config.to_toml()).map_err(|e| TrainError::io("cannot write", &config_path, e))?;
+    let engine = start_engine(&config, &run_dir, None)?;
+    train_loop(engine, &config, data, &run_dir, progress)
+}
+
+/// Continues the run in `run_dir` from its last checkpoint: the same
+/// configuration (with `overrides`, e.g. more steps), the same data order.
+pub fn resume(
+    run_dir: &Path,
+    overrides: &[String],
+    data: &Split,
+    progress: &mut dyn Progress,
+) -> Result<PathBuf, TrainError> {
+    let ckpt = run_dir.join("checkpoint");
+    let manifest = ws_store::read_manifest(&ckpt).map_err(|e| TrainError::RunDir {
+        path: run_dir.into(),
+        problem: format!("no checkpoint to resume from ({e})"),
+    })?;
+    let mut config = RunConfig::resolve_text(&manifest.run_toml, overrides)?;
+    config.run_dir = run_dir.display().to_string();
+    ws_data::check_vocab(&data.train, config.model.vocab_size)?;
+    let engine = start_engine(&config, run_dir, Some(&ckpt))?;
+    progress.message(&format!("resuming {} at step {}", run_dir.display(), manifest.step));
+    train_loop(engine, &config, data, run_dir, progress)
+}
+
+fn train_loop(
+    mut engine: Box<dyn Engine>,
+    config: &RunConfig,
+    data: &Split,
+    run_dir: &Path,
+    progress: &mut dyn Progress,
+) -> Result<PathBuf, TrainError> {
     let mut metrics = MetricsWriter::create(&run_dir.join("metrics.jsonl"))?;
-    let mut trainer = Trainer::new(config.clone())?;
-    progress.started(&trainer, &run_dir);
+    progress.started(engine.as_ref(), run_dir);
     let tc = &config.train;
-    let mut records = Vec::new();
-    while trainer.step < tc.steps {
-        let stats = trainer.train_step(&data.train);
+    let mut records = crate::metrics::read(&run_dir.join("metrics.jsonl")).unwrap_or_default();
+    records.retain(|r| r.step <= engine.step());
+    let streaming = config.stream.mode == "streaming";
+    while engine.step() < tc.steps {
+        let stats = engine.train_step(&data.train)?;
         if !stats.loss.is_finite() {
             return Err(TrainError::Config(format!(
                 "training diverged at step {} (loss {}): lower train.lr or raise train.warmup_steps",
@@ -213,8 +362,11 @@ pub fn run(mut config: RunConfig, data: &Split, progress: &mut dyn Progress) -> 
             )));
         }
         let last = stats.step == tc.steps;
-        let val_loss = (last || (tc.eval_interval > 0 && stats.step % tc.eval_interval == 0))
-            .then(|| trainer.evaluate(&data.val, tc.eval_batches.max(1)));
+        let val_loss = if last || (tc.eval_interval > 0 && stats.step % tc.eval_interval == 0) {
+            Some(engine.evaluate(&data.val, tc.eval_batches.max(1))?)
+        } else {
+            None
+        };
         let record = Record {
             step: stats.step,
             train_loss: stats.loss,
@@ -228,13 +380,21 @@ pub fn run(mut config: RunConfig, data: &Split, progress: &mut dyn Progress) -> 
         records.push(record);
         progress.step(&stats, val_loss);
         if last || (tc.checkpoint_interval > 0 && stats.step % tc.checkpoint_interval == 0) {
-            let dir = checkpoint::dir_for_step(&run_dir, stats.step);
-            trainer.save_checkpoint(&dir)?;
-            progress.message(&format!("checkpoint {}", dir.display()));
+            let dir = engine.checkpoint(run_dir)?;
+            progress.message(&format!("checkpoint {} (step {})", dir.display(), stats.step));
             plot::write_loss_svg(&run_dir.join("loss.svg"), &records, &format!("weightstream {}", config.preset))?;
         }
     }
-    Ok(run_dir)
+    if streaming {
+        // The Hugging Face export of the final weights, beside the store checkpoint.
+        let dir = checkpoint::dir_for_step(run_dir, engine.step());
+        if !dir.exists() {
+            let params = engine.params()?;
+            checkpoint::save(&dir, engine.spec(), &params, None)?;
+            progress.message(&format!("exported {}", dir.display()));
+        }
+    }
+    Ok(run_dir.to_path_buf())
 }
 
 #[cfg(test)]

@@ -1,0 +1,159 @@
+//! Store checkpoints: a snapshot of every slab (weights and moments) at a
+//! step boundary, crash safe.
+//!
+//! Protocol: write each slab to a new file in a directory named for the
+//! step, fsync it; write the manifest (step, every slab's file, size and
+//! CRC32, and the run's configuration) to a temporary file, fsync, rename it
+//! over `manifest.json`, fsync the directory. Until that rename the previous
+//! manifest, and the files it lists, stay valid; after it the older step's
+//! files are removed. Loading verifies every slab against the manifest.
+
+use crate::{io, AlignedBuf, Layout, OptimizerConfig, Result, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use ws_model::ModelSpec;
+
+pub const MANIFEST: &str = "manifest.json";
+const FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlabEntry {
+    pub layer: usize,
+    /// Relative to the checkpoint directory.
+    pub file: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    /// Steps completed: the weights are version `step`.
+    pub step: u64,
+    pub slabs: Vec<SlabEntry>,
+    /// The resolved run configuration (TOML), so a resume needs nothing else.
+    pub run_toml: String,
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io("cannot fsync directory", dir))
+}
+
+fn bad(path: &Path, problem: impl Into<String>) -> StoreError {
+    StoreError::Checkpoint { path: path.to_path_buf(), problem: problem.into() }
+}
+
+/// Reads and checks the manifest of the checkpoint directory `dir`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read(&path).map_err(io("cannot read checkpoint manifest", &path))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| bad(&path, format!("invalid manifest: {e}")))?;
+    if m.format != FORMAT {
+        return Err(bad(&path, format!("manifest format {} is not {FORMAT}", m.format)));
+    }
+    Ok(m)
+}
+
+impl Store {
+    /// Writes a checkpoint of the current version into `dir` (see the
+    /// module header). Applies pending updates first.
+    pub fn checkpoint(&mut self, dir: &Path, run_toml: &str) -> Result<Manifest> {
+        self.flush()?;
+        let step = self.version;
+        let sub = format!("step-{step:08}");
+        let step_dir = dir.join(&sub);
+        let _ = std::fs::remove_dir_all(&step_dir);
+        std::fs::create_dir_all(&step_dir).map_err(io("cannot create directory", &step_dir))?;
+        let mut slabs = Vec::new();
+        for s in 0..self.layout.slab_params.len() {
+            let n = self.layout.slab_params[s];
+            let loaded;
+            let buf = match &self.slabs[s].dram {
+                Some(b) => b,
+                None => {
+                    loaded = self.read_slab(s)?;
+                    &loaded
+                }
+            };
+            // Weights and both moments; the gradient region is zero at a step boundary.
+            let mut bytes = Vec::with_capacity(12 * n);
+            for region in [0, 2, 3] {
+                for x in &buf[region * n..(region + 1) * n] {
+                    bytes.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+            let file = format!("{sub}/slab-{s:05}.bin");
+            let path = dir.join(&file);
+            let mut f = std::fs::File::create(&path).map_err(io("cannot create", &path))?;
+            f.write_all(&bytes).map_err(io("cannot write", &path))?;
+            f.sync_all().map_err(io("cannot fsync", &path))?;
+            slabs.push(SlabEntry { layer: s, file, bytes: bytes.len() as u64, crc32: crc32fast::hash(&bytes) });
+        }
+        fsync_dir(&step_dir)?;
+        let manifest = Manifest { format: FORMAT, step, slabs, run_toml: run_toml.to_string() };
+        let tmp = dir.join(format!("{MANIFEST}.tmp"));
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(io("cannot create", &tmp))?;
+            f.write_all(&serde_json::to_vec_pretty(&manifest).expect("json")).map_err(io("cannot write", &tmp))?;
+            f.sync_all().map_err(io("cannot fsync", &tmp))?;
+        }
+        std::fs::rename(&tmp, dir.join(MANIFEST)).map_err(io("cannot rename manifest into place", dir))?;
+        fsync_dir(dir)?;
+        // The new manifest is durable: older snapshots can go.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("step-") && name != sub {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// A store (in `store_dir`) holding the checkpoint in `dir`, every slab
+    /// verified against the manifest.
+    pub fn restore(
+        spec: &ModelSpec,
+        dir: &Path,
+        store_dir: &Path,
+        dram_budget: u64,
+        opt: OptimizerConfig,
+        micro_batches: usize,
+    ) -> Result<(Store, Manifest)> {
+        let manifest = read_manifest(dir)?;
+        let layout = Layout::new(spec);
+        if manifest.slabs.len() != layout.slab_params.len() {
+            return Err(bad(
+                dir,
+                format!("{} slabs for a model of {} layers", manifest.slabs.len(), layout.slab_params.len()),
+            ));
+        }
+        let store = Store::create_with(spec, manifest.step, store_dir, dram_budget, opt, micro_batches, |s, buf| {
+            let e = &manifest.slabs[s];
+            let n = layout.slab_params[s];
+            let path: PathBuf = dir.join(&e.file);
+            if e.layer != s || e.bytes != 12 * n as u64 {
+                return Err(bad(
+                    &path,
+                    format!("entry for layer {} of {} bytes; layer {s} needs {}", e.layer, e.bytes, 12 * n),
+                ));
+            }
+            let f = std::fs::File::open(&path).map_err(io("cannot open checkpoint slab", &path))?;
+            let mut bytes = AlignedBuf::zeroed(3 * n);
+            let raw = &mut bytes.as_bytes_mut()[..12 * n];
+            f.read_exact_at(raw, 0).map_err(io("cannot read checkpoint slab", &path))?;
+            let found = crc32fast::hash(raw);
+            if found != e.crc32 {
+                return Err(StoreError::Corrupt { path, layer: s, found, expected: e.crc32 });
+            }
+            let floats = &bytes[..3 * n];
+            buf[..n].copy_from_slice(&floats[..n]);
+            buf[2 * n..4 * n].copy_from_slice(&floats[n..3 * n]);
+            Ok(())
+        })?;
+        Ok((store, manifest))
+    }
+}

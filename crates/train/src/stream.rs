@@ -1,0 +1,538 @@
+//! The weight-streaming executor: a worker that holds no weights of its own
+//! and a store that holds them all, connected by channels (the interfaces
+//! the fabric will carry over the network).
+//!
+//! The store runs on its own thread. For each use of the schedule it reads
+//! the layer from its tiers into a free weight buffer and sends it; the
+//! worker computes, sends the gradients of head and backward uses up, and
+//! releases the buffer, which is the credit for the next fetch: with k+1
+//! buffers the worker never holds more than k+1 layers and the store runs up
+//! to k fetches ahead. Gradient buffers circulate the same way, k+1 of them.
+//! Every message names its step, use and layer, and both sides check them
+//! against the schedule (paired assertions).
+//!
+//! Gradients reach the store in schedule order and are added there in that
+//! order; each is computed into a zeroed buffer, which the resident trainer
+//! mirrors, so fp32 streaming gives the resident run's weights bit for bit.
+
+use crate::config::RunConfig;
+use crate::optim::learning_rate;
+use crate::schedule::{Pass, Schedule};
+use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
+use crate::TrainError;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use ws_data::sample_batch;
+use ws_kernels::bf16::{from_bf16, to_bf16};
+use ws_kernels::Precision;
+use ws_model::{ModelSpec, Params, Workspace};
+use ws_store::{Layout, Manifest, OptimizerConfig, Store};
+
+/// A layer's weights on the wire: its tensors in layer order.
+pub enum Weights {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+pub struct WeightMsg {
+    pub step: u64,
+    pub use_index: usize,
+    pub layer: usize,
+    /// The store's version of these weights (steps applied).
+    pub version: u64,
+    pub len: usize,
+    pub data: Weights,
+}
+
+pub enum ToStore {
+    /// A weight buffer back to the store: the credit for the next fetch.
+    Release(Weights),
+    Grads {
+        step: u64,
+        use_index: usize,
+        layer: usize,
+        len: usize,
+        data: Vec<f32>,
+    },
+}
+
+enum Control {
+    Train { step: u64, lr: f64 },
+    Eval { batches: usize },
+    Checkpoint { dir: PathBuf, run_toml: String },
+    Snapshot,
+}
+
+enum Reply {
+    StepDone { grad_norm: f64 },
+    EvalDone,
+    Checkpointed(Manifest),
+    Snapshot(Box<(Params, Params, Params)>),
+    Failed(String),
+}
+
+/// Where the store keeps its slabs and how much DRAM it may use.
+pub struct StoreSetup {
+    pub dir: PathBuf,
+    pub dram_bytes: u64,
+}
+
+/// Bytes of DRAM the whole model state (weights, gradients, two moments) takes in the store.
+pub fn model_state_bytes(spec: &ModelSpec) -> u64 {
+    16 * spec.parameter_count() as u64
+}
+
+/// Worker memory for a micro-batch of `mb` sequences: weights in flight and
+/// in use, gradient buffers, the bf16 decode buffer, activations.
+pub fn worker_bytes(spec: &ModelSpec, mb: usize, t: usize, prefetch_depth: usize, dtype: Precision) -> u64 {
+    let layout = Layout::new(spec);
+    let max_layer = (0..spec.layer_count()).map(|l| layout.layer_params(spec, l)).max().unwrap_or(0) as u64;
+    let buffers = (prefetch_depth as u64 + 1) * max_layer;
+    let weight_bytes = match dtype {
+        Precision::Fp32 => 4 * buffers,
+        Precision::Bf16 => 2 * buffers + 4 * max_layer,
+    };
+    weight_bytes + 4 * buffers + Workspace::bytes_for(spec, mb, t) as u64
+}
+
+/// The micro-batch size: the configured one, or else the largest divisor of
+/// the batch whose worker memory fits `worker.memory_bytes` (0: no limit).
+pub fn choose_micro_batch(config: &RunConfig, spec: &ModelSpec) -> Result<usize, TrainError> {
+    let (b, t, k) = (config.train.batch_size, config.seq_len(), config.stream.prefetch_depth);
+    let dtype = Precision::parse(&config.stream.dtype).expect("validated");
+    let limit = config.worker.memory_bytes;
+    let fits = |mb: usize| limit == 0 || worker_bytes(spec, mb, t, k, dtype) <= limit;
+    if config.train.micro_batch != 0 {
+        let mb = config.train.micro_batch;
+        if !fits(mb) {
+            return Err(TrainError::Config(format!(
+                "train.micro_batch = {mb} needs {} bytes of worker memory, above worker.memory_bytes = {limit}",
+                worker_bytes(spec, mb, t, k, dtype)
+            )));
+        }
+        return Ok(mb);
+    }
+    (1..=b).rev().filter(|mb| b % mb == 0).find(|&mb| fits(mb)).ok_or_else(|| {
+        TrainError::Config(format!(
+            "one sequence of {t} tokens needs {} bytes of worker memory (weights in flight, activations), \
+             above worker.memory_bytes = {limit}: raise it, shorten train.seq_len or lower stream.prefetch_depth",
+            worker_bytes(spec, 1, t, k, dtype)
+        ))
+    })
+}
+
+struct StoreThread {
+    store: Store,
+    to_worker: Sender<WeightMsg>,
+    from_worker: Receiver<ToStore>,
+    grad_return: Sender<Vec<f32>>,
+    free: Vec<Weights>,
+    buffers: usize,
+    dtype: Precision,
+    staging: Vec<f32>,
+    train: Schedule,
+    eval: Schedule,
+}
+
+impl StoreThread {
+    fn run(mut self, control: Receiver<Control>, reply: Sender<Reply>) -> Store {
+        while let Ok(c) = control.recv() {
+            let r = match c {
+                Control::Train { step, lr } => {
+                    self.pass(true, step).map(|_| Reply::StepDone { grad_norm: self.store.finish_step(lr) })
+                }
+                Control::Eval { batches } => {
+                    (0..batches).try_for_each(|_| self.pass(false, u64::MAX)).map(|_| Reply::EvalDone)
+                }
+                Control::Checkpoint { dir, run_toml } => {
+                    self.store.checkpoint(&dir, &run_toml).map(Reply::Checkpointed).map_err(|e| e.to_string())
+                }
+                Control::Snapshot => {
+                    self.store.snapshot().map(|s| Reply::Snapshot(Box::new(s))).map_err(|e| e.to_string())
+                }
+            };
+            let failed = r.is_err();
+            if reply.send(r.unwrap_or_else(Reply::Failed)).is_err() || failed {
+                break;
+            }
+        }
+        self.store
+    }
+
+    fn handle(&mut self, m: ToStore, sched: &Schedule, step: u64, grads_left: &mut usize) -> Result<(), String> {
+        match m {
+            ToStore::Release(w) => self.free.push(w),
+            ToStore::Grads { step: s, use_index, layer, len, data } => {
+                let u = sched.uses[use_index];
+                assert!(
+                    s == step && u.layer == layer && u.sends_gradients(sched.training),
+                    "gradients out of schedule"
+                );
+                self.store.accumulate(layer, &data[..len]).map_err(|e| e.to_string())?;
+                *grads_left -= 1;
+                let _ = self.grad_return.send(data);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every use's weights of one pass and takes its gradients.
+    fn pass(&mut self, training: bool, step: u64) -> Result<(), String> {
+        let sched = if training { self.train.clone() } else { self.eval.clone() };
+        let mut grads_left = sched.gradient_messages();
+        for (j, u) in sched.uses.iter().enumerate() {
+            let mut buf = loop {
+                if let Some(b) = self.free.pop() {
+                    break b;
+                }
+                let m = self.from_worker.recv().map_err(|_| "worker stopped".to_string())?;
+                self.handle(m, &sched, step, &mut grads_left)?;
+            };
+            let len = self.store.layout().layer_params(self.store.spec(), u.layer);
+            match (&mut buf, self.dtype) {
+                (Weights::F32(v), _) => self.store.read_layer(u.layer, &mut v[..len]).map_err(|e| e.to_string())?,
+                (Weights::Bf16(v), _) => {
+                    self.store.read_layer(u.layer, &mut self.staging[..len]).map_err(|e| e.to_string())?;
+                    for (d, &s) in v[..len].iter_mut().zip(&self.staging[..len]) {
+                        *d = to_bf16(s);
+                    }
+                }
+            }
+            let msg = WeightMsg { step, use_index: j, layer: u.layer, version: self.store.version, len, data: buf };
+            self.to_worker.send(msg).map_err(|_| "worker stopped".to_string())?;
+            while let Ok(m) = self.from_worker.try_recv() {
+                self.handle(m, &sched, step, &mut grads_left)?;
+            }
+        }
+        while grads_left > 0 || self.free.len() < self.buffers {
+            let m = self.from_worker.recv().map_err(|_| "worker stopped".to_string())?;
+            self.handle(m, &sched, step, &mut grads_left)?;
+        }
+        Ok(())
+    }
+}
+
+/// A trainer whose weights live in a [`Store`] on another thread.
+pub struct StreamingTrainer {
+    pub config: RunConfig,
+    pub spec: ModelSpec,
+    workspace: Workspace,
+    micro_batch: usize,
+    train: Schedule,
+    eval: Schedule,
+    step: u64,
+    control: Sender<Control>,
+    reply: Receiver<Reply>,
+    weights: Receiver<WeightMsg>,
+    to_store: Sender<ToStore>,
+    grad_pool: Receiver<Vec<f32>>,
+    decoded: Vec<f32>,
+    store: Option<JoinHandle<Store>>,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+impl StreamingTrainer {
+    /// Starts the store thread over `store` (fresh, or restored at `store.version`).
+    pub fn start(config: RunConfig, mut store: Store) -> Result<StreamingTrainer, TrainError> {
+        config.validate()?;
+        let spec = store.spec().clone();
+        let micro_batch = choose_micro_batch(&config, &spec)?;
+        let layers = spec.layer_count();
+        let train = Schedule::new(layers, config.train.batch_size / micro_batch, true);
+        let eval = Schedule::new(layers, 1, false);
+        store.set_access_sequence(&train.layer_sequence());
+        let k = config.stream.prefetch_depth;
+        let dtype = Precision::parse(&config.stream.dtype).expect("validated");
+        let layout = Layout::new(&spec);
+        let max_layer = (0..layers).map(|l| layout.layer_params(&spec, l)).max().unwrap_or(0);
+        let buffers = k + 1;
+        let free = (0..buffers)
+            .map(|_| match dtype {
+                Precision::Fp32 => Weights::F32(vec![0f32; max_layer]),
+                Precision::Bf16 => Weights::Bf16(vec![0u16; max_layer]),
+            })
+            .collect();
+        let (to_worker, weights) = unbounded();
+        let (to_store, from_worker) = unbounded();
+        let (grad_return, grad_pool) = bounded(buffers);
+        for _ in 0..buffers {
+            grad_return.send(vec![0f32; max_layer]).expect("room for every buffer");
+        }
+        let (control, control_rx) = unbounded();
+        let (reply_tx, reply) = unbounded();
+        let version = store.version;
+        let thread = StoreThread {
+            store,
+            to_worker,
+            from_worker,
+            grad_return,
+            free,
+            buffers,
+            dtype,
+            staging: if dtype == Precision::Bf16 { vec![0f32; max_layer] } else { Vec::new() },
+            train: train.clone(),
+            eval: eval.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || thread.run(control_rx, reply_tx))
+            .map_err(|e| TrainError::Config(format!("cannot start the store thread: {e}")))?;
+        let mut workspace = Workspace::new(&spec, micro_batch, config.seq_len());
+        workspace.set_precision(Precision::parse(&config.train.precision).expect("validated"));
+        Ok(StreamingTrainer {
+            micro_batch,
+            train,
+            eval,
+            step: version,
+            control,
+            reply,
+            weights,
+            to_store,
+            grad_pool,
+            decoded: if dtype == Precision::Bf16 { vec![0f32; max_layer] } else { Vec::new() },
+            store: Some(handle),
+            inputs: Vec::new(),
+            targets: Vec::new(),
+            workspace,
+            config,
+            spec,
+        })
+    }
+
+    pub fn micro_batch(&self) -> usize {
+        self.micro_batch
+    }
+
+    fn failure(&mut self) -> TrainError {
+        match self.reply.recv() {
+            Ok(Reply::Failed(e)) => TrainError::Config(e),
+            _ => TrainError::Config("the store stopped unexpectedly".into()),
+        }
+    }
+
+    fn recv_reply(&mut self) -> Result<Reply, TrainError> {
+        match self.reply.recv() {
+            Ok(Reply::Failed(e)) => Err(TrainError::Config(e)),
+            Ok(r) => Ok(r),
+            Err(_) => Err(TrainError::Config("the store stopped unexpectedly".into())),
+        }
+    }
+
+    /// Runs one pass of `sched` over `inputs`/`targets` (B*T each); returns the loss sum.
+    fn run_pass(
+        &mut self,
+        training: bool,
+        step: u64,
+        inputs: &[u32],
+        targets: &[u32],
+        dloss_scale: f32,
+    ) -> Result<f64, TrainError> {
+        let sched = if training { &self.train } else { &self.eval };
+        let (t, mb) = (self.config.seq_len(), self.micro_batch);
+        let mut loss = 0f64;
+        for (j, u) in sched.uses.iter().enumerate() {
+            let Ok(msg) = self.weights.recv() else { return Err(self.failure()) };
+            assert!(
+                msg.step == step && msg.use_index == j && msg.layer == u.layer,
+                "weights out of schedule: got step {} use {} layer {}, expected step {step} use {j} layer {}",
+                msg.step,
+                msg.use_index,
+                msg.layer,
+                u.layer
+            );
+            let w: &[f32] = match &msg.data {
+                Weights::F32(v) => &v[..msg.len],
+                Weights::Bf16(v) => {
+                    for (d, &s) in self.decoded[..msg.len].iter_mut().zip(&v[..msg.len]) {
+                        *d = from_bf16(s);
+                    }
+                    &self.decoded[..msg.len]
+                }
+            };
+            let views = split(&self.spec, u.layer, w);
+            let x = &inputs[u.micro * mb * t..(u.micro + 1) * mb * t];
+            let y = &targets[u.micro * mb * t..(u.micro + 1) * mb * t];
+            let ws = &mut self.workspace;
+            match u.pass {
+                Pass::Forward => ws.forward(&self.spec, u.layer, &views, x, mb, t),
+                Pass::Head | Pass::Backward if !training => {
+                    loss += ws.head(&self.spec, &views, None, y, mb, t, 0.0);
+                }
+                Pass::Head | Pass::Backward => {
+                    let Ok(mut g) = self.grad_pool.recv() else { return Err(self.failure()) };
+                    let len = msg.len;
+                    g[..len].fill(0.0);
+                    {
+                        let mut gv = split_mut(&self.spec, u.layer, &mut g[..len]);
+                        if u.pass == Pass::Head {
+                            loss += ws.head(&self.spec, &views, Some(&mut gv), y, mb, t, dloss_scale);
+                        } else {
+                            ws.backward(&self.spec, u.layer, &views, &mut gv, x, mb, t);
+                        }
+                    }
+                    let grads = ToStore::Grads { step, use_index: j, layer: u.layer, len, data: g };
+                    if self.to_store.send(grads).is_err() {
+                        return Err(self.failure());
+                    }
+                }
+            }
+            if self.to_store.send(ToStore::Release(msg.data)).is_err() {
+                return Err(self.failure());
+            }
+        }
+        Ok(loss)
+    }
+
+    /// Stops the store thread and returns the store.
+    pub fn into_store(mut self) -> Store {
+        let handle = self.store.take().expect("running");
+        drop(self);
+        handle.join().expect("the store thread does not panic")
+    }
+}
+
+/// Views of a layer's concatenated tensors.
+fn split<'a>(spec: &ModelSpec, layer: usize, mut w: &'a [f32]) -> Vec<&'a [f32]> {
+    spec.layers[layer]
+        .tensors
+        .iter()
+        .map(|&t| {
+            let (a, b) = w.split_at(spec.tensors[t].numel());
+            w = b;
+            a
+        })
+        .collect()
+}
+
+fn split_mut<'a>(spec: &ModelSpec, layer: usize, mut w: &'a mut [f32]) -> Vec<&'a mut [f32]> {
+    spec.layers[layer]
+        .tensors
+        .iter()
+        .map(|&t| {
+            let (a, b) = std::mem::take(&mut w).split_at_mut(spec.tensors[t].numel());
+            w = b;
+            a
+        })
+        .collect()
+}
+
+impl Engine for StreamingTrainer {
+    fn step(&self) -> u64 {
+        self.step
+    }
+
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn config(&self) -> &RunConfig {
+        &self.config
+    }
+
+    fn train_step(&mut self, train: &[u16]) -> Result<StepStats, TrainError> {
+        let start = Instant::now();
+        let (b, t) = (self.config.train.batch_size, self.config.seq_len());
+        let lr = learning_rate(&self.config.train, self.step);
+        if self.control.send(Control::Train { step: self.step, lr }).is_err() {
+            return Err(self.failure());
+        }
+        let (mut inputs, mut targets) = (std::mem::take(&mut self.inputs), std::mem::take(&mut self.targets));
+        sample_batch(train, b, t, self.config.train.seed, TRAIN_STREAM, self.step, &mut inputs, &mut targets);
+        let step = self.step;
+        let loss = self.run_pass(true, step, &inputs, &targets, 1.0 / (b * t) as f32);
+        (self.inputs, self.targets) = (inputs, targets);
+        let loss = loss? / (b * t) as f64;
+        let Reply::StepDone { grad_norm } = self.recv_reply()? else {
+            unreachable!("the store answers a step with StepDone")
+        };
+        self.step += 1;
+        Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens: b * t, seconds: start.elapsed().as_secs_f64() })
+    }
+
+    fn evaluate(&mut self, tokens: &[u16], batches: usize) -> Result<f64, TrainError> {
+        let (b, t) = (self.micro_batch, self.config.seq_len());
+        if self.control.send(Control::Eval { batches }).is_err() {
+            return Err(self.failure());
+        }
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        let mut sum = 0f64;
+        for i in 0..batches {
+            sample_batch(tokens, b, t, self.config.train.seed, VAL_STREAM, i as u64, &mut inputs, &mut targets);
+            sum += self.run_pass(false, u64::MAX, &inputs, &targets, 0.0)?;
+        }
+        let Reply::EvalDone = self.recv_reply()? else { unreachable!("the store answers an evaluation with EvalDone") };
+        Ok(sum / (batches * b * t) as f64)
+    }
+
+    fn checkpoint(&mut self, run_dir: &Path) -> Result<PathBuf, TrainError> {
+        let dir = run_dir.join("checkpoint");
+        let run_toml = self.config.to_toml();
+        if self.control.send(Control::Checkpoint { dir: dir.clone(), run_toml }).is_err() {
+            return Err(self.failure());
+        }
+        let Reply::Checkpointed(m) = self.recv_reply()? else { unreachable!("the store answers with Checkpointed") };
+        assert_eq!(m.step, self.step, "the store checkpointed another step than the worker's");
+        Ok(dir)
+    }
+
+    fn params(&mut self) -> Result<Params, TrainError> {
+        if self.control.send(Control::Snapshot).is_err() {
+            return Err(self.failure());
+        }
+        let Reply::Snapshot(s) = self.recv_reply()? else { unreachable!("the store answers with Snapshot") };
+        Ok(s.0)
+    }
+}
+
+/// The optimizer settings the store applies.
+pub fn optimizer_config(config: &RunConfig) -> OptimizerConfig {
+    let t = &config.train;
+    OptimizerConfig {
+        beta1: t.beta1 as f32,
+        beta2: t.beta2 as f32,
+        eps: t.eps as f32,
+        weight_decay: t.weight_decay as f32,
+        grad_clip: t.grad_clip,
+    }
+}
+
+/// The DRAM budget of the store for this config: `store.dram_bytes`, else
+/// `store.dram_fraction` of the model state.
+pub fn dram_budget(config: &RunConfig, spec: &ModelSpec) -> u64 {
+    if config.store.dram_bytes > 0 {
+        config.store.dram_bytes
+    } else {
+        (model_state_bytes(spec) as f64 * config.store.dram_fraction).ceil() as u64
+    }
+}
+
+/// A fresh store in `dir` initialised from the config's seed, one slab at a
+/// time (the whole model never sits in memory).
+pub fn create_store(
+    config: &RunConfig,
+    spec: &ModelSpec,
+    dir: &Path,
+    micro_batches: usize,
+) -> Result<Store, TrainError> {
+    let layout = Layout::new(spec);
+    let store = Store::create_with(
+        spec,
+        0,
+        dir,
+        dram_budget(config, spec),
+        optimizer_config(config),
+        micro_batches,
+        |s, buf| {
+            for &t in &layout.owned[s] {
+                let off = layout.place[t].1;
+                ws_model::params::init_tensor(spec, t, config.train.seed, &mut buf[off..off + spec.tensors[t].numel()]);
+            }
+            Ok(())
+        },
+    )
+    .map_err(|e| TrainError::Config(e.to_string()))?;
+    Ok(store)
+}
