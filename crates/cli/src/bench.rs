@@ -30,6 +30,37 @@ pub enum BenchCommand {
         #[arg(long, default_value = "fp32")]
         precision: String,
     },
+    /// Streamed over resident training throughput, same model and batch, one run.
+    Streaming {
+        #[arg(long, default_value = "small")]
+        preset: String,
+        /// Timed steps of each mode (after one warm-up step); medians are compared.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// The store's DRAM budget as a fraction of the model state.
+        #[arg(long, default_value_t = 1.0)]
+        dram_fraction: f64,
+        #[arg(long, default_value_t = 2)]
+        prefetch_depth: usize,
+        /// Streamed weights: fp32 or bf16.
+        #[arg(long, default_value = "fp32")]
+        dtype: String,
+        /// Override the preset's sequence length.
+        #[arg(long)]
+        seq: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// The store's AdamW update against memory bandwidth measured in the same run.
+    Optimizer {
+        /// Parameters updated per pass.
+        #[arg(long, default_value_t = 64 << 20)]
+        params: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// fp32 GEMM throughput on the GPT-2 small layer shapes (M = 2048 tokens).
     Gemm {
         #[arg(long, default_value_t = 5)]
@@ -43,6 +74,15 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train { preset, steps, seq, batch, threads, precision } => {
             bench_train(&preset, steps, seq, batch, threads, &precision)
+        }
+        BenchCommand::Streaming { preset, steps, dram_fraction, prefetch_depth, dtype, seq, threads } => {
+            set_threads(threads);
+            bench_streaming(&preset, steps, dram_fraction, prefetch_depth, &dtype, seq)
+        }
+        BenchCommand::Optimizer { params, repeats, threads } => {
+            set_threads(threads);
+            bench_optimizer(params, repeats);
+            Ok(())
         }
         BenchCommand::Gemm { repeats, threads } => {
             set_threads(threads);
@@ -185,4 +225,114 @@ fn bench_train(
         })
     );
     Ok(())
+}
+
+fn random_tokens(n: usize, vocab: usize) -> Vec<u16> {
+    let mut rng = Rng::new(7);
+    (0..n).map(|_| rng.below(vocab as u64) as u16).collect()
+}
+
+fn bench_streaming(preset: &str, steps: usize, fraction: f64, k: usize, dtype: &str, seq: Option<usize>) -> Result<()> {
+    let mut config = RunConfig::preset(preset)?;
+    if let Some(t) = seq {
+        config.train.seq_len = t;
+    }
+    config.train.steps = (steps + 1) as u64;
+    config.store.dram_fraction = fraction;
+    config.stream.prefetch_depth = k;
+    config.stream.dtype = dtype.to_string();
+    config.validate()?;
+    if steps == 0 {
+        return Err(TrainError::Config("--steps must be at least 1".into()));
+    }
+    let (b, t) = (config.train.batch_size, config.seq_len());
+    let data = random_tokens((b * t * 4).max(t + 1), config.model.vocab_size);
+    let time = |engine: &mut dyn ws_train::Engine| -> Result<f64> {
+        engine.train_step(&data)?;
+        let mut times = Vec::new();
+        for _ in 0..steps {
+            times.push(engine.train_step(&data)?.seconds);
+        }
+        Ok(median(times))
+    };
+    let resident_s = {
+        let mut c = config.clone();
+        c.stream.mode = "resident".into();
+        let mut trainer = Trainer::new(c)?;
+        time(&mut trainer)?
+    };
+    let spec = ws_model::ModelSpec::new(config.model);
+    let dir = std::env::temp_dir().join(format!("ws-bench-store-{}", std::process::id()));
+    let mb = ws_train::stream::choose_micro_batch(&config, &spec)?;
+    let store = ws_train::stream::create_store(&config, &spec, &dir, b / mb)?;
+    let mut streamed = ws_train::stream::StreamingTrainer::start(config.clone(), store)?;
+    let streamed_s = time(&mut streamed)?;
+    let stats = streamed.into_store().stats();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "streaming", "preset": preset, "batch": b, "seq": t, "dram_fraction": fraction,
+            "prefetch_depth": k, "dtype": dtype, "steps": steps,
+            "resident_tokens_per_s": round((b * t) as f64 / resident_s),
+            "streamed_tokens_per_s": round((b * t) as f64 / streamed_s),
+            "efficiency": round(resident_s / streamed_s * 100.0) / 100.0,
+            "store_dram_peak_bytes": stats.dram_bytes_peak,
+            "flash_read_bytes": stats.flash_read_bytes, "flash_write_bytes": stats.flash_write_bytes,
+            "threads": pool_threads(), "peak_rss_mb": round(peak_rss_mb()),
+        })
+    );
+    Ok(())
+}
+
+/// STREAM-style copy and triad bandwidth, then AdamW over the same number
+/// of parameters (28 bytes moved per parameter: p, g, m, v read; p, m, v written).
+fn bench_optimizer(n: usize, repeats: usize) {
+    use rayon::prelude::*;
+    use ws_kernels::adamw::{adamw_update, AdamWStep};
+    let chunk = 1 << 16;
+    let mut a = vec![1f32; n];
+    let b = vec![2f32; n];
+    let c = vec![0.5f32; n];
+    let timed = |f: &mut dyn FnMut()| -> f64 {
+        f();
+        median(
+            (0..repeats.max(1))
+                .map(|_| {
+                    let t0 = Instant::now();
+                    f();
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect(),
+        )
+    };
+    let copy_s =
+        timed(&mut || a.par_chunks_mut(chunk).zip(b.par_chunks(chunk)).for_each(|(a, b)| a.copy_from_slice(b)));
+    let triad_s = timed(&mut || {
+        a.par_chunks_mut(chunk).zip(b.par_chunks(chunk)).zip(c.par_chunks(chunk)).for_each(|((a, b), c)| {
+            for i in 0..a.len() {
+                a[i] = b[i] + 3.0 * c[i];
+            }
+        })
+    });
+    let (mut p, g, mut m, mut v) = (vec![0.1f32; n], vec![0.01f32; n], vec![0f32; n], vec![0f32; n]);
+    drop(a);
+    let mut t = 0;
+    let adamw_s = timed(&mut || {
+        t += 1;
+        let s = AdamWStep { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t, grad_scale: 1.0 };
+        adamw_update(&mut p, &g, &mut m, &mut v, s);
+    });
+    let copy_bw = 8.0 * n as f64 / copy_s;
+    let triad_bw = 12.0 * n as f64 / triad_s;
+    let adamw_bw = 28.0 * n as f64 / adamw_s;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "optimizer", "params": n, "params_per_s": round(n as f64 / adamw_s),
+            "adamw_bytes_per_s": round(adamw_bw), "copy_bytes_per_s": round(copy_bw), "triad_bytes_per_s": round(triad_bw),
+            "bandwidth_ratio": round(adamw_bw / copy_bw.max(triad_bw) * 100.0) / 100.0,
+            "threads": pool_threads(),
+        })
+    );
 }

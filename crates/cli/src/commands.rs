@@ -240,9 +240,10 @@ pub fn export(run: &Path, out: &Path) -> Result<()> {
     let config = RunConfig::resolve_text(&manifest.run_toml, &[])?;
     let spec = ws_model::ModelSpec::new(config.model);
     let tmp = std::env::temp_dir().join(format!("ws-export-{}", std::process::id()));
-    let opt = ws_train::stream::optimizer_config(&config);
-    let (mut store, _) = ws_store::Store::restore(&spec, &ckpt, &tmp, u64::MAX, opt, 1)
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut sc = ws_train::stream::store_config(&config, &spec, 1);
+    sc.dram_budget = u64::MAX;
+    let (mut store, _) =
+        ws_store::Store::restore(&spec, &ckpt, &tmp, sc).map_err(|e| TrainError::Config(e.to_string()))?;
     let (params, _, _) = store.snapshot().map_err(|e| TrainError::Config(e.to_string()))?;
     drop(store);
     let _ = std::fs::remove_dir_all(&tmp);

@@ -114,7 +114,13 @@ pub fn centered_sum_sq(x: &[f32], mean: f32) -> f32 {
 /// definition, shared by every place that computes it so that they agree
 /// bit for bit.
 pub fn sum_of_squares_f64(x: &[f32]) -> f64 {
-    x.iter().map(|&v| v as f64 * v as f64).sum()
+    sum_of_squares_f64_from(0.0, x)
+}
+
+/// [`sum_of_squares_f64`] continued from `acc`: a tensor summed in pieces,
+/// in order, gives exactly the sum of the whole.
+pub fn sum_of_squares_f64_from(acc: f64, x: &[f32]) -> f64 {
+    x.iter().fold(acc, |a, &v| a + v as f64 * v as f64)
 }
 
 #[cfg(test)]

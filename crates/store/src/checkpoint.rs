@@ -2,16 +2,16 @@
 //! step boundary, crash safe.
 //!
 //! Protocol: write each slab to a new file in a directory named for the
-//! step, fsync it; write the manifest (step, every slab's file, size and
+//! step (its pages in order, each page's weights, first and second moments),
+//! fsync it; write the manifest (step, every slab's file, size and
 //! CRC32, and the run's configuration) to a temporary file, fsync, rename it
 //! over `manifest.json`, fsync the directory. Until that rename the previous
 //! manifest, and the files it lists, stay valid; after it the older step's
 //! files are removed. Loading verifies every slab against the manifest.
 
-use crate::{io, AlignedBuf, Layout, OptimizerConfig, Result, Store, StoreError};
+use crate::{io, Layout, Result, Store, StoreConfig, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use ws_model::ModelSpec;
 
@@ -32,6 +32,8 @@ pub struct Manifest {
     pub format: u32,
     /// Steps completed: the weights are version `step`.
     pub step: u64,
+    /// Parameters per page of the slab files.
+    pub page_params: usize,
     pub slabs: Vec<SlabEntry>,
     /// The resolved run configuration (TOML), so a resume needs nothing else.
     pub run_toml: String,
@@ -66,33 +68,42 @@ impl Store {
         let step_dir = dir.join(&sub);
         let _ = std::fs::remove_dir_all(&step_dir);
         std::fs::create_dir_all(&step_dir).map_err(io("cannot create directory", &step_dir))?;
-        let mut slabs = Vec::new();
+        let mut files: Vec<(std::fs::File, PathBuf, String, crc32fast::Hasher, u64)> = Vec::new();
         for s in 0..self.layout.slab_params.len() {
-            let n = self.layout.slab_params[s];
-            let loaded;
-            let buf = match &self.slabs[s].dram {
-                Some(b) => b,
-                None => {
-                    loaded = self.read_slab(s)?;
-                    &loaded
-                }
-            };
-            // Weights and both moments; the gradient region is zero at a step boundary.
-            let mut bytes = Vec::with_capacity(12 * n);
+            let file = format!("{sub}/slab-{s:05}.bin");
+            let path = dir.join(&file);
+            let f = std::fs::File::create(&path).map_err(io("cannot create", &path))?;
+            files.push((f, path, file, crc32fast::Hasher::new(), 0));
+        }
+        let mut bytes = Vec::new();
+        self.for_each_page(|s, _i, buf| {
+            // Weights, first and second moments; the gradient is zero at a step boundary.
+            let len = buf.len() / 4;
+            bytes.clear();
             for region in [0, 2, 3] {
-                for x in &buf[region * n..(region + 1) * n] {
+                for x in &buf[region * len..(region + 1) * len] {
                     bytes.extend_from_slice(&x.to_le_bytes());
                 }
             }
-            let file = format!("{sub}/slab-{s:05}.bin");
-            let path = dir.join(&file);
-            let mut f = std::fs::File::create(&path).map_err(io("cannot create", &path))?;
-            f.write_all(&bytes).map_err(io("cannot write", &path))?;
+            let (f, path, _, crc, n) = &mut files[s];
+            f.write_all(&bytes).map_err(io("cannot write", path))?;
+            crc.update(&bytes);
+            *n += bytes.len() as u64;
+            Ok(())
+        })?;
+        let mut slabs = Vec::new();
+        for (s, (f, path, file, crc, n)) in files.into_iter().enumerate() {
             f.sync_all().map_err(io("cannot fsync", &path))?;
-            slabs.push(SlabEntry { layer: s, file, bytes: bytes.len() as u64, crc32: crc32fast::hash(&bytes) });
+            slabs.push(SlabEntry { layer: s, file, bytes: n, crc32: crc.finalize() });
         }
         fsync_dir(&step_dir)?;
-        let manifest = Manifest { format: FORMAT, step, slabs, run_toml: run_toml.to_string() };
+        let manifest = Manifest {
+            format: FORMAT,
+            step,
+            page_params: self.config.page_params,
+            slabs,
+            run_toml: run_toml.to_string(),
+        };
         let tmp = dir.join(format!("{MANIFEST}.tmp"));
         {
             let mut f = std::fs::File::create(&tmp).map_err(io("cannot create", &tmp))?;
@@ -115,25 +126,18 @@ impl Store {
 
     /// A store (in `store_dir`) holding the checkpoint in `dir`, every slab
     /// verified against the manifest.
-    pub fn restore(
-        spec: &ModelSpec,
-        dir: &Path,
-        store_dir: &Path,
-        dram_budget: u64,
-        opt: OptimizerConfig,
-        micro_batches: usize,
-    ) -> Result<(Store, Manifest)> {
+    pub fn restore(spec: &ModelSpec, dir: &Path, store_dir: &Path, config: StoreConfig) -> Result<(Store, Manifest)> {
         let manifest = read_manifest(dir)?;
-        let layout = Layout::new(spec);
-        if manifest.slabs.len() != layout.slab_params.len() {
+        let saved = Layout::new(spec, manifest.page_params);
+        if manifest.slabs.len() != saved.slab_params.len() {
             return Err(bad(
                 dir,
-                format!("{} slabs for a model of {} layers", manifest.slabs.len(), layout.slab_params.len()),
+                format!("{} slabs for a model of {} layers", manifest.slabs.len(), saved.slab_params.len()),
             ));
         }
-        let store = Store::create_with(spec, manifest.step, store_dir, dram_budget, opt, micro_batches, |s, buf| {
+        let store = Store::create_with(spec, manifest.step, store_dir, config, |s, buf| {
             let e = &manifest.slabs[s];
-            let n = layout.slab_params[s];
+            let n = saved.slab_params[s];
             let path: PathBuf = dir.join(&e.file);
             if e.layer != s || e.bytes != 12 * n as u64 {
                 return Err(bad(
@@ -141,17 +145,21 @@ impl Store {
                     format!("entry for layer {} of {} bytes; layer {s} needs {}", e.layer, e.bytes, 12 * n),
                 ));
             }
-            let f = std::fs::File::open(&path).map_err(io("cannot open checkpoint slab", &path))?;
-            let mut bytes = AlignedBuf::zeroed(3 * n);
-            let raw = &mut bytes.as_bytes_mut()[..12 * n];
-            f.read_exact_at(raw, 0).map_err(io("cannot read checkpoint slab", &path))?;
-            let found = crc32fast::hash(raw);
-            if found != e.crc32 {
+            let raw = std::fs::read(&path).map_err(io("cannot read checkpoint slab", &path))?;
+            let found = crc32fast::hash(&raw);
+            if raw.len() as u64 != e.bytes || found != e.crc32 {
                 return Err(StoreError::Corrupt { path, layer: s, found, expected: e.crc32 });
             }
-            let floats = &bytes[..3 * n];
-            buf[..n].copy_from_slice(&floats[..n]);
-            buf[2 * n..4 * n].copy_from_slice(&floats[n..3 * n]);
+            let mut at = 0;
+            for w in saved.pages[s].windows(2) {
+                let (p0, p1) = (w[0], w[1]);
+                for region in [0, 2, 3] {
+                    for x in &mut buf[region * n + p0..region * n + p1] {
+                        *x = f32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
+                        at += 4;
+                    }
+                }
+            }
             Ok(())
         })?;
         Ok((store, manifest))

@@ -5,14 +5,18 @@
 //!
 //! - A slab holds the tensors its layer owns (a tensor is owned by the first
 //!   layer that lists it: the tied token embedding belongs to the embedding
-//!   layer and is read from there for the head). Its bytes are four regions
-//!   of n floats: weights, gradient accumulator, first and second moments.
-//! - The flash tier holds every slab (a file each, read and written whole
-//!   with positioned I/O on 4 KiB-aligned buffers); the DRAM tier holds the
-//!   slabs that fit the budget. The order of accesses is known (the
-//!   schedule), so eviction is Belady's: the resident slab needed furthest in
-//!   the future goes, never the one needed next. Every slab read from flash
-//!   is checked against the CRC32 of what was written.
+//!   layer and is read from there for the head). A slab is cut into pages of
+//!   at most `page_params` parameters; a page holds four regions: weights,
+//!   gradient accumulator, first and second moments of its parameters.
+//! - The flash tier holds every slab: a file each, pages back to back, so a
+//!   layer is one sequential read; pages are read and written with
+//!   positioned I/O on 4 KiB-aligned buffers. The DRAM tier holds the pages
+//!   that fit the budget; the unit of residency is the page, so the budget
+//!   need only hold one page, whatever the size of a layer. The order of
+//!   accesses is known (the schedule), so eviction is Belady's: the page
+//!   needed furthest in the future goes, never one the current access still
+//!   needs. Every page read from flash is checked against the CRC32 of what
+//!   was written.
 //! - A step's gradient contributions are added in arrival order, which the
 //!   schedule fixes; when a tensor has all its contributions its sum of
 //!   squares is taken; when the step is complete the global norm gives the
@@ -28,6 +32,7 @@ mod slab;
 
 pub use checkpoint::{read_manifest, Manifest, SlabEntry, MANIFEST};
 pub use slab::AlignedBuf;
+pub use ws_kernels::math::sum_of_squares_f64;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -58,10 +63,13 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreEr
     move |source| StoreError::Io { what, path, source }
 }
 
-/// Where each tensor lives: slab and offset (in floats) in its weight region.
+/// Parameters per page by default: 64 MiB of slab (four fp32 regions).
+pub const PAGE_PARAMS_DEFAULT: usize = 4 << 20;
+
+/// Where each tensor lives: slab and offset (in parameters) within the slab.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
-    /// Floats per region of each slab (its owned parameters).
+    /// Parameters of each slab (the tensors its layer owns).
     pub slab_params: Vec<usize>,
     /// Per tensor: (slab, offset).
     pub place: Vec<(usize, usize)>,
@@ -69,10 +77,15 @@ pub struct Layout {
     pub owned: Vec<Vec<usize>>,
     /// Per layer: the slabs its tensors live in, ascending.
     pub layer_slabs: Vec<Vec<usize>>,
+    /// Per slab: page boundaries in parameters, `[0, .., slab_params]`.
+    pub pages: Vec<Vec<usize>>,
 }
 
 impl Layout {
-    pub fn new(spec: &ModelSpec) -> Layout {
+    /// `page_params` is rounded up to a multiple of 256 so that every page
+    /// starts on a 4 KiB boundary of the slab file.
+    pub fn new(spec: &ModelSpec, page_params: usize) -> Layout {
+        let page = page_params.max(1).div_ceil(256) * 256;
         let n_layers = spec.layer_count();
         let mut place = vec![(usize::MAX, 0); spec.tensors.len()];
         let mut owned = vec![Vec::new(); n_layers];
@@ -96,7 +109,15 @@ impl Layout {
                 s
             })
             .collect();
-        Layout { slab_params, place, owned, layer_slabs }
+        let pages = slab_params
+            .iter()
+            .map(|&n| {
+                let mut b: Vec<usize> = (0..n.max(1)).step_by(page).collect();
+                b.push(n);
+                b
+            })
+            .collect();
+        Layout { slab_params, place, owned, layer_slabs, pages }
     }
 
     /// Bytes of a slab in DRAM and on flash (four fp32 regions).
@@ -104,14 +125,28 @@ impl Layout {
         16 * self.slab_params[slab] as u64
     }
 
-    /// The smallest DRAM budget that works: the slabs of the largest layer.
+    /// The smallest DRAM budget that works: the largest page.
     pub fn min_dram_bytes(&self) -> u64 {
-        self.layer_slabs.iter().map(|ss| ss.iter().map(|&s| self.slab_bytes(s)).sum::<u64>()).max().unwrap_or(0)
+        self.pages.iter().flat_map(|b| b.windows(2).map(|w| 16 * (w[1] - w[0]) as u64)).max().unwrap_or(0)
     }
 
     /// Floats of one layer's weights as streamed (its tensors in layer order).
     pub fn layer_params(&self, spec: &ModelSpec, layer: usize) -> usize {
         spec.layers[layer].tensors.iter().map(|&t| spec.tensors[t].numel()).sum()
+    }
+
+    /// The pages of `slab` that overlap parameters `range`, as
+    /// (page, page start, overlap start, overlap end).
+    fn pages_over(
+        &self,
+        slab: usize,
+        range: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        let b = &self.pages[slab];
+        (0..b.len() - 1).filter_map(move |i| {
+            let (lo, hi) = (range.start.max(b[i]), range.end.min(b[i + 1]));
+            (lo < hi).then_some((i, b[i], lo, hi))
+        })
     }
 }
 
@@ -124,7 +159,18 @@ pub struct OptimizerConfig {
     pub grad_clip: f64,
 }
 
-/// An update recorded at the end of a step, applied to each slab before
+/// How a store is laid out and bounded.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StoreConfig {
+    /// Bytes of pages the DRAM tier may hold.
+    pub dram_budget: u64,
+    pub page_params: usize,
+    pub optimizer: OptimizerConfig,
+    /// Contributions each layer sends per step (micro-batches).
+    pub micro_batches: usize,
+}
+
+/// An update recorded at the end of a step, applied to each page before
 /// its next use.
 #[derive(Clone, Copy, Debug)]
 struct PendingUpdate {
@@ -133,12 +179,12 @@ struct PendingUpdate {
     grad_scale: f32,
 }
 
-struct Slab {
-    /// In DRAM when `Some`.
+struct Page {
+    /// In DRAM when `Some`: weights | gradient | m | v of the page's parameters.
     dram: Option<AlignedBuf>,
     /// DRAM copy differs from flash.
     dirty: bool,
-    /// CRC32 of the slab file's bytes as last written.
+    /// CRC32 of the page's bytes on flash as last written.
     crc: u32,
     pending: Option<PendingUpdate>,
 }
@@ -150,7 +196,7 @@ pub struct StoreStats {
     pub dram_bytes_peak: u64,
     pub flash_read_bytes: u64,
     pub flash_write_bytes: u64,
-    /// Slab reads from flash (a cold start reads each slab once).
+    /// Page reads from flash (a cold start reads each page once).
     pub flash_reads: u64,
 }
 
@@ -158,39 +204,37 @@ pub struct Store {
     spec: ModelSpec,
     layout: Layout,
     dir: PathBuf,
-    slabs: Vec<Slab>,
-    dram_budget: u64,
+    files: Vec<std::fs::File>,
+    pages: Vec<Vec<Page>>,
+    config: StoreConfig,
     stats: StoreStats,
-    opt: OptimizerConfig,
-    /// The step whose weights the slabs hold once pending updates are applied.
+    /// The step whose weights the pages hold once pending updates are applied.
     pub version: u64,
     /// Contributions still expected this step, per tensor.
     contributions_left: Vec<usize>,
     contributions_per_step: Vec<usize>,
     /// Sum of squares of each tensor's complete gradient this step.
     grad_sq: Vec<f64>,
-    /// The access sequence of one step (slab lists), for eviction.
-    sequence: Vec<Vec<usize>>,
+    /// The layers of one step in access order, for eviction.
+    sequence: Vec<usize>,
     cursor: usize,
+    /// The access in progress: its layer, and the pages it has finished with.
+    current: Option<(usize, Vec<(usize, usize)>)>,
 }
 
 impl Store {
-    /// A store in `dir` (created; slab files written there) holding
-    /// `params` as the weights of version `version`, zero moments unless
-    /// given. `micro_batches` is how many contributions each layer sends per step.
-    #[allow(clippy::too_many_arguments)]
+    /// A store holding `params` (and moments, zero unless given) as the
+    /// weights of `version`, its slab files in `dir`.
     pub fn create(
         spec: &ModelSpec,
         params: &Params,
         moments: Option<(&Params, &Params)>,
         version: u64,
         dir: &Path,
-        dram_budget: u64,
-        opt: OptimizerConfig,
-        micro_batches: usize,
+        config: StoreConfig,
     ) -> Result<Store> {
-        let layout = Layout::new(spec);
-        Store::create_with(spec, version, dir, dram_budget, opt, micro_batches, |s, buf| {
+        let layout = Layout::new(spec, config.page_params);
+        Store::create_with(spec, version, dir, config, |s, buf| {
             let n = layout.slab_params[s];
             for &t in &layout.owned[s] {
                 let off = layout.place[t].1;
@@ -205,51 +249,75 @@ impl Store {
         })
     }
 
-    /// A store whose slabs `fill(slab, buffer)` writes, one at a time (so a
-    /// model larger than memory never exists whole in DRAM). The buffer is
-    /// zeroed, laid out weights | gradient | first moment | second moment.
-    #[allow(clippy::too_many_arguments)]
+    /// A store whose slabs `fill(slab, buffer)` writes, one slab at a time
+    /// (a model larger than memory never exists whole in DRAM). The buffer
+    /// is zeroed and laid out by region: weights | gradient | m | v, n each.
     pub fn create_with(
         spec: &ModelSpec,
         version: u64,
         dir: &Path,
-        dram_budget: u64,
-        opt: OptimizerConfig,
-        micro_batches: usize,
+        config: StoreConfig,
         mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
     ) -> Result<Store> {
-        let layout = Layout::new(spec);
+        let layout = Layout::new(spec, config.page_params);
         let needed = layout.min_dram_bytes();
-        if dram_budget < needed {
-            return Err(StoreError::BudgetTooSmall { budget: dram_budget, needed });
+        if config.dram_budget < needed {
+            return Err(StoreError::BudgetTooSmall { budget: config.dram_budget, needed });
         }
         std::fs::create_dir_all(dir).map_err(io("cannot create directory", dir))?;
         let mut contributions_per_step = vec![0; spec.tensors.len()];
         for layer in &spec.layers {
             for &t in &layer.tensors {
-                contributions_per_step[t] += micro_batches;
+                contributions_per_step[t] += config.micro_batches;
             }
         }
+        let mut files = Vec::new();
+        for s in 0..spec.layer_count() {
+            let path = dir.join(format!("slab-{s:05}.bin"));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .read(true)
+                .write(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io("cannot open slab file", &path))?;
+            files.push(f);
+        }
+        let pages = layout
+            .pages
+            .iter()
+            .map(|b| (0..b.len() - 1).map(|_| Page { dram: None, dirty: false, crc: 0, pending: None }).collect())
+            .collect();
         let mut store = Store {
             spec: spec.clone(),
-            slabs: (0..spec.layer_count()).map(|_| Slab { dram: None, dirty: false, crc: 0, pending: None }).collect(),
             layout,
             dir: dir.to_path_buf(),
-            dram_budget,
+            files,
+            pages,
+            config,
             stats: StoreStats::default(),
-            opt,
             version,
             contributions_left: contributions_per_step.clone(),
             contributions_per_step,
             grad_sq: vec![0.0; spec.tensors.len()],
             sequence: Vec::new(),
             cursor: 0,
+            current: None,
         };
         // Every slab goes to flash first: the flash tier holds everything.
-        for s in 0..store.slabs.len() {
-            let mut buf = AlignedBuf::zeroed(store.layout.slab_params[s] * 4);
-            fill(s, &mut buf)?;
-            store.write_slab(s, &buf)?;
+        for s in 0..spec.layer_count() {
+            let n = store.layout.slab_params[s];
+            let mut slab = vec![0f32; 4 * n];
+            fill(s, &mut slab)?;
+            let bounds = store.layout.pages[s].clone();
+            for (i, w) in bounds.windows(2).enumerate() {
+                let (p0, p1) = (w[0], w[1]);
+                let mut page = AlignedBuf::zeroed(4 * (p1 - p0));
+                for r in 0..4 {
+                    page[r * (p1 - p0)..(r + 1) * (p1 - p0)].copy_from_slice(&slab[r * n + p0..r * n + p1]);
+                }
+                store.write_page(s, i, &page)?;
+            }
         }
         Ok(store)
     }
@@ -266,10 +334,14 @@ impl Store {
         self.stats
     }
 
-    /// The order in which one step touches layers (forward, head, backward
-    /// uses); eviction keeps what comes next.
+    pub fn config(&self) -> StoreConfig {
+        self.config
+    }
+
+    /// The layers one step touches, in order (forward, head, backward uses);
+    /// eviction keeps what comes next.
     pub fn set_access_sequence(&mut self, layers: &[usize]) {
-        self.sequence = layers.iter().map(|&l| self.layout.layer_slabs[l].clone()).collect();
+        self.sequence = layers.to_vec();
         self.cursor = 0;
     }
 
@@ -277,106 +349,146 @@ impl Store {
         self.dir.join(format!("slab-{s:05}.bin"))
     }
 
-    fn write_slab(&mut self, s: usize, buf: &AlignedBuf) -> Result<()> {
-        let path = self.slab_path(s);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io("cannot open slab file", &path))?;
-        let bytes = buf.as_bytes();
-        file.write_all_at(bytes, 0).map_err(io("cannot write slab file", &path))?;
-        self.slabs[s].crc = crc32fast::hash(bytes);
+    fn page_range(&self, s: usize, i: usize) -> (usize, usize) {
+        (self.layout.pages[s][i], self.layout.pages[s][i + 1])
+    }
+
+    fn write_page(&mut self, s: usize, i: usize, buf: &AlignedBuf) -> Result<()> {
+        let (p0, p1) = self.page_range(s, i);
+        let bytes = &buf.as_bytes()[..16 * (p1 - p0)];
+        self.files[s].write_all_at(bytes, 16 * p0 as u64).map_err(io("cannot write slab file", &self.slab_path(s)))?;
+        self.pages[s][i].crc = crc32fast::hash(bytes);
         self.stats.flash_write_bytes += bytes.len() as u64;
         Ok(())
     }
 
-    fn read_slab(&mut self, s: usize) -> Result<AlignedBuf> {
-        let path = self.slab_path(s);
-        let file = std::fs::File::open(&path).map_err(io("cannot open slab file", &path))?;
-        let mut buf = AlignedBuf::zeroed(self.layout.slab_params[s] * 4);
-        file.read_exact_at(buf.as_bytes_mut(), 0).map_err(io("cannot read slab file", &path))?;
-        let found = crc32fast::hash(buf.as_bytes());
-        if found != self.slabs[s].crc {
-            return Err(StoreError::Corrupt { path, layer: s, found, expected: self.slabs[s].crc });
+    fn read_page(&mut self, s: usize, i: usize) -> Result<AlignedBuf> {
+        let (p0, p1) = self.page_range(s, i);
+        let mut buf = AlignedBuf::zeroed(4 * (p1 - p0));
+        let bytes = &mut buf.as_bytes_mut()[..16 * (p1 - p0)];
+        self.files[s].read_exact_at(bytes, 16 * p0 as u64).map_err(io("cannot read slab file", &self.slab_path(s)))?;
+        let found = crc32fast::hash(bytes);
+        if found != self.pages[s][i].crc {
+            return Err(StoreError::Corrupt {
+                path: self.slab_path(s),
+                layer: s,
+                found,
+                expected: self.pages[s][i].crc,
+            });
         }
-        self.stats.flash_read_bytes += buf.as_bytes().len() as u64;
+        self.stats.flash_read_bytes += bytes.len() as u64;
         self.stats.flash_reads += 1;
         Ok(buf)
     }
 
-    /// Distance (in accesses) from the cursor to the next use of slab `s`.
-    fn next_use(&self, s: usize) -> usize {
+    /// Accesses from now until page (s, i) is needed again; pages the
+    /// current access has not reached yet are needed now (0).
+    fn next_use(&self, s: usize, i: usize) -> usize {
+        if let Some((layer, done)) = &self.current {
+            if self.layout.layer_slabs[*layer].contains(&s) && !done.contains(&(s, i)) {
+                return 0;
+            }
+        }
         let n = self.sequence.len();
-        (0..n).find(|i| self.sequence[(self.cursor + i) % n].contains(&s)).unwrap_or(usize::MAX)
+        (1..=n)
+            .find(|d| self.layout.layer_slabs[self.sequence[(self.cursor + d) % n]].contains(&s))
+            .unwrap_or(usize::MAX)
     }
 
-    /// Brings slab `s` into DRAM, evicting others (keeping those in `keep`).
-    fn ensure_resident(&mut self, s: usize, keep: &[usize]) -> Result<()> {
-        if self.slabs[s].dram.is_some() {
+    /// Brings page (s, i) into DRAM, evicting the page needed furthest ahead.
+    fn ensure_resident(&mut self, s: usize, i: usize) -> Result<()> {
+        if self.pages[s][i].dram.is_some() {
             return Ok(());
         }
-        let need = self.layout.slab_bytes(s);
-        while self.stats.dram_bytes + need > self.dram_budget {
-            let victim = (0..self.slabs.len())
-                .filter(|&v| self.slabs[v].dram.is_some() && v != s && !keep.contains(&v))
-                .max_by_key(|&v| (self.next_use(v), v))
-                .expect("the budget holds one layer's slabs (checked at creation)");
-            self.evict(victim)?;
+        let (p0, p1) = self.page_range(s, i);
+        let need = 16 * (p1 - p0) as u64;
+        while self.stats.dram_bytes + need > self.config.dram_budget {
+            let victim = (0..self.pages.len())
+                .flat_map(|vs| (0..self.pages[vs].len()).map(move |vi| (vs, vi)))
+                .filter(|&(vs, vi)| self.pages[vs][vi].dram.is_some() && (vs, vi) != (s, i))
+                .max_by_key(|&(vs, vi)| (self.next_use(vs, vi), vs, vi))
+                .expect("the budget holds the largest page (checked at creation)");
+            self.evict(victim.0, victim.1)?;
         }
-        let buf = self.read_slab(s)?;
-        self.slabs[s].dram = Some(buf);
-        self.slabs[s].dirty = false;
+        let buf = self.read_page(s, i)?;
+        self.pages[s][i].dram = Some(buf);
+        self.pages[s][i].dirty = false;
         self.stats.dram_bytes += need;
         self.stats.dram_bytes_peak = self.stats.dram_bytes_peak.max(self.stats.dram_bytes);
         Ok(())
     }
 
-    fn evict(&mut self, s: usize) -> Result<()> {
-        let buf = self.slabs[s].dram.take().expect("evicting a resident slab");
-        if self.slabs[s].dirty {
-            self.write_slab(s, &buf)?;
-            self.slabs[s].dirty = false;
+    fn evict(&mut self, s: usize, i: usize) -> Result<()> {
+        let buf = self.pages[s][i].dram.take().expect("evicting a resident page");
+        if self.pages[s][i].dirty {
+            self.write_page(s, i, &buf)?;
+            self.pages[s][i].dirty = false;
         }
-        self.stats.dram_bytes -= self.layout.slab_bytes(s);
+        let (p0, p1) = self.page_range(s, i);
+        self.stats.dram_bytes -= 16 * (p1 - p0) as u64;
         Ok(())
     }
 
-    /// Applies the pending update of slab `s` (which must be resident).
-    fn apply_pending(&mut self, s: usize) {
-        let Some(p) = self.slabs[s].pending.take() else { return };
-        let n = self.layout.slab_params[s];
-        let buf = self.slabs[s].dram.as_mut().expect("resident");
-        let (w, rest) = buf.split_at_mut(n);
-        let (g, rest) = rest.split_at_mut(n);
-        let (m, v) = rest.split_at_mut(n);
-        for &t in &self.layout.owned[s] {
-            let (off, len) = (self.layout.place[t].1, self.spec.tensors[t].numel());
-            let r = off..off + len;
-            let step = AdamWStep {
-                lr: p.lr,
-                beta1: self.opt.beta1,
-                beta2: self.opt.beta2,
-                eps: self.opt.eps,
-                weight_decay: if self.spec.tensors[t].decay { self.opt.weight_decay } else { 0.0 },
-                t: p.t,
-                grad_scale: p.grad_scale,
-            };
-            adamw_update(&mut w[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r], step);
+    /// Makes page (s, i) resident and up to date; returns its buffer.
+    fn page(&mut self, s: usize, i: usize) -> Result<&mut AlignedBuf> {
+        self.ensure_resident(s, i)?;
+        if let Some(p) = self.pages[s][i].pending.take() {
+            let (p0, p1) = self.page_range(s, i);
+            let len = p1 - p0;
+            let opt = self.config.optimizer;
+            let buf = self.pages[s][i].dram.as_mut().expect("resident");
+            let (w, rest) = buf.split_at_mut(len);
+            let (g, rest) = rest.split_at_mut(len);
+            let (m, v) = rest.split_at_mut(len);
+            for &t in &self.layout.owned[s] {
+                let off = self.layout.place[t].1;
+                let (lo, hi) = (off.max(p0), (off + self.spec.tensors[t].numel()).min(p1));
+                if lo >= hi {
+                    continue;
+                }
+                let r = lo - p0..hi - p0;
+                let step = AdamWStep {
+                    lr: p.lr,
+                    beta1: opt.beta1,
+                    beta2: opt.beta2,
+                    eps: opt.eps,
+                    weight_decay: if self.spec.tensors[t].decay { opt.weight_decay } else { 0.0 },
+                    t: p.t,
+                    grad_scale: p.grad_scale,
+                };
+                adamw_update(&mut w[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r], step);
+            }
+            g.fill(0.0);
+            self.pages[s][i].dirty = true;
         }
-        g.fill(0.0);
-        self.slabs[s].dirty = true;
+        Ok(self.pages[s][i].dram.as_mut().expect("resident"))
     }
 
-    /// Makes the slabs of `layer` resident and up to date, and advances the
-    /// eviction cursor past this access.
-    fn prepare_layer(&mut self, layer: usize) -> Result<()> {
-        let slabs = self.layout.layer_slabs[layer].clone();
-        for &s in &slabs {
-            self.ensure_resident(s, &slabs)?;
-            self.apply_pending(s);
+    /// Visits layer `layer`'s tensors page by page in layer order:
+    /// `f(tensor, page buffer, page length, overlap in page coordinates,
+    /// offset of the overlap within the layer's concatenated tensors)`.
+    fn for_layer_pages(
+        &mut self,
+        layer: usize,
+        mut f: impl FnMut(&mut Store, usize, usize, usize, std::ops::Range<usize>, usize),
+    ) -> Result<()> {
+        self.current = Some((layer, Vec::new()));
+        let mut o = 0;
+        for &t in &self.spec.layers[layer].tensors.clone() {
+            let (s, off) = self.layout.place[t];
+            let len = self.spec.tensors[t].numel();
+            let parts: Vec<_> = self.layout.pages_over(s, off..off + len).collect();
+            for (i, p0, lo, hi) in parts {
+                let page_len = self.layout.pages[s][i + 1] - p0;
+                self.page(s, i)?;
+                f(self, s, i, page_len, lo - p0..hi - p0, o + lo - off);
+                if let Some((_, done)) = &mut self.current {
+                    done.push((s, i));
+                }
+            }
+            o += len;
         }
+        self.current = None;
         if !self.sequence.is_empty() {
             self.cursor = (self.cursor + 1) % self.sequence.len();
         }
@@ -385,59 +497,61 @@ impl Store {
 
     /// Copies the weights of `layer` (its tensors in layer order) into `out`.
     pub fn read_layer(&mut self, layer: usize, out: &mut [f32]) -> Result<()> {
-        self.prepare_layer(layer)?;
-        let mut o = 0;
-        for &t in &self.spec.layers[layer].tensors {
-            let (s, off) = self.layout.place[t];
-            let len = self.spec.tensors[t].numel();
-            let w = &self.slabs[s].dram.as_ref().expect("resident")[off..off + len];
-            out[o..o + len].copy_from_slice(w);
-            o += len;
-        }
-        assert_eq!(o, out.len(), "layer {layer}: buffer of {} floats for {o}", out.len());
-        Ok(())
+        assert_eq!(out.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong buffer size");
+        self.for_layer_pages(layer, |st, s, i, _len, r, o| {
+            let w = &st.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
+            out[o..o + r.len()].copy_from_slice(w);
+        })
     }
 
     /// Adds one contribution to the gradients of `layer` (its tensors in
-    /// layer order, as the worker computed them).
+    /// layer order, as the worker computed them). A tensor's last
+    /// contribution of the step also takes its sum of squares, element by
+    /// element in order as [`ws_kernels::math::sum_of_squares_f64`] does.
     pub fn accumulate(&mut self, layer: usize, grads: &[f32]) -> Result<()> {
-        let slabs = self.layout.layer_slabs[layer].clone();
-        for &s in &slabs {
-            self.ensure_resident(s, &slabs)?;
-            self.apply_pending(s);
-        }
-        let mut o = 0;
-        for &t in &self.spec.layers[layer].tensors {
-            let (s, off) = self.layout.place[t];
-            let len = self.spec.tensors[t].numel();
-            let n = self.layout.slab_params[s];
-            let buf = self.slabs[s].dram.as_mut().expect("resident");
-            let g = &mut buf[n + off..n + off + len];
-            ws_kernels::parallel::add_inplace(g, &grads[o..o + len]);
+        assert_eq!(grads.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong gradient size");
+        let tensors = self.spec.layers[layer].tensors.clone();
+        for &t in &tensors {
             assert!(self.contributions_left[t] > 0, "more contributions to tensor {t} than the schedule sends");
             self.contributions_left[t] -= 1;
             if self.contributions_left[t] == 0 {
-                self.grad_sq[t] = ws_kernels::math::sum_of_squares_f64(g);
+                self.grad_sq[t] = 0.0;
             }
-            self.slabs[s].dirty = true;
-            o += len;
         }
-        assert_eq!(o, grads.len());
-        Ok(())
+        self.for_layer_pages(layer, |st, s, i, len, r, o| {
+            let t = st.tensor_at(s, st.layout.pages[s][i] + r.start);
+            let g = &mut st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end];
+            ws_kernels::parallel::add_inplace(g, &grads[o..o + r.len()]);
+            if st.contributions_left[t] == 0 {
+                st.grad_sq[t] = ws_kernels::math::sum_of_squares_f64_from(st.grad_sq[t], g);
+            }
+            st.pages[s][i].dirty = true;
+        })
+    }
+
+    /// The tensor of slab `s` that holds parameter `p`.
+    fn tensor_at(&self, s: usize, p: usize) -> usize {
+        *self.layout.owned[s]
+            .iter()
+            .find(|&&t| {
+                let off = self.layout.place[t].1;
+                (off..off + self.spec.tensors[t].numel()).contains(&p)
+            })
+            .expect("every parameter of a slab belongs to one of its tensors")
     }
 
     /// Closes the step: global norm from the complete gradients, clip
     /// factor, and a pending AdamW update (step `t` = version + 1) on every
-    /// slab. Returns the gradient norm before clipping.
+    /// page. Returns the gradient norm before clipping.
     pub fn finish_step(&mut self, lr: f64) -> f64 {
         assert!(self.contributions_left.iter().all(|&c| c == 0), "a step closed before every contribution arrived");
         let norm = self.grad_sq.iter().sum::<f64>().sqrt();
-        let grad_scale = clip_factor(norm, self.opt.grad_clip);
+        let grad_scale = clip_factor(norm, self.config.optimizer.grad_clip);
         self.version += 1;
         let update = PendingUpdate { lr: lr as f32, t: self.version, grad_scale };
-        for s in &mut self.slabs {
-            assert!(s.pending.is_none(), "a slab skipped its previous update");
-            s.pending = Some(update);
+        for p in self.pages.iter_mut().flatten() {
+            assert!(p.pending.is_none(), "a page skipped its previous update");
+            p.pending = Some(update);
         }
         self.contributions_left.clone_from(&self.contributions_per_step);
         norm
@@ -445,37 +559,54 @@ impl Store {
 
     /// Applies every pending update (before a checkpoint or an export).
     pub fn flush(&mut self) -> Result<()> {
-        for s in 0..self.slabs.len() {
-            if self.slabs[s].pending.is_some() {
-                self.ensure_resident(s, &[s])?;
-                self.apply_pending(s);
+        for s in 0..self.pages.len() {
+            for i in 0..self.pages[s].len() {
+                if self.pages[s][i].pending.is_some() {
+                    self.page(s, i)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Weights and moments of every tensor (after [`Self::flush`]); for
-    /// checkpoints, export and tests. Slabs not in DRAM are read from flash.
-    pub fn snapshot(&mut self) -> Result<(Params, Params, Params)> {
+    /// Calls `f(slab, page, page buffer)` for every page in order, after
+    /// applying pending updates; pages not in DRAM are read from flash
+    /// without entering the tier.
+    fn for_each_page(&mut self, mut f: impl FnMut(usize, usize, &[f32]) -> Result<()>) -> Result<()> {
         self.flush()?;
-        let (mut w, mut m, mut v) = (Params::zeros(&self.spec), Params::zeros(&self.spec), Params::zeros(&self.spec));
-        for s in 0..self.slabs.len() {
-            let n = self.layout.slab_params[s];
-            let loaded;
-            let buf = match &self.slabs[s].dram {
-                Some(b) => b,
-                None => {
-                    loaded = self.read_slab(s)?;
-                    &loaded
+        for s in 0..self.pages.len() {
+            for i in 0..self.pages[s].len() {
+                match &self.pages[s][i].dram {
+                    Some(b) => f(s, i, b)?,
+                    None => {
+                        let b = self.read_page(s, i)?;
+                        f(s, i, &b)?;
+                    }
                 }
-            };
-            for &t in &self.layout.owned[s] {
-                let (off, len) = (self.layout.place[t].1, self.spec.tensors[t].numel());
-                w.tensors[t].copy_from_slice(&buf[off..off + len]);
-                m.tensors[t].copy_from_slice(&buf[2 * n + off..2 * n + off + len]);
-                v.tensors[t].copy_from_slice(&buf[3 * n + off..3 * n + off + len]);
             }
         }
+        Ok(())
+    }
+
+    /// Weights and moments of every tensor; for export and tests.
+    pub fn snapshot(&mut self) -> Result<(Params, Params, Params)> {
+        let (mut w, mut m, mut v) = (Params::zeros(&self.spec), Params::zeros(&self.spec), Params::zeros(&self.spec));
+        let layout = self.layout.clone();
+        let spec = self.spec.clone();
+        self.for_each_page(|s, i, buf| {
+            let (p0, p1) = (layout.pages[s][i], layout.pages[s][i + 1]);
+            let len = p1 - p0;
+            for &t in &layout.owned[s] {
+                let off = layout.place[t].1;
+                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].numel()).min(p1));
+                if lo < hi {
+                    w.tensors[t][lo - off..hi - off].copy_from_slice(&buf[lo - p0..hi - p0]);
+                    m.tensors[t][lo - off..hi - off].copy_from_slice(&buf[2 * len + lo - p0..2 * len + hi - p0]);
+                    v.tensors[t][lo - off..hi - off].copy_from_slice(&buf[3 * len + lo - p0..3 * len + hi - p0]);
+                }
+            }
+            Ok(())
+        })?;
         Ok((w, m, v))
     }
 }
@@ -499,6 +630,11 @@ mod tests {
 
     fn opt() -> OptimizerConfig {
         OptimizerConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 }
+    }
+
+    /// Pages of 256 parameters: the test tensors span several.
+    fn cfg(dram_budget: u64) -> StoreConfig {
+        StoreConfig { dram_budget, page_params: 256, optimizer: opt(), micro_batches: 1 }
     }
 
     fn tmp(name: &str) -> PathBuf {
@@ -528,7 +664,7 @@ mod tests {
     #[test]
     fn the_tied_embedding_lives_in_the_embedding_slab() {
         let spec = spec();
-        let layout = Layout::new(&spec);
+        let layout = Layout::new(&spec, 256);
         let head = spec.layer_count() - 1;
         assert_eq!(layout.place[0].0, 0);
         assert_eq!(layout.layer_slabs[head], vec![0, head]);
@@ -540,10 +676,9 @@ mod tests {
         let spec = spec();
         let params = random_params(&spec, 1);
         let total = 16 * spec.parameter_count() as u64;
-        let min = Layout::new(&spec).min_dram_bytes();
+        let min = Layout::new(&spec, 256).min_dram_bytes();
         for budget in [total, total / 2, min] {
-            let mut store =
-                Store::create(&spec, &params, None, 0, &tmp(&format!("eq{budget}")), budget, opt(), 1).unwrap();
+            let mut store = Store::create(&spec, &params, None, 0, &tmp(&format!("eq{budget}")), cfg(budget)).unwrap();
             let seq: Vec<usize> = (0..spec.layer_count()).chain((0..spec.layer_count()).rev()).collect();
             store.set_access_sequence(&seq);
             // The reference: the same AdamW kernel per tensor, resident.
@@ -585,7 +720,7 @@ mod tests {
     #[test]
     fn a_budget_below_one_layer_is_refused() {
         let spec = spec();
-        let e = Store::create(&spec, &Params::zeros(&spec), None, 0, &tmp("small"), 1000, opt(), 1).err().unwrap();
+        let e = Store::create(&spec, &Params::zeros(&spec), None, 0, &tmp("small"), cfg(1000)).err().unwrap();
         assert!(matches!(e, StoreError::BudgetTooSmall { .. }), "{e}");
     }
 
@@ -593,9 +728,9 @@ mod tests {
     fn a_flipped_byte_in_a_slab_file_is_detected() {
         let spec = spec();
         let dir = tmp("flip");
-        let layout = Layout::new(&spec);
+        let layout = Layout::new(&spec, 256);
         let min = layout.min_dram_bytes();
-        let mut store = Store::create(&spec, &random_params(&spec, 2), None, 0, &dir, min, opt(), 1).unwrap();
+        let mut store = Store::create(&spec, &random_params(&spec, 2), None, 0, &dir, cfg(min)).unwrap();
         let path = dir.join("slab-00002.bin");
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[100] ^= 0x10;
@@ -610,7 +745,7 @@ mod tests {
         let spec = spec();
         let params = random_params(&spec, 3);
         let ckpt = tmp("ckpt");
-        let mut store = Store::create(&spec, &params, None, 0, &tmp("ck-store"), u64::MAX, opt(), 1).unwrap();
+        let mut store = Store::create(&spec, &params, None, 0, &tmp("ck-store"), cfg(u64::MAX)).unwrap();
         one_step(&mut store, &spec, &random_params(&spec, 4), 0.01);
         let first = store.checkpoint(&ckpt, "a = 1").unwrap();
         one_step(&mut store, &spec, &random_params(&spec, 5), 0.01);
@@ -618,7 +753,7 @@ mod tests {
         assert_eq!((first.step, m.step), (1, 2));
         assert!(!ckpt.join(&first.slabs[0].file).exists(), "the older snapshot is removed once the new one is durable");
         let want = store.snapshot().unwrap();
-        let (mut restored, manifest) = Store::restore(&spec, &ckpt, &tmp("ck-restored"), u64::MAX, opt(), 1).unwrap();
+        let (mut restored, manifest) = Store::restore(&spec, &ckpt, &tmp("ck-restored"), cfg(u64::MAX)).unwrap();
         assert_eq!(manifest.run_toml, "a = 2");
         assert_eq!(restored.version, 2);
         assert_eq!(restored.snapshot().unwrap(), want);
@@ -627,7 +762,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[7] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let e = Store::restore(&spec, &ckpt, &tmp("ck-bad"), u64::MAX, opt(), 1).err().unwrap().to_string();
+        let e = Store::restore(&spec, &ckpt, &tmp("ck-bad"), cfg(u64::MAX)).err().unwrap().to_string();
         assert!(e.contains(&m.slabs[1].file) && e.contains("layer 1"), "{e}");
     }
 }

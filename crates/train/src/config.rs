@@ -48,6 +48,8 @@ pub struct StoreSection {
     pub dram_bytes: u64,
     /// DRAM budget as a fraction of the model state (16 bytes per parameter).
     pub dram_fraction: f64,
+    /// Bytes of one page, the unit of DRAM residency (16 bytes per parameter).
+    pub page_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -164,7 +166,7 @@ impl RunConfig {
             train,
             data,
             stream: StreamSection { mode: "streaming".into(), prefetch_depth: 2, dtype: "fp32".into() },
-            store: StoreSection { dram_bytes: 0, dram_fraction: 1.0 },
+            store: StoreSection { dram_bytes: 0, dram_fraction: 1.0, page_bytes: 64 << 20 },
             worker: WorkerSection { memory_bytes: 0 },
         })
     }
@@ -286,6 +288,9 @@ impl RunConfig {
         }
         if ws_kernels::Precision::parse(&st.dtype).is_none() {
             return bad(format!("stream.dtype `{}` is not one of fp32, bf16", st.dtype));
+        }
+        if self.store.page_bytes < 4096 {
+            return bad(format!("store.page_bytes must be at least 4096 (got {})", self.store.page_bytes));
         }
         if !(self.store.dram_fraction > 0.0 && self.store.dram_fraction <= 1.0) {
             return bad(format!("store.dram_fraction must be in (0, 1] (got {})", self.store.dram_fraction));

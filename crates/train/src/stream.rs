@@ -28,7 +28,7 @@ use ws_data::sample_batch;
 use ws_kernels::bf16::{from_bf16, to_bf16};
 use ws_kernels::Precision;
 use ws_model::{ModelSpec, Params, Workspace};
-use ws_store::{Layout, Manifest, OptimizerConfig, Store};
+use ws_store::{Layout, Manifest, OptimizerConfig, Store, StoreConfig};
 
 /// A layer's weights on the wire: its tensors in layer order.
 pub enum Weights {
@@ -87,7 +87,7 @@ pub fn model_state_bytes(spec: &ModelSpec) -> u64 {
 /// Worker memory for a micro-batch of `mb` sequences: weights in flight and
 /// in use, gradient buffers, the bf16 decode buffer, activations.
 pub fn worker_bytes(spec: &ModelSpec, mb: usize, t: usize, prefetch_depth: usize, dtype: Precision) -> u64 {
-    let layout = Layout::new(spec);
+    let layout = Layout::new(spec, ws_store::PAGE_PARAMS_DEFAULT);
     let max_layer = (0..spec.layer_count()).map(|l| layout.layer_params(spec, l)).max().unwrap_or(0) as u64;
     let buffers = (prefetch_depth as u64 + 1) * max_layer;
     let weight_bytes = match dtype {
@@ -246,7 +246,7 @@ impl StreamingTrainer {
         store.set_access_sequence(&train.layer_sequence());
         let k = config.stream.prefetch_depth;
         let dtype = Precision::parse(&config.stream.dtype).expect("validated");
-        let layout = Layout::new(&spec);
+        let layout = store.layout().clone();
         let max_layer = (0..layers).map(|l| layout.layer_params(&spec, l)).max().unwrap_or(0);
         let buffers = k + 1;
         let free = (0..buffers)
@@ -509,6 +509,16 @@ pub fn dram_budget(config: &RunConfig, spec: &ModelSpec) -> u64 {
     }
 }
 
+/// The store's layout and limits for this config.
+pub fn store_config(config: &RunConfig, spec: &ModelSpec, micro_batches: usize) -> StoreConfig {
+    StoreConfig {
+        dram_budget: dram_budget(config, spec),
+        page_params: (config.store.page_bytes / 16).max(1) as usize,
+        optimizer: optimizer_config(config),
+        micro_batches,
+    }
+}
+
 /// A fresh store in `dir` initialised from the config's seed, one slab at a
 /// time (the whole model never sits in memory).
 pub fn create_store(
@@ -517,22 +527,14 @@ pub fn create_store(
     dir: &Path,
     micro_batches: usize,
 ) -> Result<Store, TrainError> {
-    let layout = Layout::new(spec);
-    let store = Store::create_with(
-        spec,
-        0,
-        dir,
-        dram_budget(config, spec),
-        optimizer_config(config),
-        micro_batches,
-        |s, buf| {
-            for &t in &layout.owned[s] {
-                let off = layout.place[t].1;
-                ws_model::params::init_tensor(spec, t, config.train.seed, &mut buf[off..off + spec.tensors[t].numel()]);
-            }
-            Ok(())
-        },
-    )
-    .map_err(|e| TrainError::Config(e.to_string()))?;
-    Ok(store)
+    let sc = store_config(config, spec, micro_batches);
+    let layout = Layout::new(spec, sc.page_params);
+    Store::create_with(spec, 0, dir, sc, |s, buf| {
+        for &t in &layout.owned[s] {
+            let off = layout.place[t].1;
+            ws_model::params::init_tensor(spec, t, config.train.seed, &mut buf[off..off + spec.tensors[t].numel()]);
+        }
+        Ok(())
+    })
+    .map_err(|e| TrainError::Config(e.to_string()))
 }

@@ -296,11 +296,8 @@ pub fn start_engine(config: &RunConfig, run_dir: &Path, resume: Option<&Path>) -
     let store = match resume {
         None => stream::create_store(config, &spec, &store_dir, micro_batches)?,
         Some(ckpt) => {
-            let budget = stream::dram_budget(config, &spec);
-            let opt = stream::optimizer_config(config);
-            ws_store::Store::restore(&spec, ckpt, &store_dir, budget, opt, micro_batches)
-                .map_err(|e| TrainError::Config(e.to_string()))?
-                .0
+            let sc = stream::store_config(config, &spec, micro_batches);
+            ws_store::Store::restore(&spec, ckpt, &store_dir, sc).map_err(|e| TrainError::Config(e.to_string()))?.0
         }
     };
     Ok(Box::new(StreamingTrainer::start(config.clone(), store)?))

@@ -10,8 +10,7 @@ use ws_train::{Engine, RunConfig, Trainer};
 
 fn config(prefetch_depth: usize, dram_fraction: f64) -> RunConfig {
     let mut c = RunConfig::preset("tiny").unwrap();
-    // 12 small blocks and a small vocabulary: one block is 8% of the model,
-    // so a 10% DRAM budget is possible.
+    // 12 small blocks and a small vocabulary.
     c.model = Gpt2Config { n_layer: 12, n_head: 2, n_embd: 32, block_size: 16, vocab_size: 64 };
     c.train.batch_size = 4;
     c.train.micro_batch = 2;
@@ -20,6 +19,8 @@ fn config(prefetch_depth: usize, dram_fraction: f64) -> RunConfig {
     c.train.lr = 3e-3;
     c.stream.prefetch_depth = prefetch_depth;
     c.store.dram_fraction = dram_fraction;
+    // 4 KiB pages (256 parameters): tensors span several, and a 10% budget holds a few.
+    c.store.page_bytes = 4096;
     c.validate().unwrap();
     c
 }
@@ -72,14 +73,10 @@ fn fp32_streaming_equals_resident_bit_for_bit_at_every_depth_and_budget() {
             let stats = store.stats();
             let budget = (16.0 * store.spec().parameter_count() as f64 * fraction).ceil() as u64;
             assert!(stats.dram_bytes_peak <= budget, "DRAM peak {} over budget {budget}", stats.dram_bytes_peak);
-            // A cold start reads each slab from flash once; a partial budget re-reads.
-            let slabs = store.spec().layer_count() as u64;
-            assert_eq!(
-                stats.flash_reads > slabs,
-                fraction < 1.0,
-                "flash reads {} at DRAM {fraction}",
-                stats.flash_reads
-            );
+            // A cold start reads each page from flash once; a partial budget re-reads.
+            let pages = store.layout().pages.iter().map(|b| b.len() as u64 - 1).sum::<u64>();
+            let reads = stats.flash_reads;
+            assert_eq!(reads > pages, fraction < 1.0, "flash reads {reads} of {pages} pages at DRAM {fraction}");
         }
     }
 }
@@ -117,9 +114,8 @@ fn resume_from_a_store_checkpoint_continues_bit_for_bit() {
     let ckpt = first.checkpoint(&run).unwrap();
     drop(first);
     let spec = ModelSpec::new(c.model);
-    let opt = ws_train::stream::optimizer_config(&c);
-    let budget = ws_train::stream::dram_budget(&c, &spec);
-    let (store, manifest) = ws_store::Store::restore(&spec, &ckpt, &tmp("resumed"), budget, opt, 2).unwrap();
+    let sc = ws_train::stream::store_config(&c, &spec, 2);
+    let (store, manifest) = ws_store::Store::restore(&spec, &ckpt, &tmp("resumed"), sc).unwrap();
     assert_eq!(manifest.step, 3);
     let mut second = StreamingTrainer::start(c, store).unwrap();
     assert_eq!(second.step(), 3);
