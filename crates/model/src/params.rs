@@ -10,15 +10,37 @@ use ws_kernels::Rng;
 /// Stream id of weight initialisation in [`Rng::for_stream`].
 const INIT_STREAM: u64 = 1;
 
-/// Initialises tensor `i` of `spec` into `out` (see [`Params::init`]); one
-/// tensor at a time, so a store can initialise a model larger than memory.
+/// Initialises tensor `i` of `spec` into `out` (see [`Params::init`]).
 pub fn init_tensor(spec: &ModelSpec, i: usize, seed: u64, out: &mut [f32]) {
-    let t = &spec.tensors[i];
-    assert_eq!(out.len(), t.numel());
-    match t.init_std {
-        Some(std) => Rng::for_stream(seed, INIT_STREAM, i as u64).fill_normal(out, 0.0, std),
-        None if t.is_layernorm_weight() => out.fill(1.0),
-        None => out.fill(0.0),
+    assert_eq!(out.len(), spec.tensors[i].numel());
+    TensorInit::new(spec, i, seed).fill_next(out);
+}
+
+/// The initial values of one tensor, produced in order piece by piece, so a
+/// store can initialise a tensor larger than its memory budget a page at a
+/// time and get exactly what [`init_tensor`] gives.
+pub struct TensorInit {
+    rng: Rng,
+    std: Option<f32>,
+    constant: f32,
+}
+
+impl TensorInit {
+    pub fn new(spec: &ModelSpec, i: usize, seed: u64) -> TensorInit {
+        let t = &spec.tensors[i];
+        TensorInit {
+            rng: Rng::for_stream(seed, INIT_STREAM, i as u64),
+            std: t.init_std,
+            constant: if t.is_layernorm_weight() { 1.0 } else { 0.0 },
+        }
+    }
+
+    /// The next `out.len()` values.
+    pub fn fill_next(&mut self, out: &mut [f32]) {
+        match self.std {
+            Some(std) => self.rng.fill_normal(out, 0.0, std),
+            None => out.fill(self.constant),
+        }
     }
 }
 

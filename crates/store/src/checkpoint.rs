@@ -11,7 +11,7 @@
 
 use crate::{io, Layout, Result, Store, StoreConfig, StoreError};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use ws_model::ModelSpec;
 
@@ -125,9 +125,11 @@ impl Store {
     }
 
     /// A store (in `store_dir`) holding the checkpoint in `dir`, every slab
-    /// verified against the manifest.
+    /// verified against the manifest. The store keeps the checkpoint's page
+    /// size; it reads one page at a time.
     pub fn restore(spec: &ModelSpec, dir: &Path, store_dir: &Path, config: StoreConfig) -> Result<(Store, Manifest)> {
         let manifest = read_manifest(dir)?;
+        let config = StoreConfig { page_params: manifest.page_params, ..config };
         let saved = Layout::new(spec, manifest.page_params);
         if manifest.slabs.len() != saved.slab_params.len() {
             return Err(bad(
@@ -135,29 +137,41 @@ impl Store {
                 format!("{} slabs for a model of {} layers", manifest.slabs.len(), saved.slab_params.len()),
             ));
         }
-        let store = Store::create_with(spec, manifest.step, store_dir, config, |s, buf| {
-            let e = &manifest.slabs[s];
-            let n = saved.slab_params[s];
-            let path: PathBuf = dir.join(&e.file);
-            if e.layer != s || e.bytes != 12 * n as u64 {
+        for (s, e) in manifest.slabs.iter().enumerate() {
+            let n = saved.slab_params[s] as u64;
+            if e.layer != s || e.bytes != 12 * n {
+                let path = dir.join(&e.file);
                 return Err(bad(
                     &path,
                     format!("entry for layer {} of {} bytes; layer {s} needs {}", e.layer, e.bytes, 12 * n),
                 ));
             }
-            let raw = std::fs::read(&path).map_err(io("cannot read checkpoint slab", &path))?;
-            let found = crc32fast::hash(&raw);
-            if raw.len() as u64 != e.bytes || found != e.crc32 {
-                return Err(StoreError::Corrupt { path, layer: s, found, expected: e.crc32 });
+        }
+        let mut open: Option<(usize, std::fs::File, crc32fast::Hasher)> = None;
+        let mut raw = Vec::new();
+        let store = Store::create_with(spec, manifest.step, store_dir, config, |s, p0, p1, page| {
+            let e = &manifest.slabs[s];
+            let path: PathBuf = dir.join(&e.file);
+            if open.as_ref().is_none_or(|o| o.0 != s) {
+                let f = std::fs::File::open(&path).map_err(io("cannot open checkpoint slab", &path))?;
+                open = Some((s, f, crc32fast::Hasher::new()));
             }
-            let mut at = 0;
-            for w in saved.pages[s].windows(2) {
-                let (p0, p1) = (w[0], w[1]);
-                for region in [0, 2, 3] {
-                    for x in &mut buf[region * n + p0..region * n + p1] {
-                        *x = f32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
-                        at += 4;
-                    }
+            let (_, f, crc) = open.as_mut().expect("opened above");
+            let len = p1 - p0;
+            raw.resize(12 * len, 0);
+            f.read_exact(&mut raw).map_err(io("cannot read checkpoint slab", &path))?;
+            crc.update(&raw);
+            for (k, region) in [0, 2, 3].into_iter().enumerate() {
+                for (j, x) in page[region * len..(region + 1) * len].iter_mut().enumerate() {
+                    let at = 4 * (k * len + j);
+                    *x = f32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
+                }
+            }
+            if p1 == saved.slab_params[s] {
+                let (_, _, crc) = open.take().expect("opened above");
+                let found = crc.finalize();
+                if found != e.crc32 {
+                    return Err(StoreError::Corrupt { path, layer: s, found, expected: e.crc32 });
                 }
             }
             Ok(())

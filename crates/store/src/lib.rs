@@ -234,30 +234,34 @@ impl Store {
         config: StoreConfig,
     ) -> Result<Store> {
         let layout = Layout::new(spec, config.page_params);
-        Store::create_with(spec, version, dir, config, |s, buf| {
-            let n = layout.slab_params[s];
+        Store::create_with(spec, version, dir, config, |s, p0, p1, page| {
+            let len = p1 - p0;
             for &t in &layout.owned[s] {
                 let off = layout.place[t].1;
-                let len = spec.tensors[t].numel();
-                buf[off..off + len].copy_from_slice(&params.tensors[t]);
+                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].numel()).min(p1));
+                if lo >= hi {
+                    continue;
+                }
+                page[lo - p0..hi - p0].copy_from_slice(&params.tensors[t][lo - off..hi - off]);
                 if let Some((m, v)) = moments {
-                    buf[2 * n + off..2 * n + off + len].copy_from_slice(&m.tensors[t]);
-                    buf[3 * n + off..3 * n + off + len].copy_from_slice(&v.tensors[t]);
+                    page[2 * len + lo - p0..2 * len + hi - p0].copy_from_slice(&m.tensors[t][lo - off..hi - off]);
+                    page[3 * len + lo - p0..3 * len + hi - p0].copy_from_slice(&v.tensors[t][lo - off..hi - off]);
                 }
             }
             Ok(())
         })
     }
 
-    /// A store whose slabs `fill(slab, buffer)` writes, one slab at a time
-    /// (a model larger than memory never exists whole in DRAM). The buffer
-    /// is zeroed and laid out by region: weights | gradient | m | v, n each.
+    /// A store whose pages `fill(slab, p0, p1, page)` writes, page by page
+    /// in order (slabs ascending, pages ascending), so creating a model larger
+    /// than memory takes one page of memory. The page buffer is zeroed and
+    /// laid out weights | gradient | m | v, `p1 - p0` parameters each.
     pub fn create_with(
         spec: &ModelSpec,
         version: u64,
         dir: &Path,
         config: StoreConfig,
-        mut fill: impl FnMut(usize, &mut [f32]) -> Result<()>,
+        mut fill: impl FnMut(usize, usize, usize, &mut [f32]) -> Result<()>,
     ) -> Result<Store> {
         let layout = Layout::new(spec, config.page_params);
         let needed = layout.min_dram_bytes();
@@ -304,18 +308,12 @@ impl Store {
             cursor: 0,
             current: None,
         };
-        // Every slab goes to flash first: the flash tier holds everything.
+        // Every page goes to flash first: the flash tier holds everything.
         for s in 0..spec.layer_count() {
-            let n = store.layout.slab_params[s];
-            let mut slab = vec![0f32; 4 * n];
-            fill(s, &mut slab)?;
             let bounds = store.layout.pages[s].clone();
             for (i, w) in bounds.windows(2).enumerate() {
-                let (p0, p1) = (w[0], w[1]);
-                let mut page = AlignedBuf::zeroed(4 * (p1 - p0));
-                for r in 0..4 {
-                    page[r * (p1 - p0)..(r + 1) * (p1 - p0)].copy_from_slice(&slab[r * n + p0..r * n + p1]);
-                }
+                let mut page = AlignedBuf::zeroed(4 * (w[1] - w[0]));
+                fill(s, w[0], w[1], &mut page)?;
                 store.write_page(s, i, &page)?;
             }
         }
@@ -365,6 +363,14 @@ impl Store {
     fn read_page(&mut self, s: usize, i: usize) -> Result<AlignedBuf> {
         let (p0, p1) = self.page_range(s, i);
         let mut buf = AlignedBuf::zeroed(4 * (p1 - p0));
+        self.read_page_into(s, i, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads page (s, i) from flash into `buf` (of the page's size), verified.
+    fn read_page_into(&mut self, s: usize, i: usize, buf: &mut AlignedBuf) -> Result<()> {
+        let (p0, p1) = self.page_range(s, i);
+        assert_eq!(buf.len(), 4 * (p1 - p0));
         let bytes = &mut buf.as_bytes_mut()[..16 * (p1 - p0)];
         self.files[s].read_exact_at(bytes, 16 * p0 as u64).map_err(io("cannot read slab file", &self.slab_path(s)))?;
         let found = crc32fast::hash(bytes);
@@ -378,7 +384,7 @@ impl Store {
         }
         self.stats.flash_read_bytes += bytes.len() as u64;
         self.stats.flash_reads += 1;
-        Ok(buf)
+        Ok(())
     }
 
     /// Accesses from now until page (s, i) is needed again; pages the
@@ -402,15 +408,22 @@ impl Store {
         }
         let (p0, p1) = self.page_range(s, i);
         let need = 16 * (p1 - p0) as u64;
+        // A victim's buffer of the same size is reused: no fresh allocation
+        // (page faults, zeroing) per page read.
+        let mut reuse = None;
         while self.stats.dram_bytes + need > self.config.dram_budget {
             let victim = (0..self.pages.len())
                 .flat_map(|vs| (0..self.pages[vs].len()).map(move |vi| (vs, vi)))
                 .filter(|&(vs, vi)| self.pages[vs][vi].dram.is_some() && (vs, vi) != (s, i))
                 .max_by_key(|&(vs, vi)| (self.next_use(vs, vi), vs, vi))
                 .expect("the budget holds the largest page (checked at creation)");
-            self.evict(victim.0, victim.1)?;
+            let freed = self.evict(victim.0, victim.1)?;
+            if reuse.is_none() && freed.len() == 4 * (p1 - p0) {
+                reuse = Some(freed);
+            }
         }
-        let buf = self.read_page(s, i)?;
+        let mut buf = reuse.unwrap_or_else(|| AlignedBuf::zeroed(4 * (p1 - p0)));
+        self.read_page_into(s, i, &mut buf)?;
         self.pages[s][i].dram = Some(buf);
         self.pages[s][i].dirty = false;
         self.stats.dram_bytes += need;
@@ -418,7 +431,8 @@ impl Store {
         Ok(())
     }
 
-    fn evict(&mut self, s: usize, i: usize) -> Result<()> {
+    /// Drops page (s, i) from DRAM, writing it behind if dirty; returns its buffer.
+    fn evict(&mut self, s: usize, i: usize) -> Result<AlignedBuf> {
         let buf = self.pages[s][i].dram.take().expect("evicting a resident page");
         if self.pages[s][i].dirty {
             self.write_page(s, i, &buf)?;
@@ -426,7 +440,7 @@ impl Store {
         }
         let (p0, p1) = self.page_range(s, i);
         self.stats.dram_bytes -= 16 * (p1 - p0) as u64;
-        Ok(())
+        Ok(buf)
     }
 
     /// Makes page (s, i) resident and up to date; returns its buffer.

@@ -91,6 +91,9 @@ pub struct TrainSection {
     pub eval_batches: usize,
     /// Save a checkpoint every this many steps (and at the end); 0: only at the end.
     pub checkpoint_interval: u64,
+    /// Also write the final weights as a Hugging Face checkpoint
+    /// (`checkpoint-<step>/`); streaming runs gather the weights for it.
+    pub export_hf: bool,
     /// Precision of the linear layers' products: "fp32", or "bf16" (bf16
     /// inputs, fp32 accumulation, through oneDNN; master weights stay fp32).
     pub precision: String,
@@ -130,6 +133,7 @@ impl RunConfig {
             eval_interval: 50,
             eval_batches: 8,
             checkpoint_interval: 0,
+            export_hf: true,
             precision: "fp32".into(),
             threads: 0,
         };

@@ -41,6 +41,19 @@ impl MetricsWriter {
     }
 }
 
+/// Replaces the metrics file with `records` (a resumed run drops the steps
+/// after its checkpoint, which it computes again). Temporary file, rename.
+pub fn rewrite(path: &Path, records: &[Record]) -> Result<(), TrainError> {
+    let mut text = Vec::new();
+    for r in records {
+        text.extend_from_slice(&serde_json::to_vec(r).expect("json"));
+        text.push(b'\n');
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, text).map_err(|e| TrainError::io("cannot write metrics", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io("cannot replace metrics", path, e))
+}
+
 /// Reads a metrics file back (for the plot and for tests).
 pub fn read(path: &Path) -> Result<Vec<Record>, TrainError> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("cannot read metrics", path, e))?;

@@ -529,10 +529,20 @@ pub fn create_store(
 ) -> Result<Store, TrainError> {
     let sc = store_config(config, spec, micro_batches);
     let layout = Layout::new(spec, sc.page_params);
-    Store::create_with(spec, 0, dir, sc, |s, buf| {
+    // Each tensor's initial values are drawn in order, page by page.
+    let mut init: Option<(usize, ws_model::params::TensorInit)> = None;
+    Store::create_with(spec, 0, dir, sc, |s, p0, p1, page| {
         for &t in &layout.owned[s] {
             let off = layout.place[t].1;
-            ws_model::params::init_tensor(spec, t, config.train.seed, &mut buf[off..off + spec.tensors[t].numel()]);
+            let (lo, hi) = (off.max(p0), (off + spec.tensors[t].numel()).min(p1));
+            if lo >= hi {
+                continue;
+            }
+            if init.as_ref().is_none_or(|(it, _)| *it != t) {
+                assert_eq!(lo, off, "a tensor's first page comes first");
+                init = Some((t, ws_model::params::TensorInit::new(spec, t, config.train.seed)));
+            }
+            init.as_mut().expect("set above").1.fill_next(&mut page[lo - p0..hi - p0]);
         }
         Ok(())
     })

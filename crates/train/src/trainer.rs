@@ -344,11 +344,16 @@ fn train_loop(
     run_dir: &Path,
     progress: &mut dyn Progress,
 ) -> Result<PathBuf, TrainError> {
-    let mut metrics = MetricsWriter::create(&run_dir.join("metrics.jsonl"))?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut records = crate::metrics::read(&metrics_path).unwrap_or_default();
+    let before = records.len();
+    records.retain(|r| r.step <= engine.step());
+    if records.len() != before {
+        crate::metrics::rewrite(&metrics_path, &records)?;
+    }
+    let mut metrics = MetricsWriter::create(&metrics_path)?;
     progress.started(engine.as_ref(), run_dir);
     let tc = &config.train;
-    let mut records = crate::metrics::read(&run_dir.join("metrics.jsonl")).unwrap_or_default();
-    records.retain(|r| r.step <= engine.step());
     let streaming = config.stream.mode == "streaming";
     while engine.step() < tc.steps {
         let stats = engine.train_step(&data.train)?;
@@ -382,7 +387,7 @@ fn train_loop(
             plot::write_loss_svg(&run_dir.join("loss.svg"), &records, &format!("weightstream {}", config.preset))?;
         }
     }
-    if streaming {
+    if streaming && config.train.export_hf {
         // The Hugging Face export of the final weights, beside the store checkpoint.
         let dir = checkpoint::dir_for_step(run_dir, engine.step());
         if !dir.exists() {
