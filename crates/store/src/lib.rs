@@ -63,6 +63,11 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreEr
     move |source| StoreError::Io { what, path, source }
 }
 
+/// Region masks of a page: weights, gradient, first and second moments.
+const WEIGHTS: u8 = 0b0001;
+const GRADIENT: u8 = 0b0010;
+const ALL: u8 = 0b1111;
+
 /// Parameters per page by default: 64 MiB of slab (four fp32 regions).
 pub const PAGE_PARAMS_DEFAULT: usize = 4 << 20;
 
@@ -182,10 +187,14 @@ struct PendingUpdate {
 struct Page {
     /// In DRAM when `Some`: weights | gradient | m | v of the page's parameters.
     dram: Option<AlignedBuf>,
-    /// DRAM copy differs from flash.
-    dirty: bool,
-    /// CRC32 of the page's bytes on flash as last written.
-    crc: u32,
+    /// Regions (bit r: 0 weights, 1 gradient, 2 m, 3 v) whose DRAM copy
+    /// differs from flash; only the span covering them is written back.
+    dirty: u8,
+    /// Regions present in the DRAM copy (a backward pass needs only the
+    /// weights and the gradient, so the moments stay on flash).
+    valid: u8,
+    /// CRC32 of each region on flash as last written.
+    crc: [u32; 4],
     pending: Option<PendingUpdate>,
 }
 
@@ -290,7 +299,9 @@ impl Store {
         let pages = layout
             .pages
             .iter()
-            .map(|b| (0..b.len() - 1).map(|_| Page { dram: None, dirty: false, crc: 0, pending: None }).collect())
+            .map(|b| {
+                (0..b.len() - 1).map(|_| Page { dram: None, dirty: 0, valid: 0, crc: [0; 4], pending: None }).collect()
+            })
             .collect();
         let mut store = Store {
             spec: spec.clone(),
@@ -352,37 +363,48 @@ impl Store {
     }
 
     fn write_page(&mut self, s: usize, i: usize, buf: &AlignedBuf) -> Result<()> {
+        self.write_regions(s, i, buf, ALL)
+    }
+
+    /// Writes back the `dirty` regions of page (s, i) (one positioned write
+    /// each) and records their checksums.
+    fn write_regions(&mut self, s: usize, i: usize, buf: &AlignedBuf, dirty: u8) -> Result<()> {
         let (p0, p1) = self.page_range(s, i);
-        let bytes = &buf.as_bytes()[..16 * (p1 - p0)];
-        self.files[s].write_all_at(bytes, 16 * p0 as u64).map_err(io("cannot write slab file", &self.slab_path(s)))?;
-        self.pages[s][i].crc = crc32fast::hash(bytes);
-        self.stats.flash_write_bytes += bytes.len() as u64;
+        let region = 4 * (p1 - p0);
+        for r in (0..4).filter(|r| dirty & (1 << r) != 0) {
+            let bytes = &buf.as_bytes()[r * region..(r + 1) * region];
+            let at = (16 * p0 + r * region) as u64;
+            self.files[s].write_all_at(bytes, at).map_err(io("cannot write slab file", &self.slab_path(s)))?;
+            self.pages[s][i].crc[r] = crc32fast::hash(bytes);
+            self.stats.flash_write_bytes += bytes.len() as u64;
+        }
         Ok(())
     }
 
     fn read_page(&mut self, s: usize, i: usize) -> Result<AlignedBuf> {
         let (p0, p1) = self.page_range(s, i);
         let mut buf = AlignedBuf::zeroed(4 * (p1 - p0));
-        self.read_page_into(s, i, &mut buf)?;
+        self.read_regions_into(s, i, &mut buf, ALL)?;
         Ok(buf)
     }
 
-    /// Reads page (s, i) from flash into `buf` (of the page's size), verified.
-    fn read_page_into(&mut self, s: usize, i: usize, buf: &mut AlignedBuf) -> Result<()> {
+    /// Reads the regions `mask` of page (s, i) from flash into `buf` (of
+    /// the page's size), each verified against its checksum.
+    fn read_regions_into(&mut self, s: usize, i: usize, buf: &mut AlignedBuf, mask: u8) -> Result<()> {
         let (p0, p1) = self.page_range(s, i);
         assert_eq!(buf.len(), 4 * (p1 - p0));
-        let bytes = &mut buf.as_bytes_mut()[..16 * (p1 - p0)];
-        self.files[s].read_exact_at(bytes, 16 * p0 as u64).map_err(io("cannot read slab file", &self.slab_path(s)))?;
-        let found = crc32fast::hash(bytes);
-        if found != self.pages[s][i].crc {
-            return Err(StoreError::Corrupt {
-                path: self.slab_path(s),
-                layer: s,
-                found,
-                expected: self.pages[s][i].crc,
-            });
+        let region = 4 * (p1 - p0);
+        for r in (0..4).filter(|r| mask & (1 << r) != 0) {
+            let bytes = &mut buf.as_bytes_mut()[r * region..(r + 1) * region];
+            let at = (16 * p0 + r * region) as u64;
+            self.files[s].read_exact_at(bytes, at).map_err(io("cannot read slab file", &self.slab_path(s)))?;
+            let found = crc32fast::hash(bytes);
+            let expected = self.pages[s][i].crc[r];
+            if found != expected {
+                return Err(StoreError::Corrupt { path: self.slab_path(s), layer: s, found, expected });
+            }
+            self.stats.flash_read_bytes += bytes.len() as u64;
         }
-        self.stats.flash_read_bytes += bytes.len() as u64;
         self.stats.flash_reads += 1;
         Ok(())
     }
@@ -401,9 +423,15 @@ impl Store {
             .unwrap_or(usize::MAX)
     }
 
-    /// Brings page (s, i) into DRAM, evicting the page needed furthest ahead.
-    fn ensure_resident(&mut self, s: usize, i: usize) -> Result<()> {
-        if self.pages[s][i].dram.is_some() {
+    /// Brings regions `need` of page (s, i) into DRAM, evicting the page
+    /// needed furthest ahead to make room.
+    fn ensure_resident(&mut self, s: usize, i: usize, need_regions: u8) -> Result<()> {
+        if let Some(mut buf) = self.pages[s][i].dram.take() {
+            let missing = need_regions & !self.pages[s][i].valid;
+            let r = if missing != 0 { self.read_regions_into(s, i, &mut buf, missing) } else { Ok(()) };
+            self.pages[s][i].dram = Some(buf);
+            r?;
+            self.pages[s][i].valid |= missing;
             return Ok(());
         }
         let (p0, p1) = self.page_range(s, i);
@@ -423,9 +451,10 @@ impl Store {
             }
         }
         let mut buf = reuse.unwrap_or_else(|| AlignedBuf::zeroed(4 * (p1 - p0)));
-        self.read_page_into(s, i, &mut buf)?;
+        self.read_regions_into(s, i, &mut buf, need_regions)?;
+        self.pages[s][i].valid = need_regions;
         self.pages[s][i].dram = Some(buf);
-        self.pages[s][i].dirty = false;
+        self.pages[s][i].dirty = 0;
         self.stats.dram_bytes += need;
         self.stats.dram_bytes_peak = self.stats.dram_bytes_peak.max(self.stats.dram_bytes);
         Ok(())
@@ -434,18 +463,22 @@ impl Store {
     /// Drops page (s, i) from DRAM, writing it behind if dirty; returns its buffer.
     fn evict(&mut self, s: usize, i: usize) -> Result<AlignedBuf> {
         let buf = self.pages[s][i].dram.take().expect("evicting a resident page");
-        if self.pages[s][i].dirty {
-            self.write_page(s, i, &buf)?;
-            self.pages[s][i].dirty = false;
+        let dirty = self.pages[s][i].dirty;
+        assert_eq!(dirty & !self.pages[s][i].valid, 0, "only regions in DRAM can be dirty");
+        if dirty != 0 {
+            self.write_regions(s, i, &buf, dirty)?;
+            self.pages[s][i].dirty = 0;
         }
         let (p0, p1) = self.page_range(s, i);
         self.stats.dram_bytes -= 16 * (p1 - p0) as u64;
         Ok(buf)
     }
 
-    /// Makes page (s, i) resident and up to date; returns its buffer.
-    fn page(&mut self, s: usize, i: usize) -> Result<&mut AlignedBuf> {
-        self.ensure_resident(s, i)?;
+    /// Makes regions `need` of page (s, i) resident and up to date (a
+    /// pending update needs all four); returns its buffer.
+    fn page(&mut self, s: usize, i: usize, need: u8) -> Result<&mut AlignedBuf> {
+        let need = if self.pages[s][i].pending.is_some() { ALL } else { need };
+        self.ensure_resident(s, i, need)?;
         if let Some(p) = self.pages[s][i].pending.take() {
             let (p0, p1) = self.page_range(s, i);
             let len = p1 - p0;
@@ -473,7 +506,7 @@ impl Store {
                 adamw_update(&mut w[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r], step);
             }
             g.fill(0.0);
-            self.pages[s][i].dirty = true;
+            self.pages[s][i].dirty = ALL;
         }
         Ok(self.pages[s][i].dram.as_mut().expect("resident"))
     }
@@ -484,6 +517,7 @@ impl Store {
     fn for_layer_pages(
         &mut self,
         layer: usize,
+        need: u8,
         mut f: impl FnMut(&mut Store, usize, usize, usize, std::ops::Range<usize>, usize),
     ) -> Result<()> {
         self.current = Some((layer, Vec::new()));
@@ -494,7 +528,7 @@ impl Store {
             let parts: Vec<_> = self.layout.pages_over(s, off..off + len).collect();
             for (i, p0, lo, hi) in parts {
                 let page_len = self.layout.pages[s][i + 1] - p0;
-                self.page(s, i)?;
+                self.page(s, i, need)?;
                 f(self, s, i, page_len, lo - p0..hi - p0, o + lo - off);
                 if let Some((_, done)) = &mut self.current {
                     done.push((s, i));
@@ -512,7 +546,7 @@ impl Store {
     /// Copies the weights of `layer` (its tensors in layer order) into `out`.
     pub fn read_layer(&mut self, layer: usize, out: &mut [f32]) -> Result<()> {
         assert_eq!(out.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong buffer size");
-        self.for_layer_pages(layer, |st, s, i, _len, r, o| {
+        self.for_layer_pages(layer, WEIGHTS, |st, s, i, _len, r, o| {
             let w = &st.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
             out[o..o + r.len()].copy_from_slice(w);
         })
@@ -532,14 +566,14 @@ impl Store {
                 self.grad_sq[t] = 0.0;
             }
         }
-        self.for_layer_pages(layer, |st, s, i, len, r, o| {
+        self.for_layer_pages(layer, GRADIENT, |st, s, i, len, r, o| {
             let t = st.tensor_at(s, st.layout.pages[s][i] + r.start);
             let g = &mut st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end];
             ws_kernels::parallel::add_inplace(g, &grads[o..o + r.len()]);
             if st.contributions_left[t] == 0 {
                 st.grad_sq[t] = ws_kernels::math::sum_of_squares_f64_from(st.grad_sq[t], g);
             }
-            st.pages[s][i].dirty = true;
+            st.pages[s][i].dirty |= 0b0010;
         })
     }
 
@@ -576,7 +610,7 @@ impl Store {
         for s in 0..self.pages.len() {
             for i in 0..self.pages[s].len() {
                 if self.pages[s][i].pending.is_some() {
-                    self.page(s, i)?;
+                    self.page(s, i, ALL)?;
                 }
             }
         }
@@ -590,6 +624,9 @@ impl Store {
         self.flush()?;
         for s in 0..self.pages.len() {
             for i in 0..self.pages[s].len() {
+                if self.pages[s][i].dram.is_some() {
+                    self.ensure_resident(s, i, ALL)?;
+                }
                 match &self.pages[s][i].dram {
                     Some(b) => f(s, i, b)?,
                     None => {
