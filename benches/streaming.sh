@@ -8,6 +8,6 @@ repeats=${1:-3}
 preset=${2:-small}
 for _ in $(seq "$repeats"); do
     for fraction in 1.0 0.25; do
-        target/release/weightstream bench streaming --preset "$preset" --steps 2 --dram-fraction "$fraction"
+        target/release/weightstream bench streaming --preset "$preset" --steps 3 --dram-fraction "$fraction"
     done
 done

@@ -247,26 +247,28 @@ fn bench_streaming(preset: &str, steps: usize, fraction: f64, k: usize, dtype: &
     }
     let (b, t) = (config.train.batch_size, config.seq_len());
     let data = random_tokens((b * t * 4).max(t + 1), config.model.vocab_size);
-    let time = |engine: &mut dyn ws_train::Engine| -> Result<f64> {
-        engine.train_step(&data)?;
-        let mut times = Vec::new();
-        for _ in 0..steps {
-            times.push(engine.train_step(&data)?.seconds);
-        }
-        Ok(median(times))
-    };
-    let resident_s = {
+    // Both engines live side by side and their timed steps alternate, so
+    // that drift in the machine's load hits both alike.
+    let mut resident = {
         let mut c = config.clone();
         c.stream.mode = "resident".into();
-        let mut trainer = Trainer::new(c)?;
-        time(&mut trainer)?
+        Trainer::new(c)?
     };
     let spec = ws_model::ModelSpec::new(config.model);
     let dir = std::env::temp_dir().join(format!("ws-bench-store-{}", std::process::id()));
     let mb = ws_train::stream::choose_micro_batch(&config, &spec)?;
     let store = ws_train::stream::create_store(&config, &spec, &dir, b / mb)?;
     let mut streamed = ws_train::stream::StreamingTrainer::start(config.clone(), store)?;
-    let streamed_s = time(&mut streamed)?;
+    use ws_train::Engine;
+    Engine::train_step(&mut resident, &data)?;
+    streamed.train_step(&data)?;
+    let (mut resident_times, mut streamed_times) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        resident_times.push(Engine::train_step(&mut resident, &data)?.seconds);
+        streamed_times.push(streamed.train_step(&data)?.seconds);
+    }
+    drop(resident);
+    let (resident_s, streamed_s) = (median(resident_times), median(streamed_times));
     let stats = streamed.into_store().stats();
     let _ = std::fs::remove_dir_all(&dir);
     println!(

@@ -394,6 +394,19 @@ impl StreamingTrainer {
     }
 }
 
+impl Drop for StreamingTrainer {
+    /// Closes the channels so the store thread ends, and waits for it (its
+    /// files are closed when this returns).
+    fn drop(&mut self) {
+        if let Some(handle) = self.store.take() {
+            drop(std::mem::replace(&mut self.control, unbounded().0));
+            drop(std::mem::replace(&mut self.to_store, unbounded().0));
+            drop(std::mem::replace(&mut self.weights, unbounded().1));
+            let _ = handle.join();
+        }
+    }
+}
+
 /// Views of a layer's concatenated tensors.
 fn split<'a>(spec: &ModelSpec, layer: usize, mut w: &'a [f32]) -> Vec<&'a [f32]> {
     spec.layers[layer]

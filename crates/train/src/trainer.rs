@@ -396,6 +396,11 @@ fn train_loop(
             progress.message(&format!("exported {}", dir.display()));
         }
     }
+    if streaming {
+        // The store's working slabs; the checkpoint holds everything to resume.
+        drop(engine);
+        let _ = std::fs::remove_dir_all(run_dir.join("store"));
+    }
     Ok(run_dir.to_path_buf())
 }
 
