@@ -24,45 +24,66 @@ fn ids(st: &SafeTensors, name: &str) -> Vec<u32> {
     t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
 }
 
+/// The fixture's model, batch and AdamW settings as a trainer at `precision`.
+struct Fixture {
+    st: Vec<u8>,
+    meta: serde_json::Value,
+}
+
+impl Fixture {
+    fn load() -> Fixture {
+        let st = std::fs::read(format!("{FIXTURES}/gpt2_parity.safetensors")).unwrap();
+        let meta = serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/gpt2_parity.json")).unwrap()).unwrap();
+        Fixture { st, meta }
+    }
+    fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.st).unwrap()
+    }
+    fn u(&self, k: &str) -> usize {
+        self.meta[k].as_u64().unwrap() as usize
+    }
+    fn f(&self, k: &str) -> f64 {
+        self.meta[k].as_f64().unwrap()
+    }
+    fn trainer(&self, precision: &str) -> (ModelSpec, Trainer) {
+        let model = Gpt2Config {
+            n_layer: self.u("n_layer"),
+            n_head: self.u("n_head"),
+            n_embd: self.u("n_embd"),
+            block_size: self.u("block_size"),
+            vocab_size: self.u("vocab_size"),
+        };
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.model = model;
+        c.train.batch_size = self.u("batch");
+        c.train.seq_len = self.u("seq");
+        // A constant learning rate: no warmup, cosine from lr to lr.
+        (c.train.lr, c.train.min_lr, c.train.warmup_steps) = (self.f("lr"), self.f("lr"), 0);
+        (c.train.beta1, c.train.beta2, c.train.eps) = (self.f("beta1"), self.f("beta2"), self.f("eps"));
+        (c.train.weight_decay, c.train.grad_clip) = (self.f("weight_decay"), self.f("grad_clip"));
+        c.train.precision = precision.into();
+        c.validate().unwrap();
+        let spec = ModelSpec::new(model);
+        let st = self.tensors();
+        let mut params = Params::zeros(&spec);
+        for (ts, p) in spec.tensors.iter().zip(params.tensors.iter_mut()) {
+            *p = f32s(&st, &ts.name);
+        }
+        (spec.clone(), Trainer::with_params(c, spec, params))
+    }
+}
+
 #[test]
 fn five_adamw_steps_match_pytorch() {
-    let bytes = std::fs::read(format!("{FIXTURES}/gpt2_parity.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/gpt2_parity.json")).unwrap()).unwrap();
-    let u = |k: &str| meta[k].as_u64().unwrap() as usize;
-    let f = |k: &str| meta[k].as_f64().unwrap();
-    let model = Gpt2Config {
-        n_layer: u("n_layer"),
-        n_head: u("n_head"),
-        n_embd: u("n_embd"),
-        block_size: u("block_size"),
-        vocab_size: u("vocab_size"),
-    };
-    let mut config = RunConfig::preset("tiny").unwrap();
-    config.model = model;
-    config.train.batch_size = u("batch");
-    config.train.seq_len = u("seq");
-    // A constant learning rate: no warmup, cosine from lr to lr.
-    config.train.lr = f("lr");
-    config.train.min_lr = f("lr");
-    config.train.warmup_steps = 0;
-    config.train.beta1 = f("beta1");
-    config.train.beta2 = f("beta2");
-    config.train.eps = f("eps");
-    config.train.weight_decay = f("weight_decay");
-    config.train.grad_clip = f("grad_clip");
-    config.validate().unwrap();
-    let spec = ModelSpec::new(model);
-    let mut params = Params::zeros(&spec);
-    for (ts, p) in spec.tensors.iter().zip(params.tensors.iter_mut()) {
-        *p = f32s(&st, &ts.name);
-    }
-    let mut trainer = Trainer::with_params(config, spec.clone(), params);
+    let fx = Fixture::load();
+    let st = fx.tensors();
+    let (spec, mut trainer) = fx.trainer("fp32");
+    let (u, f) = (|k: &str| fx.u(k), |k: &str| fx.f(k));
+    let model = spec.config;
     let (x, y) = (ids(&st, "input_ids"), ids(&st, "targets"));
     let losses_ref = f32s(&st, "adamw_losses");
     let norms_ref: Vec<f64> =
-        meta["grad_norms_before_clip"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        fx.meta["grad_norms_before_clip"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let steps = u("adamw_steps");
     for s in 0..steps {
         let stats = trainer.step_on(&x, &y);
@@ -101,33 +122,10 @@ fn five_bf16_steps_track_pytorch_within_bf16_tolerance() {
         eprintln!("skipped: {e}");
         return;
     }
-    let bytes = std::fs::read(format!("{FIXTURES}/gpt2_parity.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/gpt2_parity.json")).unwrap()).unwrap();
-    let u = |k: &str| meta[k].as_u64().unwrap() as usize;
-    let f = |k: &str| meta[k].as_f64().unwrap();
-    let mut config = RunConfig::preset("tiny").unwrap();
-    config.model = Gpt2Config {
-        n_layer: u("n_layer"),
-        n_head: u("n_head"),
-        n_embd: u("n_embd"),
-        block_size: u("block_size"),
-        vocab_size: u("vocab_size"),
-    };
-    config.train.batch_size = u("batch");
-    config.train.seq_len = u("seq");
-    (config.train.lr, config.train.min_lr, config.train.warmup_steps) = (f("lr"), f("lr"), 0);
-    (config.train.beta1, config.train.beta2, config.train.eps) = (f("beta1"), f("beta2"), f("eps"));
-    (config.train.weight_decay, config.train.grad_clip) = (f("weight_decay"), f("grad_clip"));
-    config.train.precision = "bf16".into();
-    config.validate().unwrap();
-    let spec = ModelSpec::new(config.model);
-    let mut params = Params::zeros(&spec);
-    for (ts, p) in spec.tensors.iter().zip(params.tensors.iter_mut()) {
-        *p = f32s(&st, &ts.name);
-    }
-    let mut trainer = Trainer::with_params(config, spec, params);
+    let fx = Fixture::load();
+    let st = fx.tensors();
+    let (_, mut trainer) = fx.trainer("bf16");
+    let u = |k: &str| fx.u(k);
     let (x, y) = (ids(&st, "input_ids"), ids(&st, "targets"));
     let losses_ref = f32s(&st, "adamw_losses");
     for (s, &want) in losses_ref.iter().take(u("adamw_steps")).enumerate() {
