@@ -512,13 +512,13 @@ impl Store {
     }
 
     /// Visits layer `layer`'s tensors page by page in layer order:
-    /// `f(tensor, page buffer, page length, overlap in page coordinates,
-    /// offset of the overlap within the layer's concatenated tensors)`.
+    /// `f(store, tensor, slab, page, page length, overlap in page
+    /// coordinates, offset of the overlap within the layer's concatenated tensors)`.
     fn for_layer_pages(
         &mut self,
         layer: usize,
         need: u8,
-        mut f: impl FnMut(&mut Store, usize, usize, usize, std::ops::Range<usize>, usize),
+        mut f: impl FnMut(&mut Store, usize, usize, usize, usize, std::ops::Range<usize>, usize),
     ) -> Result<()> {
         self.current = Some((layer, Vec::new()));
         let mut o = 0;
@@ -529,7 +529,7 @@ impl Store {
             for (i, p0, lo, hi) in parts {
                 let page_len = self.layout.pages[s][i + 1] - p0;
                 self.page(s, i, need)?;
-                f(self, s, i, page_len, lo - p0..hi - p0, o + lo - off);
+                f(self, t, s, i, page_len, lo - p0..hi - p0, o + lo - off);
                 if let Some((_, done)) = &mut self.current {
                     done.push((s, i));
                 }
@@ -546,7 +546,7 @@ impl Store {
     /// Copies the weights of `layer` (its tensors in layer order) into `out`.
     pub fn read_layer(&mut self, layer: usize, out: &mut [f32]) -> Result<()> {
         assert_eq!(out.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong buffer size");
-        self.for_layer_pages(layer, WEIGHTS, |st, s, i, _len, r, o| {
+        self.for_layer_pages(layer, WEIGHTS, |st, _t, s, i, _len, r, o| {
             let w = &st.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
             out[o..o + r.len()].copy_from_slice(w);
         })
@@ -566,26 +566,14 @@ impl Store {
                 self.grad_sq[t] = 0.0;
             }
         }
-        self.for_layer_pages(layer, GRADIENT, |st, s, i, len, r, o| {
-            let t = st.tensor_at(s, st.layout.pages[s][i] + r.start);
+        self.for_layer_pages(layer, GRADIENT, |st, t, s, i, len, r, o| {
             let g = &mut st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end];
             ws_kernels::parallel::add_inplace(g, &grads[o..o + r.len()]);
             if st.contributions_left[t] == 0 {
                 st.grad_sq[t] = ws_kernels::math::sum_of_squares_f64_from(st.grad_sq[t], g);
             }
-            st.pages[s][i].dirty |= 0b0010;
+            st.pages[s][i].dirty |= GRADIENT;
         })
-    }
-
-    /// The tensor of slab `s` that holds parameter `p`.
-    fn tensor_at(&self, s: usize, p: usize) -> usize {
-        *self.layout.owned[s]
-            .iter()
-            .find(|&&t| {
-                let off = self.layout.place[t].1;
-                (off..off + self.spec.tensors[t].numel()).contains(&p)
-            })
-            .expect("every parameter of a slab belongs to one of its tensors")
     }
 
     /// Closes the step: global norm from the complete gradients, clip
