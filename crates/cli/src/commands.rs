@@ -75,12 +75,7 @@ pub fn train(config_file: Option<&Path>, sets: &[String], resume: Option<&Path>)
             if config_file.is_some() {
                 return Err(TrainError::Config("--resume takes the run's own configuration; drop --config".into()));
             }
-            let ckpt = run_dir.join("checkpoint");
-            let manifest = ws_store::read_manifest(&ckpt).map_err(|e| TrainError::RunDir {
-                path: run_dir.into(),
-                problem: format!("no checkpoint to resume from ({e})"),
-            })?;
-            RunConfig::resolve_text(&manifest.run_toml, sets)?
+            ws_train::trainer::resume_config(run_dir, sets)?
         }
     };
     set_threads(config.train.threads);
@@ -100,7 +95,7 @@ pub fn train(config_file: Option<&Path>, sets: &[String], resume: Option<&Path>)
     let mut progress = Bar { bar, tty, started: Instant::now(), tokens: 0, last_print: Instant::now() };
     let run_dir = match resume {
         None => ws_train::trainer::run(config, &split, &mut progress)?,
-        Some(run_dir) => ws_train::trainer::resume(run_dir, sets, &split, &mut progress)?,
+        Some(_) => ws_train::trainer::resume(config, &split, &mut progress)?,
     };
     progress.bar.finish();
     let records = ws_train::metrics::read(&run_dir.join("metrics.jsonl"))?;

@@ -316,25 +316,26 @@ pub fn run(mut config: RunConfig, data: &Split, progress: &mut dyn Progress) -> 
     train_loop(engine, &config, data, &run_dir, progress)
 }
 
-/// Continues the run in `run_dir` from its last checkpoint: the same
-/// configuration (with `overrides`, e.g. more steps), the same data order.
-pub fn resume(
-    run_dir: &Path,
-    overrides: &[String],
-    data: &Split,
-    progress: &mut dyn Progress,
-) -> Result<PathBuf, TrainError> {
-    let ckpt = run_dir.join("checkpoint");
-    let manifest = ws_store::read_manifest(&ckpt).map_err(|e| TrainError::RunDir {
+/// The configuration to resume the run in `run_dir` with: the one its last
+/// checkpoint saved, with `overrides` (e.g. more steps).
+pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<RunConfig, TrainError> {
+    let manifest = ws_store::read_manifest(&run_dir.join("checkpoint")).map_err(|e| TrainError::RunDir {
         path: run_dir.into(),
         problem: format!("no checkpoint to resume from ({e})"),
     })?;
     let mut config = RunConfig::resolve_text(&manifest.run_toml, overrides)?;
     config.run_dir = run_dir.display().to_string();
+    Ok(config)
+}
+
+/// Continues the run in `config.run_dir` (see [`resume_config`]) from its
+/// last checkpoint, with the same data order.
+pub fn resume(config: RunConfig, data: &Split, progress: &mut dyn Progress) -> Result<PathBuf, TrainError> {
+    let run_dir = PathBuf::from(&config.run_dir);
     ws_data::check_vocab(&data.train, config.model.vocab_size)?;
-    let engine = start_engine(&config, run_dir, Some(&ckpt))?;
-    progress.message(&format!("resuming {} at step {}", run_dir.display(), manifest.step));
-    train_loop(engine, &config, data, run_dir, progress)
+    let engine = start_engine(&config, &run_dir, Some(&run_dir.join("checkpoint")))?;
+    progress.message(&format!("resuming {} at step {}", run_dir.display(), engine.step()));
+    train_loop(engine, &config, data, &run_dir, progress)
 }
 
 fn train_loop(
