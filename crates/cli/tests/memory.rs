@@ -2,8 +2,14 @@
 //! several times the store's DRAM budget runs in a child process, and the
 //! child's peak resident set (getrusage of the waited-for child; this test
 //! binary starts no other child) stays under the store's budget plus the
-//! worker's plus a fixed allowance for the binary, the tokenizer's tables and
-//! the data (64 MiB, stated here, well above what those take).
+//! worker's plus a fixed allowance of 128 MiB. The allowance covers what the
+//! worker's accounting does not model yet: the binary, the tokenizer's
+//! tables, the data, and the GEMM library's per-call scratch, which stays in
+//! the allocator's per-thread arenas. Measured on the 2-core developer
+//! machine: 241 MiB in most runs and 284 MiB in one, that is 33 to 76 MiB
+//! above the 208 MiB of budgets; an allowance of 64 MiB failed once in CI.
+//! The store's own memory is bounded exactly (its DRAM peak is checked in
+//! the store's and the streaming tests).
 
 use std::process::Command;
 
@@ -14,7 +20,7 @@ const MIB: u64 = 1 << 20;
 fn a_streaming_run_stays_within_the_store_and_worker_budgets() {
     let dir = std::env::temp_dir().join(format!("ws-memory-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (store, worker, allowance) = (48 * MIB, 160 * MIB, 64 * MIB);
+    let (store, worker, allowance) = (48 * MIB, 160 * MIB, 128 * MIB);
     // 8 layers of 256 channels and the GPT-2 vocabulary: 19.3 M parameters,
     // 309 MB of model state, more than six times the store's budget.
     let sets = [
