@@ -61,6 +61,25 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// GPU ceilings (GEMM, copies) and the CUDA worker's throughput (needs `--features cuda`).
+    Cuda {
+        /// all, gemm, copy, train (resident) or streaming (streamed against resident).
+        #[arg(long, default_value = "all")]
+        what: String,
+        /// small (GPT-2 small) or 1b (20 layers, 2048 channels).
+        #[arg(long, default_value = "small")]
+        model: String,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        /// Timed steps (after warm-up); medians are reported.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Streamed weights: fp32 or bf16.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
     /// fp32 GEMM throughput on the GPT-2 small layer shapes (M = 2048 tokens).
     Gemm {
         #[arg(long, default_value_t = 5)]
@@ -84,6 +103,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             bench_optimizer(params, repeats);
             Ok(())
         }
+        #[cfg(feature = "cuda")]
+        BenchCommand::Cuda { what, model, batch, seq, steps, dtype } => {
+            crate::bench_cuda::run(&what, &model, batch, seq, steps.max(1), &dtype)
+        }
+        #[cfg(not(feature = "cuda"))]
+        BenchCommand::Cuda { .. } => Err(TrainError::Config(
+            "bench cuda needs a build with CUDA support: cargo build --release --features cuda".into(),
+        )),
         BenchCommand::Gemm { repeats, threads } => {
             set_threads(threads);
             let bf16 = ws_kernels::bf16::available().is_ok();

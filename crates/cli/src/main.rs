@@ -5,6 +5,8 @@
 //! `error: ...`, and exit status 1; nothing here panics on bad input.
 
 mod bench;
+#[cfg(feature = "cuda")]
+mod bench_cuda;
 mod commands;
 
 use clap::{Parser, Subcommand};

@@ -99,6 +99,9 @@ pub struct TrainSection {
     pub precision: String,
     /// Worker threads; 0: one per core.
     pub threads: usize,
+    /// Where the worker computes: "cpu", or "cuda" (GPU 0; needs a build
+    /// with `--features cuda` and an NVIDIA GPU with CUDA 13 libraries).
+    pub device: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -136,6 +139,7 @@ impl RunConfig {
             export_hf: true,
             precision: "fp32".into(),
             threads: 0,
+            device: "cpu".into(),
         };
         let data = DataSection {
             path: "../shared/data/shakespeare.txt".into(),
@@ -277,7 +281,18 @@ impl RunConfig {
         if t.eps <= 0.0 || t.weight_decay < 0.0 || t.grad_clip < 0.0 {
             return bad("train.eps must be positive, train.weight_decay and train.grad_clip non-negative".into());
         }
+        match t.device.as_str() {
+            "cpu" => {}
+            "cuda" if cfg!(feature = "cuda") => {}
+            "cuda" => {
+                return bad("train.device = \"cuda\" needs a build with CUDA support: \
+                            cargo build --release --features cuda"
+                    .into())
+            }
+            other => return bad(format!("train.device `{other}` is not one of cpu, cuda")),
+        }
         match ws_kernels::Precision::parse(&t.precision) {
+            Some(ws_kernels::Precision::Bf16) if t.device == "cuda" => {}
             Some(ws_kernels::Precision::Bf16) => ws_kernels::bf16::available()
                 .map_err(|e| TrainError::Config(format!("train.precision = \"bf16\": {e}")))?,
             Some(ws_kernels::Precision::Fp32) => {}

@@ -9,6 +9,8 @@
 
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

@@ -21,6 +21,7 @@ use crate::schedule::{Pass, Schedule};
 use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -195,9 +196,12 @@ impl StoreThread {
                 (Weights::F32(v), _) => self.store.read_layer(u.layer, &mut v[..len]).map_err(|e| e.to_string())?,
                 (Weights::Bf16(v), _) => {
                     self.store.read_layer(u.layer, &mut self.staging[..len]).map_err(|e| e.to_string())?;
-                    for (d, &s) in v[..len].iter_mut().zip(&self.staging[..len]) {
-                        *d = to_bf16(s);
-                    }
+                    // In parallel: one thread converts ~1 G values/s, slower than the copies.
+                    v[..len].par_chunks_mut(1 << 16).zip(self.staging[..len].par_chunks(1 << 16)).for_each(|(d, s)| {
+                        for (d, &s) in d.iter_mut().zip(s) {
+                            *d = to_bf16(s);
+                        }
+                    });
                 }
             }
             let msg = WeightMsg { step, use_index: j, layer: u.layer, version: self.store.version, len, data: buf };
@@ -232,14 +236,22 @@ pub struct StreamingTrainer {
     store: Option<JoinHandle<Store>>,
     inputs: Vec<u32>,
     targets: Vec<u32>,
+    /// The GPU that computes in place of `workspace` (train.device = "cuda").
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::gpu::GpuStreamWorker>,
 }
 
 impl StreamingTrainer {
     /// Starts the store thread over `store` (fresh, or restored at `store.version`).
-    pub fn start(config: RunConfig, mut store: Store) -> Result<StreamingTrainer, TrainError> {
+    pub fn start(config: RunConfig, store: Store) -> Result<StreamingTrainer, TrainError> {
+        let micro_batch = choose_micro_batch(&config, store.spec())?;
+        StreamingTrainer::start_with(config, store, micro_batch)
+    }
+
+    /// [`Self::start`] with the micro-batch chosen by the caller.
+    pub fn start_with(config: RunConfig, mut store: Store, micro_batch: usize) -> Result<StreamingTrainer, TrainError> {
         config.validate()?;
         let spec = store.spec().clone();
-        let micro_batch = choose_micro_batch(&config, &spec)?;
         let layers = spec.layer_count();
         let train = Schedule::new(layers, config.train.batch_size / micro_batch, true);
         let eval = Schedule::new(layers, 1, false);
@@ -280,8 +292,14 @@ impl StreamingTrainer {
             .name("store".into())
             .spawn(move || thread.run(control_rx, reply_tx))
             .map_err(|e| TrainError::Config(format!("cannot start the store thread: {e}")))?;
-        let mut workspace = Workspace::new(&spec, micro_batch, config.seq_len());
-        workspace.set_precision(Precision::parse(&config.train.precision).expect("validated"));
+        let workspace = if config.train.device == "cuda" {
+            // The GPU computes; this CPU workspace stays unused.
+            Workspace::new(&spec, 1, 1)
+        } else {
+            let mut w = Workspace::new(&spec, micro_batch, config.seq_len());
+            w.set_precision(Precision::parse(&config.train.precision).expect("validated"));
+            w
+        };
         Ok(StreamingTrainer {
             micro_batch,
             train,
@@ -299,7 +317,24 @@ impl StreamingTrainer {
             workspace,
             config,
             spec,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
+    }
+
+    /// Streams onto the GPU: a trainer whose worker computes on `gpu`.
+    #[cfg(feature = "cuda")]
+    pub fn start_on_gpu(
+        config: RunConfig,
+        store: Store,
+        micro_batch: usize,
+        gpu: ws_cuda::Gpu,
+    ) -> Result<StreamingTrainer, TrainError> {
+        let (t, spec) = (config.seq_len(), store.spec().clone());
+        let worker = crate::gpu::GpuStreamWorker::new(gpu, &spec, micro_batch, t, &config)?;
+        let mut trainer = StreamingTrainer::start_with(config, store, micro_batch)?;
+        trainer.gpu = Some(worker);
+        Ok(trainer)
     }
 
     pub fn micro_batch(&self) -> usize {
@@ -332,6 +367,16 @@ impl StreamingTrainer {
     ) -> Result<f64, TrainError> {
         let sched = if training { &self.train } else { &self.eval };
         let (t, mb) = (self.config.seq_len(), self.micro_batch);
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.gpu.as_mut() {
+            let (w, ts, gp) = (&self.weights, &self.to_store, &self.grad_pool);
+            return match g.run_pass(&self.spec, sched, step, inputs, targets, mb, t, dloss_scale, w, ts, gp) {
+                Ok(loss) => Ok(loss),
+                // The store's own error says why it stopped.
+                Err(crate::gpu::PassError::StoreStopped) => Err(self.failure()),
+                Err(crate::gpu::PassError::Gpu(e)) => Err(e),
+            };
+        }
         let mut loss = 0f64;
         for (j, u) in sched.uses.iter().enumerate() {
             let Ok(msg) = self.weights.recv() else { return Err(self.failure()) };
@@ -398,6 +443,9 @@ impl Drop for StreamingTrainer {
     /// Closes the channels so the store thread ends, and waits for it (its
     /// files are closed when this returns).
     fn drop(&mut self) {
+        // The GPU worker unpins the store's buffers while they still exist.
+        #[cfg(feature = "cuda")]
+        drop(self.gpu.take());
         if let Some(handle) = self.store.take() {
             drop(std::mem::replace(&mut self.control, unbounded().0));
             drop(std::mem::replace(&mut self.to_store, unbounded().0));

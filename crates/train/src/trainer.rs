@@ -281,6 +281,10 @@ pub trait Progress {
 /// streaming worker, or the resident trainer. With `resume`, the store starts
 /// from the checkpoint in that directory.
 pub fn start_engine(config: &RunConfig, run_dir: &Path, resume: Option<&Path>) -> Result<Box<dyn Engine>, TrainError> {
+    #[cfg(feature = "cuda")]
+    if config.train.device == "cuda" {
+        return crate::gpu::start_gpu_engine(config, run_dir, resume);
+    }
     let spec = ModelSpec::new(config.model);
     if config.stream.mode == "resident" {
         if resume.is_some() {

@@ -1,0 +1,279 @@
+//! `weightstream bench cuda ...` (feature `cuda`): the GPU's ceilings and
+//! the CUDA worker's throughput, one JSON line each.
+//!
+//! - `gemm`: cuBLAS bf16 (fp32 accumulate), TF32 and fp32 at 8192^3 and the
+//!   GPT-2 small layer shapes, random data, CUDA events, median of 10;
+//! - `copy`: device-to-device (bytes read + written), host-to-device and
+//!   device-to-host from pinned memory;
+//! - `train`: resident training tokens/s and MFU against the bf16 ceiling
+//!   measured in the same run;
+//! - `streaming`: streamed over resident tokens/s at the same batch, and the
+//!   batch above which a layer's compute outlasts its transfers.
+
+use crate::commands::Result;
+use std::time::Instant;
+use ws_cuda::{Event, GemmType, Gpu, Operand};
+use ws_kernels::Rng;
+use ws_model::{ModelSpec, Params};
+use ws_train::gpu::{start_gpu_engine, GpuResident};
+use ws_train::{Engine, RunConfig, TrainError};
+
+fn err(e: ws_cuda::GpuError) -> TrainError {
+    TrainError::Config(e.to_string())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Milliseconds of `f` on the compute stream: median of `reps` after 3 warm-ups.
+fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> ws_cuda::Result<()>) -> ws_cuda::Result<f64> {
+    let (a, b) = (Event::new(true)?, Event::new(true)?);
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut ts = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        a.record(&gpu.compute)?;
+        f()?;
+        b.record(&gpu.compute)?;
+        b.synchronize()?;
+        ts.push(b.elapsed_ms(&a)? as f64);
+    }
+    Ok(median(ts))
+}
+
+fn random_device(gpu: &Gpu, n: usize, seed: u64) -> ws_cuda::Result<ws_cuda::DevBuf<f32>> {
+    let mut host = vec![0f32; n];
+    Rng::new(seed).fill_uniform(&mut host, -1.0, 1.0);
+    let d = gpu.alloc::<f32>(n)?;
+    gpu.upload(d.ptr(), &host, &gpu.compute)?;
+    gpu.compute.synchronize()?;
+    Ok(d)
+}
+
+/// TFLOP/s of `C[m,n] = A[m,k] B[k,n]` (B transposed when `bt`), `ty`.
+fn gemm_tflops(gpu: &Gpu, ty: GemmType, m: usize, n: usize, k: usize, bt: bool) -> ws_cuda::Result<f64> {
+    let a32 = random_device(gpu, m * k, 1)?;
+    let b32 = random_device(gpu, k * n, 2)?;
+    let c = gpu.alloc::<f32>(m * n)?;
+    let (a, b, _keep) = if ty == GemmType::Bf16 {
+        let (a16, b16) = (gpu.alloc::<u16>(m * k)?, gpu.alloc::<u16>(k * n)?);
+        gpu.to_bf16(&gpu.compute, a16.ptr(), a32.ptr(), m * k)?;
+        gpu.to_bf16(&gpu.compute, b16.ptr(), b32.ptr(), k * n)?;
+        (a16.ptr(), b16.ptr(), Some((a16, b16)))
+    } else {
+        (a32.ptr(), b32.ptr(), None)
+    };
+    let bop = if bt { Operand::t(b, k) } else { Operand::n(b, n) };
+    let ms = time_ms(gpu, 10, || gpu.gemm(ty, m, n, k, 1.0, Operand::n(a, k), bop, 0.0, Operand::n(c.ptr(), n), None))?;
+    Ok(2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12)
+}
+
+pub fn bench_gemm(gpu: &Gpu) -> Result<f64> {
+    let mut bf16_ceiling = 0.0;
+    let shapes: [(&str, usize, usize, usize, bool); 4] = [
+        ("8192^3", 8192, 8192, 8192, false),
+        ("gpt2-small fc 16384x3072x768", 16384, 3072, 768, false),
+        ("gpt2-small proj 16384x768x3072", 16384, 768, 3072, false),
+        ("gpt2-small logits 8192x50257x768 (B^T)", 8192, 50257, 768, true),
+    ];
+    for (name, m, n, k, bt) in shapes {
+        for ty in [GemmType::Bf16, GemmType::Tf32, GemmType::F32] {
+            if ty == GemmType::F32 && name != "8192^3" {
+                continue;
+            }
+            let tf = gemm_tflops(gpu, ty, m, n, k, bt).map_err(err)?;
+            if ty == GemmType::Bf16 && name == "8192^3" {
+                bf16_ceiling = tf;
+            }
+            println!(
+                "{}",
+                serde_json::json!({"bench": "cuda_gemm", "gpu": gpu.name, "shape": name, "m": m, "n": n, "k": k,
+                    "type": format!("{ty:?}").to_lowercase(), "tflops": round(tf)})
+            );
+        }
+    }
+    Ok(bf16_ceiling)
+}
+
+/// (device-to-device GB/s counting read + write, host-to-device GB/s, device-to-host GB/s)
+pub fn bench_copy(gpu: &Gpu) -> Result<(f64, f64, f64)> {
+    let n = 256usize << 20; // floats: 1 GiB
+    let bytes = n * 4;
+    let a = random_device(gpu, n, 3).map_err(err)?;
+    let b = gpu.alloc::<f32>(n).map_err(err)?;
+    let ms = time_ms(gpu, 10, || gpu.copy_d2d(b.ptr(), a.ptr(), bytes, &gpu.compute)).map_err(err)?;
+    let d2d = 2.0 * bytes as f64 / (ms * 1e-3) / 1e9;
+    let mut host = gpu.pinned::<f32>(n).map_err(err)?;
+    host.as_mut_slice().fill(1.0);
+    let ms = time_ms(gpu, 5, || gpu.upload(b.ptr(), host.as_slice(), &gpu.compute)).map_err(err)?;
+    let h2d = bytes as f64 / (ms * 1e-3) / 1e9;
+    let dst = host.as_mut_slice().as_mut_ptr();
+    let ms = time_ms(gpu, 5, || {
+        // SAFETY: the pinned buffer outlives the timed copies, which are waited for.
+        unsafe { gpu.download_async(std::slice::from_raw_parts_mut(dst, n), a.ptr(), &gpu.compute) }
+    })
+    .map_err(err)?;
+    let d2h = bytes as f64 / (ms * 1e-3) / 1e9;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "cuda_copy", "gpu": gpu.name, "bytes": bytes,
+            "d2d_gbps_read_plus_write": round(d2d), "h2d_pinned_gbps": round(h2d), "d2h_pinned_gbps": round(d2h)})
+    );
+    Ok((d2d, h2d, d2h))
+}
+
+/// A run config for the benchmarks: `model` "small" (GPT-2 small) or "1b"
+/// (20 layers, 2048 channels, 16 heads: 1.1 B parameters), bf16 products.
+pub fn bench_config(model: &str, batch: usize, seq: usize, precision: &str) -> Result<RunConfig> {
+    let mut c = RunConfig::preset("small")?;
+    match model {
+        "small" => {}
+        "1b" => {
+            c.model =
+                ws_model::Gpt2Config { n_layer: 20, n_head: 16, n_embd: 2048, block_size: 1024, vocab_size: 50257 }
+        }
+        other => return Err(TrainError::Config(format!("--model `{other}` is not one of small, 1b"))),
+    }
+    c.train.batch_size = batch;
+    c.train.micro_batch = batch;
+    c.train.seq_len = seq;
+    c.train.precision = precision.into();
+    c.train.device = "cuda".into();
+    c.train.steps = 1000;
+    c.train.warmup_steps = 10;
+    c.train.lr = 1e-4;
+    c.validate()?;
+    Ok(c)
+}
+
+fn tokens(n: usize, vocab: usize) -> Vec<u16> {
+    let mut rng = Rng::new(7);
+    (0..n).map(|_| rng.below(vocab as u64) as u16).collect()
+}
+
+/// Median seconds per step after `warmup` steps.
+fn time_steps(e: &mut dyn Engine, data: &[u16], warmup: usize, steps: usize) -> Result<(f64, f64)> {
+    let mut loss = 0.0;
+    for _ in 0..warmup {
+        loss = e.train_step(data)?.loss;
+    }
+    let mut ts = Vec::new();
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        loss = e.train_step(data)?.loss;
+        ts.push(t0.elapsed().as_secs_f64());
+    }
+    Ok((median(ts), loss))
+}
+
+pub fn bench_train(
+    model: &str,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    precision: &str,
+    ceiling_tflops: f64,
+) -> Result<f64> {
+    let c = bench_config(model, batch, seq, precision)?;
+    let spec = ModelSpec::new(c.model);
+    let data = tokens(batch * seq * 8, c.model.vocab_size);
+    let t0 = Instant::now();
+    let mut e = GpuResident::new(c.clone(), &Params::init(&spec, 1))?;
+    let setup_s = t0.elapsed().as_secs_f64();
+    let (step_s, loss) = time_steps(&mut e, &data, 2, steps)?;
+    let tokens_per_s = (batch * seq) as f64 / step_s;
+    let tflops = c.model.train_flops_per_token(seq) * tokens_per_s / 1e12;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "cuda_train", "gpu": e.gpu().name, "mode": "resident", "model": model,
+            "params": spec.parameter_count(), "precision": precision, "batch": batch, "seq": seq, "steps": steps,
+            "step_ms": round(step_s * 1e3), "tokens_per_s": round(tokens_per_s), "model_tflops": round(tflops),
+            "gemm_ceiling_tflops": round(ceiling_tflops), "mfu": round(tflops / ceiling_tflops * 1e4) / 1e4,
+            "setup_s": round(setup_s), "last_loss": loss,
+            "gpu_allocated_gb": round(e.gpu().allocated() as f64 / 1e9)})
+    );
+    Ok(tokens_per_s)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn bench_streaming(
+    model: &str,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    precision: &str,
+    dtype: &str,
+    resident_tokens_per_s: f64,
+    pcie: (f64, f64),
+) -> Result<()> {
+    let mut c = bench_config(model, batch, seq, precision)?;
+    c.stream.mode = "streaming".into();
+    c.stream.dtype = dtype.into();
+    c.stream.prefetch_depth = 2;
+    c.validate()?;
+    let spec = ModelSpec::new(c.model);
+    let dir = std::env::temp_dir().join(format!("ws-bench-cuda-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io("cannot create", &dir, e))?;
+    let data = tokens(batch * seq * 8, c.model.vocab_size);
+    let t0 = Instant::now();
+    let mut e = start_gpu_engine(&c, &dir, None)?;
+    let setup_s = t0.elapsed().as_secs_f64();
+    let (step_s, loss) = time_steps(e.as_mut(), &data, 1, steps)?;
+    drop(e);
+    let _ = std::fs::remove_dir_all(&dir);
+    let tokens_per_s = (batch * seq) as f64 / step_s;
+    // Per block and step: weights down twice (forward, backward), the gradient up once.
+    let wbytes = if dtype == "bf16" { 2.0 } else { 4.0 };
+    let (h2d, d2h) = pcie;
+    let transfer_s_per_param = (2.0 * wbytes / (h2d * 1e9)).max(4.0 / (d2h * 1e9));
+    // Compute per parameter and token at the resident rate: 6 FLOP per parameter-token.
+    let flops_rate = c.model.train_flops_per_token(seq) * resident_tokens_per_s;
+    let compute_s_per_param_token = 6.0 / flops_rate;
+    let min_tokens = transfer_s_per_param / compute_s_per_param_token;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "cuda_streaming", "mode": "streamed", "model": model,
+            "params": spec.parameter_count(), "precision": precision, "dtype": dtype, "batch": batch, "seq": seq,
+            "steps": steps, "step_ms": round(step_s * 1e3), "tokens_per_s": round(tokens_per_s),
+            "resident_tokens_per_s": round(resident_tokens_per_s),
+            "efficiency": round(tokens_per_s / resident_tokens_per_s * 1e4) / 1e4,
+            "h2d_gbps": round(h2d), "d2h_gbps": round(d2h),
+            "tokens_per_micro_batch_for_compute_over_transfer": min_tokens.ceil(),
+            "setup_s": round(setup_s), "last_loss": loss})
+    );
+    Ok(())
+}
+
+/// `bench cuda`: everything, in an order that puts the ceilings first.
+pub fn run(what: &str, model: &str, batch: usize, seq: usize, steps: usize, dtype: &str) -> Result<()> {
+    let gpu = Gpu::new(0).map_err(|e| TrainError::Config(format!("bench cuda: {e}")))?;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "cuda_device", "gpu": gpu.name, "compute_capability": format!("{}.{}", gpu.compute_capability.0, gpu.compute_capability.1),
+            "multiprocessors": gpu.multiprocessors, "memory_gb": round(gpu.total_memory as f64 / 1e9), "driver": gpu.driver_version})
+    );
+    let all = what == "all";
+    let ceiling = if all || what == "gemm" || what == "train" || what == "streaming" { bench_gemm(&gpu)? } else { 0.0 };
+    let pcie = if all || what == "copy" || what == "streaming" {
+        let (_, h2d, d2h) = bench_copy(&gpu)?;
+        (h2d, d2h)
+    } else {
+        (0.0, 0.0)
+    };
+    drop(gpu);
+    if all || what == "train" || what == "streaming" {
+        let resident = bench_train(model, batch, seq, steps, "bf16", ceiling)?;
+        if all || what == "streaming" {
+            bench_streaming(model, batch, seq, steps, "bf16", dtype, resident, pcie)?;
+        }
+    }
+    Ok(())
+}

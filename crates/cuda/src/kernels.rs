@@ -1,0 +1,466 @@
+//! Our CUDA C kernels (`kernels.cu`): compiled by NVRTC for the device's
+//! architecture when a [`Gpu`] starts, and typed launchers for each.
+//!
+//! Each launcher mirrors a CPU kernel of `ws-kernels` (same arguments, same
+//! accumulate/overwrite rule) and is tested against it.
+
+use crate::driver::{check, cname, Arg, Gpu, GpuError, Result, Stream};
+use cudarc::driver::sys as cu;
+
+/// The kernel source, for checks that compile it without a GPU.
+pub const SOURCE: &str = include_str!("kernels.cu");
+
+const THREADS: u32 = 256;
+
+macro_rules! kernels {
+    ($($name:ident),* $(,)?) => {
+        pub(crate) struct Kernels {
+            $(pub(crate) $name: cu::CUfunction,)*
+            _module: cu::CUmodule,
+        }
+
+        impl Kernels {
+            /// Every kernel name in the source.
+            #[allow(dead_code)]
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($name)),*];
+
+            fn from_module(module: cu::CUmodule) -> Result<Kernels> {
+                Ok(Kernels {
+                    $($name: {
+                        let mut f = std::ptr::null_mut();
+                        let n = cname(stringify!($name));
+                        // SAFETY: a loaded module and a NUL-terminated name.
+                        check(unsafe { cu::cuModuleGetFunction(&mut f, module, n.as_ptr()) },
+                              concat!("cuModuleGetFunction ", stringify!($name)))?;
+                        f
+                    },)*
+                    _module: module,
+                })
+            }
+        }
+    };
+}
+
+kernels!(
+    embedding_fwd,
+    embedding_bwd_wte,
+    embedding_bwd_wpe,
+    layernorm_fwd,
+    layernorm_bwd_dx,
+    layernorm_param_partial,
+    column_partial,
+    sum_partials,
+    gelu_fwd,
+    gelu_bwd,
+    add_inplace,
+    bias_fill,
+    to_bf16,
+    from_bf16,
+    split_heads,
+    merge_heads,
+    softmax_causal_fwd,
+    softmax_causal_bwd,
+    crossentropy,
+    adamw,
+    sumsq_partial,
+);
+
+/// Compiles [`SOURCE`] to PTX for `compute_XY`; the error carries NVRTC's log.
+pub fn compile(cc: (i32, i32)) -> Result<String> {
+    let arch: &'static str = Box::leak(format!("compute_{}{}", cc.0, cc.1).into_boxed_str());
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        name: Some("kernels.cu".into()),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+        .map_err(|e| GpuError(format!("NVRTC could not compile kernels.cu: {e:?}")))?;
+    Ok(ptx.to_src())
+}
+
+impl Kernels {
+    pub(crate) fn load(cc: (i32, i32)) -> Result<Kernels> {
+        let ptx = compile(cc)?;
+        let src = std::ffi::CString::new(ptx).map_err(|_| GpuError("PTX with a NUL byte".into()))?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: NUL-terminated PTX text.
+        check(unsafe { cu::cuModuleLoadData(&mut module, src.as_ptr() as *const _) }, "cuModuleLoadData")?;
+        Kernels::from_module(module)
+    }
+}
+
+fn blocks(n: usize) -> u32 {
+    u32::try_from(n.div_ceil(THREADS as usize)).expect("grid fits u32")
+}
+
+fn i(x: usize) -> Arg {
+    Arg::I(i32::try_from(x).unwrap_or_else(|_| panic!("{x} does not fit a 32-bit kernel argument")))
+}
+
+fn l(x: usize) -> Arg {
+    Arg::L(x as i64)
+}
+
+/// Rows per block for the column-sum kernels: at most 256 blocks of rows.
+fn column_chunk(rows: usize) -> usize {
+    rows.div_ceil(256).max(32)
+}
+
+/// Floats of scratch the column sums need for `rows` x `cols`.
+pub fn partial_len(rows: usize, cols: usize) -> usize {
+    rows.div_ceil(column_chunk(rows)) * cols
+}
+
+/// Launchers. Pointers are device addresses (`DevBuf::ptr`/`at`); every
+/// launch is queued on `s`.
+impl Gpu {
+    pub fn embedding_fwd(
+        &self,
+        s: &Stream,
+        out: u64,
+        tokens: u64,
+        wte: u64,
+        wpe: u64,
+        bt: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let k = self.kernels.embedding_fwd;
+        self.launch(
+            k,
+            (blocks(bt * c), 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(out), Arg::P(tokens), Arg::P(wte), Arg::P(wpe), i(bt), i(t), i(c)],
+        )
+    }
+
+    /// dwte += per-token sums; `order`, `starts`, `uniq` from [`token_buckets`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding_bwd(
+        &self,
+        s: &Stream,
+        dwte: u64,
+        dwpe: u64,
+        dout: u64,
+        buckets: (u64, u64, u64, usize),
+        b: usize,
+        t: usize,
+        c: usize,
+    ) -> Result<()> {
+        let (order, starts, uniq, n_uniq) = buckets;
+        if n_uniq > 0 {
+            let k = self.kernels.embedding_bwd_wte;
+            self.launch(
+                k,
+                (n_uniq as u32, 1),
+                (THREADS, 1),
+                s,
+                &[Arg::P(dwte), Arg::P(dout), Arg::P(order), Arg::P(starts), Arg::P(uniq), i(c)],
+            )?;
+        }
+        let k = self.kernels.embedding_bwd_wpe;
+        self.launch(k, (blocks(t * c), 1), (THREADS, 1), s, &[Arg::P(dwpe), Arg::P(dout), i(b), i(t), i(c)])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_fwd(
+        &self,
+        s: &Stream,
+        out: u64,
+        mean: u64,
+        rstd: u64,
+        x: u64,
+        w: u64,
+        b: u64,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let k = self.kernels.layernorm_fwd;
+        let rows_per_block = (THREADS / 32) as usize;
+        let grid = u32::try_from(n.div_ceil(rows_per_block)).expect("grid fits");
+        self.launch(
+            k,
+            (grid, 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(out), Arg::P(mean), Arg::P(rstd), Arg::P(x), Arg::P(w), Arg::P(b), i(n), i(c)],
+        )
+    }
+
+    /// dx += input gradient; dw += sum dout*norm; db += sum dout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_bwd(
+        &self,
+        s: &Stream,
+        dx: u64,
+        dw: u64,
+        db: u64,
+        partial: u64,
+        dout: u64,
+        x: u64,
+        w: u64,
+        mean: u64,
+        rstd: u64,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let rows_per_block = (THREADS / 32) as usize;
+        let grid = u32::try_from(n.div_ceil(rows_per_block)).expect("grid fits");
+        let k = self.kernels.layernorm_bwd_dx;
+        self.launch(
+            k,
+            (grid, 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(dx), Arg::P(dout), Arg::P(x), Arg::P(w), Arg::P(mean), Arg::P(rstd), i(n), i(c)],
+        )?;
+        let chunk = column_chunk(n);
+        let r = n.div_ceil(chunk);
+        let k = self.kernels.layernorm_param_partial;
+        let grid = (c.div_ceil(32) as u32, r as u32);
+        self.launch(
+            k,
+            grid,
+            (32, 8),
+            s,
+            &[Arg::P(partial), Arg::P(dout), Arg::P(x), Arg::P(mean), Arg::P(rstd), i(n), i(c), i(chunk)],
+        )?;
+        let k = self.kernels.sum_partials;
+        self.launch(k, (blocks(c), 1), (THREADS, 1), s, &[Arg::P(dw), Arg::P(partial), i(r), i(c), i(2 * c)])?;
+        self.launch(
+            k,
+            (blocks(c), 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(db), Arg::P(partial + 4 * c as u64), i(r), i(c), i(2 * c)],
+        )
+    }
+
+    /// dbias[C] += column sums of dout[N,C].
+    pub fn bias_bwd(&self, s: &Stream, dbias: u64, partial: u64, dout: u64, n: usize, c: usize) -> Result<()> {
+        let chunk = column_chunk(n);
+        let r = n.div_ceil(chunk);
+        let k = self.kernels.column_partial;
+        self.launch(
+            k,
+            (c.div_ceil(32) as u32, r as u32),
+            (32, 8),
+            s,
+            &[Arg::P(partial), Arg::P(dout), i(n), i(c), i(chunk)],
+        )?;
+        let k = self.kernels.sum_partials;
+        self.launch(k, (blocks(c), 1), (THREADS, 1), s, &[Arg::P(dbias), Arg::P(partial), i(r), i(c), i(c)])
+    }
+
+    pub fn gelu_fwd(&self, s: &Stream, out: u64, x: u64, n: usize) -> Result<()> {
+        self.launch(self.kernels.gelu_fwd, (blocks(n), 1), (THREADS, 1), s, &[Arg::P(out), Arg::P(x), l(n)])
+    }
+
+    pub fn gelu_bwd(&self, s: &Stream, d: u64, x: u64, n: usize) -> Result<()> {
+        self.launch(self.kernels.gelu_bwd, (blocks(n), 1), (THREADS, 1), s, &[Arg::P(d), Arg::P(x), l(n)])
+    }
+
+    pub fn add_inplace(&self, s: &Stream, a: u64, b: u64, n: usize) -> Result<()> {
+        self.launch(self.kernels.add_inplace, (blocks(n), 1), (THREADS, 1), s, &[Arg::P(a), Arg::P(b), l(n)])
+    }
+
+    pub fn bias_fill(&self, s: &Stream, out: u64, bias: u64, n: usize, c: usize) -> Result<()> {
+        self.launch(
+            self.kernels.bias_fill,
+            (blocks(n * c), 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(out), Arg::P(bias), i(n), i(c)],
+        )
+    }
+
+    pub fn to_bf16(&self, s: &Stream, out: u64, x: u64, n: usize) -> Result<()> {
+        self.launch(self.kernels.to_bf16, (blocks(n), 1), (THREADS, 1), s, &[Arg::P(out), Arg::P(x), l(n)])
+    }
+
+    pub fn from_bf16(&self, s: &Stream, out: u64, x: u64, n: usize) -> Result<()> {
+        self.launch(self.kernels.from_bf16, (blocks(n), 1), (THREADS, 1), s, &[Arg::P(out), Arg::P(x), l(n)])
+    }
+
+    /// One of q, k, v (or a gradient) into [B,NH,T,HS].
+    #[allow(clippy::too_many_arguments)]
+    pub fn split_heads(
+        &self,
+        s: &Stream,
+        out: u64,
+        inp: u64,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        stride: usize,
+        off: usize,
+    ) -> Result<()> {
+        let k = self.kernels.split_heads;
+        self.launch(
+            k,
+            (blocks(b * t * nh * hs), 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(out), Arg::P(inp), i(b), i(t), i(nh), i(hs), i(stride), i(off)],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge_heads(
+        &self,
+        s: &Stream,
+        out: u64,
+        inp: u64,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+        stride: usize,
+        off: usize,
+    ) -> Result<()> {
+        let k = self.kernels.merge_heads;
+        self.launch(
+            k,
+            (blocks(b * t * nh * hs), 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(out), Arg::P(inp), i(b), i(t), i(nh), i(hs), i(stride), i(off)],
+        )
+    }
+
+    pub fn softmax_causal_fwd(&self, s: &Stream, att: u64, rows: usize, t: usize, scale: f32) -> Result<()> {
+        let grid = u32::try_from(rows.div_ceil((THREADS / 32) as usize)).expect("grid fits");
+        self.launch(
+            self.kernels.softmax_causal_fwd,
+            (grid, 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(att), i(rows), i(t), Arg::F(scale)],
+        )
+    }
+
+    pub fn softmax_causal_bwd(&self, s: &Stream, d: u64, att: u64, rows: usize, t: usize, scale: f32) -> Result<()> {
+        let grid = u32::try_from(rows.div_ceil((THREADS / 32) as usize)).expect("grid fits");
+        self.launch(
+            self.kernels.softmax_causal_bwd,
+            (grid, 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(d), Arg::P(att), i(rows), i(t), Arg::F(scale)],
+        )
+    }
+
+    /// Losses of `rows` rows; with `scale`, logits become their gradient.
+    pub fn crossentropy(
+        &self,
+        s: &Stream,
+        losses: u64,
+        logits: u64,
+        targets: u64,
+        rows: usize,
+        v: usize,
+        scale: Option<f32>,
+    ) -> Result<()> {
+        let args = [
+            Arg::P(losses),
+            Arg::P(logits),
+            Arg::P(targets),
+            i(v),
+            Arg::F(scale.unwrap_or(0.0)),
+            Arg::I(scale.is_some() as i32),
+        ];
+        self.launch(self.kernels.crossentropy, (rows as u32, 1), (512, 1), s, &args)
+    }
+
+    /// AdamW on `n` elements; the scalars as the CPU kernel derives them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw(
+        &self,
+        s: &Stream,
+        p: u64,
+        g: u64,
+        m: u64,
+        v: u64,
+        n: usize,
+        st: ws_kernels::adamw::AdamWStep,
+    ) -> Result<()> {
+        let bc1 = 1.0 - (st.beta1 as f64).powi(st.t as i32);
+        let bc2 = 1.0 - (st.beta2 as f64).powi(st.t as i32);
+        let step_size = (st.lr as f64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let decay = 1.0 - st.lr * st.weight_decay;
+        let args = [
+            Arg::P(p),
+            Arg::P(g),
+            Arg::P(m),
+            Arg::P(v),
+            l(n),
+            Arg::F(st.beta1),
+            Arg::F(st.beta2),
+            Arg::F(st.eps),
+            Arg::F(decay),
+            Arg::F(step_size),
+            Arg::F(bc2_sqrt),
+            Arg::F(st.grad_scale),
+        ];
+        self.launch(self.kernels.adamw, (blocks(n), 1), (THREADS, 1), s, &args)
+    }
+
+    /// Sum of squares of `x[n]` in double, deterministic: partial sums of
+    /// [`SUMSQ_BLOCKS`] blocks into `partial` (doubles), added on the host.
+    pub fn sumsq(&self, s: &Stream, partial: u64, x: u64, n: usize) -> Result<f64> {
+        self.launch(
+            self.kernels.sumsq_partial,
+            (SUMSQ_BLOCKS as u32, 1),
+            (THREADS, 1),
+            s,
+            &[Arg::P(partial), Arg::P(x), l(n)],
+        )?;
+        let mut host = [0f64; SUMSQ_BLOCKS];
+        self.download(&mut host, partial, s)?;
+        Ok(host.iter().sum())
+    }
+}
+
+pub const SUMSQ_BLOCKS: usize = 1024;
+
+/// Positions grouped by token for the embedding's backward: `order` lists
+/// positions token by token (ascending within a token), `starts[u]..starts[u+1]`
+/// is the u-th distinct token's range, `uniq[u]` that token.
+pub fn token_buckets(tokens: &[u32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut idx: Vec<u32> = (0..tokens.len() as u32).collect();
+    idx.sort_by_key(|&p| (tokens[p as usize], p));
+    let (mut starts, mut uniq) = (Vec::new(), Vec::new());
+    for (k, &p) in idx.iter().enumerate() {
+        let tok = tokens[p as usize];
+        if k == 0 || tokens[idx[k - 1] as usize] != tok {
+            starts.push(k as i32);
+            uniq.push(tok as i32);
+        }
+    }
+    starts.push(idx.len() as i32);
+    (idx.into_iter().map(|p| p as i32).collect(), starts, uniq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_group_positions_by_token_in_order() {
+        let (order, starts, uniq) = token_buckets(&[5, 3, 5, 9, 3, 5]);
+        assert_eq!(uniq, vec![3, 5, 9]);
+        assert_eq!(starts, vec![0, 2, 5, 6]);
+        assert_eq!(order, vec![1, 4, 0, 2, 5, 3]);
+    }
+
+    #[test]
+    fn every_kernel_has_a_launcher_name_in_the_source() {
+        for name in Kernels::NAMES {
+            assert!(SOURCE.contains(&format!("__global__ void {name}(")), "{name} missing from kernels.cu");
+        }
+    }
+}

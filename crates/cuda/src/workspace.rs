@@ -1,0 +1,678 @@
+//! Activations on the GPU and the per-layer forward and backward passes:
+//! the device twin of `ws_model::Workspace`, with the same order of calls
+//! (`forward` over layers 0..L-1, `head`, `backward` over L-2..0), the same
+//! weights-per-layer interface (device addresses of the layer's tensors in
+//! [`ws_model::LayerSpec::tensors`] order) and the same gradient rule
+//! (parameter gradients accumulate into the addresses given).
+//!
+//! Everything is queued on the compute stream; nothing here waits for the
+//! GPU except [`GpuWorkspace::take_loss_sum`].
+
+use crate::driver::{Batch, DevBuf, GemmType, Gpu, Operand, Result};
+use crate::kernels::{partial_len, token_buckets};
+use ws_kernels::Precision;
+use ws_model::spec::{block, LayerKind};
+use ws_model::ModelSpec;
+
+struct BlockActs {
+    ln1: DevBuf<f32>,
+    ln1_mean: DevBuf<f32>,
+    ln1_rstd: DevBuf<f32>,
+    qkv: DevBuf<f32>,
+    att: DevBuf<f32>,
+    atty: DevBuf<f32>,
+    x2: DevBuf<f32>,
+    ln2: DevBuf<f32>,
+    ln2_mean: DevBuf<f32>,
+    ln2_rstd: DevBuf<f32>,
+    fch: DevBuf<f32>,
+    fch_gelu: DevBuf<f32>,
+}
+
+pub struct GpuWorkspace {
+    pub b_max: usize,
+    pub t_max: usize,
+    c: usize,
+    nh: usize,
+    v: usize,
+    precision: Precision,
+    residual: Vec<DevBuf<f32>>,
+    blocks: Vec<BlockActs>,
+    lnf: DevBuf<f32>,
+    lnf_mean: DevBuf<f32>,
+    lnf_rstd: DevBuf<f32>,
+    logits: DevBuf<f32>,
+    losses: DevBuf<f32>,
+    loss_acc: DevBuf<f32>,
+    head_rows: usize,
+    tokens: DevBuf<i32>,
+    targets: DevBuf<i32>,
+    order: DevBuf<i32>,
+    starts: DevBuf<i32>,
+    uniq: DevBuf<i32>,
+    n_uniq: usize,
+    batch: (usize, usize),
+    // Backward and attention scratch.
+    dres: DevBuf<f32>,
+    dln: DevBuf<f32>,
+    datty: DevBuf<f32>,
+    dqkv: DevBuf<f32>,
+    dfch: DevBuf<f32>,
+    q: DevBuf<f32>,
+    k: DevBuf<f32>,
+    vv: DevBuf<f32>,
+    yh: DevBuf<f32>,
+    dq: DevBuf<f32>,
+    dk: DevBuf<f32>,
+    dv: DevBuf<f32>,
+    datt: DevBuf<f32>,
+    partial: DevBuf<f32>,
+    // bf16 operands of the products (empty in fp32).
+    a16: DevBuf<u16>,
+    b16: DevBuf<u16>,
+}
+
+fn head_rows_for(bt: usize) -> usize {
+    bt.min(8192)
+}
+
+impl GpuWorkspace {
+    /// Bytes of device memory a workspace for `b` sequences of `t` tokens takes.
+    pub fn bytes_for(spec: &ModelSpec, b: usize, t: usize, precision: Precision) -> usize {
+        let cfg = spec.config;
+        let (c, nh, v, bt) = (cfg.n_embd, cfg.n_head, cfg.vocab_size, b * t);
+        let att = b * nh * t * t;
+        let block = bt * (15 * c + 4) + att;
+        let rows = head_rows_for(bt);
+        let other = (cfg.n_layer + 1) * bt * c + bt * c + 2 * bt + rows * v + 2 * bt;
+        let scratch = bt * c * 3
+            + bt * 3 * c
+            + bt * 4 * c
+            + 7 * bt * c
+            + att
+            + partial_len(bt, 4 * c).max(partial_len(bt, 2 * c));
+        let ints = 4 * bt + 1;
+        let bf = match precision {
+            Precision::Fp32 => 0,
+            Precision::Bf16 => Self::bf16_lens(spec, bt).0 + Self::bf16_lens(spec, bt).1,
+        };
+        4 * (cfg.n_layer * block + other + scratch + ints) + 2 * bf
+    }
+
+    fn bf16_lens(spec: &ModelSpec, bt: usize) -> (usize, usize) {
+        let cfg = spec.config;
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        let rows = head_rows_for(bt);
+        // a16: activations / output gradients; b16: weights / the other operand.
+        let a = (bt * 4 * c).max(rows * v);
+        let b = (bt * 4 * c).max(4 * c * c).max(v * c);
+        (a, b)
+    }
+
+    pub fn new(gpu: &Gpu, spec: &ModelSpec, b_max: usize, t_max: usize, precision: Precision) -> Result<GpuWorkspace> {
+        let cfg = spec.config;
+        assert!(t_max <= cfg.block_size, "sequence {t_max} longer than block_size {}", cfg.block_size);
+        let (c, nh, v) = (cfg.n_embd, cfg.n_head, cfg.vocab_size);
+        let bt = b_max * t_max;
+        let att = b_max * nh * t_max * t_max;
+        let f = |n: usize| gpu.zeros::<f32>(n);
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for _ in 0..cfg.n_layer {
+            blocks.push(BlockActs {
+                ln1: f(bt * c)?,
+                ln1_mean: f(bt)?,
+                ln1_rstd: f(bt)?,
+                qkv: f(bt * 3 * c)?,
+                att: f(att)?,
+                atty: f(bt * c)?,
+                x2: f(bt * c)?,
+                ln2: f(bt * c)?,
+                ln2_mean: f(bt)?,
+                ln2_rstd: f(bt)?,
+                fch: f(bt * 4 * c)?,
+                fch_gelu: f(bt * 4 * c)?,
+            });
+        }
+        let head_rows = head_rows_for(bt);
+        let (a16, b16) = match precision {
+            Precision::Fp32 => (0, 0),
+            Precision::Bf16 => Self::bf16_lens(spec, bt),
+        };
+        Ok(GpuWorkspace {
+            b_max,
+            t_max,
+            c,
+            nh,
+            v,
+            precision,
+            residual: (0..=cfg.n_layer).map(|_| f(bt * c)).collect::<Result<_>>()?,
+            blocks,
+            lnf: f(bt * c)?,
+            lnf_mean: f(bt)?,
+            lnf_rstd: f(bt)?,
+            logits: f(head_rows * v)?,
+            losses: f(bt)?,
+            loss_acc: f(bt)?,
+            head_rows,
+            tokens: gpu.zeros(bt)?,
+            targets: gpu.zeros(bt)?,
+            order: gpu.zeros(bt)?,
+            starts: gpu.zeros(bt + 1)?,
+            uniq: gpu.zeros(bt)?,
+            n_uniq: 0,
+            batch: (0, 0),
+            dres: f(bt * c)?,
+            dln: f(bt * c)?,
+            datty: f(bt * c)?,
+            dqkv: f(bt * 3 * c)?,
+            dfch: f(bt * 4 * c)?,
+            q: f(bt * c)?,
+            k: f(bt * c)?,
+            vv: f(bt * c)?,
+            yh: f(bt * c)?,
+            dq: f(bt * c)?,
+            dk: f(bt * c)?,
+            dv: f(bt * c)?,
+            datt: f(att)?,
+            partial: f(partial_len(bt, 4 * c).max(partial_len(bt, 2 * c)))?,
+            a16: gpu.zeros(a16)?,
+            b16: gpu.zeros(b16)?,
+        })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Uploads a micro-batch's tokens and targets (B*T each; targets may be
+    /// empty for a forward pass only) and groups positions by token for the
+    /// embedding's backward.
+    pub fn set_batch(&mut self, gpu: &Gpu, tokens: &[u32], targets: &[u32], b: usize, t: usize) -> Result<()> {
+        assert!(b >= 1 && b <= self.b_max && t >= 1 && t <= self.t_max, "batch {b}x{t} outside the workspace");
+        assert_eq!(tokens.len(), b * t);
+        let s = &gpu.compute;
+        let toks: Vec<i32> = tokens.iter().map(|&x| x as i32).collect();
+        gpu.upload(self.tokens.ptr(), &toks, s)?;
+        if !targets.is_empty() {
+            assert_eq!(targets.len(), b * t);
+            let tg: Vec<i32> = targets.iter().map(|&x| x as i32).collect();
+            gpu.upload(self.targets.ptr(), &tg, s)?;
+        }
+        let (order, starts, uniq) = token_buckets(tokens);
+        gpu.upload(self.order.ptr(), &order, s)?;
+        gpu.upload(self.starts.ptr(), &starts, s)?;
+        gpu.upload(self.uniq.ptr(), &uniq, s)?;
+        self.n_uniq = uniq.len();
+        self.batch = (b, t);
+        Ok(())
+    }
+
+    /// `out[bt,n] = inp[bt,k] @ w[k,n] + bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fwd(
+        &self,
+        gpu: &Gpu,
+        out: u64,
+        inp: u64,
+        w: u64,
+        bias: u64,
+        bt: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let s = &gpu.compute;
+        gpu.bias_fill(s, out, bias, bt, n)?;
+        match self.precision {
+            Precision::Fp32 => gpu.gemm(
+                GemmType::F32,
+                bt,
+                n,
+                k,
+                1.0,
+                Operand::n(inp, k),
+                Operand::n(w, n),
+                1.0,
+                Operand::n(out, n),
+                None,
+            ),
+            Precision::Bf16 => {
+                gpu.to_bf16(s, self.a16.ptr(), inp, bt * k)?;
+                gpu.to_bf16(s, self.b16.ptr(), w, k * n)?;
+                let (a, b) = (Operand::n(self.a16.ptr(), k), Operand::n(self.b16.ptr(), n));
+                gpu.gemm(GemmType::Bf16, bt, n, k, 1.0, a, b, 1.0, Operand::n(out, n), None)
+            }
+        }
+    }
+
+    /// `dinp = dout @ w^T` (overwrites), `dw += inp^T @ dout`, `dbias += colsum(dout)`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(
+        &self,
+        gpu: &Gpu,
+        dinp: u64,
+        dw: u64,
+        dbias: u64,
+        dout: u64,
+        inp: u64,
+        w: u64,
+        bt: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let s = &gpu.compute;
+        gpu.bias_bwd(s, dbias, self.partial.ptr(), dout, bt, n)?;
+        match self.precision {
+            Precision::Fp32 => {
+                gpu.gemm(
+                    GemmType::F32,
+                    bt,
+                    k,
+                    n,
+                    1.0,
+                    Operand::n(dout, n),
+                    Operand::t(w, n),
+                    0.0,
+                    Operand::n(dinp, k),
+                    None,
+                )?;
+                gpu.gemm(
+                    GemmType::F32,
+                    k,
+                    n,
+                    bt,
+                    1.0,
+                    Operand::t(inp, k),
+                    Operand::n(dout, n),
+                    1.0,
+                    Operand::n(dw, n),
+                    None,
+                )
+            }
+            Precision::Bf16 => {
+                let (a16, b16) = (self.a16.ptr(), self.b16.ptr());
+                gpu.to_bf16(s, a16, dout, bt * n)?;
+                gpu.to_bf16(s, b16, w, k * n)?;
+                gpu.gemm(
+                    GemmType::Bf16,
+                    bt,
+                    k,
+                    n,
+                    1.0,
+                    Operand::n(a16, n),
+                    Operand::t(b16, n),
+                    0.0,
+                    Operand::n(dinp, k),
+                    None,
+                )?;
+                gpu.to_bf16(s, b16, inp, bt * k)?;
+                gpu.gemm(
+                    GemmType::Bf16,
+                    k,
+                    n,
+                    bt,
+                    1.0,
+                    Operand::t(b16, k),
+                    Operand::n(a16, n),
+                    1.0,
+                    Operand::n(dw, n),
+                    None,
+                )
+            }
+        }
+    }
+
+    fn attn_gemm_type(&self) -> GemmType {
+        match self.precision {
+            Precision::Fp32 => GemmType::F32,
+            Precision::Bf16 => GemmType::Tf32,
+        }
+    }
+
+    /// Forward of layer `l` (embedding or block) on the batch of [`Self::set_batch`].
+    pub fn forward(&mut self, gpu: &Gpu, spec: &ModelSpec, l: usize, w: &[u64]) -> Result<()> {
+        let (b, t) = self.batch;
+        let (c, bt) = (self.c, b * t);
+        let s = &gpu.compute;
+        match spec.layers[l].kind {
+            LayerKind::Embedding => {
+                assert_eq!(w.len(), 2);
+                gpu.embedding_fwd(s, self.residual[0].ptr(), self.tokens.ptr(), w[0], w[1], bt, t, c)
+            }
+            LayerKind::Block(i) => {
+                assert_eq!(w.len(), block::COUNT);
+                let x = self.residual[i].ptr();
+                let out = self.residual[i + 1].ptr();
+                let a = &self.blocks[i];
+                gpu.layernorm_fwd(
+                    s,
+                    a.ln1.ptr(),
+                    a.ln1_mean.ptr(),
+                    a.ln1_rstd.ptr(),
+                    x,
+                    w[block::LN1_W],
+                    w[block::LN1_B],
+                    bt,
+                    c,
+                )?;
+                self.linear_fwd(gpu, a.qkv.ptr(), a.ln1.ptr(), w[block::ATTN_W], w[block::ATTN_B], bt, c, 3 * c)?;
+                self.attention_fwd(gpu, i, b, t)?;
+                let a = &self.blocks[i];
+                self.linear_fwd(gpu, a.x2.ptr(), a.atty.ptr(), w[block::PROJ_W], w[block::PROJ_B], bt, c, c)?;
+                gpu.add_inplace(s, a.x2.ptr(), x, bt * c)?;
+                gpu.layernorm_fwd(
+                    s,
+                    a.ln2.ptr(),
+                    a.ln2_mean.ptr(),
+                    a.ln2_rstd.ptr(),
+                    a.x2.ptr(),
+                    w[block::LN2_W],
+                    w[block::LN2_B],
+                    bt,
+                    c,
+                )?;
+                self.linear_fwd(gpu, a.fch.ptr(), a.ln2.ptr(), w[block::FC_W], w[block::FC_B], bt, c, 4 * c)?;
+                gpu.gelu_fwd(s, a.fch_gelu.ptr(), a.fch.ptr(), bt * 4 * c)?;
+                self.linear_fwd(gpu, out, a.fch_gelu.ptr(), w[block::FCPROJ_W], w[block::FCPROJ_B], bt, 4 * c, c)?;
+                gpu.add_inplace(s, out, a.x2.ptr(), bt * c)
+            }
+            LayerKind::Head => panic!("the head runs through GpuWorkspace::head"),
+        }
+    }
+
+    fn attention_fwd(&self, gpu: &Gpu, i: usize, b: usize, t: usize) -> Result<()> {
+        let (c, nh) = (self.c, self.nh);
+        let hs = c / nh;
+        let s = &gpu.compute;
+        let a = &self.blocks[i];
+        let (q, k, v, yh) = (self.q.ptr(), self.k.ptr(), self.vv.ptr(), self.yh.ptr());
+        gpu.split_heads(s, q, a.qkv.ptr(), b, t, nh, hs, 3 * c, 0)?;
+        gpu.split_heads(s, k, a.qkv.ptr(), b, t, nh, hs, 3 * c, c)?;
+        gpu.split_heads(s, v, a.qkv.ptr(), b, t, nh, hs, 3 * c, 2 * c)?;
+        let z = b * nh;
+        let ty = self.attn_gemm_type();
+        let att = a.att.ptr();
+        // scores[T,T] = q[T,HS] k[T,HS]^T, per (batch, head)
+        let bat = Batch { count: z, a: t * hs, b: t * hs, c: t * t };
+        gpu.gemm(ty, t, t, hs, 1.0, Operand::n(q, hs), Operand::t(k, hs), 0.0, Operand::n(att, t), Some(bat))?;
+        gpu.softmax_causal_fwd(s, att, z * t, t, 1.0 / (hs as f32).sqrt())?;
+        // y[T,HS] = att[T,T] v[T,HS]
+        let bat = Batch { count: z, a: t * t, b: t * hs, c: t * hs };
+        gpu.gemm(ty, t, hs, t, 1.0, Operand::n(att, t), Operand::n(v, hs), 0.0, Operand::n(yh, hs), Some(bat))?;
+        gpu.merge_heads(s, a.atty.ptr(), yh, b, t, nh, hs, c, 0)
+    }
+
+    fn attention_bwd(&self, gpu: &Gpu, i: usize, b: usize, t: usize) -> Result<()> {
+        let (c, nh) = (self.c, self.nh);
+        let hs = c / nh;
+        let s = &gpu.compute;
+        let a = &self.blocks[i];
+        let (q, k, v, dyh) = (self.q.ptr(), self.k.ptr(), self.vv.ptr(), self.yh.ptr());
+        gpu.split_heads(s, q, a.qkv.ptr(), b, t, nh, hs, 3 * c, 0)?;
+        gpu.split_heads(s, k, a.qkv.ptr(), b, t, nh, hs, 3 * c, c)?;
+        gpu.split_heads(s, v, a.qkv.ptr(), b, t, nh, hs, 3 * c, 2 * c)?;
+        gpu.split_heads(s, dyh, self.datty.ptr(), b, t, nh, hs, c, 0)?;
+        let z = b * nh;
+        let ty = self.attn_gemm_type();
+        let (att, datt) = (a.att.ptr(), self.datt.ptr());
+        let (dq, dk, dv) = (self.dq.ptr(), self.dk.ptr(), self.dv.ptr());
+        // datt[T,T] = dy[T,HS] v^T
+        let bat = Batch { count: z, a: t * hs, b: t * hs, c: t * t };
+        gpu.gemm(ty, t, t, hs, 1.0, Operand::n(dyh, hs), Operand::t(v, hs), 0.0, Operand::n(datt, t), Some(bat))?;
+        // dv[T,HS] = att^T dy
+        let bat = Batch { count: z, a: t * t, b: t * hs, c: t * hs };
+        gpu.gemm(ty, t, hs, t, 1.0, Operand::t(att, t), Operand::n(dyh, hs), 0.0, Operand::n(dv, hs), Some(bat))?;
+        gpu.softmax_causal_bwd(s, datt, att, z * t, t, 1.0 / (hs as f32).sqrt())?;
+        // dq = dscores k ; dk = dscores^T q
+        gpu.gemm(ty, t, hs, t, 1.0, Operand::n(datt, t), Operand::n(k, hs), 0.0, Operand::n(dq, hs), Some(bat))?;
+        gpu.gemm(ty, t, hs, t, 1.0, Operand::t(datt, t), Operand::n(q, hs), 0.0, Operand::n(dk, hs), Some(bat))?;
+        let dqkv = self.dqkv.ptr();
+        gpu.merge_heads(s, dqkv, dq, b, t, nh, hs, 3 * c, 0)?;
+        gpu.merge_heads(s, dqkv, dk, b, t, nh, hs, 3 * c, c)?;
+        gpu.merge_heads(s, dqkv, dv, b, t, nh, hs, 3 * c, 2 * c)
+    }
+
+    /// The head: final LayerNorm, logits against the tied embedding,
+    /// cross-entropy. Per-position losses are added to a device accumulator
+    /// ([`Self::take_loss_sum`]). With `grads` (ln_f weight, ln_f bias, wte),
+    /// also the head's backward with the loss scaled by `dloss_scale`.
+    pub fn head(
+        &mut self,
+        gpu: &Gpu,
+        spec: &ModelSpec,
+        w: &[u64],
+        grads: Option<&[u64]>,
+        dloss_scale: f32,
+    ) -> Result<()> {
+        assert_eq!(w.len(), 3);
+        let (b, t) = self.batch;
+        let (c, v, bt) = (self.c, self.v, b * t);
+        let s = &gpu.compute;
+        let x = self.residual[spec.config.n_layer].ptr();
+        let lnf = self.lnf.ptr();
+        gpu.layernorm_fwd(s, lnf, self.lnf_mean.ptr(), self.lnf_rstd.ptr(), x, w[0], w[1], bt, c)?;
+        let bf = self.precision == Precision::Bf16;
+        let wte = w[2];
+        let (wte_op, ty) = if bf {
+            gpu.to_bf16(s, self.b16.ptr(), wte, v * c)?;
+            (self.b16.ptr(), GemmType::Bf16)
+        } else {
+            (wte, GemmType::F32)
+        };
+        let dlnf = self.dln.ptr();
+        for r0 in (0..bt).step_by(self.head_rows) {
+            let rows = (r0 + self.head_rows).min(bt) - r0;
+            let logits = self.logits.ptr();
+            let x_rows = self.lnf.at(r0 * c);
+            let x_op = if bf {
+                gpu.to_bf16(s, self.a16.ptr(), x_rows, rows * c)?;
+                self.a16.ptr()
+            } else {
+                x_rows
+            };
+            gpu.gemm(
+                ty,
+                rows,
+                v,
+                c,
+                1.0,
+                Operand::n(x_op, c),
+                Operand::t(wte_op, c),
+                0.0,
+                Operand::n(logits, v),
+                None,
+            )?;
+            let scale = grads.map(|_| dloss_scale);
+            gpu.crossentropy(s, self.losses.at(r0), logits, self.targets.at(r0), rows, v, scale)?;
+            if let Some(g) = grads {
+                let dx_rows = self.dln.at(r0 * c);
+                if bf {
+                    // a16: dlogits in bf16; b16 holds wte for dx, then the
+                    // rows for dwte, then wte again for the next chunk.
+                    let d16 = self.a16.ptr();
+                    gpu.to_bf16(s, d16, logits, rows * v)?;
+                    gpu.gemm(
+                        ty,
+                        rows,
+                        c,
+                        v,
+                        1.0,
+                        Operand::n(d16, v),
+                        Operand::n(wte_op, c),
+                        0.0,
+                        Operand::n(dx_rows, c),
+                        None,
+                    )?;
+                    gpu.to_bf16(s, self.b16.ptr(), x_rows, rows * c)?;
+                    gpu.gemm(
+                        ty,
+                        v,
+                        c,
+                        rows,
+                        1.0,
+                        Operand::t(d16, v),
+                        Operand::n(self.b16.ptr(), c),
+                        1.0,
+                        Operand::n(g[2], c),
+                        None,
+                    )?;
+                    if r0 + rows < bt {
+                        gpu.to_bf16(s, self.b16.ptr(), wte, v * c)?;
+                    }
+                } else {
+                    gpu.gemm(
+                        ty,
+                        rows,
+                        c,
+                        v,
+                        1.0,
+                        Operand::n(logits, v),
+                        Operand::n(wte, c),
+                        0.0,
+                        Operand::n(dx_rows, c),
+                        None,
+                    )?;
+                    gpu.gemm(
+                        ty,
+                        v,
+                        c,
+                        rows,
+                        1.0,
+                        Operand::t(logits, v),
+                        Operand::n(x_rows, c),
+                        1.0,
+                        Operand::n(g[2], c),
+                        None,
+                    )?;
+                }
+            }
+        }
+        gpu.add_inplace(s, self.loss_acc.ptr(), self.losses.ptr(), bt)?;
+        if let Some(g) = grads {
+            let dres = self.dres.ptr();
+            gpu.memset_zero(dres, bt * c * 4, s)?;
+            let (mean, rstd) = (self.lnf_mean.ptr(), self.lnf_rstd.ptr());
+            gpu.layernorm_bwd(s, dres, g[0], g[1], self.partial.ptr(), dlnf, x, w[0], mean, rstd, bt, c)?;
+        }
+        Ok(())
+    }
+
+    /// Sum of the per-position losses of every `head` call since the last
+    /// take (waits for the compute stream), and resets the accumulator.
+    pub fn take_loss_sum(&mut self, gpu: &Gpu) -> Result<f64> {
+        let n = self.b_max * self.t_max;
+        let mut host = vec![0f32; n];
+        gpu.download(&mut host, self.loss_acc.ptr(), &gpu.compute)?;
+        gpu.memset_zero(self.loss_acc.ptr(), n * 4, &gpu.compute)?;
+        Ok(host.iter().map(|&x| x as f64).sum())
+    }
+
+    /// Per-position losses of the last `head` call (B*T; waits for the GPU).
+    pub fn last_losses(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let (b, t) = self.batch;
+        let mut host = vec![0f32; b * t];
+        gpu.download(&mut host, self.losses.ptr(), &gpu.compute)?;
+        Ok(host)
+    }
+
+    /// The residual stream entering block `i` (or the head for i = n_layer), for tests.
+    pub fn residual(&self, gpu: &Gpu, i: usize) -> Result<Vec<f32>> {
+        let (b, t) = self.batch;
+        let mut host = vec![0f32; b * t * self.c];
+        gpu.download(&mut host, self.residual[i].ptr(), &gpu.compute)?;
+        Ok(host)
+    }
+
+    /// Backward of layer `l` (embedding or block), after `head` or the
+    /// backward of layer l+1; accumulates into `grads` (the layer's tensors).
+    pub fn backward(&mut self, gpu: &Gpu, spec: &ModelSpec, l: usize, w: &[u64], grads: &[u64]) -> Result<()> {
+        let (b, t) = self.batch;
+        let (c, bt) = (self.c, b * t);
+        let s = &gpu.compute;
+        let dres = self.dres.ptr();
+        match spec.layers[l].kind {
+            LayerKind::Embedding => {
+                let buckets = (self.order.ptr(), self.starts.ptr(), self.uniq.ptr(), self.n_uniq);
+                gpu.embedding_bwd(s, grads[0], grads[1], dres, buckets, b, t, c)
+            }
+            LayerKind::Block(i) => {
+                assert_eq!(w.len(), block::COUNT);
+                assert_eq!(grads.len(), block::COUNT);
+                let x = self.residual[i].ptr();
+                let a = &self.blocks[i];
+                let g = grads;
+                let (dfch, dln, datty) = (self.dfch.ptr(), self.dln.ptr(), self.datty.ptr());
+                self.linear_bwd(
+                    gpu,
+                    dfch,
+                    g[block::FCPROJ_W],
+                    g[block::FCPROJ_B],
+                    dres,
+                    a.fch_gelu.ptr(),
+                    w[block::FCPROJ_W],
+                    bt,
+                    4 * c,
+                    c,
+                )?;
+                gpu.gelu_bwd(s, dfch, a.fch.ptr(), bt * 4 * c)?;
+                self.linear_bwd(
+                    gpu,
+                    dln,
+                    g[block::FC_W],
+                    g[block::FC_B],
+                    dfch,
+                    a.ln2.ptr(),
+                    w[block::FC_W],
+                    bt,
+                    c,
+                    4 * c,
+                )?;
+                let p = self.partial.ptr();
+                let (m2, r2) = (a.ln2_mean.ptr(), a.ln2_rstd.ptr());
+                gpu.layernorm_bwd(
+                    s,
+                    dres,
+                    g[block::LN2_W],
+                    g[block::LN2_B],
+                    p,
+                    dln,
+                    a.x2.ptr(),
+                    w[block::LN2_W],
+                    m2,
+                    r2,
+                    bt,
+                    c,
+                )?;
+                self.linear_bwd(
+                    gpu,
+                    datty,
+                    g[block::PROJ_W],
+                    g[block::PROJ_B],
+                    dres,
+                    a.atty.ptr(),
+                    w[block::PROJ_W],
+                    bt,
+                    c,
+                    c,
+                )?;
+                self.attention_bwd(gpu, i, b, t)?;
+                let a = &self.blocks[i];
+                let dqkv = self.dqkv.ptr();
+                self.linear_bwd(
+                    gpu,
+                    dln,
+                    g[block::ATTN_W],
+                    g[block::ATTN_B],
+                    dqkv,
+                    a.ln1.ptr(),
+                    w[block::ATTN_W],
+                    bt,
+                    c,
+                    3 * c,
+                )?;
+                let (m1, r1) = (a.ln1_mean.ptr(), a.ln1_rstd.ptr());
+                gpu.layernorm_bwd(s, dres, g[block::LN1_W], g[block::LN1_B], p, dln, x, w[block::LN1_W], m1, r1, bt, c)
+            }
+            LayerKind::Head => panic!("the head's backward runs inside GpuWorkspace::head"),
+        }
+    }
+}

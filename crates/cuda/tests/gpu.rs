@@ -1,0 +1,352 @@
+//! The CUDA backend against the CPU kernels and PyTorch.
+//!
+//! Without a GPU (CI), the tests that need one print "CUDA tests skipped:
+//! <reason>" and pass; the error path itself is checked. With NVRTC present
+//! (LD_LIBRARY_PATH), the kernels are compiled for Hopper even without a GPU.
+//!
+//! Tolerances, as max |gpu - cpu| <= tol * max |cpu| per tensor: our kernels
+//! in fp32 1e-5 (the same arithmetic in another order); whole layers in fp32
+//! 1e-4 (cuBLAS sums in another order than the CPU GEMM, over K up to 3072);
+//! bf16 products 1e-2 against fp32.
+
+use safetensors::SafeTensors;
+use ws_cuda::kernels::{self, token_buckets};
+use ws_cuda::{gpu_for_tests, DeviceParams, Gpu, GpuWorkspace};
+use ws_kernels::adamw::{adamw_update, AdamWStep};
+use ws_kernels::{Precision, Rng};
+use ws_model::{Gpt2Config, ModelSpec, Params, Workspace};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
+
+fn assert_scaled_close(what: &str, ours: &[f32], reference: &[f32], tol: f32) {
+    assert_eq!(ours.len(), reference.len(), "{what}: length");
+    let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
+    let mut worst = (0usize, 0f32);
+    for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
+        let d = (a - b).abs();
+        assert!(!d.is_nan(), "{what}[{i}]: {a} vs {b}");
+        if d > worst.1 {
+            worst = (i, d);
+        }
+    }
+    let (i, d) = worst;
+    assert!(
+        d <= tol * scale,
+        "{what}[{i}]: gpu {} vs cpu {} (|diff| {d} > {tol} x max|cpu| {scale})",
+        ours[i],
+        reference[i]
+    );
+    eprintln!("{what}: max |diff| / max |cpu| = {:.2e}", d / scale);
+}
+
+fn random(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    rng.fill_normal(&mut v, 0.0, std);
+    v
+}
+
+fn up(gpu: &Gpu, x: &[f32]) -> ws_cuda::DevBuf<f32> {
+    let b = gpu.alloc::<f32>(x.len()).unwrap();
+    gpu.upload(b.ptr(), x, &gpu.compute).unwrap();
+    b
+}
+
+fn up_i32(gpu: &Gpu, x: &[i32]) -> ws_cuda::DevBuf<i32> {
+    let b = gpu.alloc::<i32>(x.len().max(1)).unwrap();
+    gpu.upload(b.ptr(), x, &gpu.compute).unwrap();
+    b
+}
+
+fn down(gpu: &Gpu, b: &ws_cuda::DevBuf<f32>) -> Vec<f32> {
+    let mut v = vec![0f32; b.len()];
+    gpu.download(&mut v, b.ptr(), &gpu.compute).unwrap();
+    v
+}
+
+#[test]
+fn without_a_gpu_the_error_is_one_clear_line() {
+    match Gpu::new(0) {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(!msg.is_empty() && !msg.contains('\n'), "{msg:?}");
+            assert!(msg.contains("CUDA") || msg.contains("GPU"), "{msg}");
+        }
+        Ok(_) => {
+            let e = Gpu::new(99).err().expect("no machine has 100 GPUs here");
+            assert!(e.to_string().contains("no CUDA device 99"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn kernels_compile_for_hopper_with_nvrtc() {
+    // SAFETY: only tries to open the library.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("CUDA tests skipped: NVRTC (libnvrtc.so.13) not found");
+        return;
+    }
+    let ptx = kernels::compile((9, 0)).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> =
+        kernels::SOURCE.split("__global__ void ").skip(1).map(|s| s.split('(').next().unwrap()).collect();
+    assert!(names.len() >= 20, "{names:?}");
+    for n in names {
+        assert!(ptx.contains(&format!(".entry {n}(")), "{n} missing from the PTX");
+    }
+}
+
+#[test]
+fn embedding_matches_cpu() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let mut rng = Rng::new(1);
+    let (b, t, c, v) = (3, 37, 96, 500);
+    let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(60) as u32).collect();
+    let (wte, wpe) = (random(&mut rng, v * c, 1.0), random(&mut rng, t * c, 1.0));
+    let mut out = vec![0f32; b * t * c];
+    ws_kernels::embedding::embedding_forward(&mut out, &tokens, &wte, &wpe, b, t, c);
+    let toks: Vec<i32> = tokens.iter().map(|&x| x as i32).collect();
+    let (dt, dwte, dwpe) = (up_i32(&gpu, &toks), up(&gpu, &wte), up(&gpu, &wpe));
+    let dout = gpu.alloc::<f32>(b * t * c).unwrap();
+    gpu.embedding_fwd(&gpu.compute, dout.ptr(), dt.ptr(), dwte.ptr(), dwpe.ptr(), b * t, t, c).unwrap();
+    assert_scaled_close("embedding forward", &down(&gpu, &dout), &out, 1e-6);
+
+    let g = random(&mut rng, b * t * c, 1.0);
+    let (mut gwte, mut gwpe) = (random(&mut rng, v * c, 1.0), random(&mut rng, t * c, 1.0));
+    let (d_gwte, d_gwpe, d_g) = (up(&gpu, &gwte), up(&gpu, &gwpe), up(&gpu, &g));
+    ws_kernels::embedding::embedding_backward(&mut gwte, &mut gwpe, &g, &tokens, b, t, c);
+    let (order, starts, uniq) = token_buckets(&tokens);
+    let (o, s, u) = (up_i32(&gpu, &order), up_i32(&gpu, &starts), up_i32(&gpu, &uniq));
+    let buckets = (o.ptr(), s.ptr(), u.ptr(), uniq.len());
+    gpu.embedding_bwd(&gpu.compute, d_gwte.ptr(), d_gwpe.ptr(), d_g.ptr(), buckets, b, t, c).unwrap();
+    assert_scaled_close("embedding dwte", &down(&gpu, &d_gwte), &gwte, 1e-5);
+    assert_scaled_close("embedding dwpe", &down(&gpu, &d_gwpe), &gwpe, 1e-5);
+}
+
+#[test]
+fn layernorm_matches_cpu() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let mut rng = Rng::new(2);
+    let (n, c) = (301, 768);
+    let x: Vec<f32> = random(&mut rng, n * c, 2.0).iter().map(|v| v + 0.5).collect();
+    let (w, bias) = (random(&mut rng, c, 1.0), random(&mut rng, c, 1.0));
+    let (mut out, mut mean, mut rstd) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
+    ws_kernels::layernorm::layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &bias, n, c);
+    let (dx, dw, db) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &bias));
+    let (dout, dmean, drstd) =
+        (gpu.alloc::<f32>(n * c).unwrap(), gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<f32>(n).unwrap());
+    gpu.layernorm_fwd(&gpu.compute, dout.ptr(), dmean.ptr(), drstd.ptr(), dx.ptr(), dw.ptr(), db.ptr(), n, c).unwrap();
+    assert_scaled_close("layernorm out", &down(&gpu, &dout), &out, 1e-5);
+    assert_scaled_close("layernorm mean", &down(&gpu, &dmean), &mean, 1e-5);
+    assert_scaled_close("layernorm rstd", &down(&gpu, &drstd), &rstd, 1e-5);
+
+    let g = random(&mut rng, n * c, 1.0);
+    let mut dinp = random(&mut rng, n * c, 1.0);
+    let (mut gw, mut gb) = (random(&mut rng, c, 1.0), random(&mut rng, c, 1.0));
+    let (d_dinp, d_gw, d_gb, d_g) = (up(&gpu, &dinp), up(&gpu, &gw), up(&gpu, &gb), up(&gpu, &g));
+    ws_kernels::layernorm::layernorm_backward(&mut dinp, &mut gw, &mut gb, &g, &x, &w, &mean, &rstd, n, c);
+    let partial = gpu.alloc::<f32>(kernels::partial_len(n, 2 * c)).unwrap();
+    gpu.layernorm_bwd(
+        &gpu.compute,
+        d_dinp.ptr(),
+        d_gw.ptr(),
+        d_gb.ptr(),
+        partial.ptr(),
+        d_g.ptr(),
+        dx.ptr(),
+        dw.ptr(),
+        dmean.ptr(),
+        drstd.ptr(),
+        n,
+        c,
+    )
+    .unwrap();
+    assert_scaled_close("layernorm dinp", &down(&gpu, &d_dinp), &dinp, 1e-5);
+    assert_scaled_close("layernorm dweight", &down(&gpu, &d_gw), &gw, 1e-5);
+    assert_scaled_close("layernorm dbias", &down(&gpu, &d_gb), &gb, 1e-5);
+}
+
+#[test]
+fn gelu_bias_and_bf16_match_cpu() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let mut rng = Rng::new(3);
+    let n = 100_003;
+    let x = random(&mut rng, n, 3.0);
+    let mut out = vec![0f32; n];
+    ws_kernels::gelu::gelu_forward(&mut out, &x);
+    let dx = up(&gpu, &x);
+    let dout = gpu.alloc::<f32>(n).unwrap();
+    gpu.gelu_fwd(&gpu.compute, dout.ptr(), dx.ptr(), n).unwrap();
+    assert_scaled_close("gelu forward", &down(&gpu, &dout), &out, 1e-5);
+    let mut d = random(&mut rng, n, 1.0);
+    let dd = up(&gpu, &d);
+    ws_kernels::gelu::gelu_backward_inplace(&mut d, &x);
+    gpu.gelu_bwd(&gpu.compute, dd.ptr(), dx.ptr(), n).unwrap();
+    assert_scaled_close("gelu backward", &down(&gpu, &dd), &d, 1e-5);
+
+    let (rows, c) = (1000, 333);
+    let g = random(&mut rng, rows * c, 1.0);
+    let mut dbias = random(&mut rng, c, 1.0);
+    let (d_dbias, d_g) = (up(&gpu, &dbias), up(&gpu, &g));
+    ws_kernels::matmul::bias_backward(&mut dbias, &g, rows, c);
+    let partial = gpu.alloc::<f32>(kernels::partial_len(rows, c)).unwrap();
+    gpu.bias_bwd(&gpu.compute, d_dbias.ptr(), partial.ptr(), d_g.ptr(), rows, c).unwrap();
+    assert_scaled_close("bias backward", &down(&gpu, &d_dbias), &dbias, 1e-5);
+
+    let h = gpu.alloc::<u16>(n).unwrap();
+    gpu.to_bf16(&gpu.compute, h.ptr(), dx.ptr(), n).unwrap();
+    let mut bits = vec![0u16; n];
+    gpu.download(&mut bits, h.ptr(), &gpu.compute).unwrap();
+    for (i, (&g, &v)) in bits.iter().zip(&x).enumerate() {
+        assert_eq!(g, ws_kernels::bf16::to_bf16(v), "bf16 rounding of x[{i}] = {v}");
+    }
+    gpu.from_bf16(&gpu.compute, dout.ptr(), h.ptr(), n).unwrap();
+    let back = down(&gpu, &dout);
+    for (i, (&b, &g)) in back.iter().zip(&bits).enumerate() {
+        assert_eq!(b.to_bits(), ws_kernels::bf16::from_bf16(g).to_bits(), "bf16 widening [{i}]");
+    }
+}
+
+#[test]
+fn crossentropy_adamw_and_sumsq_match_cpu() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let mut rng = Rng::new(4);
+    let (rows, v) = (67, 50257);
+    let mut logits = random(&mut rng, rows * v, 3.0);
+    let targets: Vec<u32> = (0..rows).map(|_| rng.below(v as u64) as u32).collect();
+    let dl = up(&gpu, &logits);
+    let tg: Vec<i32> = targets.iter().map(|&x| x as i32).collect();
+    let dt = up_i32(&gpu, &tg);
+    let dloss = gpu.alloc::<f32>(rows).unwrap();
+    let mut losses = vec![0f32; rows];
+    let scale = 1.0 / 300.0;
+    ws_kernels::crossentropy::crossentropy_forward_backward(&mut losses, &mut logits, &targets, v, Some(scale));
+    gpu.crossentropy(&gpu.compute, dloss.ptr(), dl.ptr(), dt.ptr(), rows, v, Some(scale)).unwrap();
+    assert_scaled_close("cross-entropy losses", &down(&gpu, &dloss), &losses, 1e-5);
+    assert_scaled_close("cross-entropy dlogits", &down(&gpu, &dl), &logits, 1e-5);
+
+    let n = 70_001;
+    let (mut p, g) = (random(&mut rng, n, 0.02), random(&mut rng, n, 1.0));
+    let mut m = random(&mut rng, n, 0.1);
+    let mut vv: Vec<f32> = random(&mut rng, n, 0.1).iter().map(|x| x * x).collect();
+    let (dp, dg, dm, dv) = (up(&gpu, &p), up(&gpu, &g), up(&gpu, &m), up(&gpu, &vv));
+    let st = AdamWStep { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, t: 7, grad_scale: 0.7 };
+    adamw_update(&mut p, &g, &mut m, &mut vv, st);
+    gpu.adamw(&gpu.compute, dp.ptr(), dg.ptr(), dm.ptr(), dv.ptr(), n, st).unwrap();
+    assert_scaled_close("adamw params", &down(&gpu, &dp), &p, 1e-6);
+    assert_scaled_close("adamw m", &down(&gpu, &dm), &m, 1e-6);
+    assert_scaled_close("adamw v", &down(&gpu, &dv), &vv, 1e-6);
+
+    let partial = gpu.alloc::<f64>(kernels::SUMSQ_BLOCKS).unwrap();
+    let ours = gpu.sumsq(&gpu.compute, partial.ptr(), dg.ptr(), n).unwrap();
+    let cpu = ws_kernels::math::sum_of_squares_f64(&g);
+    assert!((ours - cpu).abs() <= 1e-9 * cpu, "sum of squares {ours} vs {cpu}");
+}
+
+/// A whole model's forward, head and backward on the GPU against the CPU workspace.
+fn model_matches_cpu(precision: Precision, tol: f32) {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let config = Gpt2Config { n_layer: 2, n_head: 4, n_embd: 128, block_size: 64, vocab_size: 1000 };
+    let spec = ModelSpec::new(config);
+    let params = Params::init(&spec, 5);
+    let (b, t) = (3, 64);
+    let mut rng = Rng::new(6);
+    let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(1000) as u32).collect();
+    let targets: Vec<u32> = (0..b * t).map(|_| rng.below(1000) as u32).collect();
+    let n = spec.layer_count();
+    let scale = 1.0 / (b * t) as f32;
+
+    let mut ws = Workspace::new(&spec, b, t);
+    let mut grads = Params::zeros(&spec);
+    for l in 0..n - 1 {
+        ws.forward(&spec, l, &params.layer(&spec, l), &tokens, b, t);
+    }
+    let loss =
+        ws.head(&spec, &params.layer(&spec, n - 1), Some(&mut grads.layer_mut(&spec, n - 1)), &targets, b, t, scale);
+    for l in (0..n - 1).rev() {
+        ws.backward(&spec, l, &params.layer(&spec, l), &mut grads.layer_mut(&spec, l), &tokens, b, t);
+    }
+
+    let dparams = DeviceParams::from_host(&gpu, &spec, &params).unwrap();
+    let dgrads = DeviceParams::zeros(&gpu, &spec).unwrap();
+    let mut gws = GpuWorkspace::new(&gpu, &spec, b, t, precision).unwrap();
+    gws.set_batch(&gpu, &tokens, &targets, b, t).unwrap();
+    for l in 0..n - 1 {
+        gws.forward(&gpu, &spec, l, &dparams.layer(&spec, l)).unwrap();
+    }
+    gws.head(&gpu, &spec, &dparams.layer(&spec, n - 1), Some(&dgrads.layer(&spec, n - 1)), scale).unwrap();
+    for l in (0..n - 1).rev() {
+        gws.backward(&gpu, &spec, l, &dparams.layer(&spec, l), &dgrads.layer(&spec, l)).unwrap();
+    }
+    let gloss = gws.take_loss_sum(&gpu).unwrap();
+    let what = precision.name();
+    assert!((gloss - loss).abs() <= tol as f64 * loss.abs(), "{what} loss sum {gloss} vs cpu {loss}");
+    let ggrads = dgrads.to_host(&gpu, &spec).unwrap();
+    for (i, ts) in spec.tensors.iter().enumerate() {
+        assert_scaled_close(&format!("{what} grad.{}", ts.name), &ggrads.tensors[i], &grads.tensors[i], tol * 10.0);
+    }
+}
+
+#[test]
+fn model_fp32_matches_cpu() {
+    model_matches_cpu(Precision::Fp32, 1e-5);
+}
+
+#[test]
+fn model_bf16_matches_cpu_fp32_within_bf16_tolerance() {
+    model_matches_cpu(Precision::Bf16, 2e-3);
+}
+
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture lacks {name}: {e}"));
+    t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+fn ids(st: &SafeTensors, name: &str) -> Vec<u32> {
+    let t = st.tensor(name).unwrap();
+    t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
+}
+
+/// The foundation's PyTorch fixture, on the GPU: loss 1e-5, gradients 1e-4
+/// relative to each tensor's scale (the CPU test's tolerances).
+#[test]
+fn pytorch_parity_fixture_on_gpu() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let bytes = std::fs::read(format!("{FIXTURES}/gpt2_parity.safetensors")).expect("committed fixture");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/gpt2_parity.json")).unwrap()).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let get = |k: &str| meta[k].as_u64().unwrap() as usize;
+    let config = Gpt2Config {
+        n_layer: get("n_layer"),
+        n_head: get("n_head"),
+        n_embd: get("n_embd"),
+        block_size: get("block_size"),
+        vocab_size: get("vocab_size"),
+    };
+    let (b, t) = (get("batch"), get("seq"));
+    let spec = ModelSpec::new(config);
+    let mut params = Params::zeros(&spec);
+    for (ts, data) in spec.tensors.iter().zip(params.tensors.iter_mut()) {
+        *data = f32s(&st, &ts.name);
+    }
+    let (tokens, targets) = (ids(&st, "input_ids"), ids(&st, "targets"));
+    let dparams = DeviceParams::from_host(&gpu, &spec, &params).unwrap();
+    let dgrads = DeviceParams::zeros(&gpu, &spec).unwrap();
+    let mut ws = GpuWorkspace::new(&gpu, &spec, b, t, Precision::Fp32).unwrap();
+    ws.set_batch(&gpu, &tokens, &targets, b, t).unwrap();
+    let n = spec.layer_count();
+    for l in 0..n - 1 {
+        ws.forward(&gpu, &spec, l, &dparams.layer(&spec, l)).unwrap();
+    }
+    ws.head(&gpu, &spec, &dparams.layer(&spec, n - 1), Some(&dgrads.layer(&spec, n - 1)), 1.0 / (b * t) as f32)
+        .unwrap();
+    for l in (0..n - 1).rev() {
+        ws.backward(&gpu, &spec, l, &dparams.layer(&spec, l), &dgrads.layer(&spec, l)).unwrap();
+    }
+    let loss = (ws.take_loss_sum(&gpu).unwrap() / (b * t) as f64) as f32;
+    let loss_ref = f32s(&st, "loss")[0];
+    assert!((loss - loss_ref).abs() <= 1e-5 * loss_ref.abs(), "loss {loss} vs PyTorch {loss_ref}");
+    let grads = dgrads.to_host(&gpu, &spec).unwrap();
+    for (ts, g) in spec.tensors.iter().zip(&grads.tensors) {
+        assert_scaled_close(&format!("grad.{}", ts.name), g, &f32s(&st, &format!("grad.{}", ts.name)), 1e-4);
+    }
+}
