@@ -20,11 +20,11 @@ ldconfig -p 2>/dev/null | grep -E "libcuda.so|libcublas|libnvrtc" | head -8 | te
 mkdir -p /work && [ -e /work/main ] || ln -s "$PWD" /work/main
 
 log "CUDA kernel and model tests"
-timeout 150 device/cuda-gpu --test-threads=1 --nocapture > "$OUT/test-cuda.log" 2>&1
+timeout 60 device/cuda-gpu --test-threads=1 --nocapture > "$OUT/test-cuda.log" 2>&1
 cuda_rc=$?
 grep -E "^test |panicked|skipped" -A2 "$OUT/test-cuda.log" | head -60
 log "GPU streamed vs resident tests"
-timeout 150 device/train-gpu --test-threads=1 --nocapture > "$OUT/test-train.log" 2>&1
+timeout 100 device/train-gpu --test-threads=1 --nocapture > "$OUT/test-train.log" 2>&1
 train_rc=$?
 grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
 
@@ -33,6 +33,10 @@ timeout 150 device/weightstream bench cuda --what all --model small --batch 16 -
   > "$OUT/bench-small.jsonl" 2>> "$OUT/bench.err"
 small_rc=$?
 cat "$OUT/bench-small.jsonl"; tail -3 "$OUT/bench.err"
+log "streaming at batch 32 (GPT-2 small)"
+timeout 90 device/weightstream bench cuda --what streaming --model small --batch 32 --seq 1024 --steps 3 \
+  >> "$OUT/bench-small.jsonl" 2>> "$OUT/bench.err"
+tail -2 "$OUT/bench-small.jsonl"
 left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
 log "benchmarks: 1.1B ($left s left)"
 if [ "$left" -gt 60 ]; then

@@ -57,11 +57,12 @@ fn random_device(gpu: &Gpu, n: usize, seed: u64) -> ws_cuda::Result<ws_cuda::Dev
     Ok(d)
 }
 
-/// TFLOP/s of `C[m,n] = A[m,k] B[k,n]` (B transposed when `bt`), `ty`.
-fn gemm_tflops(gpu: &Gpu, ty: GemmType, m: usize, n: usize, k: usize, bt: bool) -> ws_cuda::Result<f64> {
+/// TFLOP/s of `C[m,n] = A[m,k] B[k,n]` (B transposed when `bt`), `ty`; C's
+/// rows `ldc` apart.
+fn gemm_tflops(gpu: &Gpu, ty: GemmType, m: usize, n: usize, k: usize, bt: bool, ldc: usize) -> ws_cuda::Result<f64> {
     let a32 = random_device(gpu, m * k, 1)?;
     let b32 = random_device(gpu, k * n, 2)?;
-    let c = gpu.alloc::<f32>(m * n)?;
+    let c = gpu.alloc::<f32>(m * ldc)?;
     let (a, b, _keep) = if ty == GemmType::Bf16 {
         let (a16, b16) = (gpu.alloc::<u16>(m * k)?, gpu.alloc::<u16>(k * n)?);
         gpu.to_bf16(&gpu.compute, a16.ptr(), a32.ptr(), m * k)?;
@@ -71,30 +72,32 @@ fn gemm_tflops(gpu: &Gpu, ty: GemmType, m: usize, n: usize, k: usize, bt: bool) 
         (a32.ptr(), b32.ptr(), None)
     };
     let bop = if bt { Operand::t(b, k) } else { Operand::n(b, n) };
-    let ms = time_ms(gpu, 10, || gpu.gemm(ty, m, n, k, 1.0, Operand::n(a, k), bop, 0.0, Operand::n(c.ptr(), n), None))?;
+    let ms =
+        time_ms(gpu, 10, || gpu.gemm(ty, m, n, k, 1.0, Operand::n(a, k), bop, 0.0, Operand::n(c.ptr(), ldc), None))?;
     Ok(2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12)
 }
 
 pub fn bench_gemm(gpu: &Gpu) -> Result<f64> {
     let mut bf16_ceiling = 0.0;
-    let shapes: [(&str, usize, usize, usize, bool); 4] = [
-        ("8192^3", 8192, 8192, 8192, false),
-        ("gpt2-small fc 16384x3072x768", 16384, 3072, 768, false),
-        ("gpt2-small proj 16384x768x3072", 16384, 768, 3072, false),
-        ("gpt2-small logits 8192x50257x768 (B^T)", 8192, 50257, 768, true),
+    let shapes: [(&str, usize, usize, usize, bool, usize); 5] = [
+        ("8192^3", 8192, 8192, 8192, false, 8192),
+        ("gpt2-small fc 16384x3072x768", 16384, 3072, 768, false, 3072),
+        ("gpt2-small proj 16384x768x3072", 16384, 768, 3072, false, 768),
+        ("gpt2-small logits 8192x50257x768 (B^T), ldc 50257", 8192, 50257, 768, true, 50257),
+        ("gpt2-small logits 8192x50257x768 (B^T), ldc 50304", 8192, 50257, 768, true, 50304),
     ];
-    for (name, m, n, k, bt) in shapes {
+    for (name, m, n, k, bt, ldc) in shapes {
         for ty in [GemmType::Bf16, GemmType::Tf32, GemmType::F32] {
             if ty == GemmType::F32 && name != "8192^3" {
                 continue;
             }
-            let tf = gemm_tflops(gpu, ty, m, n, k, bt).map_err(err)?;
+            let tf = gemm_tflops(gpu, ty, m, n, k, bt, ldc).map_err(err)?;
             if ty == GemmType::Bf16 && name == "8192^3" {
                 bf16_ceiling = tf;
             }
             println!(
                 "{}",
-                serde_json::json!({"bench": "cuda_gemm", "gpu": gpu.name, "shape": name, "m": m, "n": n, "k": k,
+                serde_json::json!({"bench": "cuda_gemm", "gpu": gpu.name, "shape": name, "m": m, "n": n, "k": k, "ldc": ldc,
                     "type": format!("{ty:?}").to_lowercase(), "tflops": round(tf)})
             );
         }

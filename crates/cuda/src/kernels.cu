@@ -327,12 +327,14 @@ extern "C" __global__ void softmax_causal_bwd(float* d, const float* att, int ro
 
 // ---------------------------------------------------------------- cross-entropy
 
-// One block per row of logits[R,V]. losses[r] = logsumexp - logit[target];
-// with `grad`, logits become (softmax - onehot) * scale.
-extern "C" __global__ void crossentropy(float* losses, float* logits, const int* targets, int v, float scale, int grad) {
+// One block per row of logits[R,V] (rows `stride` apart, V <= stride).
+// losses[r] = logsumexp - logit[target]; with `grad`, logits become
+// (softmax - onehot) * scale.
+extern "C" __global__ void crossentropy(float* losses, float* logits, const int* targets, int v, int stride, float scale,
+                                        int grad) {
     __shared__ float sh[32];
     int r = blockIdx.x;
-    float* x = logits + (i64)r * v;
+    float* x = logits + (i64)r * stride;
     int target = targets[r];
     float m = NEG_INF;
     for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, x[j]);

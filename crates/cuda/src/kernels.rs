@@ -353,7 +353,9 @@ impl Gpu {
         )
     }
 
-    /// Losses of `rows` rows; with `scale`, logits become their gradient.
+    /// Losses of `rows` rows of `v` logits, `stride` apart; with `scale`,
+    /// the logits become their gradient.
+    #[allow(clippy::too_many_arguments)]
     pub fn crossentropy(
         &self,
         s: &Stream,
@@ -362,13 +364,16 @@ impl Gpu {
         targets: u64,
         rows: usize,
         v: usize,
+        stride: usize,
         scale: Option<f32>,
     ) -> Result<()> {
+        assert!(v <= stride);
         let args = [
             Arg::P(losses),
             Arg::P(logits),
             Arg::P(targets),
             i(v),
+            i(stride),
             Arg::F(scale.unwrap_or(0.0)),
             Arg::I(scale.is_some() as i32),
         ];

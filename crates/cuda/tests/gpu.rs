@@ -219,7 +219,7 @@ fn crossentropy_adamw_and_sumsq_match_cpu() {
     let mut losses = vec![0f32; rows];
     let scale = 1.0 / 300.0;
     ws_kernels::crossentropy::crossentropy_forward_backward(&mut losses, &mut logits, &targets, v, Some(scale));
-    gpu.crossentropy(&gpu.compute, dloss.ptr(), dl.ptr(), dt.ptr(), rows, v, Some(scale)).unwrap();
+    gpu.crossentropy(&gpu.compute, dloss.ptr(), dl.ptr(), dt.ptr(), rows, v, v, Some(scale)).unwrap();
     assert_scaled_close("cross-entropy losses", &down(&gpu, &dloss), &losses, 1e-5);
     assert_scaled_close("cross-entropy dlogits", &down(&gpu, &dl), &logits, 1e-5);
 

@@ -7,6 +7,7 @@
 //! reduction, about 1 ulp), so loops over slices compile to SIMD. Sums and
 //! maxima use 16 independent accumulators, which the compiler may keep in
 //! vector registers; the order is fixed, so results are deterministic.
+use rayon::prelude::*;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -110,23 +111,103 @@ pub fn centered_sum_sq(x: &[f32], mean: f32) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
 }
 
-/// Sum of squares in f64, element by element in order: the gradient norm's
-/// definition, shared by every place that computes it so that they agree
-/// bit for bit.
+/// Sum of squares in f64, element by element in order (one piece of
+/// [`SumSq`], and its reference).
 pub fn sum_of_squares_f64(x: &[f32]) -> f64 {
     sum_of_squares_f64_from(0.0, x)
 }
 
-/// [`sum_of_squares_f64`] continued from `acc`: a tensor summed in pieces,
-/// in order, gives exactly the sum of the whole.
+/// [`sum_of_squares_f64`] continued from `acc`.
 pub fn sum_of_squares_f64_from(acc: f64, x: &[f32]) -> f64 {
     x.iter().fold(acc, |a, &v| a + v as f64 * v as f64)
+}
+
+/// Elements per piece of a tensor's sum of squares.
+pub const SUMSQ_CHUNK: usize = 1 << 14;
+
+/// A tensor's sum of squares in f64, the gradient norm's definition: the
+/// tensor is cut into pieces of [`SUMSQ_CHUNK`] elements from its start,
+/// each piece summed element by element in order, the pieces added in order.
+/// Fed in order in parts of any size (a store's pages), it gives exactly
+/// the value of the whole tensor at once, and whole pieces are summed in
+/// parallel: one chain of dependent f64 adds over a 100M-element gradient
+/// would take longer than the GPU's step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SumSq {
+    total: f64,
+    piece: f64,
+    pos: usize,
+}
+
+impl SumSq {
+    /// The next `x.len()` elements of the tensor.
+    pub fn feed(&mut self, mut x: &[f32]) {
+        let into = self.pos % SUMSQ_CHUNK;
+        if into != 0 {
+            let take = (SUMSQ_CHUNK - into).min(x.len());
+            self.piece = sum_of_squares_f64_from(self.piece, &x[..take]);
+            self.pos += take;
+            x = &x[take..];
+            if self.pos % SUMSQ_CHUNK == 0 {
+                self.total += self.piece;
+                self.piece = 0.0;
+            }
+        }
+        let whole = x.len() / SUMSQ_CHUNK * SUMSQ_CHUNK;
+        if whole > 0 {
+            let pieces: Vec<f64> = x[..whole].par_chunks(SUMSQ_CHUNK).map(sum_of_squares_f64).collect();
+            for p in pieces {
+                self.total += p;
+            }
+            self.pos += whole;
+            x = &x[whole..];
+        }
+        if !x.is_empty() {
+            self.piece = sum_of_squares_f64_from(self.piece, x);
+            self.pos += x.len();
+        }
+    }
+
+    pub fn value(&self) -> f64 {
+        self.total + self.piece
+    }
+}
+
+/// [`SumSq`] of a whole tensor.
+pub fn tensor_sum_of_squares(x: &[f32]) -> f64 {
+    let mut s = SumSq::default();
+    s.feed(x);
+    s.value()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Rng;
+
+    #[test]
+    fn sumsq_fed_in_parts_equals_whole_and_pieces_reference() {
+        let mut rng = Rng::new(11);
+        let n = 5 * SUMSQ_CHUNK + 1234;
+        let mut x = vec![0f32; n];
+        rng.fill_normal(&mut x, 0.0, 1.0);
+        let whole = tensor_sum_of_squares(&x);
+        // The definition, plainly: pieces summed in order, then added in order.
+        let reference = x.chunks(SUMSQ_CHUNK).map(sum_of_squares_f64).fold(0.0, |a, p| a + p);
+        assert_eq!(whole.to_bits(), reference.to_bits());
+        for parts in [vec![1, 100, SUMSQ_CHUNK, 3 * SUMSQ_CHUNK + 7], vec![SUMSQ_CHUNK - 1, 2], vec![n]] {
+            let mut s = SumSq::default();
+            let mut at = 0usize;
+            for p in parts.iter().copied().chain(std::iter::once(usize::MAX)) {
+                let end = at.saturating_add(p).min(n);
+                s.feed(&x[at..end]);
+                at = end;
+            }
+            assert_eq!(s.value().to_bits(), whole.to_bits(), "fed as {parts:?}");
+        }
+        let f64_exact: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        assert!((whole - f64_exact).abs() <= 1e-12 * f64_exact);
+    }
 
     #[test]
     fn exp_is_within_a_few_ulp_of_libm() {

@@ -62,3 +62,15 @@ pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
         }
     });
 }
+
+/// `dst = src`, over the pool in 1 MiB pieces (one thread copies at a
+/// fraction of the memory bandwidth).
+pub fn copy(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    dst.par_chunks_mut(1 << 18).zip(src.par_chunks(1 << 18)).for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+/// `dst[..] = value`, over the pool.
+pub fn fill(dst: &mut [f32], value: f32) {
+    dst.par_chunks_mut(1 << 18).for_each(|d| d.fill(value));
+}

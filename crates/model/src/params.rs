@@ -58,10 +58,10 @@ impl Params {
     /// 0.02/sqrt(2 n_layer) for the residual projections, LayerNorm weights
     /// one, biases zero. Each tensor draws from its own seeded stream.
     pub fn init(spec: &ModelSpec, seed: u64) -> Params {
+        use rayon::prelude::*;
         let mut p = Params::zeros(spec);
-        for (i, data) in p.tensors.iter_mut().enumerate() {
-            init_tensor(spec, i, seed, data);
-        }
+        // Each tensor draws from its own stream: the same values in parallel.
+        p.tensors.par_iter_mut().enumerate().for_each(|(i, data)| init_tensor(spec, i, seed, data));
         p
     }
 
@@ -83,8 +83,10 @@ impl Params {
         }
     }
 
-    /// Sum of squares of every element, in f64, in tensor order.
+    /// Sum of squares of every element, in f64: each tensor's
+    /// [`ws_kernels::math::tensor_sum_of_squares`], added in tensor order
+    /// (the store computes the same, page by page).
     pub fn sum_of_squares(&self) -> f64 {
-        self.tensors.iter().map(|t| t.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sum()
+        self.tensors.iter().map(|t| ws_kernels::math::tensor_sum_of_squares(t)).fold(0.0, |a, x| a + x)
     }
 }

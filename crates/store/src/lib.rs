@@ -223,7 +223,7 @@ pub struct Store {
     contributions_left: Vec<usize>,
     contributions_per_step: Vec<usize>,
     /// Sum of squares of each tensor's complete gradient this step.
-    grad_sq: Vec<f64>,
+    grad_sq: Vec<ws_kernels::math::SumSq>,
     /// The layers of one step in access order, for eviction.
     sequence: Vec<usize>,
     cursor: usize,
@@ -314,7 +314,7 @@ impl Store {
             version,
             contributions_left: contributions_per_step.clone(),
             contributions_per_step,
-            grad_sq: vec![0.0; spec.tensors.len()],
+            grad_sq: vec![Default::default(); spec.tensors.len()],
             sequence: Vec::new(),
             cursor: 0,
             current: None,
@@ -505,7 +505,7 @@ impl Store {
                 };
                 adamw_update(&mut w[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r], step);
             }
-            g.fill(0.0);
+            ws_kernels::parallel::fill(g, 0.0);
             self.pages[s][i].dirty = ALL;
         }
         Ok(self.pages[s][i].dram.as_mut().expect("resident"))
@@ -548,14 +548,14 @@ impl Store {
         assert_eq!(out.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong buffer size");
         self.for_layer_pages(layer, WEIGHTS, |st, _t, s, i, _len, r, o| {
             let w = &st.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
-            out[o..o + r.len()].copy_from_slice(w);
+            ws_kernels::parallel::copy(&mut out[o..o + r.len()], w);
         })
     }
 
     /// Adds one contribution to the gradients of `layer` (its tensors in
     /// layer order, as the worker computed them). A tensor's last
     /// contribution of the step also takes its sum of squares, element by
-    /// element in order as [`ws_kernels::math::sum_of_squares_f64`] does.
+    /// piece by piece as [`ws_kernels::math::SumSq`] defines it.
     pub fn accumulate(&mut self, layer: usize, grads: &[f32]) -> Result<()> {
         assert_eq!(grads.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong gradient size");
         let tensors = self.spec.layers[layer].tensors.clone();
@@ -563,14 +563,14 @@ impl Store {
             assert!(self.contributions_left[t] > 0, "more contributions to tensor {t} than the schedule sends");
             self.contributions_left[t] -= 1;
             if self.contributions_left[t] == 0 {
-                self.grad_sq[t] = 0.0;
+                self.grad_sq[t] = Default::default();
             }
         }
         self.for_layer_pages(layer, GRADIENT, |st, t, s, i, len, r, o| {
             let g = &mut st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end];
             ws_kernels::parallel::add_inplace(g, &grads[o..o + r.len()]);
             if st.contributions_left[t] == 0 {
-                st.grad_sq[t] = ws_kernels::math::sum_of_squares_f64_from(st.grad_sq[t], g);
+                st.grad_sq[t].feed(g);
             }
             st.pages[s][i].dirty |= GRADIENT;
         })
@@ -581,7 +581,7 @@ impl Store {
     /// page. Returns the gradient norm before clipping.
     pub fn finish_step(&mut self, lr: f64) -> f64 {
         assert!(self.contributions_left.iter().all(|&c| c == 0), "a step closed before every contribution arrived");
-        let norm = self.grad_sq.iter().sum::<f64>().sqrt();
+        let norm = self.grad_sq.iter().fold(0.0, |a, s| a + s.value()).sqrt();
         let grad_scale = clip_factor(norm, self.config.optimizer.grad_clip);
         self.version += 1;
         let update = PendingUpdate { lr: lr as f32, t: self.version, grad_scale };

@@ -465,7 +465,15 @@ impl GpuStreamWorker {
                         self.ws.backward(&self.gpu, spec, u.layer, &w, &gw).map_err(pe)?;
                     }
                     self.gcomputed[g].record(&self.gpu.compute).map_err(pe)?;
-                    let mut host = grad_pool.recv().map_err(|_| stopped())?;
+                    // With one host gradient buffer (depth 0) it may be the
+                    // one in flight in the other slot: hand that one over first.
+                    let mut host = match grad_pool.try_recv() {
+                        Ok(h) => h,
+                        Err(_) => {
+                            self.flush(1 - g, step, to_store)?;
+                            grad_pool.recv().map_err(|_| stopped())?
+                        }
+                    };
                     self.pin(host.as_ptr() as *const u8, host.len() * 4);
                     self.gpu.download.wait(&self.gcomputed[g]).map_err(pe)?;
                     // SAFETY: `host` moves into `pending` (its heap buffer stays
