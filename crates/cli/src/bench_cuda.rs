@@ -193,6 +193,20 @@ pub fn bench_train(
     let (step_s, loss) = time_steps(&mut e, &data, 2, steps)?;
     let tokens_per_s = (batch * seq) as f64 / step_s;
     let tflops = c.model.train_flops_per_token(seq) * tokens_per_s / 1e12;
+    // Where one step's time goes (events between phases; the sum is the step's GPU time).
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    ws_data::sample_batch(&data, batch, seq, 1, 2, 0, &mut x, &mut y);
+    let phases = e.profile_step(&x, &y, 1e-4)?;
+    let total: f64 = phases.iter().map(|p| p.1).sum();
+    let mut breakdown = serde_json::Map::new();
+    for (name, ms) in &phases {
+        breakdown.insert(name.to_string(), serde_json::json!(round(*ms)));
+    }
+    println!(
+        "{}",
+        serde_json::json!({"bench": "cuda_profile", "model": model, "batch": batch, "seq": seq, "precision": precision,
+            "gpu_ms_total": round(total), "phases_ms": breakdown})
+    );
     println!(
         "{}",
         serde_json::json!({"bench": "cuda_train", "gpu": e.gpu().name, "mode": "resident", "model": model,

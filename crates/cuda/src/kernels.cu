@@ -345,9 +345,11 @@ extern "C" __global__ void crossentropy(float* losses, float* logits, const int*
     if (threadIdx.x == 0) losses[r] = logf(s) - (x[target] - m);
     __syncthreads();
     if (grad) {
+        // The padding columns (v..stride) become 0: products over the padded
+        // width then add nothing.
         float inv = scale / s;
-        for (int j = threadIdx.x; j < v; j += blockDim.x) {
-            float g = expf(x[j] - m) * inv;
+        for (int j = threadIdx.x; j < stride; j += blockDim.x) {
+            float g = j < v ? expf(x[j] - m) * inv : 0.0f;
             if (j == target) g -= scale;
             x[j] = g;
         }

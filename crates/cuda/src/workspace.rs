@@ -8,7 +8,7 @@
 //! Everything is queued on the compute stream; nothing here waits for the
 //! GPU except [`GpuWorkspace::take_loss_sum`].
 
-use crate::driver::{Batch, DevBuf, GemmType, Gpu, Operand, Result};
+use crate::driver::{Batch, DevBuf, Event, GemmType, Gpu, Operand, Result};
 use crate::kernels::{partial_len, token_buckets};
 use ws_kernels::Precision;
 use ws_model::spec::{block, LayerKind};
@@ -74,6 +74,12 @@ pub struct GpuWorkspace {
     // bf16 operands of the products (empty in fp32).
     a16: DevBuf<u16>,
     b16: DevBuf<u16>,
+    /// The tied embedding in bf16, [Vp, C] with zero rows past V, and the
+    /// head's dwte over the padded rows: products over an aligned width.
+    wte16: DevBuf<u16>,
+    dwte_pad: DevBuf<f32>,
+    /// Events after each phase while profiling ([`Self::start_profile`]).
+    profile: std::cell::RefCell<Option<Vec<(&'static str, Event)>>>,
 }
 
 fn head_rows_for(bt: usize) -> usize {
@@ -102,9 +108,10 @@ impl GpuWorkspace {
         let ints = 4 * bt + 1;
         let bf = match precision {
             Precision::Fp32 => 0,
-            Precision::Bf16 => Self::bf16_lens(spec, bt).0 + Self::bf16_lens(spec, bt).1,
+            Precision::Bf16 => Self::bf16_lens(spec, bt).0 + Self::bf16_lens(spec, bt).1 + padded_vocab(v) * c,
         };
-        4 * (cfg.n_layer * block + other + scratch + ints) + 2 * bf
+        let dwte_pad = if precision == Precision::Bf16 { padded_vocab(v) * c } else { 0 };
+        4 * (cfg.n_layer * block + other + scratch + ints + dwte_pad) + 2 * bf
     }
 
     fn bf16_lens(spec: &ModelSpec, bt: usize) -> (usize, usize) {
@@ -186,11 +193,49 @@ impl GpuWorkspace {
             partial: f(partial_len(bt, 4 * c).max(partial_len(bt, 2 * c)))?,
             a16: gpu.zeros(a16)?,
             b16: gpu.zeros(b16)?,
+            wte16: gpu.zeros(if precision == Precision::Bf16 { padded_vocab(v) * c } else { 0 })?,
+            dwte_pad: gpu.zeros(if precision == Precision::Bf16 { padded_vocab(v) * c } else { 0 })?,
+            profile: std::cell::RefCell::new(None),
         })
     }
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Starts timing phases (linear products, attention, LayerNorm, ...)
+    /// with events on the compute stream, for one step or a few.
+    pub fn start_profile(&self, gpu: &Gpu) -> Result<()> {
+        let e = Event::new(true)?;
+        e.record(&gpu.compute)?;
+        *self.profile.borrow_mut() = Some(vec![("start", e)]);
+        Ok(())
+    }
+
+    /// Marks the end of a phase while profiling.
+    pub fn mark(&self, gpu: &Gpu, phase: &'static str) -> Result<()> {
+        if let Some(p) = self.profile.borrow_mut().as_mut() {
+            let e = Event::new(true)?;
+            e.record(&gpu.compute)?;
+            p.push((phase, e));
+        }
+        Ok(())
+    }
+
+    /// Milliseconds per phase since [`Self::start_profile`] (waits for the
+    /// GPU), in order of first appearance; profiling stops.
+    pub fn finish_profile(&self) -> Result<Vec<(&'static str, f64)>> {
+        let Some(marks) = self.profile.borrow_mut().take() else { return Ok(Vec::new()) };
+        marks.last().expect("start").1.synchronize()?;
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        for w in marks.windows(2) {
+            let ms = w[1].1.elapsed_ms(&w[0].1)? as f64;
+            match out.iter_mut().find(|(n, _)| *n == w[1].0) {
+                Some(e) => e.1 += ms,
+                None => out.push((w[1].0, ms)),
+            }
+        }
+        Ok(out)
     }
 
     /// Uploads a micro-batch's tokens and targets (B*T each; targets may be
@@ -345,7 +390,8 @@ impl GpuWorkspace {
         match spec.layers[l].kind {
             LayerKind::Embedding => {
                 assert_eq!(w.len(), 2);
-                gpu.embedding_fwd(s, self.residual[0].ptr(), self.tokens.ptr(), w[0], w[1], bt, t, c)
+                gpu.embedding_fwd(s, self.residual[0].ptr(), self.tokens.ptr(), w[0], w[1], bt, t, c)?;
+                self.mark(gpu, "embedding")
             }
             LayerKind::Block(i) => {
                 assert_eq!(w.len(), block::COUNT);
@@ -363,11 +409,22 @@ impl GpuWorkspace {
                     bt,
                     c,
                 )?;
-                self.linear_fwd(gpu, a.qkv.ptr(), a.ln1.ptr(), w[block::ATTN_W], w[block::ATTN_B], bt, c, 3 * c)?;
-                self.attention_fwd(gpu, i, b, t)?;
+                self.mark(gpu, "layernorm")?;
+                self.linear_fwd_marked(
+                    gpu,
+                    a.qkv.ptr(),
+                    a.ln1.ptr(),
+                    w[block::ATTN_W],
+                    w[block::ATTN_B],
+                    bt,
+                    c,
+                    3 * c,
+                )?;
+                self.attention_fwd_marked(gpu, i, b, t)?;
                 let a = &self.blocks[i];
-                self.linear_fwd(gpu, a.x2.ptr(), a.atty.ptr(), w[block::PROJ_W], w[block::PROJ_B], bt, c, c)?;
+                self.linear_fwd_marked(gpu, a.x2.ptr(), a.atty.ptr(), w[block::PROJ_W], w[block::PROJ_B], bt, c, c)?;
                 gpu.add_inplace(s, a.x2.ptr(), x, bt * c)?;
+                self.mark(gpu, "residual add")?;
                 gpu.layernorm_fwd(
                     s,
                     a.ln2.ptr(),
@@ -379,10 +436,22 @@ impl GpuWorkspace {
                     bt,
                     c,
                 )?;
-                self.linear_fwd(gpu, a.fch.ptr(), a.ln2.ptr(), w[block::FC_W], w[block::FC_B], bt, c, 4 * c)?;
+                self.mark(gpu, "layernorm")?;
+                self.linear_fwd_marked(gpu, a.fch.ptr(), a.ln2.ptr(), w[block::FC_W], w[block::FC_B], bt, c, 4 * c)?;
                 gpu.gelu_fwd(s, a.fch_gelu.ptr(), a.fch.ptr(), bt * 4 * c)?;
-                self.linear_fwd(gpu, out, a.fch_gelu.ptr(), w[block::FCPROJ_W], w[block::FCPROJ_B], bt, 4 * c, c)?;
-                gpu.add_inplace(s, out, a.x2.ptr(), bt * c)
+                self.mark(gpu, "gelu")?;
+                self.linear_fwd_marked(
+                    gpu,
+                    out,
+                    a.fch_gelu.ptr(),
+                    w[block::FCPROJ_W],
+                    w[block::FCPROJ_B],
+                    bt,
+                    4 * c,
+                    c,
+                )?;
+                gpu.add_inplace(s, out, a.x2.ptr(), bt * c)?;
+                self.mark(gpu, "residual add")
             }
             LayerKind::Head => panic!("the head runs through GpuWorkspace::head"),
         }
@@ -440,6 +509,50 @@ impl GpuWorkspace {
         gpu.merge_heads(s, dqkv, dv, b, t, nh, hs, 3 * c, 2 * c)
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fwd_marked(
+        &self,
+        gpu: &Gpu,
+        out: u64,
+        inp: u64,
+        w: u64,
+        bias: u64,
+        bt: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.linear_fwd(gpu, out, inp, w, bias, bt, k, n)?;
+        self.mark(gpu, "linear fwd")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd_marked(
+        &self,
+        gpu: &Gpu,
+        dinp: u64,
+        dw: u64,
+        dbias: u64,
+        dout: u64,
+        inp: u64,
+        w: u64,
+        bt: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.linear_bwd(gpu, dinp, dw, dbias, dout, inp, w, bt, k, n)?;
+        self.mark(gpu, "linear bwd")
+    }
+
+    fn attention_fwd_marked(&self, gpu: &Gpu, i: usize, b: usize, t: usize) -> Result<()> {
+        self.attention_fwd(gpu, i, b, t)?;
+        self.mark(gpu, "attention fwd")
+    }
+
+    fn attention_bwd_marked(&self, gpu: &Gpu, i: usize, b: usize, t: usize) -> Result<()> {
+        self.attention_bwd(gpu, i, b, t)?;
+        self.mark(gpu, "attention bwd")
+    }
+
     /// The head: final LayerNorm, logits against the tied embedding,
     /// cross-entropy. Per-position losses are added to a device accumulator
     /// ([`Self::take_loss_sum`]). With `grads` (ln_f weight, ln_f bias, wte),
@@ -459,13 +572,16 @@ impl GpuWorkspace {
         let x = self.residual[spec.config.n_layer].ptr();
         let lnf = self.lnf.ptr();
         gpu.layernorm_fwd(s, lnf, self.lnf_mean.ptr(), self.lnf_rstd.ptr(), x, w[0], w[1], bt, c)?;
+        self.mark(gpu, "layernorm")?;
         let bf = self.precision == Precision::Bf16;
         let wte = w[2];
-        let (wte_op, ty) = if bf {
-            gpu.to_bf16(s, self.b16.ptr(), wte, v * c)?;
-            (self.b16.ptr(), GemmType::Bf16)
+        // bf16: products over the padded vocabulary (zero rows of wte16
+        // past V give zero logits, whose gradient the cross-entropy zeroes).
+        let (wte_op, ty, n_out) = if bf {
+            gpu.to_bf16(s, self.wte16.ptr(), wte, v * c)?;
+            (self.wte16.ptr(), GemmType::Bf16, self.vp)
         } else {
-            (wte, GemmType::F32)
+            (wte, GemmType::F32, v)
         };
         let dlnf = self.dln.ptr();
         let vp = self.vp;
@@ -479,54 +595,31 @@ impl GpuWorkspace {
             } else {
                 x_rows
             };
-            gpu.gemm(
-                ty,
-                rows,
-                v,
-                c,
-                1.0,
-                Operand::n(x_op, c),
-                Operand::t(wte_op, c),
-                0.0,
-                Operand::n(logits, vp),
-                None,
-            )?;
+            let (xo, wo, lo) = (Operand::n(x_op, c), Operand::t(wte_op, c), Operand::n(logits, vp));
+            gpu.gemm(ty, rows, n_out, c, 1.0, xo, wo, 0.0, lo, None)?;
+            self.mark(gpu, "head products")?;
             let scale = grads.map(|_| dloss_scale);
             gpu.crossentropy(s, self.losses.at(r0), logits, self.targets.at(r0), rows, v, vp, scale)?;
+            self.mark(gpu, "cross-entropy")?;
             if let Some(g) = grads {
                 let dx_rows = self.dln.at(r0 * c);
                 if bf {
-                    // a16: dlogits in bf16; b16 holds wte for dx, then the
-                    // rows for dwte, then wte again for the next chunk.
+                    // a16: dlogits in bf16; b16: the rows in bf16; dwte over
+                    // the padded rows into dwte_pad, added to the gradient below.
                     let d16 = self.a16.ptr();
                     gpu.to_bf16(s, d16, logits, rows * vp)?;
-                    gpu.gemm(
-                        ty,
-                        rows,
-                        c,
-                        v,
-                        1.0,
-                        Operand::n(d16, vp),
-                        Operand::n(wte_op, c),
-                        0.0,
-                        Operand::n(dx_rows, c),
-                        None,
-                    )?;
+                    let (dl, w16, dx) = (Operand::n(d16, vp), Operand::n(wte_op, c), Operand::n(dx_rows, c));
+                    gpu.gemm(ty, rows, c, vp, 1.0, dl, w16, 0.0, dx, None)?;
+                    self.mark(gpu, "head products")?;
                     gpu.to_bf16(s, self.b16.ptr(), x_rows, rows * c)?;
-                    gpu.gemm(
-                        ty,
-                        v,
-                        c,
-                        rows,
-                        1.0,
-                        Operand::t(d16, vp),
-                        Operand::n(self.b16.ptr(), c),
-                        1.0,
-                        Operand::n(g[2], c),
-                        None,
-                    )?;
-                    if r0 + rows < bt {
-                        gpu.to_bf16(s, self.b16.ptr(), wte, v * c)?;
+                    let (dlt, x16, dw) =
+                        (Operand::t(d16, vp), Operand::n(self.b16.ptr(), c), Operand::n(self.dwte_pad.ptr(), c));
+                    let beta = if r0 == 0 { 0.0 } else { 1.0 };
+                    gpu.gemm(ty, vp, c, rows, 1.0, dlt, x16, beta, dw, None)?;
+                    self.mark(gpu, "head products")?;
+                    if r0 + rows == bt {
+                        gpu.add_inplace(s, g[2], self.dwte_pad.ptr(), v * c)?;
+                        self.mark(gpu, "head products")?;
                     }
                 } else {
                     gpu.gemm(
@@ -553,15 +646,18 @@ impl GpuWorkspace {
                         Operand::n(g[2], c),
                         None,
                     )?;
+                    self.mark(gpu, "head products")?;
                 }
             }
         }
         gpu.add_inplace(s, self.loss_acc.ptr(), self.losses.ptr(), bt)?;
+        self.mark(gpu, "cross-entropy")?;
         if let Some(g) = grads {
             let dres = self.dres.ptr();
             gpu.memset_zero(dres, bt * c * 4, s)?;
             let (mean, rstd) = (self.lnf_mean.ptr(), self.lnf_rstd.ptr());
             gpu.layernorm_bwd(s, dres, g[0], g[1], self.partial.ptr(), dlnf, x, w[0], mean, rstd, bt, c)?;
+            self.mark(gpu, "layernorm")?;
         }
         Ok(())
     }
@@ -602,7 +698,8 @@ impl GpuWorkspace {
         match spec.layers[l].kind {
             LayerKind::Embedding => {
                 let buckets = (self.order.ptr(), self.starts.ptr(), self.uniq.ptr(), self.n_uniq);
-                gpu.embedding_bwd(s, grads[0], grads[1], dres, buckets, b, t, c)
+                gpu.embedding_bwd(s, grads[0], grads[1], dres, buckets, b, t, c)?;
+                self.mark(gpu, "embedding")
             }
             LayerKind::Block(i) => {
                 assert_eq!(w.len(), block::COUNT);
@@ -611,7 +708,7 @@ impl GpuWorkspace {
                 let a = &self.blocks[i];
                 let g = grads;
                 let (dfch, dln, datty) = (self.dfch.ptr(), self.dln.ptr(), self.datty.ptr());
-                self.linear_bwd(
+                self.linear_bwd_marked(
                     gpu,
                     dfch,
                     g[block::FCPROJ_W],
@@ -624,7 +721,8 @@ impl GpuWorkspace {
                     c,
                 )?;
                 gpu.gelu_bwd(s, dfch, a.fch.ptr(), bt * 4 * c)?;
-                self.linear_bwd(
+                self.mark(gpu, "gelu")?;
+                self.linear_bwd_marked(
                     gpu,
                     dln,
                     g[block::FC_W],
@@ -652,7 +750,8 @@ impl GpuWorkspace {
                     bt,
                     c,
                 )?;
-                self.linear_bwd(
+                self.mark(gpu, "layernorm")?;
+                self.linear_bwd_marked(
                     gpu,
                     datty,
                     g[block::PROJ_W],
@@ -664,10 +763,10 @@ impl GpuWorkspace {
                     c,
                     c,
                 )?;
-                self.attention_bwd(gpu, i, b, t)?;
+                self.attention_bwd_marked(gpu, i, b, t)?;
                 let a = &self.blocks[i];
                 let dqkv = self.dqkv.ptr();
-                self.linear_bwd(
+                self.linear_bwd_marked(
                     gpu,
                     dln,
                     g[block::ATTN_W],
@@ -680,7 +779,21 @@ impl GpuWorkspace {
                     3 * c,
                 )?;
                 let (m1, r1) = (a.ln1_mean.ptr(), a.ln1_rstd.ptr());
-                gpu.layernorm_bwd(s, dres, g[block::LN1_W], g[block::LN1_B], p, dln, x, w[block::LN1_W], m1, r1, bt, c)
+                gpu.layernorm_bwd(
+                    s,
+                    dres,
+                    g[block::LN1_W],
+                    g[block::LN1_B],
+                    p,
+                    dln,
+                    x,
+                    w[block::LN1_W],
+                    m1,
+                    r1,
+                    bt,
+                    c,
+                )?;
+                self.mark(gpu, "layernorm")
             }
             LayerKind::Head => panic!("the head's backward runs inside GpuWorkspace::head"),
         }

@@ -94,6 +94,16 @@ pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
+/// `dst = bf16(src)`, over the pool.
+pub fn to_bf16_into(dst: &mut [u16], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| {
+        for (d, &s) in d.iter_mut().zip(s) {
+            *d = to_bf16(s);
+        }
+    });
+}
+
 fn convert(dst: &mut Vec<u16>, src: &[f32]) {
     dst.clear();
     dst.resize(src.len(), 0);

@@ -148,7 +148,7 @@ impl SumSq {
             self.piece = sum_of_squares_f64_from(self.piece, &x[..take]);
             self.pos += take;
             x = &x[take..];
-            if self.pos % SUMSQ_CHUNK == 0 {
+            if self.pos.is_multiple_of(SUMSQ_CHUNK) {
                 self.total += self.piece;
                 self.piece = 0.0;
             }
@@ -170,6 +170,48 @@ impl SumSq {
 
     pub fn value(&self) -> f64 {
         self.total + self.piece
+    }
+
+    /// `g += x`, then [`Self::feed`] of the sums, in one pass over `g`: a
+    /// gradient's last contribution and its sum of squares together.
+    pub fn add_and_feed(&mut self, mut g: &mut [f32], mut x: &[f32]) {
+        assert_eq!(g.len(), x.len());
+        fn add(g: &mut [f32], x: &[f32]) {
+            for (a, b) in g.iter_mut().zip(x) {
+                *a += b;
+            }
+        }
+        let into = self.pos % SUMSQ_CHUNK;
+        if into != 0 {
+            let take = (SUMSQ_CHUNK - into).min(g.len());
+            let (head, rest) = std::mem::take(&mut g).split_at_mut(take);
+            add(head, &x[..take]);
+            self.feed(head);
+            g = rest;
+            x = &x[take..];
+        }
+        let whole = g.len() / SUMSQ_CHUNK * SUMSQ_CHUNK;
+        if whole > 0 {
+            let (body, rest) = std::mem::take(&mut g).split_at_mut(whole);
+            let pieces: Vec<f64> = body
+                .par_chunks_mut(SUMSQ_CHUNK)
+                .zip(x[..whole].par_chunks(SUMSQ_CHUNK))
+                .map(|(g, x)| {
+                    add(g, x);
+                    sum_of_squares_f64(g)
+                })
+                .collect();
+            for p in pieces {
+                self.total += p;
+            }
+            self.pos += whole;
+            g = rest;
+            x = &x[whole..];
+        }
+        if !g.is_empty() {
+            add(g, x);
+            self.feed(g);
+        }
     }
 }
 
@@ -205,6 +247,19 @@ mod tests {
             }
             assert_eq!(s.value().to_bits(), whole.to_bits(), "fed as {parts:?}");
         }
+        // Added and fed in parts: the same as adding first, then feeding.
+        let y: Vec<f32> = x.iter().map(|v| v * 0.5 - 0.25).collect();
+        let mut summed: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+        let want = tensor_sum_of_squares(&summed);
+        let mut g = x.clone();
+        let mut s = SumSq::default();
+        for (lo, hi) in
+            [(0, 7), (7, SUMSQ_CHUNK + 3), (SUMSQ_CHUNK + 3, 4 * SUMSQ_CHUNK + 10), (4 * SUMSQ_CHUNK + 10, n)]
+        {
+            s.add_and_feed(&mut g[lo..hi], &y[lo..hi]);
+        }
+        assert_eq!(s.value().to_bits(), want.to_bits());
+        assert!(g.iter().zip(summed.iter_mut()).all(|(a, b)| a.to_bits() == b.to_bits()));
         let f64_exact: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
         assert!((whole - f64_exact).abs() <= 1e-12 * f64_exact);
     }

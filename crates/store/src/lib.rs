@@ -36,7 +36,7 @@ pub use ws_kernels::math::sum_of_squares_f64;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use ws_kernels::adamw::{adamw_update, AdamWStep};
+use ws_kernels::adamw::{adamw_update_clear, AdamWStep};
 use ws_model::{ModelSpec, Params};
 
 #[derive(Debug, thiserror::Error)]
@@ -503,9 +503,9 @@ impl Store {
                     t: p.t,
                     grad_scale: p.grad_scale,
                 };
-                adamw_update(&mut w[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r], step);
+                adamw_update_clear(&mut w[r.clone()], &mut g[r.clone()], &mut m[r.clone()], &mut v[r], step);
             }
-            ws_kernels::parallel::fill(g, 0.0);
+            // Gradients outside the tensors (page padding) are never written: all of g is zero now.
             self.pages[s][i].dirty = ALL;
         }
         Ok(self.pages[s][i].dram.as_mut().expect("resident"))
@@ -552,6 +552,15 @@ impl Store {
         })
     }
 
+    /// The weights of `layer` rounded to bf16 (as [`ws_kernels::bf16::to_bf16`]), straight from the pages.
+    pub fn read_layer_bf16(&mut self, layer: usize, out: &mut [u16]) -> Result<()> {
+        assert_eq!(out.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong buffer size");
+        self.for_layer_pages(layer, WEIGHTS, |st, _t, s, i, _len, r, o| {
+            let w = &st.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
+            ws_kernels::bf16::to_bf16_into(&mut out[o..o + r.len()], w);
+        })
+    }
+
     /// Adds one contribution to the gradients of `layer` (its tensors in
     /// layer order, as the worker computed them). A tensor's last
     /// contribution of the step also takes its sum of squares, element by
@@ -568,9 +577,10 @@ impl Store {
         }
         self.for_layer_pages(layer, GRADIENT, |st, t, s, i, len, r, o| {
             let g = &mut st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end];
-            ws_kernels::parallel::add_inplace(g, &grads[o..o + r.len()]);
             if st.contributions_left[t] == 0 {
-                st.grad_sq[t].feed(g);
+                st.grad_sq[t].add_and_feed(g, &grads[o..o + r.len()]);
+            } else {
+                ws_kernels::parallel::add_inplace(g, &grads[o..o + r.len()]);
             }
             st.pages[s][i].dirty |= GRADIENT;
         })
@@ -742,7 +752,13 @@ mod tests {
                         t: step,
                         grad_scale: scale,
                     };
-                    adamw_update(&mut p.tensors[i], &g.tensors[i], &mut m.tensors[i], &mut v.tensors[i], s);
+                    ws_kernels::adamw::adamw_update(
+                        &mut p.tensors[i],
+                        &g.tensors[i],
+                        &mut m.tensors[i],
+                        &mut v.tensors[i],
+                        s,
+                    );
                 }
             }
             let (w2, m2, v2) = store.snapshot().unwrap();

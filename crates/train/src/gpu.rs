@@ -182,6 +182,7 @@ impl GpuResident {
             }
         }
         let loss = self.ws.take_loss_sum(gpu).map_err(gpu_err)? / (b * t) as f64;
+        self.ws.mark(gpu, "loss").map_err(gpu_err)?;
         let norm = gpu
             .sumsq(&gpu.compute, self.partial.ptr(), self.grads.buf.ptr(), self.grads.len())
             .map_err(gpu_err)?
@@ -201,9 +202,23 @@ impl GpuResident {
             let (p, g, m, v) = (self.params.tensor(i), self.grads.tensor(i), self.m.tensor(i), self.v.tensor(i));
             gpu.adamw(&gpu.compute, p, g, m, v, ts.numel(), st).map_err(gpu_err)?;
         }
+        self.ws.mark(gpu, "optimizer (norm, AdamW)").map_err(gpu_err)?;
         gpu.compute.synchronize().map_err(gpu_err)?;
         self.step += 1;
         Ok((loss, norm))
+    }
+
+    /// One step as [`Self::step_on`], timed phase by phase on the GPU:
+    /// milliseconds per phase, in order of first appearance.
+    pub fn profile_step(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        lr: f64,
+    ) -> Result<Vec<(&'static str, f64)>, TrainError> {
+        self.ws.start_profile(&self.gpu).map_err(gpu_err)?;
+        self.step_on(inputs, targets, lr)?;
+        self.ws.finish_profile().map_err(gpu_err)
     }
 }
 

@@ -21,12 +21,11 @@ use crate::schedule::{Pass, Schedule};
 use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use ws_data::sample_batch;
-use ws_kernels::bf16::{from_bf16, to_bf16};
+use ws_kernels::bf16::from_bf16;
 use ws_kernels::Precision;
 use ws_model::{ModelSpec, Params, Workspace};
 use ws_store::{Layout, Manifest, OptimizerConfig, Store, StoreConfig};
@@ -132,7 +131,6 @@ struct StoreThread {
     free: Vec<Weights>,
     buffers: usize,
     dtype: Precision,
-    staging: Vec<f32>,
     train: Schedule,
     eval: Schedule,
 }
@@ -195,13 +193,7 @@ impl StoreThread {
             match (&mut buf, self.dtype) {
                 (Weights::F32(v), _) => self.store.read_layer(u.layer, &mut v[..len]).map_err(|e| e.to_string())?,
                 (Weights::Bf16(v), _) => {
-                    self.store.read_layer(u.layer, &mut self.staging[..len]).map_err(|e| e.to_string())?;
-                    // In parallel: one thread converts ~1 G values/s, slower than the copies.
-                    v[..len].par_chunks_mut(1 << 16).zip(self.staging[..len].par_chunks(1 << 16)).for_each(|(d, s)| {
-                        for (d, &s) in d.iter_mut().zip(s) {
-                            *d = to_bf16(s);
-                        }
-                    });
+                    self.store.read_layer_bf16(u.layer, &mut v[..len]).map_err(|e| e.to_string())?
                 }
             }
             let msg = WeightMsg { step, use_index: j, layer: u.layer, version: self.store.version, len, data: buf };
@@ -284,7 +276,6 @@ impl StreamingTrainer {
             free,
             buffers,
             dtype,
-            staging: if dtype == Precision::Bf16 { vec![0f32; max_layer] } else { Vec::new() },
             train: train.clone(),
             eval: eval.clone(),
         };
