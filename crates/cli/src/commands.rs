@@ -234,15 +234,8 @@ pub fn export(run: &Path, out: &Path) -> Result<()> {
     let manifest = ws_store::read_manifest(&ckpt).map_err(|e| TrainError::Config(e.to_string()))?;
     let config = RunConfig::resolve_text(&manifest.run_toml, &[])?;
     let spec = ws_model::ModelSpec::new(config.model);
-    let tmp = std::env::temp_dir().join(format!("ws-export-{}", std::process::id()));
-    let mut sc = ws_train::stream::store_config(&config, &spec, 1);
-    sc.dram_budget = u64::MAX;
-    let (mut store, _) =
-        ws_store::Store::restore(&spec, &ckpt, &tmp, sc).map_err(|e| TrainError::Config(e.to_string()))?;
-    let (params, _, _) = store.snapshot().map_err(|e| TrainError::Config(e.to_string()))?;
-    drop(store);
-    let _ = std::fs::remove_dir_all(&tmp);
-    checkpoint::save(out, &spec, &params, None)?;
+    // Page by page from the checkpoint's slabs: a model larger than memory exports too.
+    checkpoint::export_store_checkpoint(&spec, &ckpt, out)?;
     println!("exported step {} to {}", manifest.step, out.display());
     Ok(())
 }

@@ -158,6 +158,12 @@ fn bad_input_gets_a_one_line_error_and_exit_status_1() {
         "unknown config key `train.lrr` (did you mean `train.lr`?)",
     );
     assert_one_line_error(&["train", "--set", "train.steps=many"], "steps");
+    assert_one_line_error(&["train", "--set", "train.device=tpu"], "train.device `tpu` is not one of cpu, cuda");
+    // The README's build has no CUDA worker: asking for it says how to get it.
+    if !cfg!(feature = "cuda") {
+        assert_one_line_error(&["train", "--set", "train.device=cuda"], "--features cuda");
+        assert_one_line_error(&["bench", "cuda"], "--features cuda");
+    }
     assert_one_line_error(&["train", "--config", &p("missing.toml")], "cannot read config file");
     std::fs::write(p("bad.toml"), "[train\nlr = 1").unwrap();
     assert_one_line_error(&["train", "--config", &p("bad.toml")], "bad.toml");

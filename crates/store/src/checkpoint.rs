@@ -179,3 +179,54 @@ impl Store {
         Ok((store, manifest))
     }
 }
+
+/// Streams the weights of the checkpoint in `dir` without building a store:
+/// `f(tensor, element offset within the tensor, values)` for every piece of
+/// every tensor, slab by slab and page by page, one page in memory. Each
+/// slab's CRC32 is checked when its last page has been read, so a caller
+/// must treat what it received as unverified until this returns `Ok`.
+pub fn read_checkpoint_weights(
+    spec: &ModelSpec,
+    dir: &Path,
+    mut f: impl FnMut(usize, usize, &[f32]) -> Result<()>,
+) -> Result<Manifest> {
+    let manifest = read_manifest(dir)?;
+    let layout = Layout::new(spec, manifest.page_params);
+    if manifest.slabs.len() != layout.slab_params.len() {
+        return Err(bad(
+            dir,
+            format!("{} slabs for a model of {} layers", manifest.slabs.len(), layout.slab_params.len()),
+        ));
+    }
+    let mut raw = Vec::new();
+    let mut w = Vec::new();
+    for (s, e) in manifest.slabs.iter().enumerate() {
+        let path = dir.join(&e.file);
+        if e.layer != s || e.bytes != 12 * layout.slab_params[s] as u64 {
+            return Err(bad(&path, format!("entry for layer {} of {} bytes does not fit layer {s}", e.layer, e.bytes)));
+        }
+        let mut file = std::fs::File::open(&path).map_err(io("cannot open checkpoint slab", &path))?;
+        let mut crc = crc32fast::Hasher::new();
+        for i in 0..layout.pages[s].len() - 1 {
+            let (p0, p1) = (layout.pages[s][i], layout.pages[s][i + 1]);
+            let len = p1 - p0;
+            raw.resize(12 * len, 0);
+            file.read_exact(&mut raw).map_err(io("cannot read checkpoint slab", &path))?;
+            crc.update(&raw);
+            w.clear();
+            w.extend(raw[..4 * len].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            for &t in &layout.owned[s] {
+                let off = layout.place[t].1;
+                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].numel()).min(p1));
+                if lo < hi {
+                    f(t, lo - off, &w[lo - p0..hi - p0])?;
+                }
+            }
+        }
+        let found = crc.finalize();
+        if found != e.crc32 {
+            return Err(StoreError::Corrupt { path, layer: s, found, expected: e.crc32 });
+        }
+    }
+    Ok(manifest)
+}

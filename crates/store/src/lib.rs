@@ -30,7 +30,7 @@
 mod checkpoint;
 mod slab;
 
-pub use checkpoint::{read_manifest, Manifest, SlabEntry, MANIFEST};
+pub use checkpoint::{read_checkpoint_weights, read_manifest, Manifest, SlabEntry, MANIFEST};
 pub use slab::AlignedBuf;
 pub use ws_kernels::math::sum_of_squares_f64;
 

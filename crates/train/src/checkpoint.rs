@@ -89,21 +89,29 @@ pub struct TrainState<'a> {
     pub run_toml: &'a str,
 }
 
-/// Writes a checkpoint directory at `dir` atomically (temporary directory,
-/// fsync, rename). `dir` must not exist yet.
-pub fn save(dir: &Path, spec: &ModelSpec, params: &Params, state: Option<TrainState>) -> Result<(), TrainError> {
+/// For a directory to be written at `dir` (which must not exist): its parent,
+/// created if needed, and a fresh temporary directory beside it, renamed
+/// into place once everything in it is written and fsynced.
+fn staging_dir(dir: &Path) -> Result<(PathBuf, PathBuf), TrainError> {
     if dir.exists() {
         return Err(TrainError::Checkpoint {
             path: dir.into(),
             problem: "already exists; refusing to overwrite".into(),
         });
     }
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| TrainError::io("cannot create directory", parent, e))?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    std::fs::create_dir_all(&parent).map_err(|e| TrainError::io("cannot create directory", &parent, e))?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| TrainError::io("cannot create directory", &tmp, e))?;
+    Ok((parent, tmp))
+}
+
+/// Writes a checkpoint directory at `dir` atomically (temporary directory,
+/// fsync, rename). `dir` must not exist yet.
+pub fn save(dir: &Path, spec: &ModelSpec, params: &Params, state: Option<TrainState>) -> Result<(), TrainError> {
+    let (parent, tmp) = staging_dir(dir)?;
 
     write_safetensors(&tmp.join(MODEL_FILE), named_tensors(spec, "", params))?;
     let config = serde_json::to_vec_pretty(&hf_config_json(&spec.config)).expect("json");
@@ -118,7 +126,112 @@ pub fn save(dir: &Path, spec: &ModelSpec, params: &Params, state: Option<TrainSt
     }
     fsync(&tmp)?;
     std::fs::rename(&tmp, dir).map_err(|e| TrainError::io("cannot rename checkpoint into place", dir, e))?;
-    fsync(parent)
+    fsync(&parent)
+}
+
+/// A `model.safetensors` written piece by piece at known offsets: the header
+/// (every tensor F32, back to back in tensor order) first, then each piece
+/// where it belongs, so a model larger than memory can be exported from a
+/// store checkpoint one page at a time.
+struct StreamingSafetensors {
+    file: std::fs::File,
+    path: PathBuf,
+    /// Byte offset of each tensor's data in the file.
+    starts: Vec<u64>,
+    lens: Vec<usize>,
+    written: Vec<usize>,
+}
+
+impl StreamingSafetensors {
+    fn create(path: &Path, spec: &ModelSpec) -> Result<StreamingSafetensors, TrainError> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let mut at = 0u64;
+        let mut rel = Vec::new();
+        for t in &spec.tensors {
+            let bytes = 4 * t.numel() as u64;
+            header.insert(
+                t.name.clone(),
+                serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [at, at + bytes]}),
+            );
+            rel.push(at);
+            at += bytes;
+        }
+        let mut text = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+        // The data starts 8-byte aligned, as safetensors' own writer does it.
+        while !text.len().is_multiple_of(8) {
+            text.push(b' ');
+        }
+        let mut file = std::fs::File::create(path).map_err(|e| TrainError::io("cannot create", path, e))?;
+        file.write_all(&(text.len() as u64).to_le_bytes()).map_err(|e| TrainError::io("cannot write", path, e))?;
+        file.write_all(&text).map_err(|e| TrainError::io("cannot write", path, e))?;
+        let base = 8 + text.len() as u64;
+        file.set_len(base + at).map_err(|e| TrainError::io("cannot size", path, e))?;
+        Ok(StreamingSafetensors {
+            file,
+            path: path.to_path_buf(),
+            starts: rel.iter().map(|r| base + r).collect(),
+            lens: spec.tensors.iter().map(|t| t.numel()).collect(),
+            written: vec![0; spec.tensors.len()],
+        })
+    }
+
+    /// Elements `offset..offset + data.len()` of tensor `t`.
+    fn write(&mut self, t: usize, offset: usize, data: &[f32]) -> Result<(), TrainError> {
+        use std::os::unix::fs::FileExt;
+        assert!(offset + data.len() <= self.lens[t], "a piece beyond its tensor");
+        let at = self.starts[t] + 4 * offset as u64;
+        self.file.write_all_at(bytes_of(data), at).map_err(|e| TrainError::io("cannot write", &self.path, e))?;
+        self.written[t] += data.len();
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), TrainError> {
+        assert_eq!(self.written, self.lens, "every element written once");
+        self.file.sync_all().map_err(|e| TrainError::io("cannot fsync", &self.path, e))
+    }
+}
+
+/// Exports the store checkpoint in `ckpt` (a streaming run's `checkpoint/`)
+/// as a Hugging Face checkpoint directory `out`, one page in memory at a
+/// time; every slab is verified, and nothing is left at `out` unless the
+/// whole export succeeded. Returns the checkpoint's step.
+pub fn export_store_checkpoint(spec: &ModelSpec, ckpt: &Path, out: &Path) -> Result<u64, TrainError> {
+    let (parent, tmp) = staging_dir(out)?;
+    let result = (|| {
+        let mut w = StreamingSafetensors::create(&tmp.join(MODEL_FILE), spec)?;
+        let mut failed = None;
+        let manifest = ws_store::read_checkpoint_weights(spec, ckpt, |t, off, data| {
+            if let Err(e) = w.write(t, off, data) {
+                failed = Some(e);
+                return Err(ws_store::StoreError::Checkpoint {
+                    path: tmp.join(MODEL_FILE),
+                    problem: "write failed".into(),
+                });
+            }
+            Ok(())
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let manifest = manifest.map_err(|e| TrainError::Config(e.to_string()))?;
+        w.finish()?;
+        let config = serde_json::to_vec_pretty(&hf_config_json(&spec.config)).expect("json");
+        write_file(&tmp.join(CONFIG_FILE), &config)?;
+        fsync(&tmp)?;
+        Ok(manifest.step)
+    })();
+    match result {
+        Ok(step) => {
+            std::fs::rename(&tmp, out).map_err(|e| TrainError::io("cannot rename export into place", out, e))?;
+            fsync(&parent)?;
+            Ok(step)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
 }
 
 /// `(prefix + name, shape, data)` for every tensor of `p`.

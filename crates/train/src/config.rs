@@ -50,6 +50,10 @@ pub struct StoreSection {
     pub dram_fraction: f64,
     /// Bytes of one page, the unit of DRAM residency (16 bytes per parameter).
     pub page_bytes: u64,
+    /// Threads of the store's own pool (optimizer, copies, conversions); 0:
+    /// one per core. Its own pool, so that its work never queues behind the
+    /// CPU worker's compute tasks.
+    pub threads: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,7 +178,7 @@ impl RunConfig {
             train,
             data,
             stream: StreamSection { mode: "streaming".into(), prefetch_depth: 2, dtype: "fp32".into() },
-            store: StoreSection { dram_bytes: 0, dram_fraction: 1.0, page_bytes: 64 << 20 },
+            store: StoreSection { dram_bytes: 0, dram_fraction: 1.0, page_bytes: 64 << 20, threads: 0 },
             worker: WorkerSection { memory_bytes: 0 },
         })
     }

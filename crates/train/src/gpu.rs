@@ -567,3 +567,38 @@ pub fn start_gpu_engine(
     };
     Ok(Box::new(crate::stream::StreamingTrainer::start_on_gpu(config.clone(), store, mb, gpu)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(batch: usize, micro: usize) -> RunConfig {
+        let mut c = RunConfig::preset("tiny").unwrap();
+        c.train.batch_size = batch;
+        c.train.micro_batch = micro;
+        c
+    }
+
+    #[test]
+    fn the_gpu_budget_splits_the_batch_or_refuses_with_the_need() {
+        // Need: 100 bytes fixed plus 10 per sequence.
+        let need = |mb: usize| 100 + 10 * mb as u64;
+        assert_eq!(choose_gpu_micro_batch(&config(12, 0), 1000, need).unwrap(), 12);
+        assert_eq!(choose_gpu_micro_batch(&config(12, 0), 170, need).unwrap(), 6, "largest divisor that fits");
+        assert_eq!(choose_gpu_micro_batch(&config(12, 0), 110, need).unwrap(), 1);
+        let e = choose_gpu_micro_batch(&config(12, 0), 109, need).unwrap_err().to_string();
+        assert!(e.contains("needs 110 bytes of GPU memory") && e.contains("budget of 109") && !e.contains('\n'), "{e}");
+        let e = choose_gpu_micro_batch(&config(12, 4), 120, need).unwrap_err().to_string();
+        assert!(e.starts_with("train.micro_batch = 4 needs 140 bytes"), "{e}");
+    }
+
+    #[test]
+    fn worker_bytes_grow_with_depth_micro_batch_and_dtype() {
+        let spec = ModelSpec::new(RunConfig::preset("tiny").unwrap().model);
+        let f = |mb, k, d| stream_worker_bytes(&spec, mb, 256, k, d, Precision::Bf16);
+        assert!(f(2, 2, Precision::Fp32) > f(1, 2, Precision::Fp32));
+        assert!(f(1, 3, Precision::Fp32) > f(1, 2, Precision::Fp32));
+        assert!(f(1, 2, Precision::Bf16) > f(1, 2, Precision::Fp32), "bf16 adds landing slots");
+        assert!(resident_bytes(&spec, 1, 256, Precision::Bf16) > 16 * spec.parameter_count() as u64);
+    }
+}

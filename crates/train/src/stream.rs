@@ -279,9 +279,16 @@ impl StreamingTrainer {
             train: train.clone(),
             eval: eval.clone(),
         };
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let threads = if config.store.threads == 0 { cores } else { config.store.threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("store-{i}"))
+            .build()
+            .map_err(|e| TrainError::Config(format!("cannot start the store's threads: {e}")))?;
         let handle = std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || thread.run(control_rx, reply_tx))
+            .spawn(move || pool.install(move || thread.run(control_rx, reply_tx)))
             .map_err(|e| TrainError::Config(format!("cannot start the store thread: {e}")))?;
         let workspace = if config.train.device == "cuda" {
             // The GPU computes; this CPU workspace stays unused.

@@ -393,11 +393,11 @@ fn train_loop(
         }
     }
     if streaming && config.train.export_hf {
-        // The Hugging Face export of the final weights, beside the store checkpoint.
+        // The Hugging Face export of the final weights, beside the store
+        // checkpoint just written, read back from it page by page.
         let dir = checkpoint::dir_for_step(run_dir, engine.step());
         if !dir.exists() {
-            let params = engine.params()?;
-            checkpoint::save(&dir, engine.spec(), &params, None)?;
+            checkpoint::export_store_checkpoint(engine.spec(), &run_dir.join("checkpoint"), &dir)?;
             progress.message(&format!("exported {}", dir.display()));
         }
     }
