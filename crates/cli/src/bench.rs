@@ -80,6 +80,20 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bf16")]
         dtype: String,
     },
+    /// Sparse against dense linear layers (forward, input and weight
+    /// gradients) on the GPT-2 small shapes at 2048 tokens.
+    Sparsity {
+        /// One sparsity (fraction of zeros, e.g. 0.9); default 0, 0.5, 0.75, 0.9, 0.95.
+        #[arg(long)]
+        sparsity: Option<f64>,
+        /// Timed repeats of each (after one warm-up); medians are reported.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        #[arg(long, default_value_t = 2048)]
+        tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// fp32 GEMM throughput on the GPT-2 small layer shapes (M = 2048 tokens).
     Gemm {
         #[arg(long, default_value_t = 5)]
@@ -111,6 +125,16 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Cuda { .. } => Err(TrainError::Config(
             "bench cuda needs a build with CUDA support: cargo build --release --features cuda".into(),
         )),
+        BenchCommand::Sparsity { sparsity, repeats, tokens, threads } => {
+            set_threads(threads);
+            let levels = match sparsity {
+                Some(s) if (0.0..1.0).contains(&s) => vec![s],
+                Some(s) => return Err(TrainError::Config(format!("--sparsity {s}: expected a fraction in [0, 1)"))),
+                None => vec![0.0, 0.5, 0.75, 0.9, 0.95],
+            };
+            bench_sparsity(&levels, repeats.max(1), tokens.max(1));
+            Ok(())
+        }
         BenchCommand::Gemm { repeats, threads } => {
             set_threads(threads);
             let bf16 = ws_kernels::bf16::available().is_ok();
@@ -364,4 +388,57 @@ fn bench_optimizer(n: usize, repeats: usize) {
             "threads": pool_threads(),
         })
     );
+}
+
+/// Forward + both gradients of one linear layer, dense (the `gemm` crate)
+/// against sparse (`ws_kernels::sparse`) on the same magnitude-pruned
+/// weights, medians of `repeats`.
+fn bench_sparsity(levels: &[f64], repeats: usize, bt: usize) {
+    use ws_kernels::matmul::{matmul_backward, matmul_forward};
+    use ws_kernels::sparse::{self, Scratch, SparseWeight};
+    let mut rng = Rng::new(5);
+    for (name, k, n) in [("768x768", 768, 768), ("768x3072", 768, 3072), ("3072x768", 3072, 768)] {
+        let mut fill = |len: usize| {
+            let mut v = vec![0f32; len];
+            rng.fill_normal(&mut v, 0.0, 1.0);
+            v
+        };
+        let (w, x, g, bias) = (fill(k * n), fill(bt * k), fill(bt * n), fill(n));
+        let (mut out, mut dinp, mut dw, mut db) =
+            (vec![0f32; bt * n], vec![0f32; bt * k], vec![0f32; k * n], vec![0f32; n]);
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            median(
+                (0..repeats)
+                    .map(|_| {
+                        let t = Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect(),
+            )
+        };
+        for &sparsity in levels {
+            let sw = SparseWeight::from_dense_top(&w, k, n, 1.0 - sparsity);
+            let wd = sw.to_dense();
+            let dense_ms = time(&mut || {
+                matmul_forward(&mut out, &x, &wd, Some(&bias), bt, k, n);
+                matmul_backward(&mut dinp, &mut dw, Some(&mut db), &g, &x, &wd, bt, k, n);
+            });
+            let mut s = Scratch::default();
+            let mut dv = vec![0f32; sw.nnz()];
+            let sparse_ms = time(&mut || {
+                sparse::forward(&mut out, &x, &sw, Some(&bias), bt);
+                sparse::backward_input(&mut dinp, &g, &sw, bt);
+                sparse::backward_weight(&mut dv, &x, &g, &sw, bt, &mut s);
+                ws_kernels::matmul::bias_backward(&mut db, &g, bt, n);
+            });
+            println!(
+                "{}",
+                serde_json::json!({"bench": "sparsity", "shape": name, "tokens": bt, "sparsity": sparsity,
+                    "nnz": sw.nnz(), "dense_ms": round(dense_ms), "sparse_ms": round(sparse_ms),
+                    "speedup": round(dense_ms / sparse_ms), "threads": pool_threads()})
+            );
+        }
+    }
 }

@@ -27,6 +27,7 @@ pub mod math;
 pub mod matmul;
 pub mod parallel;
 pub mod rng;
+pub mod sparse;
 
 pub use rng::Rng;
 

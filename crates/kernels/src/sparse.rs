@@ -1,0 +1,677 @@
+//! Unstructured sparse linear layers: zeros are neither stored nor multiplied.
+//!
+//! A linear layer computes `out[BT,N] = inp[BT,K] @ W[K,N] + bias` (the
+//! dense kernels' layout). A [`SparseWeight`] keeps only W's nonzeros, as
+//! compressed rows of W^T (for each output column n: its input indices k,
+//! ascending, and values), plus the same pattern by input row k (for the
+//! input gradient), pointing into the one values array.
+//!
+//! The products take the tokens in blocks of 32, transposed in cache to
+//! feature-major order: then every nonzero (k, n, w) is two 16-lane FMAs
+//! `Y[n, block] += w * X[k, block]`, with 128 features of the block (16 KiB)
+//! in L1 while every output feature takes its nonzeros from them, and the
+//! 32 outputs in registers. The weight gradient is one dot product over the
+//! tokens per nonzero, on transposed activations, tokens in cache-sized
+//! blocks.
+//!
+//! - [`forward`]: `out = inp @ W + bias`;
+//! - [`backward_input`]: `dinp = dout @ W^T` (overwrites);
+//! - [`backward_weight`]: `dW += inp^T @ dout` at the nonzeros only (a
+//!   sampled dense-dense product), into the values' order.
+//!
+//! Each has a plain reference in [`reference`]; the tests also check them
+//! against the dense kernels on the masked dense matrix.
+
+use crate::parallel::SendPtr;
+use rayon::prelude::*;
+
+/// The nonzeros of a `K x N` weight matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseWeight {
+    pub k: usize,
+    pub n: usize,
+    /// Column n's nonzeros are `values[col_start[n]..col_start[n + 1]]`, at rows `row_index[..]`.
+    pub col_start: Vec<u32>,
+    pub row_index: Vec<u32>,
+    pub values: Vec<f32>,
+    /// The same pattern by row k: `row_start[k]..row_start[k + 1]` index
+    /// `row_cols` (the column n) and `row_value` (the position in `values`).
+    pub row_start: Vec<u32>,
+    pub row_cols: Vec<u32>,
+    pub row_value: Vec<u32>,
+}
+
+impl SparseWeight {
+    /// The nonzero pattern `mask[K*N]` (row-major, as W) with values from `w`.
+    pub fn from_mask(w: &[f32], mask: &[bool], k: usize, n: usize) -> SparseWeight {
+        assert_eq!(w.len(), k * n);
+        assert_eq!(mask.len(), k * n);
+        assert!(k <= u32::MAX as usize && n <= u32::MAX as usize);
+        let mut col_start = Vec::with_capacity(n + 1);
+        let (mut row_index, mut values) = (Vec::new(), Vec::new());
+        col_start.push(0u32);
+        for c in 0..n {
+            for r in 0..k {
+                if mask[r * n + c] {
+                    row_index.push(r as u32);
+                    values.push(w[r * n + c]);
+                }
+            }
+            col_start.push(values.len() as u32);
+        }
+        let mut s = SparseWeight {
+            k,
+            n,
+            col_start,
+            row_index,
+            values,
+            row_start: Vec::new(),
+            row_cols: Vec::new(),
+            row_value: Vec::new(),
+        };
+        s.index_rows();
+        s
+    }
+
+    /// Keeps the `round(density * K * N)` entries of largest magnitude
+    /// (ties to the lower index): the magnitude pruning of a dense layer.
+    pub fn from_dense_top(w: &[f32], k: usize, n: usize, density: f64) -> SparseWeight {
+        SparseWeight::from_mask(w, &top_magnitude_mask(w, density), k, n)
+    }
+
+    /// Builds the by-row index from the by-column one.
+    fn index_rows(&mut self) {
+        let mut count = vec![0u32; self.k + 1];
+        for &r in &self.row_index {
+            count[r as usize + 1] += 1;
+        }
+        for r in 0..self.k {
+            count[r + 1] += count[r];
+        }
+        self.row_start = count.clone();
+        let nnz = self.values.len();
+        self.row_cols = vec![0; nnz];
+        self.row_value = vec![0; nnz];
+        let mut next = count;
+        for c in 0..self.n {
+            for p in self.col_start[c]..self.col_start[c + 1] {
+                let r = self.row_index[p as usize] as usize;
+                let at = next[r] as usize;
+                self.row_cols[at] = c as u32;
+                self.row_value[at] = p;
+                next[r] += 1;
+            }
+        }
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn density(&self) -> f64 {
+        self.nnz() as f64 / (self.k * self.n).max(1) as f64
+    }
+
+    /// W as a dense row-major `K x N` matrix, zeros where masked.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.k * self.n];
+        for c in 0..self.n {
+            for p in self.col_start[c] as usize..self.col_start[c + 1] as usize {
+                w[self.row_index[p] as usize * self.n + c] = self.values[p];
+            }
+        }
+        w
+    }
+
+    /// Bytes of the layer as stored and sent: values and the compact
+    /// by-column index (u32 here; the by-row index is rebuilt on arrival).
+    pub fn bytes(&self) -> usize {
+        4 * (self.values.len() + self.row_index.len() + self.col_start.len())
+    }
+}
+
+/// The mask of the `round(density * len)` entries of largest magnitude.
+pub fn top_magnitude_mask(w: &[f32], density: f64) -> Vec<bool> {
+    assert!((0.0..=1.0).contains(&density), "density {density} outside [0, 1]");
+    let keep = (density * w.len() as f64).round() as usize;
+    let mut order: Vec<u32> = (0..w.len() as u32).collect();
+    // Largest magnitude first; equal magnitudes by index.
+    order.sort_unstable_by(|&a, &b| w[b as usize].abs().total_cmp(&w[a as usize].abs()).then(a.cmp(&b)));
+    let mut mask = vec![false; w.len()];
+    for &i in &order[..keep] {
+        mask[i as usize] = true;
+    }
+    mask
+}
+
+/// `dst[C,R] = src[R,C]^T`, in 32x32 tiles over the pool.
+pub fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    assert_eq!(src.len(), rows * cols);
+    assert_eq!(dst.len(), rows * cols);
+    const T: usize = 32;
+    let out = SendPtr(dst.as_mut_ptr());
+    (0..cols.div_ceil(T)).into_par_iter().for_each(|cb| {
+        let (c0, c1) = (cb * T, ((cb + 1) * T).min(cols));
+        for r0 in (0..rows).step_by(T) {
+            let r1 = (r0 + T).min(rows);
+            for c in c0..c1 {
+                for r in r0..r1 {
+                    // SAFETY: task cb alone writes rows c0..c1 of dst.
+                    unsafe { *out.get().add(c * rows + r) = src[r * cols + c] };
+                }
+            }
+        }
+    });
+}
+
+/// Tokens per block of the sparse products: four 16-lane vectors per feature.
+const TOK: usize = 64;
+/// Features per chunk: a chunk of a token block (128 x 64 floats, 32 KiB)
+/// stays in L1 while every output feature takes its nonzeros from it.
+const KC: usize = 128;
+
+/// For each output feature o, where its nonzeros of each feature chunk start:
+/// `ptr[o * (chunks + 1) + c]`, with `chunks = ceil(features / KC)`.
+fn chunk_ptrs(start: &[u32], index: &[u32], features: usize) -> Vec<u32> {
+    let outs = start.len() - 1;
+    let chunks = features.div_ceil(KC);
+    let mut ptr = vec![0u32; outs * (chunks + 1)];
+    for o in 0..outs {
+        let (p0, p1) = (start[o] as usize, start[o + 1] as usize);
+        let mut p = p0;
+        for c in 0..=chunks {
+            while p < p1 && (index[p] as usize) < c * KC {
+                p += 1;
+            }
+            ptr[o * (chunks + 1) + c] = p as u32;
+        }
+    }
+    ptr
+}
+
+/// `out[BT,outs] = inp[BT,features] @ S + bias` for a sparse `S[features,outs]`
+/// given by output feature (`start`, `index` = input feature, `value(p)`),
+/// indices ascending within each output feature. Token blocks of [`TOK`]
+/// in parallel; each block is transposed in cache (feature-major), then
+/// every output feature sums its nonzeros chunk by chunk.
+#[allow(clippy::too_many_arguments)]
+fn spmm(
+    out: &mut [f32],
+    inp: &[f32],
+    bt: usize,
+    features: usize,
+    start: &[u32],
+    index: &[u32],
+    value: impl Fn(usize) -> f32 + Sync,
+    bias: Option<&[f32]>,
+    simd: bool,
+) {
+    let outs = start.len() - 1;
+    assert_eq!(inp.len(), bt * features);
+    assert_eq!(out.len(), bt * outs);
+    assert!(index.iter().all(|&j| (j as usize) < features), "an index beyond the features");
+    let chunks = features.div_ceil(KC);
+    let ptr = chunk_ptrs(start, index, features);
+    let simd = simd && simd::available();
+    out.par_chunks_mut(TOK * outs.max(1)).enumerate().for_each_init(
+        || (vec![0f32; features * TOK], vec![0f32; outs * TOK]),
+        |(xb, yb), (blk, out_rows)| {
+            let t0 = blk * TOK;
+            let nt = out_rows.len() / outs.max(1);
+            // xb[f][i] = inp[t0 + i][f], zero past the last token.
+            if nt < TOK {
+                xb.fill(0.0);
+            }
+            for i in 0..nt {
+                let row = &inp[(t0 + i) * features..(t0 + i + 1) * features];
+                for (f, &x) in row.iter().enumerate() {
+                    xb[f * TOK + i] = x;
+                }
+            }
+            for c in 0..chunks {
+                let ptrs = |o: usize| (ptr[o * (chunks + 1) + c] as usize, ptr[o * (chunks + 1) + c + 1] as usize);
+                if simd {
+                    // SAFETY: AVX-512F checked; every index < features (asserted above).
+                    unsafe { simd::chunk_sum(yb, xb, outs, c == 0, &ptrs, index, &value) };
+                    continue;
+                }
+                for o in 0..outs {
+                    let (p0, p1) = ptrs(o);
+                    let y = &mut yb[o * TOK..(o + 1) * TOK];
+                    if c == 0 {
+                        y.fill(0.0);
+                    }
+                    for p in p0..p1 {
+                        let v = value(p);
+                        let x = &xb[index[p] as usize * TOK..(index[p] as usize + 1) * TOK];
+                        for i in 0..TOK {
+                            y[i] = v.mul_add(x[i], y[i]);
+                        }
+                    }
+                }
+            }
+            for (i, row) in out_rows.chunks_mut(outs).enumerate() {
+                for (o, x) in row.iter_mut().enumerate() {
+                    *x = yb[o * TOK + i] + bias.map_or(0.0, |b| b[o]);
+                }
+            }
+        },
+    );
+}
+
+/// `sum over i of a[i] * b[i]` in f32 with 64 lanes of partial sums.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::available() {
+            // SAFETY: AVX-512F is present; equal lengths checked above.
+            return unsafe { simd::dot(a, b) };
+        }
+    }
+    let mut acc = [0f32; 16];
+    for (xc, dc) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        for i in 0..16 {
+            acc[i] = xc[i].mul_add(dc[i], acc[i]);
+        }
+    }
+    let tail = a.len() / 16 * 16;
+    acc.iter().sum::<f32>() + a[tail..].iter().zip(&b[tail..]).map(|(x, y)| x * y).sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::TOK;
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+
+    /// For every output o: `yb[o] (+)= sum over its nonzeros p in this chunk
+    /// of value(p) * xb[index[p]]` (64 tokens each), two nonzeros at a time
+    /// into two accumulator sets (eight independent FMA chains).
+    ///
+    /// # Safety
+    /// AVX-512F must be present; `(index[p] + 1) * TOK <= xb.len()` for
+    /// every p in the ranges `ptrs` gives; `yb` holds `outs * TOK`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn chunk_sum(
+        yb: &mut [f32],
+        xb: &[f32],
+        outs: usize,
+        first: bool,
+        ptrs: &impl Fn(usize) -> (usize, usize),
+        index: &[u32],
+        value: &impl Fn(usize) -> f32,
+    ) {
+        const _: () = assert!(TOK == 64);
+        assert!(yb.len() >= outs * TOK);
+        let x = xb.as_ptr();
+        let z = _mm512_setzero_ps();
+        for o in 0..outs {
+            let (p0, p1) = ptrs(o);
+            let y = yb.as_mut_ptr().add(o * TOK);
+            if p0 == p1 {
+                if first {
+                    for j in 0..4 {
+                        _mm512_storeu_ps(y.add(16 * j), z);
+                    }
+                }
+                continue;
+            }
+            let mut a = [z; 4];
+            let mut b = [z; 4];
+            if !first {
+                for (j, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(y.add(16 * j));
+                }
+            }
+            let mut p = p0;
+            while p + 2 <= p1 {
+                let (v0, v1) = (_mm512_set1_ps(value(p)), _mm512_set1_ps(value(p + 1)));
+                let x0 = x.add(*index.get_unchecked(p) as usize * TOK);
+                let x1 = x.add(*index.get_unchecked(p + 1) as usize * TOK);
+                for j in 0..4 {
+                    a[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0.add(16 * j)), a[j]);
+                    b[j] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1.add(16 * j)), b[j]);
+                }
+                p += 2;
+            }
+            if p < p1 {
+                let v = _mm512_set1_ps(value(p));
+                let x0 = x.add(*index.get_unchecked(p) as usize * TOK);
+                for (j, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(v, _mm512_loadu_ps(x0.add(16 * j)), *a);
+                }
+            }
+            for j in 0..4 {
+                _mm512_storeu_ps(y.add(16 * j), _mm512_add_ps(a[j], b[j]));
+            }
+        }
+    }
+
+    /// `dv[q] += xt[rows[q] * bt + b0..][..256] . d` for every q, `d` (256
+    /// tokens of one column of dout) in sixteen registers.
+    ///
+    /// # Safety
+    /// AVX-512F must be present; `(rows[q] + 1) * bt <= xt.len()` and
+    /// `b0 + 256 <= bt`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sddmm_chunk(dv: &mut [f32], xt: &[f32], bt: usize, b0: usize, d: &[f32], rows: &[u32]) {
+        assert!(d.len() == 256 && b0 + 256 <= bt && dv.len() == rows.len());
+        let mut dr = [_mm512_setzero_ps(); 16];
+        for (j, r) in dr.iter_mut().enumerate() {
+            *r = _mm512_loadu_ps(d.as_ptr().add(16 * j));
+        }
+        for (v, &r) in dv.iter_mut().zip(rows) {
+            let x = xt.as_ptr().add(r as usize * bt + b0);
+            let mut a = [_mm512_setzero_ps(); 4];
+            for j in 0..16 {
+                a[j % 4] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16 * j)), dr[j], a[j % 4]);
+            }
+            let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            *v += _mm512_reduce_add_ps(s);
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F must be present; `a` and `b` of equal length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let x = _mm512_loadu_ps(a.as_ptr().add(i + 16 * j));
+                let y = _mm512_loadu_ps(b.as_ptr().add(i + 16 * j));
+                *s = _mm512_fmadd_ps(x, y, *s);
+            }
+            i += 64;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let mut total = _mm512_reduce_add_ps(s);
+        while i < n {
+            total += a[i] * b[i];
+            i += 1;
+        }
+        total
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    pub fn available() -> bool {
+        false
+    }
+    pub unsafe fn chunk_sum(
+        _: &mut [f32],
+        _: &[f32],
+        _: usize,
+        _: bool,
+        _: &impl Fn(usize) -> (usize, usize),
+        _: &[u32],
+        _: &impl Fn(usize) -> f32,
+    ) {
+        unreachable!("no SIMD path on this architecture")
+    }
+    pub unsafe fn dot(_: &[f32], _: &[f32]) -> f32 {
+        unreachable!("no SIMD path on this architecture")
+    }
+    pub unsafe fn sddmm_chunk(_: &mut [f32], _: &[f32], _: usize, _: usize, _: &[f32], _: &[u32]) {
+        unreachable!("no SIMD path on this architecture")
+    }
+}
+
+/// Scratch for the transposed activations, reused across calls.
+#[derive(Default)]
+pub struct Scratch {
+    xt: Vec<f32>,
+    yt: Vec<f32>,
+}
+
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// `out[BT,N] = inp[BT,K] @ W + bias`.
+pub fn forward(out: &mut [f32], inp: &[f32], w: &SparseWeight, bias: Option<&[f32]>, bt: usize) {
+    if let Some(b) = bias {
+        assert_eq!(b.len(), w.n);
+    }
+    spmm(out, inp, bt, w.k, &w.col_start, &w.row_index, |p| w.values[p], bias, true);
+}
+
+/// `dinp[BT,K] = dout[BT,N] @ W^T` (overwrites).
+pub fn backward_input(dinp: &mut [f32], dout: &[f32], w: &SparseWeight, bt: usize) {
+    spmm(dinp, dout, bt, w.n, &w.row_start, &w.row_cols, |p| w.values[w.row_value[p] as usize], None, true);
+}
+
+/// `dvalues[p] += sum over tokens of inp[t, k_p] * dout[t, n_p]` for every
+/// nonzero p of `w` (in `w.values`' order): the weight gradient at the
+/// mask only. Tokens in blocks, added in block order (deterministic).
+pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &SparseWeight, bt: usize, s: &mut Scratch) {
+    let (k, n) = (w.k, w.n);
+    assert_eq!(dvalues.len(), w.nnz());
+    assert_eq!(inp.len(), bt * k);
+    assert_eq!(dout.len(), bt * n);
+    const CHUNK: usize = 256;
+    let chunks = bt.div_ceil(CHUNK);
+    // XT chunk-major: chunk j holds tokens 256j.. of every input feature,
+    // feature by feature (one contiguous block per chunk); zero past BT.
+    let xt = sized(&mut s.xt, chunks * k * CHUNK);
+    xt.par_chunks_mut(k * CHUNK).enumerate().for_each(|(j, blk)| {
+        let t0 = j * CHUNK;
+        let t1 = (t0 + CHUNK).min(bt);
+        if t1 - t0 < CHUNK {
+            blk.fill(0.0);
+        }
+        for f0 in (0..k).step_by(16) {
+            let f1 = (f0 + 16).min(k);
+            for t in t0..t1 {
+                for f in f0..f1 {
+                    blk[f * CHUNK + (t - t0)] = inp[t * k + f];
+                }
+            }
+        }
+    });
+    let dt = sized(&mut s.yt, n * bt);
+    transpose(dt, dout, bt, n);
+    let (xt, dt) = (&*xt, &*dt);
+    let out = SendPtr(dvalues.as_mut_ptr());
+    // Tokens in chunks of 256 (the column's slice of dout held in sixteen
+    // registers while its nonzeros stream past); the chunks in order, so
+    // each value's sum is the same every time.
+    let simd = simd::available();
+    // Chunks outermost: a chunk of XT (K x 256 tokens, contiguous) stays in
+    // L2 while every column takes its nonzeros' dot products from it; the
+    // chunks in order, so each value's sum is the same every time.
+    for j in 0..chunks {
+        let (b0, b1) = (j * CHUNK, ((j + 1) * CHUNK).min(bt));
+        let xc = &xt[j * k * CHUNK..(j + 1) * k * CHUNK];
+        (0..n).into_par_iter().with_min_len(16).for_each(|c| {
+            let (p0, p1) = (w.col_start[c] as usize, w.col_start[c + 1] as usize);
+            if p0 == p1 {
+                return;
+            }
+            // SAFETY: column c's nonzeros p0..p1 are written by this task alone.
+            let dv = unsafe { std::slice::from_raw_parts_mut(out.get().add(p0), p1 - p0) };
+            let rows = &w.row_index[p0..p1];
+            let d = &dt[c * bt + b0..c * bt + b1];
+            if simd && b1 - b0 == CHUNK {
+                // SAFETY: AVX-512F checked; every row index < k, so each slice is inside xc.
+                unsafe { simd::sddmm_chunk(dv, xc, CHUNK, 0, d, rows) };
+            } else {
+                for (v, &r) in dv.iter_mut().zip(rows) {
+                    *v += dot(&xc[r as usize * CHUNK..r as usize * CHUNK + (b1 - b0)], d);
+                }
+            }
+        });
+    }
+}
+
+pub mod reference {
+    //! Plain loops over the nonzeros: the specification of the fast kernels.
+    use super::SparseWeight;
+
+    pub fn forward(out: &mut [f32], inp: &[f32], w: &SparseWeight, bias: Option<&[f32]>, bt: usize) {
+        let (k, n) = (w.k, w.n);
+        for t in 0..bt {
+            for c in 0..n {
+                let mut acc = bias.map_or(0.0, |b| b[c] as f64);
+                for p in w.col_start[c] as usize..w.col_start[c + 1] as usize {
+                    acc += w.values[p] as f64 * inp[t * k + w.row_index[p] as usize] as f64;
+                }
+                out[t * n + c] = acc as f32;
+            }
+        }
+    }
+
+    pub fn backward_input(dinp: &mut [f32], dout: &[f32], w: &SparseWeight, bt: usize) {
+        let (k, n) = (w.k, w.n);
+        dinp.fill(0.0);
+        let mut acc = vec![0f64; bt * k];
+        for c in 0..n {
+            for p in w.col_start[c] as usize..w.col_start[c + 1] as usize {
+                let r = w.row_index[p] as usize;
+                for t in 0..bt {
+                    acc[t * k + r] += w.values[p] as f64 * dout[t * n + c] as f64;
+                }
+            }
+        }
+        for (d, a) in dinp.iter_mut().zip(acc) {
+            *d = a as f32;
+        }
+    }
+
+    #[allow(clippy::needless_range_loop)] // p indexes three arrays: the plainest form
+    pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &SparseWeight, bt: usize) {
+        let (k, n) = (w.k, w.n);
+        for c in 0..n {
+            for p in w.col_start[c] as usize..w.col_start[c + 1] as usize {
+                let r = w.row_index[p] as usize;
+                let s: f64 = (0..bt).map(|t| inp[t * k + r] as f64 * dout[t * n + c] as f64).sum();
+                dvalues[p] += s as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matmul::{matmul_backward, matmul_forward};
+    use crate::Rng;
+
+    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+        let mut v = vec![0f32; n];
+        rng.fill_normal(&mut v, 0.0, 1.0);
+        v
+    }
+
+    fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * scale, "{what}[{i}]: {x} vs {y} (scale {scale})");
+        }
+    }
+
+    #[test]
+    fn masks_keep_the_largest_magnitudes_exactly() {
+        let w = [0.5f32, -3.0, 0.0, 2.0, -2.0, 1.0, 0.1, -0.2];
+        let m = top_magnitude_mask(&w, 0.5);
+        assert_eq!(m, vec![false, true, false, true, true, true, false, false]);
+        assert_eq!(top_magnitude_mask(&w, 0.0).iter().filter(|&&x| x).count(), 0);
+        assert!(top_magnitude_mask(&w, 1.0).iter().all(|&x| x));
+        let s = SparseWeight::from_dense_top(&w, 2, 4, 0.5);
+        assert_eq!(s.nnz(), 4);
+        assert_eq!(s.to_dense(), vec![0.0, -3.0, 0.0, 2.0, -2.0, 1.0, 0.0, 0.0]);
+    }
+
+    /// Sparse kernels against the plain reference and against the dense
+    /// kernels on the masked matrix, from no nonzeros to fully dense, with
+    /// empty rows and columns, and token counts that are not multiples of
+    /// the tiles.
+    #[test]
+    fn sparse_kernels_match_reference_and_dense_on_the_masked_matrix() {
+        let mut rng = Rng::new(21);
+        for &(bt, k, n) in &[(37usize, 24usize, 40usize), (130, 64, 48), (600, 96, 80)] {
+            for density in [0.0, 0.02, 0.1, 0.25, 0.5, 1.0] {
+                let dense = random(&mut rng, k * n);
+                let mut mask = top_magnitude_mask(&random(&mut rng, k * n), density);
+                if density > 0.0 && density < 1.0 {
+                    // An empty column and an empty row.
+                    for r in 0..k {
+                        mask[r * n + 3] = false;
+                    }
+                    for c in 0..n {
+                        mask[5 * n + c] = false;
+                    }
+                }
+                let w = SparseWeight::from_mask(&dense, &mask, k, n);
+                let wd = w.to_dense();
+                let (x, bias, g) = (random(&mut rng, bt * k), random(&mut rng, n), random(&mut rng, bt * n));
+                let mut s = Scratch::default();
+                // The generic path against the SIMD one (where there is one).
+                let mut generic = vec![f32::NAN; bt * n];
+                spmm(&mut generic, &x, bt, k, &w.col_start, &w.row_index, |p| w.values[p], Some(&bias), false);
+                let what = format!("bt {bt} k {k} n {n} density {density}");
+
+                let mut out = vec![f32::NAN; bt * n];
+                forward(&mut out, &x, &w, Some(&bias), bt);
+                assert_close(&format!("{what} forward generic vs simd"), &generic, &out, 1e-5);
+                let mut want = vec![0f32; bt * n];
+                reference::forward(&mut want, &x, &w, Some(&bias), bt);
+                assert_close(&format!("{what} forward vs reference"), &out, &want, 1e-5);
+                let mut dense_out = vec![0f32; bt * n];
+                matmul_forward(&mut dense_out, &x, &wd, Some(&bias), bt, k, n);
+                assert_close(&format!("{what} forward vs dense"), &out, &dense_out, 1e-5);
+
+                let mut dinp = vec![f32::NAN; bt * k];
+                backward_input(&mut dinp, &g, &w, bt);
+                let mut want = vec![0f32; bt * k];
+                reference::backward_input(&mut want, &g, &w, bt);
+                assert_close(&format!("{what} input gradient vs reference"), &dinp, &want, 1e-5);
+
+                let init = random(&mut rng, w.nnz());
+                let mut dv = init.clone();
+                backward_weight(&mut dv, &x, &g, &w, bt, &mut s);
+                let mut want = init.clone();
+                reference::backward_weight(&mut want, &x, &g, &w, bt);
+                assert_close(&format!("{what} weight gradient vs reference"), &dv, &want, 1e-5);
+
+                // Dense backward on the masked matrix: the same input gradient,
+                // and the same weight gradient at the nonzeros.
+                let (mut ddinp, mut ddw, mut ddb) = (vec![0f32; bt * k], vec![0f32; k * n], vec![0f32; n]);
+                matmul_backward(&mut ddinp, &mut ddw, Some(&mut ddb), &g, &x, &wd, bt, k, n);
+                assert_close(&format!("{what} input gradient vs dense"), &dinp, &ddinp, 1e-5);
+                let at_mask: Vec<f32> = (0..n)
+                    .flat_map(|c| (w.col_start[c]..w.col_start[c + 1]).map(move |p| (c, p as usize)))
+                    .map(|(c, p)| init[p] + ddw[w.row_index[p] as usize * n + c])
+                    .collect();
+                assert_close(&format!("{what} weight gradient vs dense"), &dv, &at_mask, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_is_exact() {
+        let mut rng = Rng::new(3);
+        let (r, c) = (70, 45);
+        let x = random(&mut rng, r * c);
+        let mut t = vec![0f32; r * c];
+        transpose(&mut t, &x, r, c);
+        for i in 0..r {
+            for j in 0..c {
+                assert_eq!(t[j * r + i].to_bits(), x[i * c + j].to_bits());
+            }
+        }
+    }
+}
