@@ -162,7 +162,7 @@ fn gemm_shapes() -> Vec<(&'static str, bool, bool, usize, usize, usize)> {
     ]
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n % 2 == 1 {
@@ -180,7 +180,7 @@ pub fn peak_rss_mb() -> f64 {
     usage.ru_maxrss as f64 / 1024.0
 }
 
-fn round(x: f64) -> f64 {
+pub(crate) fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 

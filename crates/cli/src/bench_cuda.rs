@@ -10,6 +10,7 @@
 //! - `streaming`: streamed over resident tokens/s at the same batch, and the
 //!   batch above which a layer's compute outlasts its transfers.
 
+use crate::bench::{median, round};
 use crate::commands::Result;
 use std::time::Instant;
 use ws_cuda::{Event, GemmType, Gpu, Operand};
@@ -20,15 +21,6 @@ use ws_train::{Engine, RunConfig, TrainError};
 
 fn err(e: ws_cuda::GpuError) -> TrainError {
     TrainError::Config(e.to_string())
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
-fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 /// Milliseconds of `f` on the compute stream: median of `reps` after 3 warm-ups.

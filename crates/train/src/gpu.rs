@@ -16,7 +16,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::optim::{learning_rate, AdamW};
 use crate::schedule::{Pass, Schedule};
-use crate::stream::{ToStore, WeightMsg, Weights};
+use crate::stream::{max_layer_params, ToStore, WeightMsg, Weights};
 use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
 use crossbeam_channel::{Receiver, Sender};
@@ -56,13 +56,6 @@ pub fn stream_worker_bytes(
 /// Device memory of the resident GPU engine: four copies of the model and the workspace.
 pub fn resident_bytes(spec: &ModelSpec, mb: usize, t: usize, precision: Precision) -> u64 {
     16 * spec.parameter_count() as u64 + GpuWorkspace::bytes_for(spec, mb, t, precision) as u64
-}
-
-fn max_layer_params(spec: &ModelSpec) -> usize {
-    (0..spec.layer_count())
-        .map(|l| spec.layers[l].tensors.iter().map(|&t| spec.tensors[t].numel()).sum::<usize>())
-        .max()
-        .unwrap_or(0)
 }
 
 /// The GPU memory budget: `worker.memory_bytes`, else 92% of what is free.

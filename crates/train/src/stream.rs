@@ -87,14 +87,19 @@ pub fn model_state_bytes(spec: &ModelSpec) -> u64 {
 /// Worker memory for a micro-batch of `mb` sequences: weights in flight and
 /// in use, gradient buffers, the bf16 decode buffer, activations.
 pub fn worker_bytes(spec: &ModelSpec, mb: usize, t: usize, prefetch_depth: usize, dtype: Precision) -> u64 {
-    let layout = Layout::new(spec, ws_store::PAGE_PARAMS_DEFAULT);
-    let max_layer = (0..spec.layer_count()).map(|l| layout.layer_params(spec, l)).max().unwrap_or(0) as u64;
+    let max_layer = max_layer_params(spec) as u64;
     let buffers = (prefetch_depth as u64 + 1) * max_layer;
     let weight_bytes = match dtype {
         Precision::Fp32 => 4 * buffers,
         Precision::Bf16 => 2 * buffers + 4 * max_layer,
     };
     weight_bytes + 4 * buffers + Workspace::bytes_for(spec, mb, t) as u64
+}
+
+/// Floats of the largest layer's weights as streamed.
+pub fn max_layer_params(spec: &ModelSpec) -> usize {
+    let layout = Layout::new(spec, ws_store::PAGE_PARAMS_DEFAULT);
+    (0..spec.layer_count()).map(|l| layout.layer_params(spec, l)).max().unwrap_or(0)
 }
 
 /// The micro-batch size: the configured one, or else the largest divisor of
@@ -250,8 +255,7 @@ impl StreamingTrainer {
         store.set_access_sequence(&train.layer_sequence());
         let k = config.stream.prefetch_depth;
         let dtype = Precision::parse(&config.stream.dtype).expect("validated");
-        let layout = store.layout().clone();
-        let max_layer = (0..layers).map(|l| layout.layer_params(&spec, l)).max().unwrap_or(0);
+        let max_layer = max_layer_params(&spec);
         let buffers = k + 1;
         let free = (0..buffers)
             .map(|_| match dtype {
