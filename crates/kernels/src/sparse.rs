@@ -144,23 +144,39 @@ pub fn top_magnitude_mask(w: &[f32], density: f64) -> Vec<bool> {
     mask
 }
 
+/// `dst[c * ds + r] = src[r * ss + c]` for r < rows, c < cols: 16x16
+/// blocks through AVX-512 registers where whole, element by element at the
+/// edges (and without AVX-512).
+fn transpose_region(dst: &mut [f32], ds: usize, src: &[f32], ss: usize, rows: usize, cols: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!((rows - 1) * ss + cols <= src.len() && (cols - 1) * ds + rows <= dst.len());
+    let (r16, c16) = if simd::available() { (rows / 16 * 16, cols / 16 * 16) } else { (0, 0) };
+    for r0 in (0..r16).step_by(16) {
+        for c0 in (0..c16).step_by(16) {
+            // SAFETY: AVX-512F checked; the block is inside both (asserted above).
+            unsafe { simd::transpose16(dst.as_mut_ptr().add(c0 * ds + r0), ds, src.as_ptr().add(r0 * ss + c0), ss) };
+        }
+    }
+    for r in 0..rows {
+        let c_start = if r < r16 { c16 } else { 0 };
+        for c in c_start..cols {
+            dst[c * ds + r] = src[r * ss + c];
+        }
+    }
+}
+
 /// `dst[C,R] = src[R,C]^T`, in 32x32 tiles over the pool.
 pub fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
     assert_eq!(src.len(), rows * cols);
     assert_eq!(dst.len(), rows * cols);
-    const T: usize = 32;
-    let out = SendPtr(dst.as_mut_ptr());
-    (0..cols.div_ceil(T)).into_par_iter().for_each(|cb| {
-        let (c0, c1) = (cb * T, ((cb + 1) * T).min(cols));
-        for r0 in (0..rows).step_by(T) {
-            let r1 = (r0 + T).min(rows);
-            for c in c0..c1 {
-                for r in r0..r1 {
-                    // SAFETY: task cb alone writes rows c0..c1 of dst.
-                    unsafe { *out.get().add(c * rows + r) = src[r * cols + c] };
-                }
-            }
-        }
+    const T: usize = 64;
+    // Bands of 64 columns of src: rows c0..c1 of dst, one task each.
+    dst.par_chunks_mut(T * rows).enumerate().for_each(|(cb, d)| {
+        let c0 = cb * T;
+        let c1 = (c0 + T).min(cols);
+        transpose_region(d, rows, &src[c0..], cols, rows, c1 - c0);
     });
 }
 
@@ -222,12 +238,7 @@ fn spmm(
             if nt < TOK {
                 xb.fill(0.0);
             }
-            for i in 0..nt {
-                let row = &inp[(t0 + i) * features..(t0 + i + 1) * features];
-                for (f, &x) in row.iter().enumerate() {
-                    xb[f * TOK + i] = x;
-                }
-            }
+            transpose_region(xb, TOK, &inp[t0 * features..], features, nt, features);
             for c in 0..chunks {
                 let ptrs = |o: usize| (ptr[o * (chunks + 1) + c] as usize, ptr[o * (chunks + 1) + c + 1] as usize);
                 if simd {
@@ -250,9 +261,13 @@ fn spmm(
                     }
                 }
             }
-            for (i, row) in out_rows.chunks_mut(outs).enumerate() {
-                for (o, x) in row.iter_mut().enumerate() {
-                    *x = yb[o * TOK + i] + bias.map_or(0.0, |b| b[o]);
+            // out[t0 + i][o] = yb[o][i] + bias[o]
+            transpose_region(out_rows, outs, yb, TOK, outs, nt);
+            if let Some(b) = bias {
+                for row in out_rows.chunks_mut(outs) {
+                    for (x, b) in row.iter_mut().zip(b) {
+                        *x += b;
+                    }
                 }
             }
         },
@@ -353,6 +368,52 @@ mod simd {
         }
     }
 
+    /// `dst[c * ds + r] = src[r * ss + c]` for r, c < 16: one 16x16 block
+    /// through registers (two rounds of lane unpacks, two of 128-bit shuffles).
+    ///
+    /// # Safety
+    /// AVX-512F must be present; both 16x16 blocks must be in bounds.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn transpose16(dst: *mut f32, ds: usize, src: *const f32, ss: usize) {
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, x) in r.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(src.add(i * ss));
+        }
+        // 32-bit interleave of row pairs.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // 64-bit interleave of pairs of pairs.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+            u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(c)));
+            u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(c)));
+            u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(b), _mm512_castps_pd(d)));
+            u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(b), _mm512_castps_pd(d)));
+        }
+        // 128-bit lanes: first between groups of four rows, then of eight.
+        let mut v = [_mm512_setzero_ps(); 16];
+        for h in 0..2 {
+            for j in 0..4 {
+                let (a, b) = (u[8 * h + j], u[8 * h + 4 + j]);
+                v[8 * h + j] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                v[8 * h + 4 + j] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+            }
+        }
+        let mut w = [_mm512_setzero_ps(); 16];
+        for j in 0..8 {
+            let (a, b) = (v[j], v[8 + j]);
+            w[j] = _mm512_shuffle_f32x4::<0x88>(a, b);
+            w[8 + j] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+        }
+        for (i, x) in w.iter().enumerate() {
+            _mm512_storeu_ps(dst.add(i * ds), *x);
+        }
+    }
+
     /// `dv[q] += xt[rows[q] * bt + b0..][..256] . d` for every q, `d` (256
     /// tokens of one column of dout) in sixteen registers.
     ///
@@ -424,6 +485,9 @@ mod simd {
     pub unsafe fn sddmm_chunk(_: &mut [f32], _: &[f32], _: usize, _: usize, _: &[f32], _: &[u32]) {
         unreachable!("no SIMD path on this architecture")
     }
+    pub unsafe fn transpose16(_: *mut f32, _: usize, _: *const f32, _: usize) {
+        unreachable!("no SIMD path on this architecture")
+    }
 }
 
 /// Scratch for the transposed activations, reused across calls.
@@ -472,14 +536,7 @@ pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &Spars
         if t1 - t0 < CHUNK {
             blk.fill(0.0);
         }
-        for f0 in (0..k).step_by(16) {
-            let f1 = (f0 + 16).min(k);
-            for t in t0..t1 {
-                for f in f0..f1 {
-                    blk[f * CHUNK + (t - t0)] = inp[t * k + f];
-                }
-            }
-        }
+        transpose_region(blk, CHUNK, &inp[t0 * k..], k, t1 - t0, k);
     });
     let dt = sized(&mut s.yt, n * bt);
     transpose(dt, dout, bt, n);
@@ -657,6 +714,22 @@ mod tests {
                     .map(|(c, p)| init[p] + ddw[w.row_index[p] as usize * n + c])
                     .collect();
                 assert_close(&format!("{what} weight gradient vs dense"), &dv, &at_mask, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn block_transpose_is_exact() {
+        if !simd::available() {
+            return;
+        }
+        let src: Vec<f32> = (0..20 * 16).map(|i| i as f32).collect();
+        let mut dst = vec![-1f32; 16 * 24];
+        // SAFETY: AVX-512F checked; both blocks in bounds (strides 20 and 24).
+        unsafe { simd::transpose16(dst.as_mut_ptr(), 24, src.as_ptr(), 20) };
+        for r in 0..16 {
+            for c in 0..16 {
+                assert_eq!(dst[c * 24 + r], src[r * 20 + c], "row {r} column {c}");
             }
         }
     }
