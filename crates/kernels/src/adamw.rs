@@ -24,15 +24,46 @@ pub struct AdamWStep {
 
 const CHUNK: usize = 1 << 14;
 
+/// A step's scalars, derived once, and the update of one element: the
+/// formula in one place for both entry points (and the CUDA kernel takes
+/// the same scalars, `ws_cuda`'s `adamw`).
+#[derive(Clone, Copy)]
+struct Scalars {
+    s: AdamWStep,
+    step_size: f32,
+    bc2_sqrt: f32,
+    decay: f32,
+}
+
+impl Scalars {
+    fn new(s: AdamWStep) -> Scalars {
+        assert!(s.t >= 1);
+        let bc1 = 1.0 - (s.beta1 as f64).powi(s.t as i32);
+        let bc2 = 1.0 - (s.beta2 as f64).powi(s.t as i32);
+        Scalars {
+            s,
+            step_size: (s.lr as f64 / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            decay: 1.0 - s.lr * s.weight_decay,
+        }
+    }
+
+    #[inline(always)]
+    fn update(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+        let s = &self.s;
+        let g = g * s.grad_scale;
+        let mi = s.beta1 * *m + (1.0 - s.beta1) * g;
+        let vi = s.beta2 * *v + (1.0 - s.beta2) * g * g;
+        *m = mi;
+        *v = vi;
+        *p = *p * self.decay - self.step_size * mi / (vi.sqrt() / self.bc2_sqrt + s.eps);
+    }
+}
+
 pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
     let n = param.len();
     assert!(grad.len() == n && m.len() == n && v.len() == n);
-    assert!(s.t >= 1);
-    let bc1 = 1.0 - (s.beta1 as f64).powi(s.t as i32);
-    let bc2 = 1.0 - (s.beta2 as f64).powi(s.t as i32);
-    let step_size = (s.lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    let decay = 1.0 - s.lr * s.weight_decay;
+    let c = Scalars::new(s);
     param
         .par_chunks_mut(CHUNK)
         .zip(grad.par_chunks(CHUNK))
@@ -40,12 +71,7 @@ pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
         .zip(v.par_chunks_mut(CHUNK))
         .for_each(|(((p, g), m), v)| {
             for i in 0..p.len() {
-                let g = g[i] * s.grad_scale;
-                let mi = s.beta1 * m[i] + (1.0 - s.beta1) * g;
-                let vi = s.beta2 * v[i] + (1.0 - s.beta2) * g * g;
-                m[i] = mi;
-                v[i] = vi;
-                p[i] = p[i] * decay - step_size * mi / (vi.sqrt() / bc2_sqrt + s.eps);
+                c.update(&mut p[i], g[i], &mut m[i], &mut v[i]);
             }
         });
 }
@@ -55,12 +81,7 @@ pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
 pub fn adamw_update_clear(param: &mut [f32], grad: &mut [f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
     let n = param.len();
     assert!(grad.len() == n && m.len() == n && v.len() == n);
-    assert!(s.t >= 1);
-    let bc1 = 1.0 - (s.beta1 as f64).powi(s.t as i32);
-    let bc2 = 1.0 - (s.beta2 as f64).powi(s.t as i32);
-    let step_size = (s.lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    let decay = 1.0 - s.lr * s.weight_decay;
+    let c = Scalars::new(s);
     param
         .par_chunks_mut(CHUNK)
         .zip(grad.par_chunks_mut(CHUNK))
@@ -68,13 +89,7 @@ pub fn adamw_update_clear(param: &mut [f32], grad: &mut [f32], m: &mut [f32], v:
         .zip(v.par_chunks_mut(CHUNK))
         .for_each(|(((p, g), m), v)| {
             for i in 0..p.len() {
-                let gi = g[i] * s.grad_scale;
-                g[i] = 0.0;
-                let mi = s.beta1 * m[i] + (1.0 - s.beta1) * gi;
-                let vi = s.beta2 * v[i] + (1.0 - s.beta2) * gi * gi;
-                m[i] = mi;
-                v[i] = vi;
-                p[i] = p[i] * decay - step_size * mi / (vi.sqrt() / bc2_sqrt + s.eps);
+                c.update(&mut p[i], std::mem::take(&mut g[i]), &mut m[i], &mut v[i]);
             }
         });
 }
