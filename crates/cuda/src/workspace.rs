@@ -199,10 +199,6 @@ impl GpuWorkspace {
         })
     }
 
-    pub fn precision(&self) -> Precision {
-        self.precision
-    }
-
     /// Starts timing phases (linear products, attention, LayerNorm, ...)
     /// with events on the compute stream, for one step or a few.
     pub fn start_profile(&self, gpu: &Gpu) -> Result<()> {
@@ -295,7 +291,8 @@ impl GpuWorkspace {
                 let (a, b) = (Operand::n(self.a16.ptr(), k), Operand::n(self.b16.ptr(), n));
                 gpu.gemm(GemmType::Bf16, bt, n, k, 1.0, a, b, 1.0, Operand::n(out, n), None)
             }
-        }
+        }?;
+        self.mark(gpu, "linear fwd")
     }
 
     /// `dinp = dout @ w^T` (overwrites), `dw += inp^T @ dout`, `dbias += colsum(dout)`.
@@ -372,7 +369,8 @@ impl GpuWorkspace {
                     None,
                 )
             }
-        }
+        }?;
+        self.mark(gpu, "linear bwd")
     }
 
     fn attn_gemm_type(&self) -> GemmType {
@@ -410,19 +408,10 @@ impl GpuWorkspace {
                     c,
                 )?;
                 self.mark(gpu, "layernorm")?;
-                self.linear_fwd_marked(
-                    gpu,
-                    a.qkv.ptr(),
-                    a.ln1.ptr(),
-                    w[block::ATTN_W],
-                    w[block::ATTN_B],
-                    bt,
-                    c,
-                    3 * c,
-                )?;
-                self.attention_fwd_marked(gpu, i, b, t)?;
+                self.linear_fwd(gpu, a.qkv.ptr(), a.ln1.ptr(), w[block::ATTN_W], w[block::ATTN_B], bt, c, 3 * c)?;
+                self.attention_fwd(gpu, i, b, t)?;
                 let a = &self.blocks[i];
-                self.linear_fwd_marked(gpu, a.x2.ptr(), a.atty.ptr(), w[block::PROJ_W], w[block::PROJ_B], bt, c, c)?;
+                self.linear_fwd(gpu, a.x2.ptr(), a.atty.ptr(), w[block::PROJ_W], w[block::PROJ_B], bt, c, c)?;
                 gpu.add_inplace(s, a.x2.ptr(), x, bt * c)?;
                 self.mark(gpu, "residual add")?;
                 gpu.layernorm_fwd(
@@ -437,19 +426,10 @@ impl GpuWorkspace {
                     c,
                 )?;
                 self.mark(gpu, "layernorm")?;
-                self.linear_fwd_marked(gpu, a.fch.ptr(), a.ln2.ptr(), w[block::FC_W], w[block::FC_B], bt, c, 4 * c)?;
+                self.linear_fwd(gpu, a.fch.ptr(), a.ln2.ptr(), w[block::FC_W], w[block::FC_B], bt, c, 4 * c)?;
                 gpu.gelu_fwd(s, a.fch_gelu.ptr(), a.fch.ptr(), bt * 4 * c)?;
                 self.mark(gpu, "gelu")?;
-                self.linear_fwd_marked(
-                    gpu,
-                    out,
-                    a.fch_gelu.ptr(),
-                    w[block::FCPROJ_W],
-                    w[block::FCPROJ_B],
-                    bt,
-                    4 * c,
-                    c,
-                )?;
+                self.linear_fwd(gpu, out, a.fch_gelu.ptr(), w[block::FCPROJ_W], w[block::FCPROJ_B], bt, 4 * c, c)?;
                 gpu.add_inplace(s, out, a.x2.ptr(), bt * c)?;
                 self.mark(gpu, "residual add")
             }
@@ -476,7 +456,8 @@ impl GpuWorkspace {
         // y[T,HS] = att[T,T] v[T,HS]
         let bat = Batch { count: z, a: t * t, b: t * hs, c: t * hs };
         gpu.gemm(ty, t, hs, t, 1.0, Operand::n(att, t), Operand::n(v, hs), 0.0, Operand::n(yh, hs), Some(bat))?;
-        gpu.merge_heads(s, a.atty.ptr(), yh, b, t, nh, hs, c, 0)
+        gpu.merge_heads(s, a.atty.ptr(), yh, b, t, nh, hs, c, 0)?;
+        self.mark(gpu, "attention fwd")
     }
 
     fn attention_bwd(&self, gpu: &Gpu, i: usize, b: usize, t: usize) -> Result<()> {
@@ -506,50 +487,7 @@ impl GpuWorkspace {
         let dqkv = self.dqkv.ptr();
         gpu.merge_heads(s, dqkv, dq, b, t, nh, hs, 3 * c, 0)?;
         gpu.merge_heads(s, dqkv, dk, b, t, nh, hs, 3 * c, c)?;
-        gpu.merge_heads(s, dqkv, dv, b, t, nh, hs, 3 * c, 2 * c)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn linear_fwd_marked(
-        &self,
-        gpu: &Gpu,
-        out: u64,
-        inp: u64,
-        w: u64,
-        bias: u64,
-        bt: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        self.linear_fwd(gpu, out, inp, w, bias, bt, k, n)?;
-        self.mark(gpu, "linear fwd")
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn linear_bwd_marked(
-        &self,
-        gpu: &Gpu,
-        dinp: u64,
-        dw: u64,
-        dbias: u64,
-        dout: u64,
-        inp: u64,
-        w: u64,
-        bt: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        self.linear_bwd(gpu, dinp, dw, dbias, dout, inp, w, bt, k, n)?;
-        self.mark(gpu, "linear bwd")
-    }
-
-    fn attention_fwd_marked(&self, gpu: &Gpu, i: usize, b: usize, t: usize) -> Result<()> {
-        self.attention_fwd(gpu, i, b, t)?;
-        self.mark(gpu, "attention fwd")
-    }
-
-    fn attention_bwd_marked(&self, gpu: &Gpu, i: usize, b: usize, t: usize) -> Result<()> {
-        self.attention_bwd(gpu, i, b, t)?;
+        gpu.merge_heads(s, dqkv, dv, b, t, nh, hs, 3 * c, 2 * c)?;
         self.mark(gpu, "attention bwd")
     }
 
@@ -672,22 +610,6 @@ impl GpuWorkspace {
         Ok(host.iter().map(|&x| x as f64).sum())
     }
 
-    /// Per-position losses of the last `head` call (B*T; waits for the GPU).
-    pub fn last_losses(&self, gpu: &Gpu) -> Result<Vec<f32>> {
-        let (b, t) = self.batch;
-        let mut host = vec![0f32; b * t];
-        gpu.download(&mut host, self.losses.ptr(), &gpu.compute)?;
-        Ok(host)
-    }
-
-    /// The residual stream entering block `i` (or the head for i = n_layer), for tests.
-    pub fn residual(&self, gpu: &Gpu, i: usize) -> Result<Vec<f32>> {
-        let (b, t) = self.batch;
-        let mut host = vec![0f32; b * t * self.c];
-        gpu.download(&mut host, self.residual[i].ptr(), &gpu.compute)?;
-        Ok(host)
-    }
-
     /// Backward of layer `l` (embedding or block), after `head` or the
     /// backward of layer l+1; accumulates into `grads` (the layer's tensors).
     pub fn backward(&mut self, gpu: &Gpu, spec: &ModelSpec, l: usize, w: &[u64], grads: &[u64]) -> Result<()> {
@@ -708,7 +630,7 @@ impl GpuWorkspace {
                 let a = &self.blocks[i];
                 let g = grads;
                 let (dfch, dln, datty) = (self.dfch.ptr(), self.dln.ptr(), self.datty.ptr());
-                self.linear_bwd_marked(
+                self.linear_bwd(
                     gpu,
                     dfch,
                     g[block::FCPROJ_W],
@@ -722,7 +644,7 @@ impl GpuWorkspace {
                 )?;
                 gpu.gelu_bwd(s, dfch, a.fch.ptr(), bt * 4 * c)?;
                 self.mark(gpu, "gelu")?;
-                self.linear_bwd_marked(
+                self.linear_bwd(
                     gpu,
                     dln,
                     g[block::FC_W],
@@ -751,7 +673,7 @@ impl GpuWorkspace {
                     c,
                 )?;
                 self.mark(gpu, "layernorm")?;
-                self.linear_bwd_marked(
+                self.linear_bwd(
                     gpu,
                     datty,
                     g[block::PROJ_W],
@@ -763,10 +685,10 @@ impl GpuWorkspace {
                     c,
                     c,
                 )?;
-                self.attention_bwd_marked(gpu, i, b, t)?;
+                self.attention_bwd(gpu, i, b, t)?;
                 let a = &self.blocks[i];
                 let dqkv = self.dqkv.ptr();
-                self.linear_bwd_marked(
+                self.linear_bwd(
                     gpu,
                     dln,
                     g[block::ATTN_W],
