@@ -27,6 +27,31 @@ pub struct RunConfig {
     pub stream: StreamSection,
     pub store: StoreSection,
     pub worker: WorkerSection,
+    pub fabric: FabricSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FabricSection {
+    /// Data-parallel workers; each trains on its shard (batch_size / workers
+    /// sequences) of every global batch. More than 1 (or transport "tcp")
+    /// puts the broadcast-reduce tree between the store and the workers.
+    pub workers: usize,
+    /// Children per broadcast-reduce node (2 to 16).
+    pub fanout: usize,
+    /// "inproc" (channels between threads) or "tcp" (authenticated sockets on `bind`).
+    pub transport: String,
+    /// Bytes of one chunk on the fabric (a multiple of 4).
+    pub chunk_bytes: usize,
+    /// Chunks in flight per link and direction: the flow-control credit.
+    pub chunks_in_flight: usize,
+    /// MAC every payload byte, not just headers and their CRC (costs bandwidth).
+    pub mac_payload: bool,
+    /// The address listeners bind (port 0: any free port).
+    pub bind: String,
+    /// A file holding the cluster secret (else WEIGHTSTREAM_SECRET; an
+    /// in-process TCP tree without either makes a random one).
+    pub secret_file: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,6 +205,16 @@ impl RunConfig {
             stream: StreamSection { mode: "streaming".into(), prefetch_depth: 2, dtype: "fp32".into() },
             store: StoreSection { dram_bytes: 0, dram_fraction: 1.0, page_bytes: 64 << 20, threads: 0 },
             worker: WorkerSection { memory_bytes: 0 },
+            fabric: FabricSection {
+                workers: 1,
+                fanout: 4,
+                transport: "inproc".into(),
+                chunk_bytes: 1 << 20,
+                chunks_in_flight: 8,
+                mac_payload: false,
+                bind: "127.0.0.1:0".into(),
+                secret_file: String::new(),
+            },
         })
     }
 
@@ -249,12 +284,18 @@ impl RunConfig {
         }
     }
 
+    /// Sequences per micro-batch (per worker): 0 means a worker's whole share.
     pub fn micro_batch(&self) -> usize {
         if self.train.micro_batch == 0 {
-            self.train.batch_size
+            self.train.batch_size / self.fabric.workers.max(1)
         } else {
             self.train.micro_batch
         }
+    }
+
+    /// Whether the broadcast-reduce tree sits between store and workers.
+    pub fn uses_fabric(&self) -> bool {
+        self.fabric.workers > 1 || self.fabric.transport == "tcp"
     }
 
     pub fn validate(&self) -> Result<(), TrainError> {
@@ -270,10 +311,42 @@ impl RunConfig {
                 t.seq_len, self.model.block_size
             ));
         }
-        if !t.batch_size.is_multiple_of(self.micro_batch()) {
+        let f = &self.fabric;
+        if !(1..=ws_fabric::topology::WORKERS_MAX).contains(&f.workers) || !t.batch_size.is_multiple_of(f.workers) {
             return bad(format!(
-                "train.micro_batch ({}) must divide train.batch_size ({})",
-                t.micro_batch, t.batch_size
+                "fabric.workers ({}) must be between 1 and {} and divide train.batch_size ({})",
+                f.workers,
+                ws_fabric::topology::WORKERS_MAX,
+                t.batch_size
+            ));
+        }
+        ws_fabric::Tree::new(f.workers, f.fanout).map_err(TrainError::Config)?;
+        if !(4..=ws_fabric::wire::PAYLOAD_BYTES_MAX).contains(&f.chunk_bytes) || !f.chunk_bytes.is_multiple_of(4) {
+            return bad(format!(
+                "fabric.chunk_bytes ({}) must be a multiple of 4 between 4 and {}",
+                f.chunk_bytes,
+                ws_fabric::wire::PAYLOAD_BYTES_MAX
+            ));
+        }
+        if !(1..=ws_fabric::link::CREDITS_MAX).contains(&f.chunks_in_flight) {
+            return bad(format!(
+                "fabric.chunks_in_flight ({}) must be between 1 and {}",
+                f.chunks_in_flight,
+                ws_fabric::link::CREDITS_MAX
+            ));
+        }
+        if f.transport != "inproc" && f.transport != "tcp" {
+            return bad(format!("fabric.transport `{}` is not one of inproc, tcp", f.transport));
+        }
+        if self.uses_fabric() && (self.stream.mode != "streaming" || t.device != "cpu") {
+            return bad("fabric.workers > 1 and fabric.transport = \"tcp\" need stream.mode = \"streaming\" \
+                        and train.device = \"cpu\""
+                .into());
+        }
+        if !(t.batch_size / f.workers).is_multiple_of(self.micro_batch()) {
+            return bad(format!(
+                "train.micro_batch ({}) must divide each worker's share of train.batch_size ({} / {} workers)",
+                t.micro_batch, t.batch_size, f.workers
             ));
         }
         if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {

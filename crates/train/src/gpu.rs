@@ -16,7 +16,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::optim::{learning_rate, AdamW};
 use crate::schedule::{Pass, Schedule};
-use crate::stream::{max_layer_params, ToStore, WeightMsg, Weights};
+use crate::stream::{max_layer_params, recv_weights, Down, ToStore, WeightMsg, Weights};
 use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
 use crossbeam_channel::{Receiver, Sender};
@@ -395,7 +395,7 @@ impl GpuStreamWorker {
         mb: usize,
         t: usize,
         dloss_scale: f32,
-        weights: &Receiver<WeightMsg>,
+        weights: &Receiver<Down>,
         to_store: &Sender<ToStore>,
         grad_pool: &Receiver<Vec<f32>>,
     ) -> Result<f64, PassError> {
@@ -409,7 +409,7 @@ impl GpuStreamWorker {
         for j in 0..n {
             // Keep uses j..j+k on their way to the GPU.
             while next < n && next < j + depth {
-                let msg = weights.recv().map_err(|_| stopped())?;
+                let msg = recv_weights(weights).ok_or_else(stopped)?;
                 let u = sched.uses[next];
                 assert!(
                     msg.step == step && msg.use_index == next && msg.layer == u.layer,

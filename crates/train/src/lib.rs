@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod fabric;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod metrics;

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use ws_data::sample_batch;
+use ws_fabric::PassStart;
 use ws_kernels::bf16::from_bf16;
 use ws_kernels::Precision;
 use ws_model::{ModelSpec, Params, Workspace};
@@ -46,6 +47,21 @@ pub struct WeightMsg {
     pub data: Weights,
 }
 
+/// What the store sends down: the start of a pass, then its layers' weights.
+pub enum Down {
+    Begin(PassStart),
+    Weights(WeightMsg),
+}
+
+/// The next weights of a pass (`None`: the store stopped).
+pub fn recv_weights(rx: &Receiver<Down>) -> Option<WeightMsg> {
+    match rx.recv() {
+        Ok(Down::Weights(m)) => Some(m),
+        Ok(Down::Begin(p)) => panic!("a pass ({p:?}) began inside another"),
+        Err(_) => None,
+    }
+}
+
 pub enum ToStore {
     /// A weight buffer back to the store: the credit for the next fetch.
     Release(Weights),
@@ -56,16 +72,21 @@ pub enum ToStore {
         len: usize,
         data: Vec<f32>,
     },
+    /// A pass's loss sum, from a fabric worker to its up link (the store never sees it).
+    Stats {
+        index: u64,
+        sum: f64,
+    },
 }
 
-enum Control {
+pub(crate) enum Control {
     Train { step: u64, lr: f64 },
     Eval { batches: usize },
     Checkpoint { dir: PathBuf, run_toml: String },
     Snapshot,
 }
 
-enum Reply {
+pub(crate) enum Reply {
     StepDone { grad_norm: f64 },
     EvalDone,
     Checkpointed(Manifest),
@@ -105,7 +126,8 @@ pub fn max_layer_params(spec: &ModelSpec) -> usize {
 /// The micro-batch size: the configured one, or else the largest divisor of
 /// the batch whose worker memory fits `worker.memory_bytes` (0: no limit).
 pub fn choose_micro_batch(config: &RunConfig, spec: &ModelSpec) -> Result<usize, TrainError> {
-    let (b, t, k) = (config.train.batch_size, config.seq_len(), config.stream.prefetch_depth);
+    // Each worker's share of the batch.
+    let (b, t, k) = (config.train.batch_size / config.fabric.workers, config.seq_len(), config.stream.prefetch_depth);
     let dtype = Precision::parse(&config.stream.dtype).expect("validated");
     let limit = config.worker.memory_bytes;
     let fits = |mb: usize| limit == 0 || worker_bytes(spec, mb, t, k, dtype) <= limit;
@@ -128,27 +150,27 @@ pub fn choose_micro_batch(config: &RunConfig, spec: &ModelSpec) -> Result<usize,
     })
 }
 
-struct StoreThread {
-    store: Store,
-    to_worker: Sender<WeightMsg>,
-    from_worker: Receiver<ToStore>,
-    grad_return: Sender<Vec<f32>>,
-    free: Vec<Weights>,
-    buffers: usize,
-    dtype: Precision,
-    train: Schedule,
-    eval: Schedule,
+pub(crate) struct StoreThread {
+    pub(crate) store: Store,
+    pub(crate) to_worker: Sender<Down>,
+    pub(crate) from_worker: Receiver<ToStore>,
+    pub(crate) grad_return: Sender<Vec<f32>>,
+    pub(crate) free: Vec<Weights>,
+    pub(crate) buffers: usize,
+    pub(crate) dtype: Precision,
+    pub(crate) train: Schedule,
+    pub(crate) eval: Schedule,
 }
 
 impl StoreThread {
-    fn run(mut self, control: Receiver<Control>, reply: Sender<Reply>) -> Store {
+    pub(crate) fn run(mut self, control: Receiver<Control>, reply: Sender<Reply>) -> Store {
         while let Ok(c) = control.recv() {
             let r = match c {
                 Control::Train { step, lr } => {
                     self.pass(true, step).map(|_| Reply::StepDone { grad_norm: self.store.finish_step(lr) })
                 }
                 Control::Eval { batches } => {
-                    (0..batches).try_for_each(|_| self.pass(false, u64::MAX)).map(|_| Reply::EvalDone)
+                    (0..batches as u64).try_for_each(|i| self.pass(false, i)).map(|_| Reply::EvalDone)
                 }
                 Control::Checkpoint { dir, run_toml } => {
                     self.store.checkpoint(&dir, &run_toml).map(Reply::Checkpointed).map_err(|e| e.to_string())
@@ -178,13 +200,17 @@ impl StoreThread {
                 *grads_left -= 1;
                 let _ = self.grad_return.send(data);
             }
+            ToStore::Stats { .. } => unreachable!("statistics end at the fabric's root"),
         }
         Ok(())
     }
 
-    /// Sends every use's weights of one pass and takes its gradients.
-    fn pass(&mut self, training: bool, step: u64) -> Result<(), String> {
+    /// Sends every use's weights of one pass and takes its gradients; `index`
+    /// is the step (training) or the evaluation pass.
+    fn pass(&mut self, training: bool, index: u64) -> Result<(), String> {
         let sched = if training { self.train.clone() } else { self.eval.clone() };
+        let step = if training { index } else { u64::MAX };
+        self.to_worker.send(Down::Begin(PassStart { training, index })).map_err(|_| "worker stopped".to_string())?;
         let mut grads_left = sched.gradient_messages();
         for (j, u) in sched.uses.iter().enumerate() {
             let mut buf = loop {
@@ -202,7 +228,7 @@ impl StoreThread {
                 }
             }
             let msg = WeightMsg { step, use_index: j, layer: u.layer, version: self.store.version, len, data: buf };
-            self.to_worker.send(msg).map_err(|_| "worker stopped".to_string())?;
+            self.to_worker.send(Down::Weights(msg)).map_err(|_| "worker stopped".to_string())?;
             while let Ok(m) = self.from_worker.try_recv() {
                 self.handle(m, &sched, step, &mut grads_left)?;
             }
@@ -215,21 +241,131 @@ impl StoreThread {
     }
 }
 
+/// The worker-facing ends of a running store thread.
+pub(crate) struct StoreEnds {
+    pub control: Sender<Control>,
+    pub reply: Receiver<Reply>,
+    /// Pass starts and weights, in schedule order.
+    pub weights: Receiver<Down>,
+    /// Released weight buffers and gradients back to the store.
+    pub to_store: Sender<ToStore>,
+    /// Gradient buffers to fill (k+1 of them circulate).
+    pub grad_pool: Receiver<Vec<f32>>,
+    pub handle: JoinHandle<Store>,
+}
+
+/// Starts the store thread (in its own thread pool of `store.threads`)
+/// with k+1 weight and gradient buffers.
+pub(crate) fn spawn_store(
+    config: &RunConfig,
+    store: Store,
+    train: &Schedule,
+    eval: &Schedule,
+) -> Result<StoreEnds, TrainError> {
+    let k = config.stream.prefetch_depth;
+    let dtype = Precision::parse(&config.stream.dtype).expect("validated");
+    let max_layer = max_layer_params(store.spec());
+    let buffers = k + 1;
+    let free = (0..buffers)
+        .map(|_| match dtype {
+            Precision::Fp32 => Weights::F32(vec![0f32; max_layer]),
+            Precision::Bf16 => Weights::Bf16(vec![0u16; max_layer]),
+        })
+        .collect();
+    let (to_worker, weights) = unbounded();
+    let (to_store, from_worker) = unbounded();
+    let (grad_return, grad_pool) = bounded(buffers);
+    for _ in 0..buffers {
+        grad_return.send(vec![0f32; max_layer]).expect("room for every buffer");
+    }
+    let (control, control_rx) = unbounded();
+    let (reply_tx, reply) = unbounded();
+    let thread = StoreThread {
+        store,
+        to_worker,
+        from_worker,
+        grad_return,
+        free,
+        buffers,
+        dtype,
+        train: train.clone(),
+        eval: eval.clone(),
+    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = if config.store.threads == 0 { cores } else { config.store.threads };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("store-{i}"))
+        .build()
+        .map_err(|e| TrainError::Config(format!("cannot start the store's threads: {e}")))?;
+    let handle = std::thread::Builder::new()
+        .name("store".into())
+        .spawn(move || pool.install(move || thread.run(control_rx, reply_tx)))
+        .map_err(|e| TrainError::Config(format!("cannot start the store thread: {e}")))?;
+    Ok(StoreEnds { control, reply, weights, to_store, grad_pool, handle })
+}
+
+/// The driver's side of the store thread: requests and their replies.
+pub(crate) struct StoreControl {
+    pub control: Sender<Control>,
+    pub reply: Receiver<Reply>,
+}
+
+impl StoreControl {
+    /// Why the store stopped (its reply says).
+    pub fn failure(&self) -> TrainError {
+        match self.reply.recv() {
+            Ok(Reply::Failed(e)) => TrainError::Config(e),
+            _ => TrainError::Config("the store stopped unexpectedly".into()),
+        }
+    }
+
+    pub fn send(&self, c: Control) -> Result<(), TrainError> {
+        self.control.send(c).map_err(|_| self.failure())
+    }
+
+    pub fn recv_reply(&self) -> Result<Reply, TrainError> {
+        match self.reply.recv() {
+            Ok(Reply::Failed(e)) => Err(TrainError::Config(e)),
+            Ok(r) => Ok(r),
+            Err(_) => Err(TrainError::Config("the store stopped unexpectedly".into())),
+        }
+    }
+
+    /// A resumable checkpoint of the store at `step`, under `run_dir`.
+    pub fn checkpoint(&self, run_dir: &Path, run_toml: String, step: u64) -> Result<PathBuf, TrainError> {
+        let dir = run_dir.join("checkpoint");
+        self.send(Control::Checkpoint { dir: dir.clone(), run_toml })?;
+        let Reply::Checkpointed(m) = self.recv_reply()? else { unreachable!("the store answers with Checkpointed") };
+        assert_eq!(m.step, step, "the store checkpointed another step than the worker's");
+        Ok(dir)
+    }
+
+    pub fn params(&self) -> Result<Params, TrainError> {
+        self.send(Control::Snapshot)?;
+        let Reply::Snapshot(s) = self.recv_reply()? else { unreachable!("the store answers with Snapshot") };
+        Ok(s.0)
+    }
+
+    /// Closes the control channel (the store thread then ends).
+    pub fn close(&mut self) {
+        drop(std::mem::replace(&mut self.control, unbounded().0));
+    }
+}
+
 /// A trainer whose weights live in a [`Store`] on another thread.
 pub struct StreamingTrainer {
     pub config: RunConfig,
     pub spec: ModelSpec,
-    workspace: Workspace,
+    cpu: CpuWorker,
     micro_batch: usize,
     train: Schedule,
     eval: Schedule,
     step: u64,
-    control: Sender<Control>,
-    reply: Receiver<Reply>,
-    weights: Receiver<WeightMsg>,
+    store_control: StoreControl,
+    weights: Receiver<Down>,
     to_store: Sender<ToStore>,
     grad_pool: Receiver<Vec<f32>>,
-    decoded: Vec<f32>,
     store: Option<JoinHandle<Store>>,
     inputs: Vec<u32>,
     targets: Vec<u32>,
@@ -253,70 +389,28 @@ impl StreamingTrainer {
         let train = Schedule::new(layers, config.train.batch_size / micro_batch, true);
         let eval = Schedule::new(layers, 1, false);
         store.set_access_sequence(&train.layer_sequence());
-        let k = config.stream.prefetch_depth;
-        let dtype = Precision::parse(&config.stream.dtype).expect("validated");
-        let max_layer = max_layer_params(&spec);
-        let buffers = k + 1;
-        let free = (0..buffers)
-            .map(|_| match dtype {
-                Precision::Fp32 => Weights::F32(vec![0f32; max_layer]),
-                Precision::Bf16 => Weights::Bf16(vec![0u16; max_layer]),
-            })
-            .collect();
-        let (to_worker, weights) = unbounded();
-        let (to_store, from_worker) = unbounded();
-        let (grad_return, grad_pool) = bounded(buffers);
-        for _ in 0..buffers {
-            grad_return.send(vec![0f32; max_layer]).expect("room for every buffer");
-        }
-        let (control, control_rx) = unbounded();
-        let (reply_tx, reply) = unbounded();
         let version = store.version;
-        let thread = StoreThread {
-            store,
-            to_worker,
-            from_worker,
-            grad_return,
-            free,
-            buffers,
-            dtype,
-            train: train.clone(),
-            eval: eval.clone(),
-        };
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let threads = if config.store.threads == 0 { cores } else { config.store.threads };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("store-{i}"))
-            .build()
-            .map_err(|e| TrainError::Config(format!("cannot start the store's threads: {e}")))?;
-        let handle = std::thread::Builder::new()
-            .name("store".into())
-            .spawn(move || pool.install(move || thread.run(control_rx, reply_tx)))
-            .map_err(|e| TrainError::Config(format!("cannot start the store thread: {e}")))?;
-        let workspace = if config.train.device == "cuda" {
+        let StoreEnds { control, reply, weights, to_store, grad_pool, handle } =
+            spawn_store(&config, store, &train, &eval)?;
+        let cpu = if config.train.device == "cuda" {
             // The GPU computes; this CPU workspace stays unused.
-            Workspace::new(&spec, 1, 1)
+            CpuWorker::new(&spec, 1, 1, &config)
         } else {
-            let mut w = Workspace::new(&spec, micro_batch, config.seq_len());
-            w.set_precision(Precision::parse(&config.train.precision).expect("validated"));
-            w
+            CpuWorker::new(&spec, micro_batch, config.seq_len(), &config)
         };
         Ok(StreamingTrainer {
             micro_batch,
             train,
             eval,
             step: version,
-            control,
-            reply,
+            store_control: StoreControl { control, reply },
             weights,
             to_store,
             grad_pool,
-            decoded: if dtype == Precision::Bf16 { vec![0f32; max_layer] } else { Vec::new() },
             store: Some(handle),
             inputs: Vec::new(),
             targets: Vec::new(),
-            workspace,
+            cpu,
             config,
             spec,
             #[cfg(feature = "cuda")]
@@ -343,31 +437,26 @@ impl StreamingTrainer {
         self.micro_batch
     }
 
-    fn failure(&mut self) -> TrainError {
-        match self.reply.recv() {
-            Ok(Reply::Failed(e)) => TrainError::Config(e),
-            _ => TrainError::Config("the store stopped unexpectedly".into()),
-        }
-    }
-
-    fn recv_reply(&mut self) -> Result<Reply, TrainError> {
-        match self.reply.recv() {
-            Ok(Reply::Failed(e)) => Err(TrainError::Config(e)),
-            Ok(r) => Ok(r),
-            Err(_) => Err(TrainError::Config("the store stopped unexpectedly".into())),
-        }
+    fn failure(&self) -> TrainError {
+        self.store_control.failure()
     }
 
     /// Runs one pass of `sched` over `inputs`/`targets` (B*T each); returns the loss sum.
     fn run_pass(
         &mut self,
         training: bool,
-        step: u64,
+        index: u64,
         inputs: &[u32],
         targets: &[u32],
         dloss_scale: f32,
     ) -> Result<f64, TrainError> {
+        match self.weights.recv() {
+            Ok(Down::Begin(p)) => assert_eq!(p, PassStart { training, index }, "the store began another pass"),
+            Ok(Down::Weights(_)) => panic!("weights before their pass began"),
+            Err(_) => return Err(self.failure()),
+        }
         let sched = if training { &self.train } else { &self.eval };
+        let step = if training { index } else { u64::MAX };
         let (t, mb) = (self.config.seq_len(), self.micro_batch);
         #[cfg(feature = "cuda")]
         if let Some(g) = self.gpu.as_mut() {
@@ -379,58 +468,11 @@ impl StreamingTrainer {
                 Err(crate::gpu::PassError::Gpu(e)) => Err(e),
             };
         }
-        let mut loss = 0f64;
-        for (j, u) in sched.uses.iter().enumerate() {
-            let Ok(msg) = self.weights.recv() else { return Err(self.failure()) };
-            assert!(
-                msg.step == step && msg.use_index == j && msg.layer == u.layer,
-                "weights out of schedule: got step {} use {} layer {}, expected step {step} use {j} layer {}",
-                msg.step,
-                msg.use_index,
-                msg.layer,
-                u.layer
-            );
-            let w: &[f32] = match &msg.data {
-                Weights::F32(v) => &v[..msg.len],
-                Weights::Bf16(v) => {
-                    for (d, &s) in self.decoded[..msg.len].iter_mut().zip(&v[..msg.len]) {
-                        *d = from_bf16(s);
-                    }
-                    &self.decoded[..msg.len]
-                }
-            };
-            let views = split(&self.spec, u.layer, w);
-            let x = &inputs[u.micro * mb * t..(u.micro + 1) * mb * t];
-            let y = &targets[u.micro * mb * t..(u.micro + 1) * mb * t];
-            let ws = &mut self.workspace;
-            match u.pass {
-                Pass::Forward => ws.forward(&self.spec, u.layer, &views, x, mb, t),
-                Pass::Head | Pass::Backward if !training => {
-                    loss += ws.head(&self.spec, &views, None, y, mb, t, 0.0);
-                }
-                Pass::Head | Pass::Backward => {
-                    let Ok(mut g) = self.grad_pool.recv() else { return Err(self.failure()) };
-                    let len = msg.len;
-                    g[..len].fill(0.0);
-                    {
-                        let mut gv = split_mut(&self.spec, u.layer, &mut g[..len]);
-                        if u.pass == Pass::Head {
-                            loss += ws.head(&self.spec, &views, Some(&mut gv), y, mb, t, dloss_scale);
-                        } else {
-                            ws.backward(&self.spec, u.layer, &views, &mut gv, x, mb, t);
-                        }
-                    }
-                    let grads = ToStore::Grads { step, use_index: j, layer: u.layer, len, data: g };
-                    if self.to_store.send(grads).is_err() {
-                        return Err(self.failure());
-                    }
-                }
-            }
-            if self.to_store.send(ToStore::Release(msg.data)).is_err() {
-                return Err(self.failure());
-            }
+        let io = PassIo { weights: &self.weights, to_store: &self.to_store, grad_pool: &self.grad_pool };
+        match self.cpu.pass(&self.spec, sched, step, inputs, targets, mb, t, dloss_scale, &io) {
+            Ok(loss) => Ok(loss),
+            Err(StoreStopped) => Err(self.failure()),
         }
-        Ok(loss)
     }
 
     /// Stops the store thread and returns the store.
@@ -449,11 +491,105 @@ impl Drop for StreamingTrainer {
         #[cfg(feature = "cuda")]
         drop(self.gpu.take());
         if let Some(handle) = self.store.take() {
-            drop(std::mem::replace(&mut self.control, unbounded().0));
+            self.store_control.close();
             drop(std::mem::replace(&mut self.to_store, unbounded().0));
             drop(std::mem::replace(&mut self.weights, unbounded().1));
             let _ = handle.join();
         }
+    }
+}
+
+/// The channels a worker's pass runs over.
+pub(crate) struct PassIo<'a> {
+    pub weights: &'a Receiver<Down>,
+    pub to_store: &'a Sender<ToStore>,
+    pub grad_pool: &'a Receiver<Vec<f32>>,
+}
+
+/// The store (or the link towards it) went away mid-pass.
+#[derive(Debug)]
+pub(crate) struct StoreStopped;
+
+/// The CPU half of a streaming worker: its workspace, and the buffer that
+/// bf16 weights are widened into.
+pub(crate) struct CpuWorker {
+    pub workspace: Workspace,
+    decoded: Vec<f32>,
+}
+
+impl CpuWorker {
+    pub fn new(spec: &ModelSpec, micro_batch: usize, t: usize, config: &RunConfig) -> CpuWorker {
+        let mut workspace = Workspace::new(spec, micro_batch, t);
+        workspace.set_precision(Precision::parse(&config.train.precision).expect("validated"));
+        let bf16 = Precision::parse(&config.stream.dtype).expect("validated") == Precision::Bf16;
+        CpuWorker { workspace, decoded: if bf16 { vec![0f32; max_layer_params(spec)] } else { Vec::new() } }
+    }
+
+    /// The worker's side of one pass (after its `Begin`): takes each use's
+    /// weights, computes, sends gradients up and releases the weights.
+    /// Returns the loss sum over `inputs`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pass(
+        &mut self,
+        spec: &ModelSpec,
+        sched: &Schedule,
+        step: u64,
+        inputs: &[u32],
+        targets: &[u32],
+        mb: usize,
+        t: usize,
+        dloss_scale: f32,
+        io: &PassIo,
+    ) -> Result<f64, StoreStopped> {
+        let training = sched.training;
+        let mut loss = 0f64;
+        for (j, u) in sched.uses.iter().enumerate() {
+            let msg = recv_weights(io.weights).ok_or(StoreStopped)?;
+            assert!(
+                msg.step == step && msg.use_index == j && msg.layer == u.layer,
+                "weights out of schedule: got step {} use {} layer {}, expected step {step} use {j} layer {}",
+                msg.step,
+                msg.use_index,
+                msg.layer,
+                u.layer
+            );
+            let w: &[f32] = match &msg.data {
+                Weights::F32(v) => &v[..msg.len],
+                Weights::Bf16(v) => {
+                    for (d, &s) in self.decoded[..msg.len].iter_mut().zip(&v[..msg.len]) {
+                        *d = from_bf16(s);
+                    }
+                    &self.decoded[..msg.len]
+                }
+            };
+            let views = split(spec, u.layer, w);
+            let x = &inputs[u.micro * mb * t..(u.micro + 1) * mb * t];
+            let y = &targets[u.micro * mb * t..(u.micro + 1) * mb * t];
+            let ws = &mut self.workspace;
+            match u.pass {
+                Pass::Forward => ws.forward(spec, u.layer, &views, x, mb, t),
+                Pass::Head | Pass::Backward if !training => {
+                    loss += ws.head(spec, &views, None, y, mb, t, 0.0);
+                }
+                Pass::Head | Pass::Backward => {
+                    let mut g = io.grad_pool.recv().map_err(|_| StoreStopped)?;
+                    let len = msg.len;
+                    g[..len].fill(0.0);
+                    {
+                        let mut gv = split_mut(spec, u.layer, &mut g[..len]);
+                        if u.pass == Pass::Head {
+                            loss += ws.head(spec, &views, Some(&mut gv), y, mb, t, dloss_scale);
+                        } else {
+                            ws.backward(spec, u.layer, &views, &mut gv, x, mb, t);
+                        }
+                    }
+                    let grads = ToStore::Grads { step, use_index: j, layer: u.layer, len, data: g };
+                    io.to_store.send(grads).map_err(|_| StoreStopped)?;
+                }
+            }
+            io.to_store.send(ToStore::Release(msg.data)).map_err(|_| StoreStopped)?;
+        }
+        Ok(loss)
     }
 }
 
@@ -499,16 +635,14 @@ impl Engine for StreamingTrainer {
         let start = Instant::now();
         let (b, t) = (self.config.train.batch_size, self.config.seq_len());
         let lr = learning_rate(&self.config.train, self.step);
-        if self.control.send(Control::Train { step: self.step, lr }).is_err() {
-            return Err(self.failure());
-        }
+        self.store_control.send(Control::Train { step: self.step, lr })?;
         let (mut inputs, mut targets) = (std::mem::take(&mut self.inputs), std::mem::take(&mut self.targets));
         sample_batch(train, b, t, self.config.train.seed, TRAIN_STREAM, self.step, &mut inputs, &mut targets);
         let step = self.step;
         let loss = self.run_pass(true, step, &inputs, &targets, 1.0 / (b * t) as f32);
         (self.inputs, self.targets) = (inputs, targets);
         let loss = loss? / (b * t) as f64;
-        let Reply::StepDone { grad_norm } = self.recv_reply()? else {
+        let Reply::StepDone { grad_norm } = self.store_control.recv_reply()? else {
             unreachable!("the store answers a step with StepDone")
         };
         self.step += 1;
@@ -517,36 +651,25 @@ impl Engine for StreamingTrainer {
 
     fn evaluate(&mut self, tokens: &[u16], batches: usize) -> Result<f64, TrainError> {
         let (b, t) = (self.micro_batch, self.config.seq_len());
-        if self.control.send(Control::Eval { batches }).is_err() {
-            return Err(self.failure());
-        }
+        self.store_control.send(Control::Eval { batches })?;
         let (mut inputs, mut targets) = (Vec::new(), Vec::new());
         let mut sum = 0f64;
         for i in 0..batches {
             sample_batch(tokens, b, t, self.config.train.seed, VAL_STREAM, i as u64, &mut inputs, &mut targets);
-            sum += self.run_pass(false, u64::MAX, &inputs, &targets, 0.0)?;
+            sum += self.run_pass(false, i as u64, &inputs, &targets, 0.0)?;
         }
-        let Reply::EvalDone = self.recv_reply()? else { unreachable!("the store answers an evaluation with EvalDone") };
+        let Reply::EvalDone = self.store_control.recv_reply()? else {
+            unreachable!("the store answers an evaluation with EvalDone")
+        };
         Ok(sum / (batches * b * t) as f64)
     }
 
     fn checkpoint(&mut self, run_dir: &Path) -> Result<PathBuf, TrainError> {
-        let dir = run_dir.join("checkpoint");
-        let run_toml = self.config.to_toml();
-        if self.control.send(Control::Checkpoint { dir: dir.clone(), run_toml }).is_err() {
-            return Err(self.failure());
-        }
-        let Reply::Checkpointed(m) = self.recv_reply()? else { unreachable!("the store answers with Checkpointed") };
-        assert_eq!(m.step, self.step, "the store checkpointed another step than the worker's");
-        Ok(dir)
+        self.store_control.checkpoint(run_dir, self.config.to_toml(), self.step)
     }
 
     fn params(&mut self) -> Result<Params, TrainError> {
-        if self.control.send(Control::Snapshot).is_err() {
-            return Err(self.failure());
-        }
-        let Reply::Snapshot(s) = self.recv_reply()? else { unreachable!("the store answers with Snapshot") };
-        Ok(s.0)
+        self.store_control.params()
     }
 }
 

@@ -1,0 +1,90 @@
+//! A link: one frame channel each way between a node and one neighbour,
+//! with credit-based flow control. The sender may have at most `credits`
+//! data frames in flight towards the receiver; the receiver hands a credit
+//! back each time its owner takes a frame. In-process, the channel's
+//! capacity is the credit (a bounded channel blocks at the same point); over
+//! TCP, `Credit` frames carry it back (see [`crate::tcp`]).
+//!
+//! Both halves work from async tasks (`send`, `recv`) and from plain threads
+//! (`blocking_send`, `blocking_recv`); the store and the workers are plain
+//! threads.
+
+use crate::{FabricError, Frame};
+use tokio::sync::mpsc;
+
+/// The named limit on `fabric.chunks_in_flight`.
+pub const CREDITS_MAX: usize = 1024;
+
+pub struct LinkTx {
+    tx: mpsc::Sender<Frame>,
+    peer: String,
+}
+
+pub struct LinkRx {
+    rx: mpsc::Receiver<Frame>,
+    /// Where a taken frame's credit goes back (TCP); `None` in-process.
+    credit: Option<mpsc::UnboundedSender<u32>>,
+}
+
+pub struct Link {
+    pub tx: LinkTx,
+    pub rx: LinkRx,
+}
+
+impl LinkTx {
+    pub(crate) fn new(tx: mpsc::Sender<Frame>, peer: String) -> LinkTx {
+        LinkTx { tx, peer }
+    }
+
+    pub async fn send(&self, f: Frame) -> Result<(), FabricError> {
+        self.tx.send(f).await.map_err(|_| FabricError::Closed(self.peer.clone()))
+    }
+
+    /// From a plain thread (never from inside the async runtime).
+    pub fn blocking_send(&self, f: Frame) -> Result<(), FabricError> {
+        self.tx.blocking_send(f).map_err(|_| FabricError::Closed(self.peer.clone()))
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+}
+
+impl LinkRx {
+    pub(crate) fn new(rx: mpsc::Receiver<Frame>, credit: Option<mpsc::UnboundedSender<u32>>) -> LinkRx {
+        LinkRx { rx, credit }
+    }
+
+    fn taken(&self, f: &Frame) {
+        if let Some(c) = &self.credit {
+            if f.is_data() {
+                // A closed writer means the connection is going away; the next recv says so.
+                let _ = c.send(1);
+            }
+        }
+    }
+
+    /// The next frame, or `None` once the peer has closed its side.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        let f = self.rx.recv().await?;
+        self.taken(&f);
+        Some(f)
+    }
+
+    pub fn blocking_recv(&mut self) -> Option<Frame> {
+        let f = self.rx.blocking_recv()?;
+        self.taken(&f);
+        Some(f)
+    }
+}
+
+/// Two connected ends of an in-process link with `credits` frames of room each way.
+pub fn inproc_pair(credits: usize, a_name: &str, b_name: &str) -> (Link, Link) {
+    assert!((1..=CREDITS_MAX).contains(&credits));
+    let (a_tx, b_rx) = mpsc::channel(credits);
+    let (b_tx, a_rx) = mpsc::channel(credits);
+    (
+        Link { tx: LinkTx::new(a_tx, b_name.to_string()), rx: LinkRx::new(a_rx, None) },
+        Link { tx: LinkTx::new(b_tx, a_name.to_string()), rx: LinkRx::new(b_rx, None) },
+    )
+}

@@ -1,0 +1,168 @@
+//! A broadcast-reduce node: what sits between the store and the workers.
+//!
+//! Two independent loops, so that neither direction can hold the other up:
+//! - down: every frame from the parent is forwarded to each child in turn,
+//!   as it arrives (chunks, not whole tensors);
+//! - up: the next frame is taken from child 0, then child 1, ... (each child
+//!   sends the same sequence of chunks, because each runs the same schedule
+//!   and cuts messages at the same offsets); their headers must agree, and
+//!   the sum is computed in child order in fp32 (f64 for statistics) and
+//!   sent to the parent. Waiting on the children in index order is what
+//!   makes the sum's order fixed: it never depends on which child was first.
+//!
+//! Flow control is the links' credit: a node holds at most the credits of
+//! its links in each direction.
+
+use crate::{Dtype, FabricError, Frame, Kind, Link};
+use bytes::Bytes;
+
+/// The elementwise sum of children's chunks, in child order.
+pub fn reduce(frames: &[Frame]) -> Result<Frame, FabricError> {
+    let first = frames.first().expect("a node has children");
+    if let Some((i, f)) = frames.iter().enumerate().find(|(_, f)| f.key() != first.key()) {
+        return Err(FabricError::Protocol(format!(
+            "children disagree: child 0 sent {:?}, child {i} sent {:?}",
+            first.key(),
+            f.key()
+        )));
+    }
+    if first.kind != Kind::Grads && first.kind != Kind::Stats {
+        return Err(FabricError::Protocol(format!("a {:?} frame travelling up", first.kind)));
+    }
+    let n = first.payload.len();
+    let payload = match first.dtype {
+        Dtype::F32 => {
+            let mut acc: Vec<f32> = decode_f32(&first.payload);
+            for f in &frames[1..] {
+                for (a, b) in acc.iter_mut().zip(f.payload.chunks_exact(4)) {
+                    *a += f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                }
+            }
+            Bytes::from(acc.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+        }
+        Dtype::F64 => {
+            let mut acc: Vec<f64> =
+                first.payload.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+            for f in &frames[1..] {
+                for (a, b) in acc.iter_mut().zip(f.payload.chunks_exact(8)) {
+                    *a += f64::from_le_bytes(b.try_into().expect("8 bytes"));
+                }
+            }
+            Bytes::from(acc.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+        }
+        other => return Err(FabricError::Protocol(format!("cannot sum {other:?} chunks"))),
+    };
+    debug_assert_eq!(payload.len(), n);
+    Ok(Frame { payload, ..first.clone() })
+}
+
+fn decode_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+}
+
+/// Runs one node until the parent sends `Shutdown` and the children close.
+pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), FabricError> {
+    assert!(!children.is_empty(), "a node has children");
+    let Link { tx: up_tx, rx: mut down_rx } = parent;
+    let (child_tx, mut child_rx): (Vec<_>, Vec<_>) = children.into_iter().map(|l| (l.tx, l.rx)).unzip();
+    let down = async move {
+        while let Some(f) = down_rx.recv().await {
+            let stop = f.kind == Kind::Shutdown;
+            for c in &child_tx {
+                c.send(f.clone()).await?;
+            }
+            if stop {
+                break;
+            }
+        }
+        // Dropping the child senders tells the children the parent is gone.
+        drop(child_tx);
+        Ok::<(), FabricError>(())
+    };
+    let up = async move {
+        let mut frames = Vec::with_capacity(child_rx.len());
+        loop {
+            frames.clear();
+            let mut closed = Vec::new();
+            for (i, c) in child_rx.iter_mut().enumerate() {
+                match c.recv().await {
+                    Some(f) => frames.push(f),
+                    None => closed.push(i),
+                }
+            }
+            if closed.len() == child_rx.len() {
+                return Ok(());
+            }
+            if !closed.is_empty() {
+                return Err(FabricError::Closed(format!("{name}: children {closed:?} went away mid-step")));
+            }
+            up_tx.send(reduce(&frames)?).await?;
+        }
+    };
+    let (d, u) = tokio::join!(down, up);
+    d.and(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grads(vals: &[f32]) -> Frame {
+        Frame {
+            kind: Kind::Grads,
+            dtype: Dtype::F32,
+            step: 1,
+            use_index: 0,
+            layer: 0,
+            offset: 0,
+            total: 4 * vals.len() as u64,
+            payload: Bytes::from(vals.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()),
+        }
+    }
+
+    #[test]
+    fn the_sum_is_in_child_order() {
+        // (1e8 + -1e8) + 1 = 1, but 1e8 + (-1e8 + 1) = 0 in f32: the order shows.
+        let fs = [grads(&[1e8, 2.0]), grads(&[-1e8, 3.0]), grads(&[1.0, 4.0])];
+        let s = reduce(&fs).unwrap();
+        assert_eq!(decode_f32(&s.payload), vec![1.0, 9.0]);
+        let fs = [grads(&[-1e8, 3.0]), grads(&[1.0, 4.0]), grads(&[1e8, 2.0])];
+        assert_eq!(decode_f32(&reduce(&fs).unwrap().payload), vec![0.0, 9.0]);
+    }
+
+    #[test]
+    fn children_that_disagree_are_a_protocol_error() {
+        let mut b = grads(&[1.0]);
+        b.layer = 1;
+        assert!(reduce(&[grads(&[1.0]), b]).unwrap_err().to_string().contains("disagree"));
+        let mut w = grads(&[1.0]);
+        w.kind = Kind::Weights;
+        assert!(reduce(&[w.clone(), w]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_node_broadcasts_down_and_reduces_up_then_stops() {
+        let (parent, mut store) = crate::link::inproc_pair(2, "node", "store");
+        let mut kids = Vec::new();
+        let mut leaves = Vec::new();
+        for i in 0..3 {
+            let (a, b) = crate::link::inproc_pair(2, "node", &format!("w{i}"));
+            kids.push(a);
+            leaves.push(b);
+        }
+        let node = tokio::spawn(run(parent, kids, "n".into()));
+        store.tx.send(Frame::begin(crate::PassStart { training: true, index: 4 })).await.unwrap();
+        for (i, l) in leaves.iter_mut().enumerate() {
+            assert_eq!(l.rx.recv().await.unwrap().pass_start().unwrap().index, 4);
+            l.tx.send(grads(&[i as f32, 1.0])).await.unwrap();
+        }
+        assert_eq!(decode_f32(&store.rx.recv().await.unwrap().payload), vec![3.0, 3.0]);
+        store.tx.send(Frame::control(Kind::Shutdown)).await.unwrap();
+        for l in leaves.iter_mut() {
+            assert_eq!(l.rx.recv().await.unwrap().kind, Kind::Shutdown);
+        }
+        drop(leaves);
+        node.await.unwrap().unwrap();
+        assert!(store.rx.recv().await.is_none(), "the node closes its side");
+    }
+}
