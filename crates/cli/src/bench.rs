@@ -94,6 +94,38 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// The broadcast-reduce tree: broadcast and reduce throughput against raw
+    /// TCP between two processes (same run), or with --latency the step
+    /// latency of lightweight workers for N = 1, 2, 4, ... up to --workers.
+    Fabric {
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        #[arg(long, default_value_t = 4)]
+        fanout: usize,
+        /// Bytes broadcast, and reduced from every worker, per repeat.
+        #[arg(long, default_value_t = 256 << 20)]
+        bytes: usize,
+        /// tcp (loopback sockets, authenticated) or inproc.
+        #[arg(long, default_value = "tcp")]
+        transport: String,
+        #[arg(long, default_value_t = 1 << 20)]
+        chunk_bytes: usize,
+        /// Timed repeats; medians are reported.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        #[arg(long)]
+        latency: bool,
+    },
+    /// The receiving process of bench fabric's raw TCP measurement.
+    #[command(hide = true)]
+    TcpSink {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long)]
+        repeats: usize,
+    },
     /// fp32 GEMM throughput on the GPT-2 small layer shapes (M = 2048 tokens).
     Gemm {
         #[arg(long, default_value_t = 5)]
@@ -135,6 +167,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             bench_sparsity(&levels, repeats.max(1), tokens.max(1));
             Ok(())
         }
+        BenchCommand::Fabric { workers, fanout, bytes, transport, chunk_bytes, repeats, latency } => {
+            crate::bench_fabric::run(workers, fanout, bytes, &transport, chunk_bytes, repeats.max(1), latency)
+        }
+        BenchCommand::TcpSink { addr, bytes, repeats } => crate::bench_fabric::tcp_sink(&addr, bytes, repeats),
         BenchCommand::Gemm { repeats, threads } => {
             set_threads(threads);
             let bf16 = ws_kernels::bf16::available().is_ok();

@@ -31,7 +31,7 @@ impl Progress for Bar {
     fn started(&mut self, engine: &dyn Engine, run_dir: &Path) {
         let c = engine.config();
         let msg = format!(
-            "run {} | preset {} | {:.1}M parameters | batch {} x {} tokens | {} steps | {} | {} threads",
+            "run {} | preset {} | {:.1}M parameters | batch {} x {} tokens | {} steps | {}{} | {} threads",
             run_dir.display(),
             c.preset,
             engine.spec().parameter_count() as f64 / 1e6,
@@ -39,6 +39,11 @@ impl Progress for Bar {
             c.seq_len(),
             c.train.steps,
             c.stream.mode,
+            if c.uses_fabric() {
+                format!(" | {} workers, fan-out {}, {}", c.fabric.workers, c.fabric.fanout, c.fabric.transport)
+            } else {
+                String::new()
+            },
             rayon::current_num_threads()
         );
         self.bar.println(msg.clone());

@@ -7,6 +7,7 @@
 mod bench;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
+mod bench_fabric;
 mod commands;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,12 @@ enum Command {
         /// configuration and data order; --set may change e.g. train.steps).
         #[arg(long, value_name = "RUN_DIR")]
         resume: Option<PathBuf>,
+        /// Data-parallel workers behind the broadcast-reduce fabric (same as --set fabric.workers=N).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Children per fabric node, 2 to 16 (same as --set fabric.fanout=F).
+        #[arg(long)]
+        fanout: Option<usize>,
     },
     /// Write the Hugging Face checkpoint (model.safetensors, config.json) of a
     /// run's store checkpoint.
@@ -117,7 +124,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, set, resume } => commands::train(config.as_deref(), &set, resume.as_deref()),
+        Command::Train { config, mut set, resume, workers, fanout } => {
+            set.extend(workers.map(|n| format!("fabric.workers={n}")));
+            set.extend(fanout.map(|f| format!("fabric.fanout={f}")));
+            commands::train(config.as_deref(), &set, resume.as_deref())
+        }
         Command::Export { run, out } => commands::export(&run, &out),
         Command::Eval { checkpoint, data, batch, seq } => commands::eval(&checkpoint, &data, batch, seq),
         Command::Generate { checkpoint, prompt, tokens, temperature, top_k, seed } => {

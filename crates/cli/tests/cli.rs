@@ -164,6 +164,11 @@ fn bad_input_gets_a_one_line_error_and_exit_status_1() {
         assert_one_line_error(&["train", "--set", "train.device=cuda"], "--features cuda");
         assert_one_line_error(&["bench", "cuda"], "--features cuda");
     }
+    // The fabric's shape.
+    assert_one_line_error(&["train", "--workers", "3"], "fabric.workers (3) must be between 1 and 4096 and divide");
+    assert_one_line_error(&["train", "--workers", "2", "--fanout", "1"], "fabric.fanout = 1 is outside 2..=16");
+    assert_one_line_error(&["train", "--set", "fabric.transport=udp"], "fabric.transport `udp`");
+    assert_one_line_error(&["train", "--workers", "2", "--set", "stream.mode=resident"], "stream.mode");
     assert_one_line_error(&["train", "--config", &p("missing.toml")], "cannot read config file");
     std::fs::write(p("bad.toml"), "[train\nlr = 1").unwrap();
     assert_one_line_error(&["train", "--config", &p("bad.toml")], "bad.toml");
@@ -246,4 +251,22 @@ fn tiny_preset_loss_falls_on_the_bundled_corpus() {
     // ln(50304) = 10.83 at initialisation; 30 steps of the tiny preset reach about 6.9.
     assert!(first > 10.0, "initial loss {first}");
     assert!(val < 7.5, "validation loss after 30 steps: {val} (from {first})");
+}
+
+#[test]
+fn two_workers_through_the_fabric_train_checkpoint_and_resume() {
+    let dir = tmp("workers");
+    let mut sets = small_run_sets(&dir);
+    sets.push("fabric.transport=tcp".into());
+    let mut args = train_args(&sets);
+    args.extend(["--workers", "2", "--fanout", "2"].map(String::from));
+    let out = weightstream(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("2 workers, fan-out 2, tcp"), "{}", out.stderr);
+    let run = dir.join("run");
+    assert!(run.join("checkpoint").is_dir() && run.join("checkpoint-000004/model.safetensors").is_file());
+    let resumed =
+        weightstream(&["train", "--resume", run.to_str().unwrap(), "--set", "train.steps=6", "--workers", "2"]);
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert!(resumed.stdout.contains("done: 6 steps") || resumed.stderr.contains("done: 6 steps"), "{}", resumed.stderr);
 }

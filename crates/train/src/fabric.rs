@@ -71,8 +71,8 @@ pub fn build_tree(
     let mut up: Vec<Option<Link>> = (0..n).map(|_| None).collect();
     let mut down: Vec<Vec<Link>> = (0..n).map(|_| Vec::new()).collect();
     if f.transport == "inproc" {
-        for p in 0..n {
-            for &c in &tree.positions[p].children {
+        for (p, pos) in tree.positions.iter().enumerate() {
+            for &c in &pos.children {
                 let (a, b) = ws_fabric::link::inproc_pair(f.chunks_in_flight, &name(p), &name(c));
                 down[p].push(a);
                 up[c] = Some(b);

@@ -295,7 +295,8 @@ pub fn start_engine(config: &RunConfig, run_dir: &Path, resume: Option<&Path>) -
         return Ok(Box::new(Trainer::new(config.clone())?));
     }
     let mb = stream::choose_micro_batch(config, &spec)?;
-    let micro_batches = config.train.batch_size / mb;
+    // Gradient contributions per layer and step reaching the store: the tree sums the workers'.
+    let micro_batches = config.train.batch_size / config.fabric.workers / mb;
     let store_dir = run_dir.join("store");
     let store = match resume {
         None => stream::create_store(config, &spec, &store_dir, micro_batches)?,
@@ -304,6 +305,9 @@ pub fn start_engine(config: &RunConfig, run_dir: &Path, resume: Option<&Path>) -
             ws_store::Store::restore(&spec, ckpt, &store_dir, sc).map_err(|e| TrainError::Config(e.to_string()))?.0
         }
     };
+    if config.uses_fabric() {
+        return Ok(Box::new(crate::fabric::FabricTrainer::start(config.clone(), store, mb)?));
+    }
     Ok(Box::new(StreamingTrainer::start(config.clone(), store)?))
 }
 

@@ -19,7 +19,7 @@
 mod common;
 
 use common::assert_updates_close;
-use ws_model::{Gpt2Config, Params};
+use ws_model::{Gpt2Config, ModelSpec, Params};
 use ws_train::gpu::{start_gpu_engine, GpuResident};
 use ws_train::{Engine, RunConfig, Trainer};
 
