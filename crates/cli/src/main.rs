@@ -8,6 +8,7 @@ mod bench;
 #[cfg(feature = "cuda")]
 mod bench_cuda;
 mod bench_fabric;
+mod cluster;
 mod commands;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,64 @@ enum Command {
         /// Children per fabric node, 2 to 16 (same as --set fabric.fanout=F).
         #[arg(long)]
         fanout: Option<usize>,
+    },
+    /// The store of a multi-process run: trains like `train`, with its fabric
+    /// nodes and workers as separate processes that join it at --listen.
+    Store {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long)]
+        fanout: Option<usize>,
+        /// Where nodes and workers join (fabric.bind); 0.0.0.0:PORT for other machines.
+        #[arg(long, env = "WEIGHTSTREAM_LISTEN", default_value = "127.0.0.1:7070")]
+        listen: String,
+    },
+    /// A broadcast-reduce node process: joins the store, takes the place in
+    /// the tree it assigns, forwards weights down and sums gradients up.
+    Fabric {
+        /// The store's address (host:port).
+        #[arg(long, env = "WEIGHTSTREAM_STORE")]
+        store: String,
+        /// Where this node listens for its children; 0.0.0.0:0 for other machines.
+        #[arg(long, env = "WEIGHTSTREAM_BIND", default_value = "127.0.0.1:0")]
+        bind: String,
+        /// The cluster secret's file (else WEIGHTSTREAM_SECRET).
+        #[arg(long, env = "WEIGHTSTREAM_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
+        /// Seconds to reach the store and wait for the tree to form.
+        #[arg(long, env = "WEIGHTSTREAM_JOIN_TIMEOUT", default_value_t = 300)]
+        timeout: u64,
+    },
+    /// A worker process: joins the store, loads the run's data, and trains
+    /// its shard of every global batch until the store ends the run.
+    Worker {
+        #[arg(long, env = "WEIGHTSTREAM_STORE")]
+        store: String,
+        #[arg(long, env = "WEIGHTSTREAM_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
+        #[arg(long, env = "WEIGHTSTREAM_JOIN_TIMEOUT", default_value_t = 300)]
+        timeout: u64,
+        /// Compute threads (0: one per core).
+        #[arg(long, env = "WEIGHTSTREAM_THREADS", default_value_t = 0)]
+        threads: usize,
+    },
+    /// A whole multi-process run on this machine: a store, the fabric nodes
+    /// and N workers as processes, with a fresh cluster secret; Ctrl-C stops them all.
+    Cluster {
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value_t = 4)]
+        fanout: usize,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Write the Hugging Face checkpoint (model.safetensors, config.json) of a
     /// run's store checkpoint.
@@ -129,6 +188,20 @@ fn main() -> ExitCode {
             set.extend(fanout.map(|f| format!("fabric.fanout={f}")));
             commands::train(config.as_deref(), &set, resume.as_deref())
         }
+        Command::Store { config, mut set, resume, workers, fanout, listen } => {
+            set.extend(workers.map(|n| format!("fabric.workers={n}")));
+            set.extend(fanout.map(|f| format!("fabric.fanout={f}")));
+            set.extend(["fabric.transport=tcp".into(), "fabric.launch=join".into(), format!("fabric.bind={listen}")]);
+            commands::train(config.as_deref(), &set, resume.as_deref())
+        }
+        Command::Fabric { store, bind, secret_file, timeout } => {
+            cluster::node(&store, &bind, secret_file.as_deref(), timeout)
+        }
+        Command::Worker { store, secret_file, timeout, threads } => {
+            commands::set_threads(threads);
+            cluster::worker(&store, secret_file.as_deref(), timeout)
+        }
+        Command::Cluster { workers, fanout, config, set } => cluster::run(workers, fanout, config.as_deref(), &set),
         Command::Export { run, out } => commands::export(&run, &out),
         Command::Eval { checkpoint, data, batch, seq } => commands::eval(&checkpoint, &data, batch, seq),
         Command::Generate { checkpoint, prompt, tokens, temperature, top_k, seed } => {

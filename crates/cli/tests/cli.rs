@@ -270,3 +270,50 @@ fn two_workers_through_the_fabric_train_checkpoint_and_resume() {
     assert_eq!(resumed.code, 0, "{}", resumed.stderr);
     assert!(resumed.stdout.contains("done: 6 steps") || resumed.stderr.contains("done: 6 steps"), "{}", resumed.stderr);
 }
+
+/// Issue 4: the same run as separate processes (`cluster`: a store, fabric
+/// nodes and workers joining over authenticated TCP) and as threads of one
+/// process gives the same weights, byte for byte.
+#[test]
+fn a_multi_process_cluster_equals_the_same_run_in_one_process() {
+    let export = |name: &str, cmd: &str| {
+        let dir = tmp(name);
+        let mut sets = small_run_sets(&dir);
+        sets.push("train.batch_size=6".into());
+        let mut args = train_args(&sets);
+        args[0] = cmd.into();
+        args.extend(["--workers", "3", "--fanout", "2"].map(String::from));
+        let out = weightstream(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(out.code, 0, "{cmd}: {}", out.stderr);
+        std::fs::read(dir.join("run/checkpoint-000004/model.safetensors")).unwrap()
+    };
+    let threads = export("threads", "train");
+    let processes = export("processes", "cluster");
+    assert!(threads == processes, "the cluster's weights differ from the in-process run's");
+}
+
+#[test]
+fn a_worker_without_the_cluster_secret_is_refused() {
+    // A store waiting for one worker; a worker with another secret.
+    let dir = tmp("secret");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut store = std::process::Command::new(env!("CARGO_BIN_EXE_weightstream"))
+        .args(["store", "--listen", &format!("127.0.0.1:{port}"), "--set", "fabric.join_timeout_s=20"])
+        .args(train_args(&small_run_sets(&dir)).iter().skip(1))
+        .env("WEIGHTSTREAM_SECRET", "the-right-cluster-secret-0123456789")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weightstream"))
+        .args(["worker", "--store", &format!("127.0.0.1:{port}"), "--timeout", "5"])
+        .env("WEIGHTSTREAM_SECRET", "a-wrong-cluster-secret-0123456789")
+        .output()
+        .unwrap();
+    let _ = store.kill();
+    let _ = store.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("authentication failed"), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{stderr}");
+}

@@ -76,13 +76,20 @@ impl Listener {
     /// The next peer that passes the handshake. Peers that fail it are
     /// logged and dropped; the listener goes on.
     pub async fn accept(&self) -> Result<(Link, Hello, SocketAddr), FabricError> {
+        self.accept_with_local().await.map(|(l, h, from, _)| (l, h, from))
+    }
+
+    /// [`Self::accept`], also returning this end's address as the peer
+    /// reached it (what to tell peers that should connect here).
+    pub async fn accept_with_local(&self) -> Result<(Link, Hello, SocketAddr, SocketAddr), FabricError> {
         loop {
             let (mut s, from) =
                 self.inner.accept().await.map_err(|e| FabricError::Io(format!("accepting a connection: {e}")))?;
+            let local = s.local_addr().map_err(|e| FabricError::Io(format!("a connection's address: {e}")))?;
             match wire::handshake_server(&mut s, &self.opts.secret).await {
                 Ok((hello, keys)) => {
                     let name = format!("{from} (role {}, position {})", hello.role, hello.position);
-                    return Ok((spawn_link(s, keys, &self.opts, name), hello, from));
+                    return Ok((spawn_link(s, keys, &self.opts, name), hello, from, local));
                 }
                 Err(e) => tracing::warn!("refused a connection from {from}: {e}"),
             }
@@ -93,13 +100,27 @@ impl Listener {
 /// Connects to `addr` and proves the secret; retries refused or failed
 /// connections with doubling backoff up to `deadline`, then says why it gave up.
 pub async fn connect(addr: &str, opts: &TcpOptions, hello: Hello, deadline: Duration) -> Result<Link, FabricError> {
+    connect_with_local(addr, opts, hello, deadline).await.map(|(l, _)| l)
+}
+
+/// [`connect`], also returning this end's address on the connection (the
+/// address of this machine that the peer's network reaches).
+pub async fn connect_with_local(
+    addr: &str,
+    opts: &TcpOptions,
+    hello: Hello,
+    deadline: Duration,
+) -> Result<(Link, SocketAddr), FabricError> {
     opts.check()?;
     let start = tokio::time::Instant::now();
     let mut wait = Duration::from_millis(20);
     loop {
         let err = match TcpStream::connect(addr).await {
             Ok(mut s) => match wire::handshake_client(&mut s, &opts.secret, hello).await {
-                Ok(keys) => return Ok(spawn_link(s, keys, opts, addr.to_string())),
+                Ok(keys) => {
+                    let local = s.local_addr().map_err(|e| FabricError::Io(format!("a connection's address: {e}")))?;
+                    return Ok((spawn_link(s, keys, opts, addr.to_string()), local));
+                }
                 // A wrong secret does not get better with retries.
                 Err(e @ FabricError::Auth(_)) => return Err(e),
                 Err(e) => e.to_string(),

@@ -79,6 +79,8 @@ pub enum Kind {
     Shutdown = 5,
     /// Flow control: the peer may send this many more data frames.
     Credit = 6,
+    /// Rendezvous: a JSON message (join request, assignment, refusal).
+    Control = 7,
 }
 
 impl Kind {
@@ -90,6 +92,7 @@ impl Kind {
             4 => Kind::Stats,
             5 => Kind::Shutdown,
             6 => Kind::Credit,
+            7 => Kind::Control,
             _ => return None,
         })
     }

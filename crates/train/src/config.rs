@@ -52,6 +52,12 @@ pub struct FabricSection {
     /// A file holding the cluster secret (else WEIGHTSTREAM_SECRET; an
     /// in-process TCP tree without either makes a random one).
     pub secret_file: String,
+    /// "threads": this process runs the nodes and workers; "join": they are
+    /// separate processes (`weightstream fabric`, `weightstream worker`) that
+    /// join the store at `bind` (what `weightstream store` sets).
+    pub launch: String,
+    /// Seconds the store waits for the tree to form, and a joiner for its place in it.
+    pub join_timeout_s: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -214,6 +220,8 @@ impl RunConfig {
                 mac_payload: false,
                 bind: "127.0.0.1:0".into(),
                 secret_file: String::new(),
+                launch: "threads".into(),
+                join_timeout_s: 300,
             },
         })
     }
@@ -333,6 +341,12 @@ impl RunConfig {
                 "fabric.chunks_in_flight ({}) must be between 1 and {}",
                 f.chunks_in_flight,
                 ws_fabric::link::CREDITS_MAX
+            ));
+        }
+        if f.launch != "threads" && (f.launch != "join" || f.transport != "tcp") {
+            return bad(format!(
+                "fabric.launch `{}` is not one of threads, join (join needs fabric.transport = \"tcp\")",
+                f.launch
             ));
         }
         if f.transport != "inproc" && f.transport != "tcp" {

@@ -35,10 +35,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use ws_data::sample_batch;
+use ws_data::{sample_batch, Split};
 use ws_fabric::chunk::{f32_bytes, f32_bytes_mut, frames, u16_bytes, u16_bytes_mut, Assembler, MessageId};
 use ws_fabric::tcp::{Listener, TcpOptions};
 use ws_fabric::wire::Hello;
+use ws_fabric::PassStart;
 use ws_fabric::{Dtype, FabricError, Frame, Kind, Link, LinkRx, LinkTx, Tree};
 use ws_kernels::Precision;
 use ws_model::{ModelSpec, Params};
@@ -48,6 +49,38 @@ use ws_store::Store;
 struct Shard {
     inputs: Vec<u32>,
     targets: Vec<u32>,
+}
+
+/// Where a worker's sequences come from.
+enum Shards {
+    /// Dealt by the driver in this process.
+    Dealt(Receiver<Shard>),
+    /// Sampled by the worker from its own copy of the data, exactly as the
+    /// driver would deal them (a worker process).
+    Sampled { data: Arc<Split>, worker: usize },
+}
+
+impl Shards {
+    fn next(&self, p: PassStart, c: &RunConfig, mb: usize) -> Option<Shard> {
+        match self {
+            Shards::Dealt(rx) => rx.recv().ok(),
+            Shards::Sampled { data, worker } => {
+                let (n, t, seed) = (c.fabric.workers, c.seq_len(), c.train.seed);
+                let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+                if p.training {
+                    let b = c.train.batch_size;
+                    sample_batch(&data.train, b, t, seed, TRAIN_STREAM, p.index, &mut inputs, &mut targets);
+                    let share = b / n * t;
+                    let r = worker * share..(worker + 1) * share;
+                    Some(Shard { inputs: inputs[r.clone()].to_vec(), targets: targets[r].to_vec() })
+                } else {
+                    let index = p.index * n as u64 + *worker as u64;
+                    sample_batch(&data.val, mb, t, seed, VAL_STREAM, index, &mut inputs, &mut targets);
+                    Some(Shard { inputs, targets })
+                }
+            }
+        }
+    }
 }
 
 /// How long a child may take to reach its parent while the tree forms.
@@ -176,6 +209,89 @@ async fn tcp_links(tree: &Tree, opts: &TcpOptions, bind: &str) -> Result<Links, 
         up[c] = Some(h.await.map_err(|e| FabricError::Io(e.to_string()))??);
     }
     Ok((up, down))
+}
+
+/// The store's side of a tree of separate processes: listens at
+/// `fabric.bind` and waits until every node and worker has joined.
+fn admit_processes(tree: &Tree, config: &RunConfig, rt: &tokio::runtime::Runtime) -> Result<Link, TrainError> {
+    let opts = tcp_options(config, false)?;
+    let deadline = Duration::from_secs(config.fabric.join_timeout_s);
+    rt.block_on(async {
+        let listener = Listener::bind(&config.fabric.bind, opts).await?;
+        eprintln!(
+            "store: waiting at {} for {} workers and {} fabric nodes to join",
+            listener.local_addr(),
+            tree.workers,
+            tree.inner_nodes()
+        );
+        ws_fabric::rendezvous::admit(&listener, tree, &config.to_toml(), deadline, |m| tracing::info!("{m}")).await
+    })
+    .map_err(|e| TrainError::Config(format!("fabric: {e}")))
+}
+
+fn process_runtime() -> Result<tokio::runtime::Runtime, TrainError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| TrainError::Config(format!("cannot start the fabric's runtime: {e}")))
+}
+
+fn fabric_error(e: FabricError) -> TrainError {
+    TrainError::Config(format!("fabric: {e}"))
+}
+
+/// `weightstream worker`: joins the store at `store`, loads the run's data,
+/// and trains its shard of every step until the store ends the run.
+/// `local` supplies the secret (fabric.secret_file) and nothing else: the
+/// run's configuration comes from the store.
+pub fn run_worker_process(store: &str, local: &RunConfig, deadline: Duration) -> Result<(), TrainError> {
+    let rt = process_runtime()?;
+    let opts = tcp_options(local, false)?;
+    let role = ws_fabric::rendezvous::ROLE_WORKER;
+    let a = rt.block_on(ws_fabric::rendezvous::join(store, &opts, role, None, deadline)).map_err(fabric_error)?;
+    let config = RunConfig::resolve_text(&a.run, &[])?;
+    let tree = Tree::new(a.workers, a.fanout).map_err(TrainError::Config)?;
+    let w = (a.position as usize)
+        .checked_sub(1 + tree.inner_nodes())
+        .filter(|&w| w < tree.workers)
+        .ok_or_else(|| TrainError::Config(format!("the store assigned position {}, not a worker's", a.position)))?;
+    let spec = ModelSpec::new(config.model);
+    let cache = (!config.data.cache_dir.is_empty()).then(|| PathBuf::from(&config.data.cache_dir));
+    let tokens = ws_data::load_tokens(Path::new(&config.data.path), cache.as_deref())?;
+    let data = Arc::new(ws_data::split(tokens, config.data.val_fraction, config.seq_len())?);
+    let hello = Hello { role, position: a.position };
+    let link = rt.block_on(ws_fabric::tcp::connect(&a.parent, &opts, hello, deadline)).map_err(fabric_error)?;
+    let micro_batch = crate::stream::choose_micro_batch(&config, &spec)?;
+    let layers = spec.layer_count();
+    let setup = WorkerSetup {
+        train: Schedule::new(layers, config.train.batch_size / tree.workers / micro_batch, true),
+        eval: Schedule::new(layers, 1, false),
+        spec,
+        config,
+        micro_batch,
+    };
+    tracing::info!("worker {w} of {} at position {}, parent {}", tree.workers, a.position, a.parent);
+    for t in spawn_worker(w, link, setup, Shards::Sampled { data, worker: w })? {
+        t.join().map_err(|_| TrainError::Config(format!("worker {w} failed (see above)")))?;
+    }
+    Ok(())
+}
+
+/// `weightstream fabric`: a broadcast-reduce node process. Listens at
+/// `bind`, joins the store at `store`, and forwards and sums until the run ends.
+pub fn run_node_process(store: &str, bind: &str, local: &RunConfig, deadline: Duration) -> Result<(), TrainError> {
+    let rt = process_runtime()?;
+    let opts = tcp_options(local, false)?;
+    rt.block_on(async {
+        let listener = Listener::bind(bind, opts.clone()).await?;
+        let port = listener.local_addr().port();
+        let role = ws_fabric::rendezvous::ROLE_NODE;
+        let a = ws_fabric::rendezvous::join(store, &opts, role, Some(port), deadline).await?;
+        tracing::info!("fabric node at position {}, parent {}", a.position, a.parent);
+        ws_fabric::rendezvous::run_node(&a, listener, &opts, deadline).await
+    })
+    .map_err(fabric_error)
 }
 
 /// Cuts the store's weights into chunks for the tree; hands each buffer back
@@ -358,7 +474,7 @@ struct WorkerSetup {
 
 fn worker_compute(
     s: WorkerSetup,
-    shards: Receiver<Shard>,
+    shards: Shards,
     weights: Receiver<Down>,
     to_up: Sender<ToStore>,
     grad_pool: Receiver<Vec<f32>>,
@@ -373,7 +489,7 @@ fn worker_compute(
             Ok(Down::Weights(_)) => panic!("weights before their pass began"),
             Err(_) => return,
         };
-        let Ok(shard) = shards.recv() else { return };
+        let Some(shard) = shards.next(p, &s.config, mb) else { return };
         let (sched, step, dloss) = if p.training { (&s.train, p.index, scale) } else { (&s.eval, u64::MAX, 0.0) };
         let Ok(loss) = cpu.pass(&s.spec, sched, step, &shard.inputs, &shard.targets, mb, t, dloss, &io) else { return };
         if to_up.send(ToStore::Stats { index: p.index, sum: loss }).is_err() {
@@ -383,12 +499,7 @@ fn worker_compute(
 }
 
 /// Starts one worker's three threads on `link`.
-fn spawn_worker(
-    w: usize,
-    link: Link,
-    s: WorkerSetup,
-    shards: Receiver<Shard>,
-) -> Result<Vec<JoinHandle<()>>, TrainError> {
+fn spawn_worker(w: usize, link: Link, s: WorkerSetup, shards: Shards) -> Result<Vec<JoinHandle<()>>, TrainError> {
     let buffers = s.config.stream.prefetch_depth + 1;
     let max_layer = crate::stream::max_layer_params(&s.spec);
     let dtype = Precision::parse(&s.config.stream.dtype).expect("validated");
@@ -470,7 +581,11 @@ impl FabricTrainer {
             .enable_all()
             .build()
             .map_err(|e| TrainError::Config(format!("cannot start the fabric's runtime: {e}")))?;
-        let (root, worker_links) = build_tree(&tree, &config, &runtime)?;
+        let (root, worker_links) = if config.fabric.launch == "join" {
+            (admit_processes(&tree, &config, &runtime)?, Vec::new())
+        } else {
+            build_tree(&tree, &config, &runtime)?
+        };
         let StoreEnds { control, reply, weights, to_store, grad_pool, handle } =
             spawn_store(&config, store, &train, &eval)?;
         let (stats_tx, stats) = unbounded();
@@ -502,7 +617,7 @@ impl FabricTrainer {
                 train: train.clone(),
                 eval: eval.clone(),
             };
-            threads.extend(spawn_worker(w, link, setup, rx)?);
+            threads.extend(spawn_worker(w, link, setup, Shards::Dealt(rx))?);
         }
         Ok(FabricTrainer {
             config,
@@ -535,8 +650,12 @@ impl FabricTrainer {
         }
     }
 
-    /// Sends each worker its share of `inputs`/`targets` (B*T each).
+    /// Sends each worker its share of `inputs`/`targets` (B*T each);
+    /// worker processes sample their own.
     fn deal(&self, inputs: &[u32], targets: &[u32]) -> Result<(), TrainError> {
+        if self.shards.is_empty() {
+            return Ok(());
+        }
         let share = inputs.len() / self.shards.len();
         for (w, s) in self.shards.iter().enumerate() {
             let shard = Shard {
@@ -611,10 +730,11 @@ impl Engine for FabricTrainer {
     }
 
     fn evaluate(&mut self, tokens: &[u16], batches: usize) -> Result<f64, TrainError> {
-        let (n, mb, t) = (self.shards.len(), self.micro_batch, self.config.seq_len());
+        let (n, mb, t) = (self.config.fabric.workers, self.micro_batch, self.config.seq_len());
         let passes = batches.div_ceil(n);
         let (mut inputs, mut targets) = (Vec::new(), Vec::new());
         for i in 0..passes {
+            // Worker processes sample these themselves.
             for (w, s) in self.shards.iter().enumerate() {
                 let index = (i * n + w) as u64;
                 sample_batch(tokens, mb, t, self.config.train.seed, VAL_STREAM, index, &mut inputs, &mut targets);

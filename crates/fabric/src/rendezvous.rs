@@ -1,0 +1,235 @@
+//! How separate processes form one tree: every fabric node and worker
+//! connects to the store (the coordinator), proves the cluster secret and
+//! asks to join; once the tree's shape is filled (`inner` nodes, N
+//! workers), the store assigns positions in the order peers joined and
+//! tells each its parent's address; then every child connects to its
+//! parent, naming its position, as in a tree built inside one process.
+//!
+//! The messages are `Control` frames holding JSON ([`Join`], [`Assignment`],
+//! or `{"refused": reason}`). A node advertises its listener as its own
+//! address on the connection to the store (the address the cluster's
+//! network reaches) with its listening port. The store's address for its
+//! child is likewise the one that child used to reach it.
+//!
+//! Limits: a joiner has `JOIN_MESSAGE_TIMEOUT` to send its request; joins
+//! beyond the tree's shape are refused with a reason; the whole rendezvous
+//! has the caller's deadline.
+
+use crate::tcp::{self, Listener, TcpOptions};
+use crate::topology::{Role, Tree};
+use crate::wire::Hello;
+use crate::{FabricError, Frame, Kind, Link};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+pub const ROLE_NODE: u8 = 1;
+pub const ROLE_WORKER: u8 = 2;
+/// The position a joiner names before it has one.
+pub const UNASSIGNED: u32 = u32::MAX;
+pub const JOIN_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest control message accepted.
+pub const CONTROL_BYTES_MAX: usize = 1 << 20;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    /// A node's listener (host:port) for its children; `None` for a worker.
+    pub listen_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub position: u32,
+    /// host:port of the parent to connect to, naming `position`.
+    pub parent: String,
+    pub workers: usize,
+    pub fanout: usize,
+    /// The run's configuration (TOML), for workers to build the same model and data.
+    pub run: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Reply {
+    Assigned(Assignment),
+    Refused { refused: String },
+}
+
+fn control<T: Serialize>(msg: &T) -> Frame {
+    let b = serde_json::to_vec(msg).expect("control messages serialize");
+    Frame { total: b.len() as u64, payload: Bytes::from(b), ..Frame::control(Kind::Control) }
+}
+
+async fn recv_control(link: &mut Link, what: &str) -> Result<Vec<u8>, FabricError> {
+    let f = match tokio::time::timeout(JOIN_MESSAGE_TIMEOUT, link.rx.recv()).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err(FabricError::Closed(format!("{what}: the peer hung up"))),
+        Err(_) => return Err(FabricError::Protocol(format!("{what}: nothing within {JOIN_MESSAGE_TIMEOUT:?}"))),
+    };
+    if f.kind != Kind::Control || f.payload.len() > CONTROL_BYTES_MAX {
+        return Err(FabricError::Protocol(format!("{what}: a {:?} frame of {} bytes", f.kind, f.payload.len())));
+    }
+    Ok(f.payload.to_vec())
+}
+
+struct Joined {
+    link: Link,
+    /// The store's address as this joiner reached it.
+    store_addr: std::net::SocketAddr,
+    /// A node's listener, as host:port.
+    listen: Option<String>,
+}
+
+/// The store's side: admits joiners until the tree is full, assigns them
+/// positions, and returns the data link of the store's one child.
+pub async fn admit(
+    listener: &Listener,
+    tree: &Tree,
+    run: &str,
+    deadline: Duration,
+    mut on_join: impl FnMut(&str),
+) -> Result<Link, FabricError> {
+    let work = async {
+        let (mut nodes, mut workers): (Vec<Joined>, Vec<Joined>) = (Vec::new(), Vec::new());
+        while nodes.len() < tree.inner_nodes() || workers.len() < tree.workers {
+            let (mut link, hello, from, local) = listener.accept_with_local().await?;
+            if hello.position != UNASSIGNED {
+                tracing::warn!("{from} named position {} before the tree was formed; refused", hello.position);
+                continue;
+            }
+            let join: Join = match recv_control(&mut link, "a join request").await.and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| FabricError::Protocol(format!("a join request: {e}")))
+            }) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::warn!("{from}: {e}");
+                    continue;
+                }
+            };
+            let (list, want, kind) = match (hello.role, join.listen_port) {
+                (ROLE_NODE, Some(port)) => {
+                    let j = Joined { link, store_addr: local, listen: None };
+                    let host = from.ip();
+                    let listen = Some(std::net::SocketAddr::new(host, port).to_string());
+                    (&mut nodes, tree.inner_nodes(), Joined { listen, ..j })
+                }
+                (ROLE_WORKER, None) => (&mut workers, tree.workers, Joined { link, store_addr: local, listen: None }),
+                (role, port) => {
+                    let why = format!("role {role} with listener port {port:?} is not a node or a worker");
+                    let _ = link.tx.send(control(&Reply::Refused { refused: why.clone() })).await;
+                    tracing::warn!("{from}: {why}");
+                    continue;
+                }
+            };
+            if list.len() == want {
+                let why = format!("the tree is full ({} nodes, {} workers)", tree.inner_nodes(), tree.workers);
+                let _ = kind.link.tx.send(control(&Reply::Refused { refused: why })).await;
+                continue;
+            }
+            on_join(&format!(
+                "{from} joined as {}",
+                if hello.role == ROLE_NODE { "a fabric node" } else { "a worker" }
+            ));
+            list.push(kind);
+        }
+        // Positions in join order: nodes top first, workers by index.
+        let mut joined: Vec<(usize, Joined)> =
+            tree.nodes().zip(nodes).chain((0..tree.workers).map(|w| tree.worker_position(w)).zip(workers)).collect();
+        let listen: Vec<Option<String>> = {
+            let mut v = vec![None; tree.positions.len()];
+            for (p, j) in &joined {
+                v[*p] = j.listen.clone();
+            }
+            v
+        };
+        for (p, j) in joined.iter_mut() {
+            let parent = tree.positions[*p].parent.expect("not the store");
+            let addr =
+                if parent == 0 { j.store_addr.to_string() } else { listen[parent].clone().expect("nodes listen") };
+            let a = Assignment {
+                position: *p as u32,
+                parent: addr,
+                workers: tree.workers,
+                fanout: tree.fanout,
+                run: run.to_string(),
+            };
+            j.link.tx.send(control(&Reply::Assigned(a))).await?;
+        }
+        drop(joined);
+        let top = tree.positions[0].children[0];
+        loop {
+            let (link, hello, from) = listener.accept().await?;
+            if hello.position as usize == top {
+                return Ok(link);
+            }
+            tracing::warn!("{from} named position {}, not the store's child {top}; refused", hello.position);
+        }
+    };
+    tokio::time::timeout(deadline, work).await.map_err(|_| {
+        FabricError::Io(format!(
+            "the tree did not form within {deadline:?}: it needs {} fabric nodes and {} workers to join",
+            tree.inner_nodes(),
+            tree.workers
+        ))
+    })?
+}
+
+/// A node's or worker's side: joins the store at `store` and returns its assignment.
+pub async fn join(
+    store: &str,
+    opts: &TcpOptions,
+    role: u8,
+    listen_port: Option<u16>,
+    deadline: Duration,
+) -> Result<Assignment, FabricError> {
+    let mut link = tcp::connect(store, opts, Hello { role, position: UNASSIGNED }, deadline).await?;
+    link.tx.send(control(&Join { listen_port })).await?;
+    // The store answers once everyone has joined: wait as long as the deadline allows.
+    let f = tokio::time::timeout(deadline, link.rx.recv())
+        .await
+        .map_err(|_| FabricError::Io(format!("the store at {store} assigned no position within {deadline:?}")))?
+        .ok_or_else(|| FabricError::Closed(format!("the store at {store} hung up before assigning a position")))?;
+    if f.kind != Kind::Control || f.payload.len() > CONTROL_BYTES_MAX {
+        return Err(FabricError::Protocol(format!("a {:?} frame instead of an assignment", f.kind)));
+    }
+    match serde_json::from_slice(&f.payload) {
+        Ok(Reply::Assigned(a)) => Ok(a),
+        Ok(Reply::Refused { refused }) => {
+            Err(FabricError::Protocol(format!("the store refused to add this process: {refused}")))
+        }
+        Err(e) => Err(FabricError::Protocol(format!("an assignment: {e}"))),
+    }
+}
+
+/// Runs a fabric node process's part once assigned: connects to its parent
+/// and accepts its children (at the same time), then forwards and sums
+/// until the run ends.
+pub async fn run_node(
+    a: &Assignment,
+    listener: Listener,
+    opts: &TcpOptions,
+    deadline: Duration,
+) -> Result<(), FabricError> {
+    let tree = Tree::new(a.workers, a.fanout).map_err(FabricError::Protocol)?;
+    let me = a.position as usize;
+    if me >= tree.positions.len() || tree.positions[me].role != Role::Node {
+        return Err(FabricError::Protocol(format!("position {me} is not a fabric node of this tree")));
+    }
+    let children = tree.positions[me].children.clone();
+    let up = tcp::connect(&a.parent, opts, Hello { role: ROLE_NODE, position: a.position }, deadline);
+    let down = async {
+        let mut got: Vec<Option<Link>> = (0..children.len()).map(|_| None).collect();
+        while got.iter().any(Option::is_none) {
+            let (link, hello, from) = listener.accept().await?;
+            match children.iter().position(|&c| c == hello.position as usize) {
+                Some(i) if got[i].is_none() => got[i] = Some(link),
+                _ => tracing::warn!("{from} named position {}, not a free child of {me}; refused", hello.position),
+            }
+        }
+        Ok::<_, FabricError>(got.into_iter().map(|l| l.expect("all accepted")).collect::<Vec<_>>())
+    };
+    let (up, down) = tokio::join!(up, tokio::time::timeout(deadline, down));
+    let down =
+        down.map_err(|_| FabricError::Io(format!("node {me}: its children did not connect within {deadline:?}")))??;
+    crate::node::run(up?, down, format!("node {me}")).await
+}
