@@ -18,6 +18,8 @@ pub const CREDITS_MAX: usize = 1024;
 pub struct LinkTx {
     tx: mpsc::Sender<Frame>,
     peer: String,
+    /// Closes a TCP connection at once, whatever it is waiting for.
+    kill: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 pub struct LinkRx {
@@ -33,7 +35,18 @@ pub struct Link {
 
 impl LinkTx {
     pub(crate) fn new(tx: mpsc::Sender<Frame>, peer: String) -> LinkTx {
-        LinkTx { tx, peer }
+        LinkTx { tx, peer, kill: None }
+    }
+
+    pub(crate) fn with_kill(mut self, kill: tokio::sync::watch::Sender<bool>) -> LinkTx {
+        self.kill = Some(kill);
+        self
+    }
+
+    /// A handle that closes this link's connection (TCP) from anywhere,
+    /// even while a sender waits for credit; `None` in-process.
+    pub fn killer(&self) -> Option<tokio::sync::watch::Sender<bool>> {
+        self.kill.clone()
     }
 
     pub async fn send(&self, f: Frame) -> Result<(), FabricError> {

@@ -60,24 +60,32 @@ fn decode_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
 }
 
-/// Runs one node until the parent sends `Shutdown` and the children close.
+/// Runs one node until the parent sends `Shutdown` and the children close
+/// (`Ok`), or until a neighbour is lost (`Err`; the node then drops every
+/// link, so the loss reaches the whole tree).
 pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), FabricError> {
     assert!(!children.is_empty(), "a node has children");
     let Link { tx: up_tx, rx: mut down_rx } = parent;
     let (child_tx, mut child_rx): (Vec<_>, Vec<_>) = children.into_iter().map(|l| (l.tx, l.rx)).unzip();
+    let who = name.clone();
     let down = async move {
+        let mut shutdown = false;
         while let Some(f) = down_rx.recv().await {
-            let stop = f.kind == Kind::Shutdown;
+            shutdown = f.kind == Kind::Shutdown;
             for c in &child_tx {
                 c.send(f.clone()).await?;
             }
-            if stop {
+            if shutdown {
                 break;
             }
         }
         // Dropping the child senders tells the children the parent is gone.
         drop(child_tx);
-        Ok::<(), FabricError>(())
+        if shutdown {
+            Ok(())
+        } else {
+            Err(FabricError::Closed(format!("{who}: the parent went away before the end of the run")))
+        }
     };
     let up = async move {
         let mut frames = Vec::with_capacity(child_rx.len());
@@ -99,8 +107,8 @@ pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), 
             up_tx.send(reduce(&frames)?).await?;
         }
     };
-    let (d, u) = tokio::join!(down, up);
-    d.and(u)
+    // The first loss ends both directions (and drops every link).
+    tokio::try_join!(down, up).map(|_| ())
 }
 
 #[cfg(test)]

@@ -80,6 +80,85 @@ struct Joined {
     listen: Option<String>,
 }
 
+/// One joiner's request, or `None` for a peer that was refused (logged).
+async fn accept_join(listener: &Listener) -> Result<Option<(u8, Joined)>, FabricError> {
+    let (mut link, hello, from, local) = listener.accept_with_local().await?;
+    if hello.position != UNASSIGNED {
+        tracing::warn!("{from} named position {} before the tree was formed; refused", hello.position);
+        return Ok(None);
+    }
+    let join: Join = match recv_control(&mut link, "a join request")
+        .await
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| FabricError::Protocol(format!("a join request: {e}"))))
+    {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!("{from}: {e}");
+            return Ok(None);
+        }
+    };
+    match (hello.role, join.listen_port) {
+        (ROLE_NODE, Some(port)) => {
+            let listen = Some(std::net::SocketAddr::new(from.ip(), port).to_string());
+            Ok(Some((ROLE_NODE, Joined { link, store_addr: local, listen })))
+        }
+        (ROLE_WORKER, None) => Ok(Some((ROLE_WORKER, Joined { link, store_addr: local, listen: None }))),
+        (role, port) => {
+            let why = format!("role {role} with listener port {port:?} is not a node or a worker");
+            let _ = link.tx.send(control(&Reply::Refused { refused: why.clone() })).await;
+            tracing::warn!("{from}: {why}");
+            Ok(None)
+        }
+    }
+}
+
+async fn refuse(j: Joined, why: &str) {
+    let _ = j.link.tx.send(control(&Reply::Refused { refused: why.to_string() })).await;
+}
+
+/// Assigns positions in join order (nodes top first, workers by index),
+/// tells everyone, and returns the data link of the store's one child.
+async fn form(
+    listener: &Listener,
+    tree: &Tree,
+    nodes: Vec<Joined>,
+    workers: Vec<Joined>,
+    run: &str,
+) -> Result<Link, FabricError> {
+    assert!(nodes.len() == tree.inner_nodes() && workers.len() == tree.workers);
+    let mut joined: Vec<(usize, Joined)> =
+        tree.nodes().zip(nodes).chain((0..tree.workers).map(|w| tree.worker_position(w)).zip(workers)).collect();
+    let mut listen = vec![None; tree.positions.len()];
+    for (p, j) in &joined {
+        listen[*p] = j.listen.clone();
+    }
+    for (p, j) in joined.iter_mut() {
+        let parent = tree.positions[*p].parent.expect("not the store");
+        let addr = if parent == 0 { j.store_addr.to_string() } else { listen[parent].clone().expect("nodes listen") };
+        let a = Assignment {
+            position: *p as u32,
+            parent: addr,
+            workers: tree.workers,
+            fanout: tree.fanout,
+            run: run.to_string(),
+        };
+        j.link.tx.send(control(&Reply::Assigned(a))).await?;
+    }
+    drop(joined);
+    let top = tree.positions[0].children[0];
+    loop {
+        let (link, hello, from) = listener.accept().await?;
+        if hello.position as usize == top {
+            return Ok(link);
+        }
+        tracing::warn!("{from} named position {}, not the store's child {top}; refused", hello.position);
+    }
+}
+
+fn not_formed(deadline: Duration, what: String) -> FabricError {
+    FabricError::Io(format!("the tree did not form within {deadline:?}: {what}"))
+}
+
 /// The store's side: admits joiners until the tree is full, assigns them
 /// positions, and returns the data link of the store's one child.
 pub async fn admit(
@@ -92,86 +171,66 @@ pub async fn admit(
     let work = async {
         let (mut nodes, mut workers): (Vec<Joined>, Vec<Joined>) = (Vec::new(), Vec::new());
         while nodes.len() < tree.inner_nodes() || workers.len() < tree.workers {
-            let (mut link, hello, from, local) = listener.accept_with_local().await?;
-            if hello.position != UNASSIGNED {
-                tracing::warn!("{from} named position {} before the tree was formed; refused", hello.position);
-                continue;
-            }
-            let join: Join = match recv_control(&mut link, "a join request").await.and_then(|b| {
-                serde_json::from_slice(&b).map_err(|e| FabricError::Protocol(format!("a join request: {e}")))
-            }) {
-                Ok(j) => j,
-                Err(e) => {
-                    tracing::warn!("{from}: {e}");
-                    continue;
-                }
-            };
-            let (list, want, kind) = match (hello.role, join.listen_port) {
-                (ROLE_NODE, Some(port)) => {
-                    let j = Joined { link, store_addr: local, listen: None };
-                    let host = from.ip();
-                    let listen = Some(std::net::SocketAddr::new(host, port).to_string());
-                    (&mut nodes, tree.inner_nodes(), Joined { listen, ..j })
-                }
-                (ROLE_WORKER, None) => (&mut workers, tree.workers, Joined { link, store_addr: local, listen: None }),
-                (role, port) => {
-                    let why = format!("role {role} with listener port {port:?} is not a node or a worker");
-                    let _ = link.tx.send(control(&Reply::Refused { refused: why.clone() })).await;
-                    tracing::warn!("{from}: {why}");
-                    continue;
-                }
-            };
+            let Some((role, j)) = accept_join(listener).await? else { continue };
+            let (list, want) =
+                if role == ROLE_NODE { (&mut nodes, tree.inner_nodes()) } else { (&mut workers, tree.workers) };
             if list.len() == want {
-                let why = format!("the tree is full ({} nodes, {} workers)", tree.inner_nodes(), tree.workers);
-                let _ = kind.link.tx.send(control(&Reply::Refused { refused: why })).await;
+                refuse(j, &format!("the tree is full ({} nodes, {} workers)", tree.inner_nodes(), tree.workers)).await;
                 continue;
             }
-            on_join(&format!(
-                "{from} joined as {}",
-                if hello.role == ROLE_NODE { "a fabric node" } else { "a worker" }
-            ));
-            list.push(kind);
+            on_join(&format!("a {} joined", if role == ROLE_NODE { "fabric node" } else { "worker" }));
+            list.push(j);
         }
-        // Positions in join order: nodes top first, workers by index.
-        let mut joined: Vec<(usize, Joined)> =
-            tree.nodes().zip(nodes).chain((0..tree.workers).map(|w| tree.worker_position(w)).zip(workers)).collect();
-        let listen: Vec<Option<String>> = {
-            let mut v = vec![None; tree.positions.len()];
-            for (p, j) in &joined {
-                v[*p] = j.listen.clone();
-            }
-            v
-        };
-        for (p, j) in joined.iter_mut() {
-            let parent = tree.positions[*p].parent.expect("not the store");
-            let addr =
-                if parent == 0 { j.store_addr.to_string() } else { listen[parent].clone().expect("nodes listen") };
-            let a = Assignment {
-                position: *p as u32,
-                parent: addr,
-                workers: tree.workers,
-                fanout: tree.fanout,
-                run: run.to_string(),
-            };
-            j.link.tx.send(control(&Reply::Assigned(a))).await?;
-        }
-        drop(joined);
-        let top = tree.positions[0].children[0];
-        loop {
-            let (link, hello, from) = listener.accept().await?;
-            if hello.position as usize == top {
-                return Ok(link);
-            }
-            tracing::warn!("{from} named position {}, not the store's child {top}; refused", hello.position);
-        }
+        form(listener, tree, nodes, workers, run).await
     };
-    tokio::time::timeout(deadline, work).await.map_err(|_| {
-        FabricError::Io(format!(
-            "the tree did not form within {deadline:?}: it needs {} fabric nodes and {} workers to join",
-            tree.inner_nodes(),
-            tree.workers
-        ))
-    })?
+    let need = format!("it needs {} fabric nodes and {} workers to join", tree.inner_nodes(), tree.workers);
+    tokio::time::timeout(deadline, work).await.map_err(|_| not_formed(deadline, need))?
+}
+
+/// The store's side after the tree lost a member: admits whoever joins
+/// (the survivors rejoin, replacements may come) until `quiet` passes with
+/// no new joiner, then forms the largest tree of at most `workers_max`
+/// workers that `fits` and that the joined nodes can fill, and refuses the rest.
+pub async fn admit_survivors(
+    listener: &Listener,
+    fanout: usize,
+    workers_max: usize,
+    fits: &(dyn Fn(usize) -> bool + Sync),
+    run: &str,
+    quiet: Duration,
+    deadline: Duration,
+) -> Result<(Tree, Link), FabricError> {
+    let work = async {
+        let (mut nodes, mut workers): (Vec<Joined>, Vec<Joined>) = (Vec::new(), Vec::new());
+        loop {
+            match tokio::time::timeout(quiet, accept_join(listener)).await {
+                Ok(r) => match r? {
+                    Some((ROLE_NODE, j)) => nodes.push(j),
+                    Some((_, j)) => workers.push(j),
+                    None => {}
+                },
+                Err(_) if !workers.is_empty() => break,
+                Err(_) => {}
+            }
+        }
+        let shape = (1..=workers.len().min(workers_max)).rev().find_map(|w| {
+            let t = Tree::new(w, fanout).ok()?;
+            (fits(w) && t.inner_nodes() <= nodes.len()).then_some(t)
+        });
+        let Some(tree) = shape else {
+            let why = format!("{} workers and {} nodes make no tree this run can use", workers.len(), nodes.len());
+            for j in nodes.into_iter().chain(workers) {
+                refuse(j, &why).await;
+            }
+            return Err(FabricError::Protocol(why));
+        };
+        for j in nodes.drain(tree.inner_nodes()..).chain(workers.drain(tree.workers..)) {
+            refuse(j, "the tree formed again without this process").await;
+        }
+        let link = form(listener, &tree, nodes, workers, run).await?;
+        Ok((tree, link))
+    };
+    tokio::time::timeout(deadline, work).await.map_err(|_| not_formed(deadline, "no worker rejoined".into()))?
 }
 
 /// A node's or worker's side: joins the store at `store` and returns its assignment.
@@ -206,7 +265,7 @@ pub async fn join(
 /// until the run ends.
 pub async fn run_node(
     a: &Assignment,
-    listener: Listener,
+    listener: &Listener,
     opts: &TcpOptions,
     deadline: Duration,
 ) -> Result<(), FabricError> {

@@ -146,18 +146,42 @@ fn spawn_link(s: TcpStream, keys: SessionKeys, opts: &TcpOptions, peer: String) 
     let window = Arc::new(Semaphore::new(opts.credits));
     let (o, p) = (opts.clone(), peer.clone());
     let w = window.clone();
+    let (kill, mut killed) = tokio::sync::watch::channel(false);
+    let mut killed2 = killed.clone();
     tokio::spawn(async move {
-        if let Err(e) = read_loop(rd, keys.recv, &o, in_tx, w).await {
-            tracing::warn!("connection with {p}: {e}");
+        tokio::select! {
+            r = read_loop(rd, keys.recv, &o, in_tx, w.clone()) => if let Err(e) = r {
+                tracing::warn!("connection with {p}: {e}");
+            },
+            _ = until_killed(&mut killed) => {}
         }
+        // No credit can arrive any more: a writer waiting for one gives up
+        // (a peer that died closes its socket like one that finished).
+        w.close();
     });
     let (o, p) = (opts.clone(), peer.clone());
     tokio::spawn(async move {
-        if let Err(e) = write_loop(wr, keys.send, &o, out_rx, credit_rx, window).await {
-            tracing::debug!("connection with {p}: {e}");
+        tokio::select! {
+            r = write_loop(wr, keys.send, &o, out_rx, credit_rx, window) => if let Err(e) = r {
+                tracing::debug!("connection with {p}: {e}");
+            },
+            _ = until_killed(&mut killed2) => {}
         }
     });
-    Link { tx: LinkTx::new(out_tx, peer), rx: LinkRx::new(in_rx, Some(credit_tx)) }
+    Link { tx: LinkTx::new(out_tx, peer).with_kill(kill), rx: LinkRx::new(in_rx, Some(credit_tx)) }
+}
+
+/// Resolves when the link's killer says so; never when it is merely
+/// dropped (the link's owner let go: pending frames still go out).
+async fn until_killed(killed: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if killed.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if *killed.borrow() {
+            return;
+        }
+    }
 }
 
 async fn read_loop(
@@ -242,7 +266,10 @@ async fn write_loop(
                 write_frame(&mut w, &f, &mut seq, &key, opts.mac_payload).await?;
             }
             permit = window.acquire(), if pending.is_some() => {
-                permit.expect("the window is never closed").forget();
+                let Ok(permit) = permit else {
+                    return Err(FabricError::Closed("the peer stopped reading (no credit can come)".into()));
+                };
+                permit.forget();
                 let f = pending.take().expect("guarded");
                 write_frame(&mut w, &f, &mut seq, &key, opts.mac_payload).await?;
             }

@@ -603,6 +603,45 @@ impl Store {
         norm
     }
 
+    /// Drops the open step's gradient contributions, for a step that can
+    /// no longer complete (a worker was lost): every tensor that received
+    /// any gets its gradient zeroed, and the step's counts start over.
+    /// Weights, moments and the version are untouched, so the step can be
+    /// run again from the same state.
+    pub fn abandon_step(&mut self) -> Result<()> {
+        let touched: Vec<usize> = (0..self.spec.layers.len())
+            .filter(|&l| {
+                self.spec.layers[l].tensors.iter().any(|&t| self.contributions_left[t] < self.contributions_per_step[t])
+            })
+            .collect();
+        for layer in touched {
+            self.for_layer_pages(layer, GRADIENT, |st, _t, s, i, len, r, _o| {
+                st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end].fill(0.0);
+                st.pages[s][i].dirty |= GRADIENT;
+            })?;
+        }
+        self.contributions_left.clone_from(&self.contributions_per_step);
+        self.grad_sq = vec![Default::default(); self.spec.tensors.len()];
+        self.cursor = 0;
+        Ok(())
+    }
+
+    /// Sets the gradient contributions each tensor receives per step (per
+    /// use in a micro-batch: when the number of workers changes, so does
+    /// each one's count of micro-batches). Only between steps.
+    pub fn set_micro_batches(&mut self, micro_batches: usize) {
+        assert!(micro_batches >= 1);
+        assert!(
+            self.contributions_left == self.contributions_per_step,
+            "the contributions per step change only between steps"
+        );
+        for (t, c) in self.contributions_per_step.iter_mut().enumerate() {
+            *c = *c / self.config.micro_batches * micro_batches;
+            self.contributions_left[t] = *c;
+        }
+        self.config.micro_batches = micro_batches;
+    }
+
     /// Applies every pending update (before a checkpoint or an export).
     pub fn flush(&mut self) -> Result<()> {
         for s in 0..self.pages.len() {
@@ -699,6 +738,39 @@ mod tests {
             rng.fill_uniform(t, -1.0, 1.0);
         }
         p
+    }
+
+    #[test]
+    fn an_abandoned_step_leaves_weights_moments_and_the_next_step_as_if_it_never_happened() {
+        let spec = spec();
+        let (g1, g2) = (random_params(&spec, 5), random_params(&spec, 6));
+        let total = 16 * spec.parameter_count() as u64;
+        let min = Layout::new(&spec, 256).min_dram_bytes();
+        for budget in [total, min] {
+            let run = |abandon: bool| {
+                let dir = tmp(&format!("abandon-{abandon}-{budget}"));
+                let mut store = Store::create(&spec, &random_params(&spec, 1), None, 0, &dir, cfg(budget)).unwrap();
+                let n1 = one_step(&mut store, &spec, &g1, 0.01);
+                if abandon {
+                    // Half a step's contributions (over pages with the last
+                    // step's update still pending), then the step is dropped.
+                    for l in (spec.layer_count() / 2..spec.layer_count()).rev() {
+                        let flat: Vec<f32> =
+                            spec.layers[l].tensors.iter().flat_map(|&t| g2.tensors[t].clone()).collect();
+                        store.accumulate(l, &flat).unwrap();
+                    }
+                    store.abandon_step().unwrap();
+                }
+                let n2 = one_step(&mut store, &spec, &g2, 0.01);
+                let state = store.snapshot().unwrap();
+                let _ = std::fs::remove_dir_all(&dir);
+                ((n1, n2), state)
+            };
+            let (norms_a, a) = run(true);
+            let (norms_b, b) = run(false);
+            assert_eq!(norms_a, norms_b, "DRAM {budget}");
+            assert!(a == b, "an abandoned step left a trace (DRAM {budget})");
+        }
     }
 
     /// Feeds every layer's gradient once (layer order of a backward pass) and closes the step.

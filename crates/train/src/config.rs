@@ -58,6 +58,9 @@ pub struct FabricSection {
     pub launch: String,
     /// Seconds the store waits for the tree to form, and a joiner for its place in it.
     pub join_timeout_s: u64,
+    /// Seconds a pass may go without its result before the store gives up
+    /// on the tree and forms it again (launch = "join"); 0: no limit.
+    pub step_timeout_s: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -222,6 +225,7 @@ impl RunConfig {
                 secret_file: String::new(),
                 launch: "threads".into(),
                 join_timeout_s: 300,
+                step_timeout_s: 1800,
             },
         })
     }

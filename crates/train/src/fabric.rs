@@ -32,6 +32,7 @@ use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -211,24 +212,6 @@ async fn tcp_links(tree: &Tree, opts: &TcpOptions, bind: &str) -> Result<Links, 
     Ok((up, down))
 }
 
-/// The store's side of a tree of separate processes: listens at
-/// `fabric.bind` and waits until every node and worker has joined.
-fn admit_processes(tree: &Tree, config: &RunConfig, rt: &tokio::runtime::Runtime) -> Result<Link, TrainError> {
-    let opts = tcp_options(config, false)?;
-    let deadline = Duration::from_secs(config.fabric.join_timeout_s);
-    rt.block_on(async {
-        let listener = Listener::bind(&config.fabric.bind, opts).await?;
-        eprintln!(
-            "store: waiting at {} for {} workers and {} fabric nodes to join",
-            listener.local_addr(),
-            tree.workers,
-            tree.inner_nodes()
-        );
-        ws_fabric::rendezvous::admit(&listener, tree, &config.to_toml(), deadline, |m| tracing::info!("{m}")).await
-    })
-    .map_err(|e| TrainError::Config(format!("fabric: {e}")))
-}
-
 fn process_runtime() -> Result<tokio::runtime::Runtime, TrainError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -241,45 +224,63 @@ fn fabric_error(e: FabricError) -> TrainError {
     TrainError::Config(format!("fabric: {e}"))
 }
 
+/// How long the store waits, after a loss, for no further process to rejoin.
+const REJOIN_QUIET: Duration = Duration::from_secs(2);
+/// Attempts at one step (or evaluation) before the run gives up.
+const STEP_ATTEMPTS_MAX: usize = 8;
+
 /// `weightstream worker`: joins the store at `store`, loads the run's data,
-/// and trains its shard of every step until the store ends the run.
-/// `local` supplies the secret (fabric.secret_file) and nothing else: the
-/// run's configuration comes from the store.
+/// and trains its shard of every step until the store ends the run. When
+/// the tree loses a member the worker joins again and takes the place the
+/// store assigns. `local` supplies the secret (fabric.secret_file) and
+/// nothing else: the run's configuration comes from the store.
 pub fn run_worker_process(store: &str, local: &RunConfig, deadline: Duration) -> Result<(), TrainError> {
     let rt = process_runtime()?;
     let opts = tcp_options(local, false)?;
     let role = ws_fabric::rendezvous::ROLE_WORKER;
-    let a = rt.block_on(ws_fabric::rendezvous::join(store, &opts, role, None, deadline)).map_err(fabric_error)?;
-    let config = RunConfig::resolve_text(&a.run, &[])?;
-    let tree = Tree::new(a.workers, a.fanout).map_err(TrainError::Config)?;
-    let w = (a.position as usize)
-        .checked_sub(1 + tree.inner_nodes())
-        .filter(|&w| w < tree.workers)
-        .ok_or_else(|| TrainError::Config(format!("the store assigned position {}, not a worker's", a.position)))?;
-    let spec = ModelSpec::new(config.model);
-    let cache = (!config.data.cache_dir.is_empty()).then(|| PathBuf::from(&config.data.cache_dir));
-    let tokens = ws_data::load_tokens(Path::new(&config.data.path), cache.as_deref())?;
-    let data = Arc::new(ws_data::split(tokens, config.data.val_fraction, config.seq_len())?);
-    let hello = Hello { role, position: a.position };
-    let link = rt.block_on(ws_fabric::tcp::connect(&a.parent, &opts, hello, deadline)).map_err(fabric_error)?;
-    let micro_batch = crate::stream::choose_micro_batch(&config, &spec)?;
-    let layers = spec.layer_count();
-    let setup = WorkerSetup {
-        train: Schedule::new(layers, config.train.batch_size / tree.workers / micro_batch, true),
-        eval: Schedule::new(layers, 1, false),
-        spec,
-        config,
-        micro_batch,
-    };
-    tracing::info!("worker {w} of {} at position {}, parent {}", tree.workers, a.position, a.parent);
-    for t in spawn_worker(w, link, setup, Shards::Sampled { data, worker: w })? {
-        t.join().map_err(|_| TrainError::Config(format!("worker {w} failed (see above)")))?;
+    let mut data: Option<Arc<Split>> = None;
+    loop {
+        let a = rt.block_on(ws_fabric::rendezvous::join(store, &opts, role, None, deadline)).map_err(fabric_error)?;
+        let mut config = RunConfig::resolve_text(&a.run, &[])?;
+        config.fabric.workers = a.workers;
+        let tree = Tree::new(a.workers, a.fanout).map_err(TrainError::Config)?;
+        let w = (a.position as usize)
+            .checked_sub(1 + tree.inner_nodes())
+            .filter(|&w| w < tree.workers)
+            .ok_or_else(|| TrainError::Config(format!("the store assigned position {}, not a worker's", a.position)))?;
+        let spec = ModelSpec::new(config.model);
+        if data.is_none() {
+            let cache = (!config.data.cache_dir.is_empty()).then(|| PathBuf::from(&config.data.cache_dir));
+            let tokens = ws_data::load_tokens(Path::new(&config.data.path), cache.as_deref())?;
+            data = Some(Arc::new(ws_data::split(tokens, config.data.val_fraction, config.seq_len())?));
+        }
+        let hello = Hello { role, position: a.position };
+        let link = rt.block_on(ws_fabric::tcp::connect(&a.parent, &opts, hello, deadline)).map_err(fabric_error)?;
+        let micro_batch = crate::stream::choose_micro_batch(&config, &spec)?;
+        let layers = spec.layer_count();
+        let setup = WorkerSetup {
+            train: Schedule::new(layers, config.train.batch_size / tree.workers / micro_batch, true),
+            eval: Schedule::new(layers, 1, false),
+            spec,
+            config,
+            micro_batch,
+        };
+        tracing::info!("worker {w} of {} at position {}, parent {}", tree.workers, a.position, a.parent);
+        let ended = Arc::new(AtomicBool::new(false));
+        let shards = Shards::Sampled { data: data.clone().expect("loaded above"), worker: w };
+        for t in spawn_worker(w, link, setup, shards, ended.clone())? {
+            t.join().map_err(|_| TrainError::Config(format!("worker {w} failed (see above)")))?;
+        }
+        if ended.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        eprintln!("worker: the tree lost a member; joining the store again");
     }
-    Ok(())
 }
 
 /// `weightstream fabric`: a broadcast-reduce node process. Listens at
-/// `bind`, joins the store at `store`, and forwards and sums until the run ends.
+/// `bind`, joins the store at `store`, and forwards and sums until the run
+/// ends; when the tree loses a member it joins again.
 pub fn run_node_process(store: &str, bind: &str, local: &RunConfig, deadline: Duration) -> Result<(), TrainError> {
     let rt = process_runtime()?;
     let opts = tcp_options(local, false)?;
@@ -287,65 +288,95 @@ pub fn run_node_process(store: &str, bind: &str, local: &RunConfig, deadline: Du
         let listener = Listener::bind(bind, opts.clone()).await?;
         let port = listener.local_addr().port();
         let role = ws_fabric::rendezvous::ROLE_NODE;
-        let a = ws_fabric::rendezvous::join(store, &opts, role, Some(port), deadline).await?;
-        tracing::info!("fabric node at position {}, parent {}", a.position, a.parent);
-        ws_fabric::rendezvous::run_node(&a, listener, &opts, deadline).await
+        loop {
+            let a = ws_fabric::rendezvous::join(store, &opts, role, Some(port), deadline).await?;
+            tracing::info!("fabric node at position {}, parent {}", a.position, a.parent);
+            match ws_fabric::rendezvous::run_node(&a, &listener, &opts, deadline).await {
+                Ok(()) => return Ok(()),
+                Err(e) => eprintln!("fabric node: {e}; joining the store again"),
+            }
+        }
     })
     .map_err(fabric_error)
 }
 
+/// What the root threads are doing, for telling a loss from an ending.
+const ROOT_RUNNING: u8 = 0;
+const ROOT_SHUTTING_DOWN: u8 = 1;
+const ROOT_DETACHING: u8 = 2;
+
 /// Cuts the store's weights into chunks for the tree; hands each buffer back
-/// once its chunks are out. Ends the run with `Shutdown` when the store stops.
-fn root_down(tx: LinkTx, from_store: Receiver<Down>, to_store: Sender<ToStore>, chunk: usize) {
-    let r = (|| -> Result<(), FabricError> {
-        while let Ok(d) = from_store.recv() {
-            match d {
-                Down::Begin(p) => tx.blocking_send(Frame::begin(p))?,
-                Down::Weights(m) => {
-                    let (dtype, bytes) = match &m.data {
-                        Weights::F32(v) => (Dtype::F32, f32_bytes(&v[..m.len])),
-                        Weights::Bf16(v) => (Dtype::Bf16, u16_bytes(&v[..m.len])),
-                    };
-                    let id = MessageId {
-                        kind: Kind::Weights,
-                        dtype,
-                        step: m.step,
-                        use_index: m.use_index as u32,
-                        layer: m.layer as u32,
-                    };
-                    for f in frames(id, bytes, chunk) {
-                        tx.blocking_send(f)?;
+/// once its chunks are out. Ends the run with `Shutdown` when the store
+/// stops; on `stop`, leaves without it (the tree is being replaced).
+fn root_down(
+    tx: LinkTx,
+    from_store: Receiver<Down>,
+    stop: Receiver<()>,
+    to_store: Sender<ToStore>,
+    chunk: usize,
+    state: Arc<AtomicU8>,
+) {
+    let r = (|| -> Result<bool, FabricError> {
+        loop {
+            crossbeam_channel::select! {
+                recv(stop) -> _ => return Ok(false),
+                recv(from_store) -> d => match d {
+                    Err(_) => return Ok(true),
+                    Ok(Down::Begin(p)) => tx.blocking_send(Frame::begin(p))?,
+                    Ok(Down::Weights(m)) => {
+                        let (dtype, bytes) = match &m.data {
+                            Weights::F32(v) => (Dtype::F32, f32_bytes(&v[..m.len])),
+                            Weights::Bf16(v) => (Dtype::Bf16, u16_bytes(&v[..m.len])),
+                        };
+                        let id = MessageId {
+                            kind: Kind::Weights,
+                            dtype,
+                            step: m.step,
+                            use_index: m.use_index as u32,
+                            layer: m.layer as u32,
+                        };
+                        // The buffer goes back even if the tree fails midway.
+                        let sent = frames(id, bytes, chunk).try_for_each(|f| tx.blocking_send(f));
+                        let _ = to_store.send(ToStore::Release(m.data));
+                        sent?;
                     }
-                    if to_store.send(ToStore::Release(m.data)).is_err() {
-                        break;
-                    }
-                }
+                },
             }
         }
-        Ok(())
     })();
-    if let Err(e) = r {
-        tracing::warn!("fabric root (down): {e}");
+    match r {
+        Ok(true) => {
+            state.store(ROOT_SHUTTING_DOWN, Ordering::SeqCst);
+            let _ = tx.blocking_send(Frame::control(Kind::Shutdown));
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!("fabric root (down): {e}"),
     }
-    let _ = tx.blocking_send(Frame::control(Kind::Shutdown));
 }
 
-/// Puts the tree's summed gradients back together for the store, and passes
-/// the summed statistics to the driver.
-fn root_up(
-    mut rx: LinkRx,
+/// What the root's receiving thread needs.
+struct RootUp {
+    rx: LinkRx,
     grad_pool: Receiver<Vec<f32>>,
+    grad_return: Sender<Vec<f32>>,
     to_store: Sender<ToStore>,
     stats: Sender<Result<f64, String>>,
-) {
-    let r = (|| -> Result<(), String> {
+    state: Arc<AtomicU8>,
+    epoch: u64,
+}
+
+/// Puts the tree's summed gradients back together for the store and passes
+/// the summed statistics to the driver. If the tree breaks while running,
+/// tells the store to drop the open pass, and the driver why.
+fn root_up(mut r: RootUp) {
+    let mut cur: Option<Vec<f32>> = None;
+    let result = (|| -> Result<(), String> {
         let mut asm = Assembler::new();
-        let mut cur: Option<Vec<f32>> = None;
-        while let Some(f) = rx.blocking_recv() {
+        while let Some(f) = r.rx.blocking_recv() {
             match (f.kind, f.dtype) {
                 (Kind::Grads, Dtype::F32) => {
                     if cur.is_none() {
-                        cur = Some(grad_pool.recv().map_err(|_| "the store stopped")?);
+                        cur = Some(r.grad_pool.recv().map_err(|_| "the store stopped")?);
                     }
                     let buf = cur.as_mut().expect("taken above");
                     if let Some((id, n)) = asm.add(&f, f32_bytes_mut(buf)).map_err(|e| e.to_string())? {
@@ -356,26 +387,35 @@ fn root_up(
                             len: n / 4,
                             data: cur.take().expect("assembled"),
                         };
-                        to_store.send(g).map_err(|_| "the store stopped")?;
+                        r.to_store.send(g).map_err(|_| "the store stopped")?;
                     }
                 }
                 (Kind::Stats, Dtype::F64) if f.payload.len() == 8 => {
                     let sum = f64::from_le_bytes(f.payload[..].try_into().expect("8 bytes"));
-                    let _ = stats.send(Ok(sum));
+                    let _ = r.stats.send(Ok(sum));
                 }
                 (k, d) => return Err(format!("a {k:?} frame of {d:?} reached the store")),
             }
         }
         Ok(())
     })();
-    if let Err(e) = r {
-        let _ = stats.send(Err(format!("fabric: {e}")));
+    if let Some(b) = cur {
+        let _ = r.grad_return.send(b);
+    }
+    if r.state.load(Ordering::SeqCst) == ROOT_RUNNING {
+        let reason = match result {
+            Ok(()) => "the tree lost a member".to_string(),
+            Err(e) => e,
+        };
+        let _ = r.to_store.send(ToStore::Abort { epoch: r.epoch, reason: reason.clone() });
+        let _ = r.stats.send(Err(format!("fabric: {reason}")));
     }
 }
 
 /// A worker's receiving half: pass starts go to the compute thread; weight
 /// chunks are assembled into free buffers (k+1 of them, the prefetch).
-fn worker_down(mut rx: LinkRx, to_compute: Sender<Down>, free: Receiver<Weights>) -> Result<(), String> {
+/// Returns whether the run ended (`Shutdown`) rather than the link.
+fn worker_down(mut rx: LinkRx, to_compute: Sender<Down>, free: Receiver<Weights>) -> Result<bool, String> {
     let mut asm = Assembler::new();
     let mut cur: Option<Weights> = None;
     while let Some(f) = rx.blocking_recv() {
@@ -413,11 +453,11 @@ fn worker_down(mut rx: LinkRx, to_compute: Sender<Down>, free: Receiver<Weights>
                     }
                 }
             }
-            Kind::Shutdown => break,
+            Kind::Shutdown => return Ok(true),
             k => return Err(format!("a {k:?} frame travelling down")),
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// A worker's sending half: gradients and statistics as chunks to the
@@ -429,6 +469,12 @@ fn worker_up(
     grad_return: Sender<Vec<f32>>,
     chunk: usize,
 ) -> Result<(), String> {
+    // Fault injection for the fault tests: "STEP:USE" ends this process
+    // abruptly once that use's gradients are out, as a crash would.
+    let exit_after: Option<(u64, usize)> = std::env::var("WEIGHTSTREAM_FAULT_EXIT_AFTER").ok().and_then(|v| {
+        let (s, u) = v.split_once(':')?;
+        Some((s.parse().ok()?, u.parse().ok()?))
+    });
     while let Ok(m) = from_compute.recv() {
         match m {
             ToStore::Release(w) => {
@@ -446,6 +492,13 @@ fn worker_up(
                     tx.blocking_send(f).map_err(|e| e.to_string())?;
                 }
                 let _ = grad_return.send(data);
+                if exit_after == Some((step, use_index)) {
+                    // Time for the writer to put the frames on the wire.
+                    std::thread::sleep(Duration::from_millis(300));
+                    eprintln!("worker: WEIGHTSTREAM_FAULT_EXIT_AFTER={step}:{use_index}: exiting");
+                    // SAFETY: ends the process at once, like a crash; nothing is left half-written.
+                    unsafe { libc::_exit(137) };
+                }
             }
             ToStore::Stats { index, sum } => {
                 let f = Frame {
@@ -458,6 +511,7 @@ fn worker_up(
                 };
                 tx.blocking_send(f).map_err(|e| e.to_string())?;
             }
+            ToStore::Abort { .. } => unreachable!("workers do not abort passes"),
         }
     }
     Ok(())
@@ -482,7 +536,6 @@ fn worker_compute(
     let (t, mb) = (s.config.seq_len(), s.micro_batch);
     let scale = 1.0 / (s.config.train.batch_size * t) as f32;
     let mut cpu = CpuWorker::new(&s.spec, mb, t, &s.config);
-    let io = PassIo { weights: &weights, to_store: &to_up, grad_pool: &grad_pool };
     loop {
         let p = match weights.recv() {
             Ok(Down::Begin(p)) => p,
@@ -491,15 +544,24 @@ fn worker_compute(
         };
         let Some(shard) = shards.next(p, &s.config, mb) else { return };
         let (sched, step, dloss) = if p.training { (&s.train, p.index, scale) } else { (&s.eval, u64::MAX, 0.0) };
-        let Ok(loss) = cpu.pass(&s.spec, sched, step, &shard.inputs, &shard.targets, mb, t, dloss, &io) else { return };
-        if to_up.send(ToStore::Stats { index: p.index, sum: loss }).is_err() {
+        // The loss goes up right after the last head use, ahead of the
+        // backward gradients: a step whose gradients all arrived has its loss.
+        let io = PassIo { weights: &weights, to_store: &to_up, grad_pool: &grad_pool, stats_index: Some(p.index) };
+        if cpu.pass(&s.spec, sched, step, &shard.inputs, &shard.targets, mb, t, dloss, &io).is_err() {
             return;
         }
     }
 }
 
-/// Starts one worker's three threads on `link`.
-fn spawn_worker(w: usize, link: Link, s: WorkerSetup, shards: Shards) -> Result<Vec<JoinHandle<()>>, TrainError> {
+/// Starts one worker's three threads on `link`; `ended` is set if the run
+/// ended normally (rather than the link).
+fn spawn_worker(
+    w: usize,
+    link: Link,
+    s: WorkerSetup,
+    shards: Shards,
+    ended: Arc<AtomicBool>,
+) -> Result<Vec<JoinHandle<()>>, TrainError> {
     let buffers = s.config.stream.prefetch_depth + 1;
     let max_layer = crate::stream::max_layer_params(&s.spec);
     let dtype = Precision::parse(&s.config.stream.dtype).expect("validated");
@@ -528,10 +590,9 @@ fn spawn_worker(w: usize, link: Link, s: WorkerSetup, shards: Shards) -> Result<
     Ok(vec![
         spawn(
             format!("worker{w}-down"),
-            Box::new(move || {
-                if let Err(e) = worker_down(rx, to_compute, free_rx) {
-                    tracing::error!("worker {w}: {e}");
-                }
+            Box::new(move || match worker_down(rx, to_compute, free_rx) {
+                Ok(done) => ended.store(done, Ordering::SeqCst),
+                Err(e) => tracing::error!("worker {w}: {e}"),
             }),
         )?,
         spawn(
@@ -546,6 +607,50 @@ fn spawn_worker(w: usize, link: Link, s: WorkerSetup, shards: Shards) -> Result<
     ])
 }
 
+/// The store's end of the running tree.
+struct Root {
+    down: JoinHandle<()>,
+    up: JoinHandle<()>,
+    stop: Sender<()>,
+    state: Arc<AtomicU8>,
+    /// Closes the connection to the store's child at once (TCP).
+    kill: Option<tokio::sync::watch::Sender<bool>>,
+}
+
+/// The store thread's channels the root threads work on (the driver keeps
+/// them to restart the root on a new tree).
+struct StoreSide {
+    weights: Receiver<Down>,
+    to_store: Sender<ToStore>,
+    grad_pool: Receiver<Vec<f32>>,
+    grad_return: Sender<Vec<f32>>,
+    stats: Sender<Result<f64, String>>,
+}
+
+fn start_root(link: Link, side: &StoreSide, chunk: usize, epoch: u64) -> Result<Root, TrainError> {
+    let Link { tx, rx } = link;
+    let kill = tx.killer();
+    let state = Arc::new(AtomicU8::new(ROOT_RUNNING));
+    let (stop, stop_rx) = bounded(1);
+    let spawn_err = |e: std::io::Error| TrainError::Config(format!("cannot start a fabric thread: {e}"));
+    let (w, ts, st) = (side.weights.clone(), side.to_store.clone(), state.clone());
+    let down = std::thread::Builder::new()
+        .name("fabric-root-down".into())
+        .spawn(move || root_down(tx, w, stop_rx, ts, chunk, st))
+        .map_err(spawn_err)?;
+    let r = RootUp {
+        rx,
+        grad_pool: side.grad_pool.clone(),
+        grad_return: side.grad_return.clone(),
+        to_store: side.to_store.clone(),
+        stats: side.stats.clone(),
+        state: state.clone(),
+        epoch,
+    };
+    let up = std::thread::Builder::new().name("fabric-root-up".into()).spawn(move || root_up(r)).map_err(spawn_err)?;
+    Ok(Root { down, up, stop, state, kill })
+}
+
 /// A trainer with N data-parallel workers behind the fabric.
 pub struct FabricTrainer {
     pub config: RunConfig,
@@ -554,7 +659,17 @@ pub struct FabricTrainer {
     micro_batch: usize,
     step: u64,
     store_control: StoreControl,
+    side: StoreSide,
     stats: Receiver<Result<f64, String>>,
+    root: Option<Root>,
+    /// Where worker and node processes join (launch = "join"), for the whole run.
+    listener: Option<Listener>,
+    /// The tree's generation: it grows each time the tree forms again.
+    epoch: u64,
+    /// The workers the run started with: a tree formed again has at most as many.
+    workers_max: usize,
+    /// Steps and evaluations run again after a loss, with why.
+    pub recoveries: Vec<String>,
     shards: Vec<Sender<Shard>>,
     threads: Vec<JoinHandle<()>>,
     store: Option<JoinHandle<Store>>,
@@ -575,37 +690,33 @@ impl FabricTrainer {
         let eval = Schedule::new(layers, 1, false);
         store.set_access_sequence(&train.layer_sequence());
         let version = store.version;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("fabric")
-            .enable_all()
-            .build()
-            .map_err(|e| TrainError::Config(format!("cannot start the fabric's runtime: {e}")))?;
+        let runtime = process_runtime()?;
+        let mut listener = None;
         let (root, worker_links) = if config.fabric.launch == "join" {
-            (admit_processes(&tree, &config, &runtime)?, Vec::new())
+            let l = runtime
+                .block_on(Listener::bind(&config.fabric.bind, tcp_options(&config, false)?))
+                .map_err(fabric_error)?;
+            eprintln!(
+                "store: waiting at {} for {} workers and {} fabric nodes to join",
+                l.local_addr(),
+                tree.workers,
+                tree.inner_nodes()
+            );
+            let deadline = Duration::from_secs(config.fabric.join_timeout_s);
+            let run = config.to_toml();
+            let admit = ws_fabric::rendezvous::admit(&l, &tree, &run, deadline, |m| tracing::info!("{m}"));
+            let link = runtime.block_on(admit).map_err(fabric_error)?;
+            listener = Some(l);
+            (link, Vec::new())
         } else {
             build_tree(&tree, &config, &runtime)?
         };
-        let StoreEnds { control, reply, weights, to_store, grad_pool, handle } =
+        let StoreEnds { control, reply, weights, to_store, grad_pool, grad_return, handle } =
             spawn_store(&config, store, &train, &eval)?;
         let (stats_tx, stats) = unbounded();
+        let side = StoreSide { weights, to_store, grad_pool, grad_return, stats: stats_tx };
+        let root = start_root(root, &side, config.fabric.chunk_bytes, 0)?;
         let mut threads = Vec::new();
-        let Link { tx: root_tx, rx: root_rx } = root;
-        let chunk = config.fabric.chunk_bytes;
-        let ts = to_store.clone();
-        let spawn_err = |e: std::io::Error| TrainError::Config(format!("cannot start a fabric thread: {e}"));
-        threads.push(
-            std::thread::Builder::new()
-                .name("fabric-root-down".into())
-                .spawn(move || root_down(root_tx, weights, ts, chunk))
-                .map_err(spawn_err)?,
-        );
-        threads.push(
-            std::thread::Builder::new()
-                .name("fabric-root-up".into())
-                .spawn(move || root_up(root_rx, grad_pool, to_store, stats_tx))
-                .map_err(spawn_err)?,
-        );
         let mut shards = Vec::with_capacity(n);
         for (w, link) in worker_links.into_iter().enumerate() {
             let (tx, rx) = unbounded();
@@ -617,7 +728,7 @@ impl FabricTrainer {
                 train: train.clone(),
                 eval: eval.clone(),
             };
-            threads.extend(spawn_worker(w, link, setup, Shards::Dealt(rx))?);
+            threads.extend(spawn_worker(w, link, setup, Shards::Dealt(rx), Arc::new(AtomicBool::new(false)))?);
         }
         Ok(FabricTrainer {
             config,
@@ -626,7 +737,13 @@ impl FabricTrainer {
             micro_batch,
             step: version,
             store_control: StoreControl { control, reply },
+            side,
             stats,
+            root: Some(root),
+            listener,
+            epoch: 0,
+            workers_max: n,
+            recoveries: Vec::new(),
             shards,
             threads,
             store: Some(handle),
@@ -640,14 +757,84 @@ impl FabricTrainer {
         self.micro_batch
     }
 
-    /// The summed statistic of one pass from the tree.
-    fn pass_stats(&self) -> Result<f64, TrainError> {
-        match self.stats.recv() {
-            Ok(Ok(sum)) => Ok(sum),
-            Ok(Err(e)) => Err(TrainError::Config(e)),
-            // The tree went down: the store's reply says why, if it knows.
-            Err(_) => Err(self.store_control.failure()),
+    /// The summed statistic of one pass from the tree, waiting at most
+    /// `fabric.step_timeout_s` (0: no limit).
+    fn pass_stats(&self) -> Result<f64, String> {
+        let limit = self.config.fabric.step_timeout_s;
+        let r = if limit == 0 {
+            self.stats.recv().map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected)
+        } else {
+            self.stats.recv_timeout(Duration::from_secs(limit))
+        };
+        match r {
+            Ok(r) => r,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                // A member stopped answering: the pass ends here, and the tree with it.
+                let reason = format!("no answer from the tree within fabric.step_timeout_s = {limit}");
+                let _ = self.side.to_store.send(ToStore::Abort { epoch: self.epoch, reason: reason.clone() });
+                if let Some(k) = self.root.as_ref().and_then(|r| r.kill.as_ref()) {
+                    let _ = k.send(true);
+                }
+                Err(reason)
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err("the fabric stopped".into()),
         }
+    }
+
+    /// After a loss: retires the root, forms the tree again from the
+    /// processes that rejoin, and tells the store its new shape.
+    fn reform(&mut self, why: &str) -> Result<(), TrainError> {
+        let Some(listener) = self.listener.as_ref() else {
+            // Threads of this process do not come back: the loss is a bug's.
+            return Err(TrainError::Config(format!("fabric: {why}")));
+        };
+        if let Some(root) = self.root.take() {
+            root.state.store(ROOT_DETACHING, Ordering::SeqCst);
+            let _ = root.stop.send(());
+            if let Some(k) = &root.kill {
+                let _ = k.send(true);
+            }
+            let _ = root.down.join();
+            let _ = root.up.join();
+        }
+        // What the old tree left: weights never sent, statistics never read.
+        while let Ok(d) = self.side.weights.try_recv() {
+            if let Down::Weights(m) = d {
+                let _ = self.side.to_store.send(ToStore::Release(m.data));
+            }
+        }
+        while self.stats.try_recv().is_ok() {}
+        let (b, mb) = (self.config.train.batch_size, self.micro_batch);
+        let fits = |w: usize| b.is_multiple_of(w) && (b / w).is_multiple_of(mb);
+        let deadline = Duration::from_secs(self.config.fabric.join_timeout_s);
+        let rt = self.runtime.as_ref().expect("running");
+        let run = self.config.to_toml();
+        let fanout = self.config.fabric.fanout;
+        let admit = ws_fabric::rendezvous::admit_survivors(
+            listener,
+            fanout,
+            self.workers_max,
+            &fits,
+            &run,
+            REJOIN_QUIET,
+            deadline,
+        );
+        let (tree, link) = rt.block_on(admit).map_err(fabric_error)?;
+        self.epoch += 1;
+        let train = Schedule::new(self.spec.layer_count(), b / tree.workers / mb, true);
+        let micro_batches = b / tree.workers / mb;
+        self.store_control.send(Control::Reshape { train, micro_batches, epoch: self.epoch })?;
+        let Reply::Reshaped = self.store_control.recv_reply()? else { unreachable!("the store answers with Reshaped") };
+        let msg = format!(
+            "fabric: {why}; the tree formed again with {} workers (was {})",
+            tree.workers, self.config.fabric.workers
+        );
+        eprintln!("{msg}");
+        self.recoveries.push(msg);
+        self.config.fabric.workers = tree.workers;
+        self.tree = tree;
+        self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
+        Ok(())
     }
 
     /// Sends each worker its share of `inputs`/`targets` (B*T each);
@@ -680,6 +867,16 @@ impl FabricTrainer {
         // close their links, and the tree drains upwards.
         self.store_control.close();
         self.shards.clear();
+        if let Some(root) = self.root.take() {
+            // The root's receiver clone keeps the weights channel open: the
+            // store thread must end first, so join it before the root.
+            if let Some(h) = self.store.take() {
+                let s = h.join();
+                drop(s);
+            }
+            let _ = root.down.join();
+            let _ = root.up.join();
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -715,42 +912,61 @@ impl Engine for FabricTrainer {
         let start = Instant::now();
         let (b, t) = (self.config.train.batch_size, self.config.seq_len());
         let lr = learning_rate(&self.config.train, self.step);
-        let (mut inputs, mut targets) = (std::mem::take(&mut self.inputs), std::mem::take(&mut self.targets));
-        sample_batch(train, b, t, self.config.train.seed, TRAIN_STREAM, self.step, &mut inputs, &mut targets);
-        let dealt = self.deal(&inputs, &targets);
-        (self.inputs, self.targets) = (inputs, targets);
-        dealt?;
-        self.store_control.send(Control::Train { step: self.step, lr })?;
-        let loss = self.pass_stats()? / (b * t) as f64;
-        let Reply::StepDone { grad_norm } = self.store_control.recv_reply()? else {
-            unreachable!("the store answers a step with StepDone")
-        };
-        self.step += 1;
-        Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens: b * t, seconds: start.elapsed().as_secs_f64() })
+        for _ in 0..STEP_ATTEMPTS_MAX {
+            let (mut inputs, mut targets) = (std::mem::take(&mut self.inputs), std::mem::take(&mut self.targets));
+            sample_batch(train, b, t, self.config.train.seed, TRAIN_STREAM, self.step, &mut inputs, &mut targets);
+            let dealt = self.deal(&inputs, &targets);
+            (self.inputs, self.targets) = (inputs, targets);
+            dealt?;
+            self.store_control.send(Control::Train { step: self.step, lr })?;
+            let stats = self.pass_stats();
+            match (self.store_control.recv_reply()?, stats) {
+                (Reply::StepDone { grad_norm }, Ok(sum)) => {
+                    self.step += 1;
+                    let (loss, seconds) = (sum / (b * t) as f64, start.elapsed().as_secs_f64());
+                    return Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens: b * t, seconds });
+                }
+                (Reply::Aborted(why), _) => self.reform(&format!("step {} aborted: {why}", self.step))?,
+                (Reply::StepDone { .. }, Err(e)) => unreachable!("a complete step without its loss: {e}"),
+                _ => unreachable!("the store answers a step with StepDone or Aborted"),
+            }
+        }
+        Err(TrainError::Config(format!("fabric: step {} failed {STEP_ATTEMPTS_MAX} times", self.step)))
     }
 
     fn evaluate(&mut self, tokens: &[u16], batches: usize) -> Result<f64, TrainError> {
-        let (n, mb, t) = (self.config.fabric.workers, self.micro_batch, self.config.seq_len());
-        let passes = batches.div_ceil(n);
-        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-        for i in 0..passes {
-            // Worker processes sample these themselves.
-            for (w, s) in self.shards.iter().enumerate() {
-                let index = (i * n + w) as u64;
-                sample_batch(tokens, mb, t, self.config.train.seed, VAL_STREAM, index, &mut inputs, &mut targets);
-                let shard = Shard { inputs: inputs.clone(), targets: targets.clone() };
-                s.send(shard).map_err(|_| TrainError::Config(format!("worker {w} stopped")))?;
+        for _ in 0..STEP_ATTEMPTS_MAX {
+            let (n, mb, t) = (self.config.fabric.workers, self.micro_batch, self.config.seq_len());
+            let passes = batches.div_ceil(n);
+            let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+            for i in 0..passes {
+                // Worker processes sample these themselves.
+                for (w, s) in self.shards.iter().enumerate() {
+                    let index = (i * n + w) as u64;
+                    sample_batch(tokens, mb, t, self.config.train.seed, VAL_STREAM, index, &mut inputs, &mut targets);
+                    let shard = Shard { inputs: inputs.clone(), targets: targets.clone() };
+                    s.send(shard).map_err(|_| TrainError::Config(format!("worker {w} stopped")))?;
+                }
+            }
+            self.store_control.send(Control::Eval { batches: passes })?;
+            let mut sum = Ok(0f64);
+            for _ in 0..passes {
+                sum = match (sum, self.pass_stats()) {
+                    (Ok(a), Ok(x)) => Ok(a + x),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
+                if sum.is_err() {
+                    break;
+                }
+            }
+            match (self.store_control.recv_reply()?, sum) {
+                (Reply::EvalDone, Ok(sum)) => return Ok(sum / (passes * n * mb * t) as f64),
+                (Reply::Aborted(why), _) => self.reform(&format!("an evaluation aborted: {why}"))?,
+                (Reply::EvalDone, Err(e)) => unreachable!("a complete evaluation without its losses: {e}"),
+                _ => unreachable!("the store answers an evaluation with EvalDone or Aborted"),
             }
         }
-        self.store_control.send(Control::Eval { batches: passes })?;
-        let mut sum = 0f64;
-        for _ in 0..passes {
-            sum += self.pass_stats()?;
-        }
-        let Reply::EvalDone = self.store_control.recv_reply()? else {
-            unreachable!("the store answers an evaluation with EvalDone")
-        };
-        Ok(sum / (passes * n * mb * t) as f64)
+        Err(TrainError::Config(format!("fabric: an evaluation failed {STEP_ATTEMPTS_MAX} times")))
     }
 
     fn checkpoint(&mut self, run_dir: &Path) -> Result<PathBuf, TrainError> {

@@ -77,20 +77,57 @@ pub enum ToStore {
         index: u64,
         sum: f64,
     },
+    /// The pass cannot complete (the fabric lost a member): drop its
+    /// gradients. Only an abort of the current `epoch` (tree) counts.
+    Abort {
+        epoch: u64,
+        reason: String,
+    },
+}
+
+/// Why a store pass ended early.
+pub(crate) enum PassEnd {
+    Failed(String),
+    Aborted(String),
+}
+
+impl From<String> for PassEnd {
+    fn from(e: String) -> PassEnd {
+        PassEnd::Failed(e)
+    }
 }
 
 pub(crate) enum Control {
-    Train { step: u64, lr: f64 },
-    Eval { batches: usize },
-    Checkpoint { dir: PathBuf, run_toml: String },
+    Train {
+        step: u64,
+        lr: f64,
+    },
+    Eval {
+        batches: usize,
+    },
+    Checkpoint {
+        dir: PathBuf,
+        run_toml: String,
+    },
     Snapshot,
+    /// A new tree: its workers' schedule, the contributions per step, and its epoch.
+    Reshape {
+        train: Schedule,
+        micro_batches: usize,
+        epoch: u64,
+    },
 }
 
 pub(crate) enum Reply {
-    StepDone { grad_norm: f64 },
+    StepDone {
+        grad_norm: f64,
+    },
     EvalDone,
     Checkpointed(Manifest),
     Snapshot(Box<(Params, Params, Params)>),
+    /// The pass was aborted and its gradients dropped; the store is as before it.
+    Aborted(String),
+    Reshaped,
     Failed(String),
 }
 
@@ -160,17 +197,32 @@ pub(crate) struct StoreThread {
     pub(crate) dtype: Precision,
     pub(crate) train: Schedule,
     pub(crate) eval: Schedule,
+    /// The tree the store is serving (see `ToStore::Abort`).
+    pub(crate) epoch: u64,
 }
 
 impl StoreThread {
     pub(crate) fn run(mut self, control: Receiver<Control>, reply: Sender<Reply>) -> Store {
         while let Ok(c) = control.recv() {
             let r = match c {
-                Control::Train { step, lr } => {
-                    self.pass(true, step).map(|_| Reply::StepDone { grad_norm: self.store.finish_step(lr) })
-                }
-                Control::Eval { batches } => {
-                    (0..batches as u64).try_for_each(|i| self.pass(false, i)).map(|_| Reply::EvalDone)
+                Control::Train { step, lr } => match self.pass(true, step) {
+                    Ok(()) => Ok(Reply::StepDone { grad_norm: self.store.finish_step(lr) }),
+                    Err(PassEnd::Aborted(why)) => {
+                        self.store.abandon_step().map(|_| Reply::Aborted(why)).map_err(|e| e.to_string())
+                    }
+                    Err(PassEnd::Failed(e)) => Err(e),
+                },
+                Control::Eval { batches } => match (0..batches as u64).try_for_each(|i| self.pass(false, i)) {
+                    Ok(()) => Ok(Reply::EvalDone),
+                    Err(PassEnd::Aborted(why)) => Ok(Reply::Aborted(why)),
+                    Err(PassEnd::Failed(e)) => Err(e),
+                },
+                Control::Reshape { train, micro_batches, epoch } => {
+                    self.store.set_micro_batches(micro_batches);
+                    self.store.set_access_sequence(&train.layer_sequence());
+                    self.train = train;
+                    self.epoch = epoch;
+                    Ok(Reply::Reshaped)
                 }
                 Control::Checkpoint { dir, run_toml } => {
                     self.store.checkpoint(&dir, &run_toml).map(Reply::Checkpointed).map_err(|e| e.to_string())
@@ -187,7 +239,7 @@ impl StoreThread {
         self.store
     }
 
-    fn handle(&mut self, m: ToStore, sched: &Schedule, step: u64, grads_left: &mut usize) -> Result<(), String> {
+    fn handle(&mut self, m: ToStore, sched: &Schedule, step: u64, grads_left: &mut usize) -> Result<(), PassEnd> {
         match m {
             ToStore::Release(w) => self.free.push(w),
             ToStore::Grads { step: s, use_index, layer, len, data } => {
@@ -196,18 +248,21 @@ impl StoreThread {
                     s == step && u.layer == layer && u.sends_gradients(sched.training),
                     "gradients out of schedule"
                 );
-                self.store.accumulate(layer, &data[..len]).map_err(|e| e.to_string())?;
+                self.store.accumulate(layer, &data[..len]).map_err(|e| PassEnd::Failed(e.to_string()))?;
                 *grads_left -= 1;
                 let _ = self.grad_return.send(data);
             }
             ToStore::Stats { .. } => unreachable!("statistics end at the fabric's root"),
+            ToStore::Abort { epoch, reason } if epoch == self.epoch => return Err(PassEnd::Aborted(reason)),
+            // An abort of a tree already replaced.
+            ToStore::Abort { .. } => {}
         }
         Ok(())
     }
 
     /// Sends every use's weights of one pass and takes its gradients; `index`
     /// is the step (training) or the evaluation pass.
-    fn pass(&mut self, training: bool, index: u64) -> Result<(), String> {
+    fn pass(&mut self, training: bool, index: u64) -> Result<(), PassEnd> {
         let sched = if training { self.train.clone() } else { self.eval.clone() };
         let step = if training { index } else { u64::MAX };
         self.to_worker.send(Down::Begin(PassStart { training, index })).map_err(|_| "worker stopped".to_string())?;
@@ -251,6 +306,8 @@ pub(crate) struct StoreEnds {
     pub to_store: Sender<ToStore>,
     /// Gradient buffers to fill (k+1 of them circulate).
     pub grad_pool: Receiver<Vec<f32>>,
+    /// Where a gradient buffer goes back to that pool without reaching the store.
+    pub grad_return: Sender<Vec<f32>>,
     pub handle: JoinHandle<Store>,
 }
 
@@ -284,12 +341,13 @@ pub(crate) fn spawn_store(
         store,
         to_worker,
         from_worker,
-        grad_return,
+        grad_return: grad_return.clone(),
         free,
         buffers,
         dtype,
         train: train.clone(),
         eval: eval.clone(),
+        epoch: 0,
     };
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = if config.store.threads == 0 { cores } else { config.store.threads };
@@ -302,7 +360,7 @@ pub(crate) fn spawn_store(
         .name("store".into())
         .spawn(move || pool.install(move || thread.run(control_rx, reply_tx)))
         .map_err(|e| TrainError::Config(format!("cannot start the store thread: {e}")))?;
-    Ok(StoreEnds { control, reply, weights, to_store, grad_pool, handle })
+    Ok(StoreEnds { control, reply, weights, to_store, grad_pool, grad_return, handle })
 }
 
 /// The driver's side of the store thread: requests and their replies.
@@ -390,7 +448,7 @@ impl StreamingTrainer {
         let eval = Schedule::new(layers, 1, false);
         store.set_access_sequence(&train.layer_sequence());
         let version = store.version;
-        let StoreEnds { control, reply, weights, to_store, grad_pool, handle } =
+        let StoreEnds { control, reply, weights, to_store, grad_pool, handle, .. } =
             spawn_store(&config, store, &train, &eval)?;
         let cpu = if config.train.device == "cuda" {
             // The GPU computes; this CPU workspace stays unused.
@@ -468,7 +526,8 @@ impl StreamingTrainer {
                 Err(crate::gpu::PassError::Gpu(e)) => Err(e),
             };
         }
-        let io = PassIo { weights: &self.weights, to_store: &self.to_store, grad_pool: &self.grad_pool };
+        let io =
+            PassIo { weights: &self.weights, to_store: &self.to_store, grad_pool: &self.grad_pool, stats_index: None };
         match self.cpu.pass(&self.spec, sched, step, inputs, targets, mb, t, dloss_scale, &io) {
             Ok(loss) => Ok(loss),
             Err(StoreStopped) => Err(self.failure()),
@@ -504,6 +563,10 @@ pub(crate) struct PassIo<'a> {
     pub weights: &'a Receiver<Down>,
     pub to_store: &'a Sender<ToStore>,
     pub grad_pool: &'a Receiver<Vec<f32>>,
+    /// Send the loss sum as `Stats` with this index once the last head use
+    /// is done, before the gradients of the backward uses (fabric workers:
+    /// a step whose every gradient arrived has its loss too).
+    pub stats_index: Option<u64>,
 }
 
 /// The store (or the link towards it) went away mid-pass.
@@ -542,6 +605,7 @@ impl CpuWorker {
         io: &PassIo,
     ) -> Result<f64, StoreStopped> {
         let training = sched.training;
+        let last_head = sched.uses.iter().rposition(|u| u.pass == Pass::Head).expect("a pass has a head");
         let mut loss = 0f64;
         for (j, u) in sched.uses.iter().enumerate() {
             let msg = recv_weights(io.weights).ok_or(StoreStopped)?;
@@ -588,6 +652,9 @@ impl CpuWorker {
                 }
             }
             io.to_store.send(ToStore::Release(msg.data)).map_err(|_| StoreStopped)?;
+            if let (true, Some(index)) = (j == last_head, io.stats_index) {
+                io.to_store.send(ToStore::Stats { index, sum: loss }).map_err(|_| StoreStopped)?;
+            }
         }
         Ok(loss)
     }
