@@ -164,6 +164,14 @@ fn bad_input_gets_a_one_line_error_and_exit_status_1() {
         assert_one_line_error(&["train", "--set", "train.device=cuda"], "--features cuda");
         assert_one_line_error(&["bench", "cuda"], "--features cuda");
     }
+    // A worker needs the cluster secret, and one that cannot reach its
+    // store gives up after its limit, saying so.
+    assert_one_line_error(&["worker", "--store", "127.0.0.1:1"], "the fabric needs a cluster secret");
+    std::fs::write(p("secret"), "a-cluster-secret-of-32-bytes-0123\n").unwrap();
+    assert_one_line_error(
+        &["worker", "--store", "127.0.0.1:1", "--secret-file", &p("secret"), "--timeout", "1"],
+        "cannot reach 127.0.0.1:1",
+    );
     // The fabric's shape.
     assert_one_line_error(&["train", "--workers", "3"], "fabric.workers (3) must be between 1 and 4096 and divide");
     assert_one_line_error(&["train", "--workers", "2", "--fanout", "1"], "fabric.fanout = 1 is outside 2..=16");

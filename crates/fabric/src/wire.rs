@@ -324,6 +324,20 @@ pub fn frame_of(h: &Header, payload: Bytes) -> Frame {
     }
 }
 
+/// Decodes one whole frame from `bytes` (header, then payload) as the TCP
+/// reader does, checking everything: the entry point of the fuzz target.
+pub fn decode_frame(bytes: &[u8], key: &MacKey, expected_seq: u64, payload_max: usize) -> Result<Frame, FabricError> {
+    let raw = bytes
+        .get(..HEADER_BYTES)
+        .ok_or_else(|| FabricError::Frame(format!("{} bytes, a truncated header", bytes.len())))?;
+    let h = decode_header(raw, payload_max)?;
+    let payload = bytes.get(HEADER_BYTES..HEADER_BYTES + h.len as usize).ok_or_else(|| {
+        FabricError::Frame(format!("a truncated payload ({} of {} bytes)", bytes.len() - HEADER_BYTES, h.len))
+    })?;
+    verify(&h, raw, payload, key, expected_seq)?;
+    Ok(frame_of(&h, Bytes::copy_from_slice(payload)))
+}
+
 /// Keys of one connection, per direction.
 #[derive(Clone)]
 pub struct SessionKeys {
@@ -521,6 +535,18 @@ mod tests {
         odd.total = 3;
         let ho = encode_header(&odd, 0, &key, false);
         assert!(decode_header(&ho, 1 << 20).unwrap_err().to_string().contains("splits"));
+    }
+
+    #[test]
+    fn whole_frames_decode_and_truncations_are_refused() {
+        let key = MacKey::new(b"k");
+        let f = sample();
+        let mut bytes = encode_header(&f, 3, &key, true).to_vec();
+        bytes.extend_from_slice(&f.payload);
+        assert_eq!(decode_frame(&bytes, &key, 3, 1 << 20).unwrap(), f);
+        for cut in [0, 10, HEADER_BYTES, bytes.len() - 1] {
+            assert!(decode_frame(&bytes[..cut], &key, 3, 1 << 20).unwrap_err().to_string().contains("truncated"));
+        }
     }
 
     /// A deterministic stand-in for the fuzz target (fuzz/): random and
