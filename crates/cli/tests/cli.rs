@@ -325,3 +325,50 @@ fn a_worker_without_the_cluster_secret_is_refused() {
     assert!(stderr.contains("authentication failed"), "{stderr}");
     assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{stderr}");
 }
+
+/// `cluster` stops every process it started on Ctrl-C (SIGINT) and says so.
+#[test]
+fn ctrl_c_stops_the_whole_cluster() {
+    let dir = tmp("ctrl-c");
+    let mut sets = small_run_sets(&dir);
+    sets.push("train.steps=100000".into());
+    let mut args = train_args(&sets);
+    args[0] = "cluster".into();
+    let child = Command::new(env!("CARGO_BIN_EXE_weightstream"))
+        .args(&args)
+        .current_dir(ROOT)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Its store, one fabric node and two workers.
+    let children = || -> Vec<u32> {
+        // /proc/PID/stat: "pid (comm) state ppid ..."; comm has no ')' here.
+        let mut v = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+            let Some((head, rest)) = stat.rsplit_once(") ") else { continue };
+            let ppid: u32 = rest.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+            let state = rest.split_whitespace().next().unwrap_or("");
+            if ppid == pid && state != "Z" {
+                v.push(head.split_whitespace().next().unwrap().parse().unwrap());
+            }
+        }
+        v
+    };
+    let start = std::time::Instant::now();
+    while children().len() < 4 && start.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let started = children();
+    assert_eq!(started.len(), 4, "the cluster's processes: {started:?}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted: every process of the cluster was stopped"), "{stderr}");
+    assert!(children().is_empty() && started.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()));
+}
