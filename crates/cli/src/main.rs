@@ -26,40 +26,49 @@ struct Cli {
     command: Command,
 }
 
+/// What `train` and `store` take.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A TOML run configuration (see README); keys not given keep their defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. --set train.steps=500 --set preset=small (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run in this directory from its last checkpoint (same
+    /// configuration and data order; --set may change e.g. train.steps).
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Data-parallel workers behind the broadcast-reduce fabric (same as --set fabric.workers=N).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Children per fabric node, 2 to 16 (same as --set fabric.fanout=F).
+    #[arg(long)]
+    fanout: Option<usize>,
+}
+
+impl RunArgs {
+    /// Trains with these arguments and `extra` overrides after them.
+    fn train(mut self, extra: &[String]) -> commands::Result<()> {
+        self.set.extend(self.workers.map(|n| format!("fabric.workers={n}")));
+        self.set.extend(self.fanout.map(|f| format!("fabric.fanout={f}")));
+        self.set.extend_from_slice(extra);
+        commands::train(self.config.as_deref(), &self.set, self.resume.as_deref())
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a GPT-2 model (default: the `tiny` preset on the bundled Shakespeare corpus).
     Train {
-        /// A TOML run configuration (see README); keys not given keep their defaults.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override one key, e.g. --set train.steps=500 --set preset=small (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Continue the run in this directory from its last checkpoint (same
-        /// configuration and data order; --set may change e.g. train.steps).
-        #[arg(long, value_name = "RUN_DIR")]
-        resume: Option<PathBuf>,
-        /// Data-parallel workers behind the broadcast-reduce fabric (same as --set fabric.workers=N).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Children per fabric node, 2 to 16 (same as --set fabric.fanout=F).
-        #[arg(long)]
-        fanout: Option<usize>,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// The store of a multi-process run: trains like `train`, with its fabric
     /// nodes and workers as separate processes that join it at --listen.
     Store {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        #[arg(long, value_name = "RUN_DIR")]
-        resume: Option<PathBuf>,
-        #[arg(long)]
-        workers: Option<usize>,
-        #[arg(long)]
-        fanout: Option<usize>,
+        #[command(flatten)]
+        run: RunArgs,
         /// Where nodes and workers join (fabric.bind); 0.0.0.0:PORT for other machines.
         #[arg(long, env = "WEIGHTSTREAM_LISTEN", default_value = "127.0.0.1:7070")]
         listen: String,
@@ -183,16 +192,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, mut set, resume, workers, fanout } => {
-            set.extend(workers.map(|n| format!("fabric.workers={n}")));
-            set.extend(fanout.map(|f| format!("fabric.fanout={f}")));
-            commands::train(config.as_deref(), &set, resume.as_deref())
-        }
-        Command::Store { config, mut set, resume, workers, fanout, listen } => {
-            set.extend(workers.map(|n| format!("fabric.workers={n}")));
-            set.extend(fanout.map(|f| format!("fabric.fanout={f}")));
-            set.extend(["fabric.transport=tcp".into(), "fabric.launch=join".into(), format!("fabric.bind={listen}")]);
-            commands::train(config.as_deref(), &set, resume.as_deref())
+        Command::Train { run } => run.train(&[]),
+        Command::Store { run, listen } => {
+            run.train(&["fabric.transport=tcp".into(), "fabric.launch=join".into(), format!("fabric.bind={listen}")])
         }
         Command::Fabric { store, bind, secret_file, timeout } => {
             cluster::node(&store, &bind, secret_file.as_deref(), timeout)
