@@ -115,6 +115,9 @@ pub enum BenchCommand {
         repeats: usize,
         #[arg(long)]
         latency: bool,
+        /// MAC every payload byte (fabric.mac_payload), not just headers.
+        #[arg(long)]
+        mac_payload: bool,
     },
     /// The receiving process of bench fabric's raw TCP measurement.
     #[command(hide = true)]
@@ -167,8 +170,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             bench_sparsity(&levels, repeats.max(1), tokens.max(1));
             Ok(())
         }
-        BenchCommand::Fabric { workers, fanout, bytes, transport, chunk_bytes, repeats, latency } => {
-            crate::bench_fabric::run(workers, fanout, bytes, &transport, chunk_bytes, repeats.max(1), latency)
+        BenchCommand::Fabric { workers, fanout, bytes, transport, chunk_bytes, repeats, latency, mac_payload } => {
+            let r = repeats.max(1);
+            crate::bench_fabric::run(workers, fanout, bytes, &transport, chunk_bytes, r, latency, mac_payload)
         }
         BenchCommand::TcpSink { addr, bytes, repeats } => crate::bench_fabric::tcp_sink(&addr, bytes, repeats),
         BenchCommand::Gemm { repeats, threads } => {

@@ -24,8 +24,9 @@ use ws_train::{RunConfig, TrainError};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
-fn config(workers: usize, fanout: usize, transport: &str, chunk_bytes: usize) -> Result<RunConfig> {
+fn config(workers: usize, fanout: usize, transport: &str, chunk_bytes: usize, mac_payload: bool) -> Result<RunConfig> {
     let mut c = RunConfig::preset("tiny")?;
+    c.fabric.mac_payload = mac_payload;
     c.fabric.workers = workers;
     c.fabric.fanout = fanout;
     c.fabric.transport = transport.into();
@@ -214,11 +215,12 @@ pub fn run(
     chunk_bytes: usize,
     repeats: usize,
     latency: bool,
+    mac_payload: bool,
 ) -> Result<()> {
     if latency {
         let mut n = 1;
         while n <= workers {
-            let c = config(n, fanout, transport, chunk_bytes)?;
+            let c = config(n, fanout, transport, chunk_bytes, mac_payload)?;
             let depth = Tree::new(n, fanout).map_err(TrainError::Config)?.depth();
             let us = step_latency(&c, 200)?;
             println!(
@@ -230,7 +232,7 @@ pub fn run(
         }
         return Ok(());
     }
-    let c = config(workers, fanout, transport, chunk_bytes)?;
+    let c = config(workers, fanout, transport, chunk_bytes, mac_payload)?;
     let tcp = raw_tcp(bytes, chunk_bytes, repeats)?;
     let (down, up) = throughput(&c, bytes, repeats)?;
     let (tcp, down, up) = (median(tcp), median(down), median(up));
@@ -240,7 +242,7 @@ pub fn run(
     println!(
         "{}",
         serde_json::json!({"bench": "fabric", "workers": workers, "fanout": fanout, "transport": transport,
-            "bytes": bytes, "chunk_bytes": chunk_bytes, "repeats": repeats,
+            "bytes": bytes, "chunk_bytes": chunk_bytes, "repeats": repeats, "mac_payload": mac_payload,
             "broadcast_bytes_per_s": round(down), "reduce_bytes_per_s": round(up), "tcp_bytes_per_s": round(tcp),
             "broadcast_vs_tcp": round(down / tcp), "reduce_vs_tcp": round(up / tcp), "edges": edges,
             "broadcast_edge_bytes_per_s_vs_tcp": round(edges as f64 * down / tcp),

@@ -29,33 +29,60 @@ pub fn reduce(frames: &[Frame]) -> Result<Frame, FabricError> {
     if first.kind != Kind::Grads && first.kind != Kind::Stats {
         return Err(FabricError::Protocol(format!("a {:?} frame travelling up", first.kind)));
     }
-    let n = first.payload.len();
     let payload = match first.dtype {
-        Dtype::F32 => {
-            let mut acc: Vec<f32> = decode_f32(&first.payload);
-            for f in &frames[1..] {
-                for (a, b) in acc.iter_mut().zip(f.payload.chunks_exact(4)) {
-                    *a += f32::from_le_bytes(b.try_into().expect("4 bytes"));
-                }
-            }
-            Bytes::from(acc.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
-        }
-        Dtype::F64 => {
-            let mut acc: Vec<f64> =
-                first.payload.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
-            for f in &frames[1..] {
-                for (a, b) in acc.iter_mut().zip(f.payload.chunks_exact(8)) {
-                    *a += f64::from_le_bytes(b.try_into().expect("8 bytes"));
-                }
-            }
-            Bytes::from(acc.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
-        }
+        Dtype::F32 => sum_into_owned::<f32>(frames),
+        Dtype::F64 => sum_into_owned::<f64>(frames),
         other => return Err(FabricError::Protocol(format!("cannot sum {other:?} chunks"))),
     };
-    debug_assert_eq!(payload.len(), n);
     Ok(Frame { payload, ..first.clone() })
 }
 
+/// A sum buffer handed to `Bytes` without re-encoding it (the wire is
+/// little-endian, as is every target we build for).
+struct Sum<T>(Vec<T>);
+
+impl<T: Copy> AsRef<[u8]> for Sum<T> {
+    fn as_ref(&self) -> &[u8] {
+        const { assert!(cfg!(target_endian = "little")) };
+        // SAFETY: f32 and f64 have no padding; any initialized value is valid bytes.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), std::mem::size_of_val(self.0.as_slice())) }
+    }
+}
+
+/// The element types a node sums, read from little-endian bytes.
+trait Element: Copy + std::ops::AddAssign + Send + Sync + 'static {
+    const SIZE: usize;
+    fn le(b: &[u8]) -> Self;
+}
+
+impl Element for f32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn le(b: &[u8]) -> f32 {
+        f32::from_le_bytes(b.try_into().expect("4 bytes"))
+    }
+}
+
+impl Element for f64 {
+    const SIZE: usize = 8;
+    #[inline(always)]
+    fn le(b: &[u8]) -> f64 {
+        f64::from_le_bytes(b.try_into().expect("8 bytes"))
+    }
+}
+
+/// child 0 + child 1 + ... in that order, element by element.
+fn sum_into_owned<T: Element>(frames: &[Frame]) -> Bytes {
+    let mut acc: Vec<T> = frames[0].payload.chunks_exact(T::SIZE).map(T::le).collect();
+    for f in &frames[1..] {
+        for (a, b) in acc.iter_mut().zip(f.payload.chunks_exact(T::SIZE)) {
+            *a += T::le(b);
+        }
+    }
+    Bytes::from_owner(Sum(acc))
+}
+
+#[cfg(test)]
 fn decode_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
 }
