@@ -19,6 +19,7 @@ pub mod chunk;
 pub mod link;
 pub mod node;
 pub mod rendezvous;
+pub mod sim;
 pub mod tcp;
 pub mod topology;
 pub mod wire;

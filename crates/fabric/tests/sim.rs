@@ -15,58 +15,15 @@
 //! applied no partial sum: its weights are those after the step before.
 //! A failing seed is printed; `WS_SIM_SEED=S` runs that one alone.
 
-use std::time::Duration;
 use ws_fabric::chunk::{f32_bytes, f32_bytes_mut, frames, Assembler, MessageId};
-use ws_fabric::link::inproc_pair;
-use ws_fabric::{Dtype, Frame, Kind, Link, LinkRx, LinkTx, PassStart, Tree};
+use ws_fabric::sim::sim_pair;
+use ws_fabric::{Dtype, Frame, Kind, Link, PassStart, Tree};
 
 const LAYERS: usize = 3;
 const LAYER_PARAMS: usize = 1000;
 /// Bytes per chunk: several chunks per layer.
 const CHUNK: usize = 512;
 const CREDITS: usize = 2;
-
-/// A small seeded generator (xorshift*), so the simulation needs nothing else.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-/// One direction of a simulated wire: frames leave in order, each after a
-/// seeded delay of up to `max_us` (0: at once).
-fn wire(mut from: LinkRx, to: LinkTx, seed: u64, max_us: u64) {
-    tokio::spawn(async move {
-        let mut rng = Rng::new(seed);
-        while let Some(f) = from.recv().await {
-            if max_us > 0 {
-                tokio::time::sleep(Duration::from_micros(rng.next() % max_us)).await;
-            }
-            if to.send(f).await.is_err() {
-                return;
-            }
-        }
-    });
-}
-
-/// Two ends joined by a simulated wire each way.
-fn sim_pair(seed: u64, max_us: u64) -> (Link, Link) {
-    let (a, a_wire) = inproc_pair(CREDITS, "a", "wire");
-    let (b_wire, b) = inproc_pair(CREDITS, "wire", "b");
-    let (Link { tx: to_a, rx: from_a }, Link { tx: to_b, rx: from_b }) = (a_wire, b_wire);
-    wire(from_a, to_b, seed, max_us);
-    wire(from_b, to_a, seed ^ 0xABCD, max_us);
-    (a, b)
-}
 
 /// A worker's gradient for a layer: a fixed function of what it received.
 fn gradient(worker: usize, step: u64, weights: &[f32]) -> Vec<f32> {
@@ -164,7 +121,7 @@ fn simulate(
         let mut down: Vec<Vec<Link>> = (0..n).map(|_| Vec::new()).collect();
         for (p, pos) in tree.positions.iter().enumerate() {
             for &c in &pos.children {
-                let (a, b) = sim_pair(seed.wrapping_mul(1000).wrapping_add(c as u64), max_us);
+                let (a, b) = sim_pair(CREDITS, seed.wrapping_mul(1000).wrapping_add(c as u64), max_us);
                 down[p].push(a);
                 up[c] = Some(b);
             }

@@ -89,10 +89,28 @@ const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Builds the tree's links and starts its nodes on `rt`: returns the store's
 /// link (to its one child) and each worker's link (to its parent).
+/// A simulated network in place of the configured transport (tests):
+/// every link delays each frame by a seeded amount below `max_delay_us`.
+#[derive(Clone, Copy, Debug)]
+pub struct Simulated {
+    pub seed: u64,
+    pub max_delay_us: u64,
+}
+
 pub fn build_tree(
     tree: &Tree,
     config: &RunConfig,
     rt: &tokio::runtime::Runtime,
+) -> Result<(Link, Vec<Link>), TrainError> {
+    build_tree_on(tree, config, rt, None)
+}
+
+/// [`build_tree`], over a simulated network when `sim` says so.
+pub fn build_tree_on(
+    tree: &Tree,
+    config: &RunConfig,
+    rt: &tokio::runtime::Runtime,
+    sim: Option<Simulated>,
 ) -> Result<(Link, Vec<Link>), TrainError> {
     let f = &config.fabric;
     let n = tree.positions.len();
@@ -104,7 +122,17 @@ pub fn build_tree(
     // At each position: the link to its parent, and those to its children in order.
     let mut up: Vec<Option<Link>> = (0..n).map(|_| None).collect();
     let mut down: Vec<Vec<Link>> = (0..n).map(|_| Vec::new()).collect();
-    if f.transport == "inproc" {
+    if let Some(s) = sim {
+        let _runtime = rt.enter();
+        for (p, pos) in tree.positions.iter().enumerate() {
+            for &c in &pos.children {
+                let seed = s.seed.wrapping_mul(0x1_0000).wrapping_add(c as u64);
+                let (a, b) = ws_fabric::sim::sim_pair(f.chunks_in_flight, seed, s.max_delay_us);
+                down[p].push(a);
+                up[c] = Some(b);
+            }
+        }
+    } else if f.transport == "inproc" {
         for (p, pos) in tree.positions.iter().enumerate() {
             for &c in &pos.children {
                 let (a, b) = ws_fabric::link::inproc_pair(f.chunks_in_flight, &name(p), &name(c));
@@ -680,7 +708,26 @@ pub struct FabricTrainer {
 
 impl FabricTrainer {
     /// Starts the store thread over `store`, the tree and the workers.
-    pub fn start(config: RunConfig, mut store: Store, micro_batch: usize) -> Result<FabricTrainer, TrainError> {
+    pub fn start(config: RunConfig, store: Store, micro_batch: usize) -> Result<FabricTrainer, TrainError> {
+        FabricTrainer::start_on(config, store, micro_batch, None)
+    }
+
+    /// [`Self::start`] with the tree over a simulated network (tests).
+    pub fn start_simulated(
+        config: RunConfig,
+        store: Store,
+        micro_batch: usize,
+        sim: Simulated,
+    ) -> Result<FabricTrainer, TrainError> {
+        FabricTrainer::start_on(config, store, micro_batch, Some(sim))
+    }
+
+    fn start_on(
+        config: RunConfig,
+        mut store: Store,
+        micro_batch: usize,
+        sim: Option<Simulated>,
+    ) -> Result<FabricTrainer, TrainError> {
         config.validate()?;
         let spec = store.spec().clone();
         let n = config.fabric.workers;
@@ -709,7 +756,7 @@ impl FabricTrainer {
             listener = Some(l);
             (link, Vec::new())
         } else {
-            build_tree(&tree, &config, &runtime)?
+            build_tree_on(&tree, &config, &runtime, sim)?
         };
         let StoreEnds { control, reply, weights, to_store, grad_pool, grad_return, handle } =
             spawn_store(&config, store, &train, &eval)?;

@@ -1,7 +1,9 @@
 //! Data parallel through the fabric (issue 4's equivalence tests): N
 //! workers (1, 2, 3, 4, 7) at fan-out 2 and 4 train the same global batch.
-//! - In-process channels and TCP on loopback give the same weights bit for
-//!   bit, and so does a repeated run: the tree sums in child order.
+//! - In-process channels, TCP on loopback and a simulated network (seeded
+//!   delays on every link, so chunks arrive interleaved differently) give
+//!   the same weights bit for bit, and so does a repeated run: the tree sums
+//!   in child order.
 //! - Against the single-process resident run (every weight in one process,
 //!   micro-batches added one after another) only the order of the sum
 //!   differs: the losses agree to 1e-6 relative and each tensor's update
@@ -11,7 +13,7 @@
 mod common;
 
 use ws_model::{Gpt2Config, ModelSpec, Params};
-use ws_train::fabric::FabricTrainer;
+use ws_train::fabric::{FabricTrainer, Simulated};
 use ws_train::stream::create_store;
 use ws_train::{Engine, RunConfig, Trainer};
 
@@ -55,11 +57,14 @@ struct Run {
     params: Params,
 }
 
-fn fabric_run(c: &RunConfig, name: &str) -> Run {
+fn fabric_run(c: &RunConfig, name: &str, sim: Option<Simulated>) -> Run {
     let spec = ModelSpec::new(c.model);
     let mb = c.micro_batch();
     let store = create_store(c, &spec, &tmp(name), c.train.batch_size / c.fabric.workers / mb).unwrap();
-    let mut t = FabricTrainer::start(c.clone(), store, mb).unwrap();
+    let mut t = match sim {
+        Some(s) => FabricTrainer::start_simulated(c.clone(), store, mb, s).unwrap(),
+        None => FabricTrainer::start(c.clone(), store, mb).unwrap(),
+    };
     let data = tokens();
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for _ in 0..STEPS {
@@ -101,10 +106,12 @@ fn n_workers_over_channels_and_tcp_agree_bit_for_bit_and_with_the_resident_run()
         let (want, init) = resident_run(workers);
         for fanout in [2, 4] {
             let what = format!("N={workers} F={fanout}");
-            let a = fabric_run(&config(workers, fanout, "inproc"), &format!("a{workers}-{fanout}"));
-            let b = fabric_run(&config(workers, fanout, "inproc"), &format!("b{workers}-{fanout}"));
-            let t = fabric_run(&config(workers, fanout, "tcp"), &format!("t{workers}-{fanout}"));
-            for (name, other) in [("repeat", &b), ("tcp", &t)] {
+            let a = fabric_run(&config(workers, fanout, "inproc"), &format!("a{workers}-{fanout}"), None);
+            let b = fabric_run(&config(workers, fanout, "inproc"), &format!("b{workers}-{fanout}"), None);
+            let t = fabric_run(&config(workers, fanout, "tcp"), &format!("t{workers}-{fanout}"), None);
+            let sim = Simulated { seed: (workers * 10 + fanout) as u64, max_delay_us: 100 };
+            let s = fabric_run(&config(workers, fanout, "inproc"), &format!("s{workers}-{fanout}"), Some(sim));
+            for (name, other) in [("repeat", &b), ("tcp", &t), ("simulated network", &s)] {
                 assert_eq!(a.losses, other.losses, "{what} {name}: losses");
                 assert_eq!(a.norms, other.norms, "{what} {name}: gradient norms");
                 assert_eq!(a.val, other.val, "{what} {name}: validation loss");
