@@ -6,7 +6,9 @@
 //! forms with two workers, step 2 runs again, and the run completes. Its
 //! weights equal, byte for byte, those of a run that had three workers for
 //! steps 0 and 1 and two from step 2 on (a three-worker run resumed with
-//! `--workers 2`): no partial update was applied.
+//! `--workers 2`): no partial update was applied. With a replacement worker
+//! joining after the crash, the tree forms again with three, and the run
+//! equals one that never lost a worker.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,13 +81,35 @@ fn a_worker_killed_mid_step_costs_the_step_not_the_run() {
     c.args(["--set", "train.steps=4"]);
     run_ok(c);
 
-    // The run with a fault.
     let faulty = tmp("faulty");
+    let stderr = run_with_a_crash(&faulty, false);
+    assert!(stderr.contains("step 2 aborted"), "{stderr}");
+    assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
+    assert!(final_weights(&faulty) == final_weights(&reference), "the recovered run differs from the reference");
+}
+
+#[test]
+fn a_replacement_worker_takes_the_lost_ones_place() {
+    let reference = tmp("uninterrupted");
+    let mut c = bin();
+    c.args(["train", "--workers", "3", "--fanout", "2"]);
+    with_sets(&mut c, &sets(&reference, 4));
+    run_ok(c);
+    let replaced = tmp("replaced");
+    let stderr = run_with_a_crash(&replaced, true);
+    assert!(stderr.contains("the tree formed again with 3 workers (was 3)"), "{stderr}");
+    assert!(final_weights(&replaced) == final_weights(&reference), "the run with a replacement differs");
+}
+
+/// A store, two nodes and three workers, one of which dies after step 2's
+/// use 4; with `replace`, a new worker is started as soon as it is gone.
+/// Returns the store's stderr (the store must succeed).
+fn run_with_a_crash(faulty: &Path, replace: bool) -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let store_addr = format!("127.0.0.1:{port}");
     let mut store = bin();
     store.args(["store", "--listen", &store_addr, "--workers", "3", "--fanout", "2"]);
-    with_sets(&mut store, &sets(&faulty, 4));
+    with_sets(&mut store, &sets(faulty, 4));
     let store = store.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut others: Vec<Child> = Vec::new();
     for _ in 0..2 {
@@ -93,16 +117,21 @@ fn a_worker_killed_mid_step_costs_the_step_not_the_run() {
         n.args(["fabric", "--store", &store_addr, "--timeout", "60"]).stderr(Stdio::null());
         others.push(n.spawn().unwrap());
     }
-    for w in 0..3 {
+    let worker = || {
         let mut c = bin();
         c.args(["worker", "--store", &store_addr, "--timeout", "60"]).stderr(Stdio::null());
-        if w == 1 {
-            // Step 2, after use 4: the head's and the last block's
-            // gradients of the first micro-batch have gone up (and, summed
-            // with the others', into the store's accumulators).
-            c.env("WEIGHTSTREAM_FAULT_EXIT_AFTER", "2:4");
-        }
-        others.push(c.spawn().unwrap());
+        c
+    };
+    for _ in 0..2 {
+        others.push(worker().spawn().unwrap());
+    }
+    // Step 2, after use 4: the head's and the last block's gradients of
+    // the first micro-batch have gone up (and, summed with the others',
+    // into the store's accumulators).
+    let mut victim = worker().env("WEIGHTSTREAM_FAULT_EXIT_AFTER", "2:4").spawn().unwrap();
+    assert_eq!(victim.wait().unwrap().code(), Some(137), "the victim did not die as planned");
+    if replace {
+        others.push(worker().spawn().unwrap());
     }
     let out = store.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -111,7 +140,5 @@ fn a_worker_killed_mid_step_costs_the_step_not_the_run() {
         let _ = o.wait();
     }
     assert!(out.status.success(), "the store failed:\n{stderr}");
-    assert!(stderr.contains("step 2 aborted"), "{stderr}");
-    assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
-    assert!(final_weights(&faulty) == final_weights(&reference), "the recovered run differs from the reference");
+    stderr
 }
