@@ -172,7 +172,7 @@ pub fn tcp_options(config: &RunConfig, may_invent: bool) -> Result<TcpOptions, T
         s.into_bytes()
     } else if may_invent {
         let mut s = vec![0u8; 32];
-        getrandom_fill(&mut s)?;
+        ws_fabric::wire::random_fill(&mut s).map_err(|e| TrainError::Config(e.to_string()))?;
         s
     } else {
         return Err(TrainError::Config(
@@ -187,10 +187,6 @@ pub fn tcp_options(config: &RunConfig, may_invent: bool) -> Result<TcpOptions, T
     };
     opts.check().map_err(|e| TrainError::Config(e.to_string()))?;
     Ok(opts)
-}
-
-fn getrandom_fill(s: &mut [u8]) -> Result<(), TrainError> {
-    ws_fabric::wire::random_fill(s).map_err(|e| TrainError::Config(e.to_string()))
 }
 
 type Links = (Vec<Option<Link>>, Vec<Vec<Link>>);
@@ -696,8 +692,6 @@ pub struct FabricTrainer {
     epoch: u64,
     /// The workers the run started with: a tree formed again has at most as many.
     workers_max: usize,
-    /// Steps and evaluations run again after a loss, with why.
-    pub recoveries: Vec<String>,
     shards: Vec<Sender<Shard>>,
     threads: Vec<JoinHandle<()>>,
     store: Option<JoinHandle<Store>>,
@@ -790,7 +784,6 @@ impl FabricTrainer {
             listener,
             epoch: 0,
             workers_max: n,
-            recoveries: Vec::new(),
             shards,
             threads,
             store: Some(handle),
@@ -868,16 +861,14 @@ impl FabricTrainer {
         );
         let (tree, link) = rt.block_on(admit).map_err(fabric_error)?;
         self.epoch += 1;
-        let train = Schedule::new(self.spec.layer_count(), b / tree.workers / mb, true);
         let micro_batches = b / tree.workers / mb;
+        let train = Schedule::new(self.spec.layer_count(), micro_batches, true);
         self.store_control.send(Control::Reshape { train, micro_batches, epoch: self.epoch })?;
         let Reply::Reshaped = self.store_control.recv_reply()? else { unreachable!("the store answers with Reshaped") };
-        let msg = format!(
+        eprintln!(
             "fabric: {why}; the tree formed again with {} workers (was {})",
             tree.workers, self.config.fabric.workers
         );
-        eprintln!("{msg}");
-        self.recoveries.push(msg);
         self.config.fabric.workers = tree.workers;
         self.tree = tree;
         self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
