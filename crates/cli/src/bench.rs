@@ -118,6 +118,9 @@ pub enum BenchCommand {
         /// MAC every payload byte (fabric.mac_payload), not just headers.
         #[arg(long)]
         mac_payload: bool,
+        /// The store runs the top node itself (fabric.top_in_store).
+        #[arg(long)]
+        top_in_store: bool,
     },
     /// The receiving process of bench fabric's raw TCP measurement.
     #[command(hide = true)]
@@ -170,9 +173,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             bench_sparsity(&levels, repeats.max(1), tokens.max(1));
             Ok(())
         }
-        BenchCommand::Fabric { workers, fanout, bytes, transport, chunk_bytes, repeats, latency, mac_payload } => {
-            let r = repeats.max(1);
-            crate::bench_fabric::run(workers, fanout, bytes, &transport, chunk_bytes, r, latency, mac_payload)
+        BenchCommand::Fabric {
+            workers,
+            fanout,
+            bytes,
+            transport,
+            chunk_bytes,
+            repeats,
+            latency,
+            mac_payload,
+            top_in_store,
+        } => {
+            let flags = crate::bench_fabric::Flags { latency, mac_payload, top_in_store };
+            crate::bench_fabric::run(workers, fanout, bytes, &transport, chunk_bytes, repeats.max(1), flags)
         }
         BenchCommand::TcpSink { addr, bytes, repeats } => crate::bench_fabric::tcp_sink(&addr, bytes, repeats),
         BenchCommand::Gemm { repeats, threads } => {

@@ -24,9 +24,10 @@ use ws_train::{RunConfig, TrainError};
 
 type Result<T> = std::result::Result<T, TrainError>;
 
-fn config(workers: usize, fanout: usize, transport: &str, chunk_bytes: usize, mac_payload: bool) -> Result<RunConfig> {
+fn config(workers: usize, fanout: usize, transport: &str, chunk_bytes: usize, flags: Flags) -> Result<RunConfig> {
     let mut c = RunConfig::preset("tiny")?;
-    c.fabric.mac_payload = mac_payload;
+    c.fabric.mac_payload = flags.mac_payload;
+    c.fabric.top_in_store = flags.top_in_store;
     c.fabric.workers = workers;
     c.fabric.fanout = fanout;
     c.fabric.transport = transport.into();
@@ -207,6 +208,14 @@ pub fn tcp_sink(addr: &str, bytes: usize, repeats: usize) -> Result<()> {
     Ok(())
 }
 
+/// Switches of `bench fabric`.
+#[derive(Clone, Copy)]
+pub struct Flags {
+    pub latency: bool,
+    pub mac_payload: bool,
+    pub top_in_store: bool,
+}
+
 pub fn run(
     workers: usize,
     fanout: usize,
@@ -214,13 +223,12 @@ pub fn run(
     transport: &str,
     chunk_bytes: usize,
     repeats: usize,
-    latency: bool,
-    mac_payload: bool,
+    flags: Flags,
 ) -> Result<()> {
-    if latency {
+    if flags.latency {
         let mut n = 1;
         while n <= workers {
-            let c = config(n, fanout, transport, chunk_bytes, mac_payload)?;
+            let c = config(n, fanout, transport, chunk_bytes, flags)?;
             let depth = Tree::new(n, fanout).map_err(TrainError::Config)?.depth();
             let us = step_latency(&c, 200)?;
             println!(
@@ -232,17 +240,19 @@ pub fn run(
         }
         return Ok(());
     }
-    let c = config(workers, fanout, transport, chunk_bytes, mac_payload)?;
+    let c = config(workers, fanout, transport, chunk_bytes, flags)?;
     let tcp = raw_tcp(bytes, chunk_bytes, repeats)?;
     let (down, up) = throughput(&c, bytes, repeats)?;
     let (tcp, down, up) = (median(tcp), median(down), median(up));
-    // Every edge of the tree carries all the bytes; on one machine they all
-    // share its cores, so the per-edge rate is what compares with one stream.
-    let edges = Tree::new(workers, fanout).map_err(TrainError::Config)?.positions.len() - 1;
+    // Every network edge of the tree carries all the bytes; on one machine
+    // they all share its cores, so the per-edge rate is what compares with
+    // one stream. (The store's in-process link to a top node it runs is not one.)
+    let t = Tree::new(workers, fanout).map_err(TrainError::Config)?;
+    let edges = t.positions.len() - 1 - usize::from(flags.top_in_store && t.inner_nodes() > 0);
     println!(
         "{}",
         serde_json::json!({"bench": "fabric", "workers": workers, "fanout": fanout, "transport": transport,
-            "bytes": bytes, "chunk_bytes": chunk_bytes, "repeats": repeats, "mac_payload": mac_payload,
+            "bytes": bytes, "chunk_bytes": chunk_bytes, "repeats": repeats, "mac_payload": flags.mac_payload, "top_in_store": flags.top_in_store,
             "broadcast_bytes_per_s": round(down), "reduce_bytes_per_s": round(up), "tcp_bytes_per_s": round(tcp),
             "broadcast_vs_tcp": round(down / tcp), "reduce_vs_tcp": round(up / tcp), "edges": edges,
             "broadcast_edge_bytes_per_s_vs_tcp": round(edges as f64 * down / tcp),

@@ -78,6 +78,8 @@ pub fn run(workers: usize, fanout: usize, config: Option<&Path>, sets: &[String]
         "fabric.transport=tcp".into(),
         "fabric.launch=join".into(),
         format!("fabric.bind={store_addr}"),
+        // One machine: the store runs the top node, one loopback edge fewer.
+        "fabric.top_in_store=true".into(),
     ]);
     // Bad configuration fails here, in one line, before any process starts.
     RunConfig::resolve(config, &store_sets)?.validate()?;
@@ -100,7 +102,7 @@ pub fn run(workers: usize, fanout: usize, config: Option<&Path>, sets: &[String]
     if let Some(c) = config {
         store_args.extend(["--config".into(), c.display().to_string()]);
     }
-    for s in sets {
+    for s in sets.iter().chain(std::iter::once(&"fabric.top_in_store=true".to_string())) {
         store_args.extend(["--set".into(), s.clone()]);
     }
     store_args.extend([
@@ -125,7 +127,8 @@ pub fn run(workers: usize, fanout: usize, config: Option<&Path>, sets: &[String]
         })
         .map_err(|e| TrainError::Config(format!("cannot watch for Ctrl-C: {e}")))?;
     let mut children: Vec<(String, Child)> = vec![("store".into(), spawn(store_args)?)];
-    for i in 0..tree.inner_nodes() {
+    let nodes = ws_fabric::rendezvous::node_processes(&tree, true);
+    for i in 0..nodes {
         let args = vec!["fabric".into(), "--store".into(), store_addr.clone()];
         children.push((format!("fabric node {i}"), spawn(args)?));
     }
@@ -134,8 +137,8 @@ pub fn run(workers: usize, fanout: usize, config: Option<&Path>, sets: &[String]
         children.push((format!("worker {w}"), spawn(args)?));
     }
     eprintln!(
-        "cluster: a store at {store_addr}, {} fabric nodes and {workers} workers (fan-out {fanout}), {threads} threads each",
-        tree.inner_nodes()
+        "cluster: a store at {store_addr} (with the top node), {nodes} fabric nodes and {workers} workers \
+         (fan-out {fanout}), {threads} threads each"
     );
     let store_status = loop {
         if interrupted.load(Ordering::SeqCst) {

@@ -116,25 +116,58 @@ async fn refuse(j: Joined, why: &str) {
     let _ = j.link.tx.send(control(&Reply::Refused { refused: why.to_string() })).await;
 }
 
+/// The node positions that separate processes take: all of them, or all
+/// but the top one when the store runs the top node itself.
+pub fn process_nodes(tree: &Tree, top_in_store: bool) -> std::ops::RangeInclusive<usize> {
+    let skip = usize::from(top_in_store && tree.inner_nodes() > 0);
+    1 + skip..=tree.inner_nodes()
+}
+
+/// How many fabric node processes a tree needs.
+pub fn node_processes(tree: &Tree, top_in_store: bool) -> usize {
+    process_nodes(tree, top_in_store).count()
+}
+
+/// Accepts the children of `me` (their hellos name their positions), in child order.
+async fn accept_children(listener: &Listener, tree: &Tree, me: usize) -> Result<Vec<Link>, FabricError> {
+    let children = &tree.positions[me].children;
+    let mut got: Vec<Option<Link>> = (0..children.len()).map(|_| None).collect();
+    while got.iter().any(Option::is_none) {
+        let (link, hello, from) = listener.accept().await?;
+        match children.iter().position(|&c| c == hello.position as usize) {
+            Some(i) if got[i].is_none() => got[i] = Some(link),
+            _ => tracing::warn!("{from} named position {}, not a free child of {me}; refused", hello.position),
+        }
+    }
+    Ok(got.into_iter().map(|l| l.expect("all accepted")).collect())
+}
+
 /// Assigns positions in join order (nodes top first, workers by index),
-/// tells everyone, and returns the data link of the store's one child.
+/// tells everyone, and returns the data link of the store's one child
+/// (with `top_in_store`, an in-process link to the top node, which this
+/// process then runs).
 async fn form(
     listener: &Listener,
     tree: &Tree,
     nodes: Vec<Joined>,
     workers: Vec<Joined>,
     run: &str,
+    top_in_store: bool,
 ) -> Result<Link, FabricError> {
-    assert!(nodes.len() == tree.inner_nodes() && workers.len() == tree.workers);
-    let mut joined: Vec<(usize, Joined)> =
-        tree.nodes().zip(nodes).chain((0..tree.workers).map(|w| tree.worker_position(w)).zip(workers)).collect();
+    let hosted = top_in_store && tree.inner_nodes() > 0;
+    assert!(nodes.len() == node_processes(tree, top_in_store) && workers.len() == tree.workers);
+    let mut joined: Vec<(usize, Joined)> = process_nodes(tree, top_in_store)
+        .zip(nodes)
+        .chain((0..tree.workers).map(|w| tree.worker_position(w)).zip(workers))
+        .collect();
     let mut listen = vec![None; tree.positions.len()];
     for (p, j) in &joined {
         listen[*p] = j.listen.clone();
     }
     for (p, j) in joined.iter_mut() {
         let parent = tree.positions[*p].parent.expect("not the store");
-        let addr = if parent == 0 { j.store_addr.to_string() } else { listen[parent].clone().expect("nodes listen") };
+        let at_store = parent == 0 || (hosted && parent == 1);
+        let addr = if at_store { j.store_addr.to_string() } else { listen[parent].clone().expect("nodes listen") };
         let a = Assignment {
             position: *p as u32,
             parent: addr,
@@ -145,6 +178,16 @@ async fn form(
         j.link.tx.send(control(&Reply::Assigned(a))).await?;
     }
     drop(joined);
+    if hosted {
+        let children = accept_children(listener, tree, 1).await?;
+        let (root, parent) = crate::link::inproc_pair(listener.credits(), "store", "node 1");
+        tokio::spawn(async move {
+            if let Err(e) = crate::node::run(parent, children, "node 1 (in the store)".into()).await {
+                tracing::warn!("{e}");
+            }
+        });
+        return Ok(root);
+    }
     let top = tree.positions[0].children[0];
     loop {
         let (link, hello, from) = listener.accept().await?;
@@ -165,25 +208,26 @@ pub async fn admit(
     listener: &Listener,
     tree: &Tree,
     run: &str,
+    top_in_store: bool,
     deadline: Duration,
     mut on_join: impl FnMut(&str),
 ) -> Result<Link, FabricError> {
+    let want_nodes = node_processes(tree, top_in_store);
     let work = async {
         let (mut nodes, mut workers): (Vec<Joined>, Vec<Joined>) = (Vec::new(), Vec::new());
-        while nodes.len() < tree.inner_nodes() || workers.len() < tree.workers {
+        while nodes.len() < want_nodes || workers.len() < tree.workers {
             let Some((role, j)) = accept_join(listener).await? else { continue };
-            let (list, want) =
-                if role == ROLE_NODE { (&mut nodes, tree.inner_nodes()) } else { (&mut workers, tree.workers) };
+            let (list, want) = if role == ROLE_NODE { (&mut nodes, want_nodes) } else { (&mut workers, tree.workers) };
             if list.len() == want {
-                refuse(j, &format!("the tree is full ({} nodes, {} workers)", tree.inner_nodes(), tree.workers)).await;
+                refuse(j, &format!("the tree is full ({want_nodes} nodes, {} workers)", tree.workers)).await;
                 continue;
             }
             on_join(&format!("a {} joined", if role == ROLE_NODE { "fabric node" } else { "worker" }));
             list.push(j);
         }
-        form(listener, tree, nodes, workers, run).await
+        form(listener, tree, nodes, workers, run, top_in_store).await
     };
-    let need = format!("it needs {} fabric nodes and {} workers to join", tree.inner_nodes(), tree.workers);
+    let need = format!("it needs {want_nodes} fabric nodes and {} workers to join", tree.workers);
     tokio::time::timeout(deadline, work).await.map_err(|_| not_formed(deadline, need))?
 }
 
@@ -197,6 +241,7 @@ pub async fn admit_survivors(
     workers_max: usize,
     fits: &(dyn Fn(usize) -> bool + Sync),
     run: &str,
+    top_in_store: bool,
     quiet: Duration,
     deadline: Duration,
 ) -> Result<(Tree, Link), FabricError> {
@@ -215,7 +260,7 @@ pub async fn admit_survivors(
         }
         let shape = (1..=workers.len().min(workers_max)).rev().find_map(|w| {
             let t = Tree::new(w, fanout).ok()?;
-            (fits(w) && t.inner_nodes() <= nodes.len()).then_some(t)
+            (fits(w) && node_processes(&t, top_in_store) <= nodes.len()).then_some(t)
         });
         let Some(tree) = shape else {
             let why = format!("{} workers and {} nodes make no tree this run can use", workers.len(), nodes.len());
@@ -224,10 +269,11 @@ pub async fn admit_survivors(
             }
             return Err(FabricError::Protocol(why));
         };
-        for j in nodes.drain(tree.inner_nodes()..).chain(workers.drain(tree.workers..)) {
+        let want_nodes = node_processes(&tree, top_in_store);
+        for j in nodes.drain(want_nodes..).chain(workers.drain(tree.workers..)) {
             refuse(j, "the tree formed again without this process").await;
         }
-        let link = form(listener, &tree, nodes, workers, run).await?;
+        let link = form(listener, &tree, nodes, workers, run, top_in_store).await?;
         Ok((tree, link))
     };
     tokio::time::timeout(deadline, work).await.map_err(|_| not_formed(deadline, "no worker rejoined".into()))?
@@ -274,19 +320,8 @@ pub async fn run_node(
     if me >= tree.positions.len() || tree.positions[me].role != Role::Node {
         return Err(FabricError::Protocol(format!("position {me} is not a fabric node of this tree")));
     }
-    let children = tree.positions[me].children.clone();
     let up = tcp::connect(&a.parent, opts, Hello { role: ROLE_NODE, position: a.position }, deadline);
-    let down = async {
-        let mut got: Vec<Option<Link>> = (0..children.len()).map(|_| None).collect();
-        while got.iter().any(Option::is_none) {
-            let (link, hello, from) = listener.accept().await?;
-            match children.iter().position(|&c| c == hello.position as usize) {
-                Some(i) if got[i].is_none() => got[i] = Some(link),
-                _ => tracing::warn!("{from} named position {}, not a free child of {me}; refused", hello.position),
-            }
-        }
-        Ok::<_, FabricError>(got.into_iter().map(|l| l.expect("all accepted")).collect::<Vec<_>>())
-    };
+    let down = accept_children(listener, &tree, me);
     let (up, down) = tokio::join!(up, tokio::time::timeout(deadline, down));
     let down =
         down.map_err(|_| FabricError::Io(format!("node {me}: its children did not connect within {deadline:?}")))??;

@@ -69,6 +69,11 @@ impl Listener {
         Ok(Listener { inner, opts })
     }
 
+    /// The flow-control credit of this listener's links.
+    pub fn credits(&self) -> usize {
+        self.opts.credits
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr().expect("a bound listener has an address")
     }

@@ -61,6 +61,10 @@ pub struct FabricSection {
     /// Seconds a pass may go without its result before the store gives up
     /// on the tree and forms it again (launch = "join"); 0: no limit.
     pub step_timeout_s: u64,
+    /// The store's process runs the top broadcast-reduce node itself: one
+    /// network edge fewer (faster on one machine), but the store then sends
+    /// and receives F streams instead of one (`cluster` sets it).
+    pub top_in_store: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -226,6 +230,7 @@ impl RunConfig {
                 launch: "threads".into(),
                 join_timeout_s: 300,
                 step_timeout_s: 1800,
+                top_in_store: false,
             },
         })
     }

@@ -142,7 +142,9 @@ pub fn build_tree_on(
         }
     } else {
         let opts = tcp_options(config, true)?;
-        let (u, d) = rt.block_on(tcp_links(tree, &opts, &f.bind)).map_err(|e| TrainError::Config(e.to_string()))?;
+        let in_store = f.top_in_store && tree.inner_nodes() > 0;
+        let (u, d) =
+            rt.block_on(tcp_links(tree, &opts, &f.bind, in_store)).map_err(|e| TrainError::Config(e.to_string()))?;
         (up, down) = (u, d);
     }
     for id in tree.nodes() {
@@ -192,10 +194,12 @@ pub fn tcp_options(config: &RunConfig, may_invent: bool) -> Result<TcpOptions, T
 type Links = (Vec<Option<Link>>, Vec<Vec<Link>>);
 
 /// Every parent listens; every child connects and proves the secret; each
-/// parent orders its children by the positions their hellos name.
-async fn tcp_links(tree: &Tree, opts: &TcpOptions, bind: &str) -> Result<Links, FabricError> {
+/// parent orders its children by the positions their hellos name. With
+/// `top_in_store`, the store's link to the top node (position 1) is in-process.
+async fn tcp_links(tree: &Tree, opts: &TcpOptions, bind: &str, top_in_store: bool) -> Result<Links, FabricError> {
     let n = tree.positions.len();
-    let parents: Vec<usize> = (0..n).filter(|&p| !tree.positions[p].children.is_empty()).collect();
+    let parents: Vec<usize> =
+        (0..n).filter(|&p| !tree.positions[p].children.is_empty() && !(top_in_store && p == 0)).collect();
     let mut addrs = vec![String::new(); n];
     let mut listeners = Vec::new();
     for &p in &parents {
@@ -204,7 +208,7 @@ async fn tcp_links(tree: &Tree, opts: &TcpOptions, bind: &str) -> Result<Links, 
         listeners.push((p, l));
     }
     let mut connecting = Vec::new();
-    for c in 1..n {
+    for c in (1..n).filter(|&c| !(top_in_store && c == 1)) {
         let addr = addrs[tree.positions[c].parent.expect("not the store")].clone();
         let o = opts.clone();
         let hello = Hello { role: 1, position: c as u32 };
@@ -230,6 +234,11 @@ async fn tcp_links(tree: &Tree, opts: &TcpOptions, bind: &str) -> Result<Links, 
         down[p] = got.into_iter().map(|l| l.expect("each child accepted once")).collect();
     }
     let mut up: Vec<Option<Link>> = (0..n).map(|_| None).collect();
+    if top_in_store {
+        let (a, b) = ws_fabric::link::inproc_pair(opts.credits, "store", "node 1");
+        down[0] = vec![a];
+        up[1] = Some(b);
+    }
     for (c, h) in connecting {
         up[c] = Some(h.await.map_err(|e| FabricError::Io(e.to_string()))??);
     }
@@ -737,15 +746,17 @@ impl FabricTrainer {
             let l = runtime
                 .block_on(Listener::bind(&config.fabric.bind, tcp_options(&config, false)?))
                 .map_err(fabric_error)?;
+            let top_in_store = config.fabric.top_in_store;
             eprintln!(
                 "store: waiting at {} for {} workers and {} fabric nodes to join",
                 l.local_addr(),
                 tree.workers,
-                tree.inner_nodes()
+                ws_fabric::rendezvous::node_processes(&tree, top_in_store)
             );
             let deadline = Duration::from_secs(config.fabric.join_timeout_s);
             let run = config.to_toml();
-            let admit = ws_fabric::rendezvous::admit(&l, &tree, &run, deadline, |m| tracing::info!("{m}"));
+            let admit =
+                ws_fabric::rendezvous::admit(&l, &tree, &run, top_in_store, deadline, |m| tracing::info!("{m}"));
             let link = runtime.block_on(admit).map_err(fabric_error)?;
             listener = Some(l);
             (link, Vec::new())
@@ -856,6 +867,7 @@ impl FabricTrainer {
             self.workers_max,
             &fits,
             &run,
+            self.config.fabric.top_in_store,
             REJOIN_QUIET,
             deadline,
         );

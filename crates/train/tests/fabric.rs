@@ -32,6 +32,9 @@ fn config(workers: usize, fanout: usize, transport: &str) -> RunConfig {
     c.fabric.workers = workers;
     c.fabric.fanout = fanout;
     c.fabric.transport = transport.into();
+    // Over TCP, the store runs the top node (an in-process link to it); the
+    // process tests cover the other arrangement.
+    c.fabric.top_in_store = transport == "tcp";
     // Small chunks, so every tensor crosses the tree in several pieces.
     c.fabric.chunk_bytes = 4096;
     c.fabric.chunks_in_flight = 4;
