@@ -199,7 +199,7 @@ type Links = (Vec<Option<Link>>, Vec<Vec<Link>>);
 async fn tcp_links(tree: &Tree, opts: &TcpOptions, bind: &str, top_in_store: bool) -> Result<Links, FabricError> {
     let n = tree.positions.len();
     let parents: Vec<usize> =
-        (0..n).filter(|&p| !tree.positions[p].children.is_empty() && !(top_in_store && p == 0)).collect();
+        (0..n).filter(|&p| !(tree.positions[p].children.is_empty() || top_in_store && p == 0)).collect();
     let mut addrs = vec![String::new(); n];
     let mut listeners = Vec::new();
     for &p in &parents {
