@@ -94,6 +94,12 @@ fn throughput(c: &RunConfig, bytes: usize, repeats: usize) -> Result<(Vec<f64>, 
                     }
                 }
             }
+            // Stay until the run ends, as a worker does.
+            while let Some(f) = rx.recv().await {
+                if f.kind == Kind::Shutdown {
+                    break;
+                }
+            }
         });
     }
     let workers = c.fabric.workers;

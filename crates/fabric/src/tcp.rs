@@ -14,11 +14,10 @@
 use crate::link::{LinkRx, LinkTx};
 use crate::wire::{self, Hello, SessionKeys, HEADER_BYTES};
 use crate::{FabricError, Frame, Kind, Link};
-use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -206,11 +205,19 @@ async fn read_loop(
             Err(e) => return Err(FabricError::Io(format!("reading: {e}"))),
         }
         let h = wire::decode_header(&raw, opts.payload_max)?;
-        let mut payload = vec![0u8; h.len as usize];
-        rd.read_exact(&mut payload).await.map_err(|e| FabricError::Frame(format!("a truncated payload: {e}")))?;
+        // Read straight into fresh capacity (no zeroing first).
+        let mut payload = bytes::BytesMut::with_capacity(h.len as usize);
+        while payload.len() < h.len as usize {
+            let mut part = (&mut rd).take((h.len as usize - payload.len()) as u64);
+            match part.read_buf(&mut payload).await {
+                Ok(0) => return Err(FabricError::Frame("a truncated payload: the peer hung up".into())),
+                Ok(_) => {}
+                Err(e) => return Err(FabricError::Frame(format!("a truncated payload: {e}"))),
+            }
+        }
         wire::verify(&h, &raw, &payload, &key, seq)?;
         seq += 1;
-        let f = wire::frame_of(&h, Bytes::from(payload));
+        let f = wire::frame_of(&h, payload.freeze());
         if f.kind == Kind::Credit {
             let n = usize::try_from(f.step).unwrap_or(usize::MAX);
             if n == 0 || n > opts.credits || window.available_permits() + n > opts.credits {
@@ -230,8 +237,10 @@ async fn read_loop(
     }
 }
 
+/// Writes header and payload in one vectored write where the socket takes
+/// it (one system call per frame, and no small packet for the header alone).
 async fn write_frame(
-    w: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
     f: &Frame,
     seq: &mut u64,
     key: &wire::MacKey,
@@ -239,21 +248,29 @@ async fn write_frame(
 ) -> Result<(), FabricError> {
     let h = wire::encode_header(f, *seq, key, mac_payload);
     *seq += 1;
-    let io = |e: std::io::Error| FabricError::Io(format!("writing: {e}"));
-    w.write_all(&h).await.map_err(io)?;
-    w.write_all(&f.payload).await.map_err(io)?;
+    let (mut a, mut b): (&[u8], &[u8]) = (&h, &f.payload);
+    while !a.is_empty() || !b.is_empty() {
+        let n = w
+            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+            .await
+            .map_err(|e| FabricError::Io(format!("writing: {e}")))?;
+        if n == 0 {
+            return Err(FabricError::Io("writing: the connection takes no more bytes".into()));
+        }
+        let k = n.min(a.len());
+        (a, b) = (&a[k..], &b[n - k..]);
+    }
     Ok(())
 }
 
 async fn write_loop(
-    wr: tokio::net::tcp::OwnedWriteHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
     key: wire::MacKey,
     opts: &TcpOptions,
     mut frames: mpsc::Receiver<Frame>,
     mut credits: mpsc::UnboundedReceiver<u32>,
     window: Arc<Semaphore>,
 ) -> Result<(), FabricError> {
-    let mut w = BufWriter::with_capacity(64 << 10, wr);
     let mut seq = 0u64;
     let mut pending: Option<Frame> = None;
     let mut open = true;
@@ -284,12 +301,6 @@ async fn write_loop(
             },
             else => break,
         }
-        // Flush unless another frame can go out at once: bytes left in the
-        // buffer while this side waits for credit would never earn it.
-        let more = !credits.is_empty() || ((pending.is_some() || !frames.is_empty()) && window.available_permits() > 0);
-        if !more {
-            w.flush().await.map_err(|e| FabricError::Io(format!("writing: {e}")))?;
-        }
         if !open && pending.is_none() {
             // The owner closed its side: the peer sees a clean end of stream.
             w.shutdown().await.map_err(|e| FabricError::Io(format!("closing: {e}")))?;
@@ -317,7 +328,7 @@ mod tests {
             layer: 0,
             offset: 0,
             total: 4 * n as u64,
-            payload: Bytes::from(vec![i as u8; 4 * n]),
+            payload: bytes::Bytes::from(vec![i as u8; 4 * n]),
         }
     }
 
