@@ -72,9 +72,10 @@ fn throughput(c: &RunConfig, bytes: usize, repeats: usize) -> Result<(Vec<f64>, 
     let total = frames * chunk.len() as u64;
     let (done_tx, mut done_rx) = mpsc::channel::<()>(leaves.len());
     let (go_tx, go_rx) = watch::channel(0usize);
+    let mut tasks = Vec::new();
     for leaf in leaves {
         let (done, mut go, chunk) = (done_tx.clone(), go_rx.clone(), chunk.clone());
-        rt.spawn(async move {
+        tasks.push(rt.spawn(async move {
             let ws_fabric::Link { tx, mut rx } = leaf;
             for r in 0..repeats {
                 let mut got = 0u64;
@@ -100,7 +101,7 @@ fn throughput(c: &RunConfig, bytes: usize, repeats: usize) -> Result<(Vec<f64>, 
                     break;
                 }
             }
-        });
+        }));
     }
     let workers = c.fabric.workers;
     rt.block_on(async move {
@@ -125,6 +126,11 @@ fn throughput(c: &RunConfig, bytes: usize, repeats: usize) -> Result<(Vec<f64>, 
             up.push(total as f64 / t1.elapsed().as_secs_f64());
         }
         let _ = tx.send(Frame::control(Kind::Shutdown)).await;
+        // The tree ends in order before the runtime goes.
+        for t in tasks {
+            let _ = t.await;
+        }
+        while rx.recv().await.is_some() {}
         Ok((down, up))
     })
 }
@@ -135,16 +141,20 @@ fn step_latency(c: &RunConfig, steps: usize) -> Result<f64> {
     let rt = runtime()?;
     let (root, leaves) = build_tree(&tree, c, &rt)?;
     let chunk = Bytes::from(vec![0u8; 4096]);
+    let mut tasks = Vec::new();
     for leaf in leaves {
         let chunk = chunk.clone();
-        rt.spawn(async move {
+        tasks.push(rt.spawn(async move {
             let ws_fabric::Link { tx, mut rx } = leaf;
             while let Some(f) = rx.recv().await {
+                if f.kind == Kind::Shutdown {
+                    return;
+                }
                 if f.kind == Kind::Weights && tx.send(chunk_frame(Kind::Grads, 0, &chunk, 4096)).await.is_err() {
                     return;
                 }
             }
-        });
+        }));
     }
     rt.block_on(async move {
         let ws_fabric::Link { tx, mut rx } = root;
@@ -159,6 +169,10 @@ fn step_latency(c: &RunConfig, steps: usize) -> Result<f64> {
             }
         }
         let _ = tx.send(Frame::control(Kind::Shutdown)).await;
+        for t in tasks {
+            let _ = t.await;
+        }
+        while rx.recv().await.is_some() {}
         Ok(median(times))
     })
 }
