@@ -82,10 +82,27 @@ fn a_worker_killed_mid_step_costs_the_step_not_the_run() {
     run_ok(c);
 
     let faulty = tmp("faulty");
-    let stderr = run_with_a_crash(&faulty, false);
+    let stderr = run_with_a_crash(&faulty, Fault::Crash);
     assert!(stderr.contains("step 2 aborted"), "{stderr}");
     assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
     assert!(final_weights(&faulty) == final_weights(&reference), "the recovered run differs from the reference");
+
+    // A worker that stops answering instead: the step timeout catches it.
+    let hung = tmp("hung");
+    let stderr = run_with_a_crash(&hung, Fault::Hang);
+    assert!(stderr.contains("step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3"), "{stderr}");
+    assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
+    assert!(final_weights(&hung) == final_weights(&reference), "the run that timed out differs from the reference");
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// The worker dies.
+    Crash,
+    /// The worker dies and a new one is started.
+    CrashAndReplace,
+    /// The worker stops answering (its process stays).
+    Hang,
 }
 
 #[test]
@@ -96,20 +113,20 @@ fn a_replacement_worker_takes_the_lost_ones_place() {
     with_sets(&mut c, &sets(&reference, 4));
     run_ok(c);
     let replaced = tmp("replaced");
-    let stderr = run_with_a_crash(&replaced, true);
+    let stderr = run_with_a_crash(&replaced, Fault::CrashAndReplace);
     assert!(stderr.contains("the tree formed again with 3 workers (was 3)"), "{stderr}");
     assert!(final_weights(&replaced) == final_weights(&reference), "the run with a replacement differs");
 }
 
-/// A store, two nodes and three workers, one of which dies after step 2's
-/// use 4; with `replace`, a new worker is started as soon as it is gone.
-/// Returns the store's stderr (the store must succeed).
-fn run_with_a_crash(faulty: &Path, replace: bool) -> String {
+/// A store, two nodes and three workers, one of which fails after step 2's
+/// use 4 as `fault` says. Returns the store's stderr (it must succeed).
+fn run_with_a_crash(faulty: &Path, fault: Fault) -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let store_addr = format!("127.0.0.1:{port}");
     let mut store = bin();
     store.args(["store", "--listen", &store_addr, "--workers", "3", "--fanout", "2"]);
     with_sets(&mut store, &sets(faulty, 4));
+    store.args(["--set", "fabric.step_timeout_s=3"]);
     let store = store.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut others: Vec<Child> = Vec::new();
     for _ in 0..2 {
@@ -128,9 +145,13 @@ fn run_with_a_crash(faulty: &Path, replace: bool) -> String {
     // Step 2, after use 4: the head's and the last block's gradients of
     // the first micro-batch have gone up (and, summed with the others',
     // into the store's accumulators).
-    let mut victim = worker().env("WEIGHTSTREAM_FAULT_EXIT_AFTER", "2:4").spawn().unwrap();
-    assert_eq!(victim.wait().unwrap().code(), Some(137), "the victim did not die as planned");
-    if replace {
+    if fault == Fault::Hang {
+        others.push(worker().env("WEIGHTSTREAM_FAULT_STALL_AFTER", "2:4").spawn().unwrap());
+    } else {
+        let mut victim = worker().env("WEIGHTSTREAM_FAULT_EXIT_AFTER", "2:4").spawn().unwrap();
+        assert_eq!(victim.wait().unwrap().code(), Some(137), "the victim did not die as planned");
+    }
+    if fault == Fault::CrashAndReplace {
         others.push(worker().spawn().unwrap());
     }
     let out = store.wait_with_output().unwrap();

@@ -26,6 +26,9 @@ pub struct LinkRx {
     rx: mpsc::Receiver<Frame>,
     /// Where a taken frame's credit goes back (TCP); `None` in-process.
     credit: Option<mpsc::UnboundedSender<u32>>,
+    /// Turns true when the peer is gone (TCP: end of stream, error, kill),
+    /// even while frames already received wait to be taken.
+    gone: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 pub struct Link {
@@ -65,7 +68,29 @@ impl LinkTx {
 
 impl LinkRx {
     pub(crate) fn new(rx: mpsc::Receiver<Frame>, credit: Option<mpsc::UnboundedSender<u32>>) -> LinkRx {
-        LinkRx { rx, credit }
+        LinkRx { rx, credit, gone: None }
+    }
+
+    pub(crate) fn with_gone(mut self, gone: tokio::sync::watch::Receiver<bool>) -> LinkRx {
+        self.gone = Some(gone);
+        self
+    }
+
+    /// Resolves once the peer is known to be gone (TCP); never in-process,
+    /// where a gone peer closes the channel itself.
+    pub fn peer_gone(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let gone = self.gone.clone();
+        async move {
+            let Some(mut g) = gone else { return std::future::pending().await };
+            loop {
+                if *g.borrow_and_update() {
+                    return;
+                }
+                if g.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
     }
 
     fn taken(&self, f: &Frame) {

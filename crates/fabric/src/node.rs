@@ -92,13 +92,18 @@ fn decode_f32(b: &[u8]) -> Vec<f32> {
 /// link, so the loss reaches the whole tree).
 pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), FabricError> {
     assert!(!children.is_empty(), "a node has children");
+    let parent_gone = parent.rx.peer_gone();
     let Link { tx: up_tx, rx: mut down_rx } = parent;
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended_down = ended.clone();
+    let lost_name = name.clone();
     let (child_tx, mut child_rx): (Vec<_>, Vec<_>) = children.into_iter().map(|l| (l.tx, l.rx)).unzip();
     let who = name.clone();
     let down = async move {
         let mut shutdown = false;
         while let Some(f) = down_rx.recv().await {
             shutdown = f.kind == Kind::Shutdown;
+            ended_down.store(shutdown, std::sync::atomic::Ordering::SeqCst);
             for c in &child_tx {
                 c.send(f.clone()).await?;
             }
@@ -134,8 +139,20 @@ pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), 
             up_tx.send(reduce(&frames)?).await?;
         }
     };
-    // The first loss ends both directions (and drops every link).
-    tokio::try_join!(down, up).map(|_| ())
+    // The first loss ends both directions (and drops every link). A parent
+    // that goes away before the end also ends them, even while the down
+    // direction waits on a child that stopped reading.
+    let lost_parent = async move {
+        parent_gone.await;
+        if ended.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        FabricError::Closed(format!("{lost_name}: the parent went away before the end of the run"))
+    };
+    tokio::select! {
+        r = async { tokio::try_join!(down, up) } => r.map(|_| ()),
+        e = lost_parent => Err(e),
+    }
 }
 
 #[cfg(test)]

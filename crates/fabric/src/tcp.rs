@@ -150,29 +150,49 @@ fn spawn_link(s: TcpStream, keys: SessionKeys, opts: &TcpOptions, peer: String) 
     let window = Arc::new(Semaphore::new(opts.credits));
     let (o, p) = (opts.clone(), peer.clone());
     let w = window.clone();
+    // Set when this side stops reading: no credit can arrive after that.
+    let no_credit = Arc::new(tokio::sync::Notify::new());
+    let no_credit_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (nc, ncf) = (no_credit.clone(), no_credit_flag.clone());
     let (kill, mut killed) = tokio::sync::watch::channel(false);
+    let (gone_tx, gone_rx) = tokio::sync::watch::channel(false);
     let mut killed2 = killed.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            r = read_loop(rd, keys.recv, &o, in_tx, w.clone()) => if let Err(e) = r {
-                tracing::warn!("connection with {p}: {e}");
-            },
-            _ = until_killed(&mut killed) => {}
+        let owner = in_tx.clone();
+        let peer_gone = tokio::select! {
+            r = read_loop(rd, keys.recv, &o, in_tx, w.clone()) => {
+                if let Err(e) = r {
+                    tracing::warn!("connection with {p}: {e}");
+                }
+                true
+            }
+            _ = until_killed(&mut killed) => true,
+            // The owner let go of its receiving end: stop reading, so that
+            // once the sending end goes too the connection closes and the
+            // peer learns it (a peer waiting for credit would otherwise
+            // wait forever).
+            _ = owner.closed() => false,
+        };
+        // No credit can arrive any more: frames that still have credit go
+        // out; one that would wait for more gives up (a peer that died
+        // closes its socket like one that finished).
+        ncf.store(true, std::sync::atomic::Ordering::SeqCst);
+        nc.notify_one();
+        drop(w);
+        if peer_gone {
+            let _ = gone_tx.send(true);
         }
-        // No credit can arrive any more: a writer waiting for one gives up
-        // (a peer that died closes its socket like one that finished).
-        w.close();
     });
     let (o, p) = (opts.clone(), peer.clone());
     tokio::spawn(async move {
         tokio::select! {
-            r = write_loop(wr, keys.send, &o, out_rx, credit_rx, window) => if let Err(e) = r {
+            r = write_loop(wr, keys.send, &o, out_rx, credit_rx, window, (no_credit, no_credit_flag)) => if let Err(e) = r {
                 tracing::debug!("connection with {p}: {e}");
             },
             _ = until_killed(&mut killed2) => {}
         }
     });
-    Link { tx: LinkTx::new(out_tx, peer).with_kill(kill), rx: LinkRx::new(in_rx, Some(credit_tx)) }
+    Link { tx: LinkTx::new(out_tx, peer).with_kill(kill), rx: LinkRx::new(in_rx, Some(credit_tx)).with_gone(gone_rx) }
 }
 
 /// Resolves when the link's killer says so; never when it is merely
@@ -270,11 +290,16 @@ async fn write_loop(
     mut frames: mpsc::Receiver<Frame>,
     mut credits: mpsc::UnboundedReceiver<u32>,
     window: Arc<Semaphore>,
+    (no_credit, no_credit_flag): (Arc<tokio::sync::Notify>, Arc<std::sync::atomic::AtomicBool>),
 ) -> Result<(), FabricError> {
     let mut seq = 0u64;
     let mut pending: Option<Frame> = None;
     let mut open = true;
     loop {
+        let starved = no_credit_flag.load(std::sync::atomic::Ordering::SeqCst) && window.available_permits() == 0;
+        if pending.is_some() && starved {
+            return Err(FabricError::Closed("the peer stopped reading (no credit can come)".into()));
+        }
         // Credits go back even while this side waits for its own: the two
         // directions never hold each other up.
         tokio::select! {
@@ -288,10 +313,7 @@ async fn write_loop(
                 write_frame(&mut w, &f, &mut seq, &key, opts.mac_payload).await?;
             }
             permit = window.acquire(), if pending.is_some() => {
-                let Ok(permit) = permit else {
-                    return Err(FabricError::Closed("the peer stopped reading (no credit can come)".into()));
-                };
-                permit.forget();
+                permit.expect("the window is never closed").forget();
                 let f = pending.take().expect("guarded");
                 write_frame(&mut w, &f, &mut seq, &key, opts.mac_payload).await?;
             }
@@ -299,6 +321,8 @@ async fn write_loop(
                 Some(f) => pending = Some(f),
                 None => open = false,
             },
+            // Wakes a wait for credit when none can come any more (checked above).
+            _ = no_credit.notified(), if pending.is_some() => {}
             else => break,
         }
         if !open && pending.is_none() {

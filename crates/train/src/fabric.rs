@@ -503,11 +503,14 @@ fn worker_up(
     chunk: usize,
 ) -> Result<(), String> {
     // Fault injection for the fault tests: "STEP:USE" ends this process
-    // abruptly once that use's gradients are out, as a crash would.
-    let exit_after: Option<(u64, usize)> = std::env::var("WEIGHTSTREAM_FAULT_EXIT_AFTER").ok().and_then(|v| {
+    // abruptly once that use's gradients are out, as a crash would (EXIT),
+    // or stops it answering from then on, as a hung machine would (STALL).
+    let at = |name: &str| -> Option<(u64, usize)> {
+        let v = std::env::var(name).ok()?;
         let (s, u) = v.split_once(':')?;
         Some((s.parse().ok()?, u.parse().ok()?))
-    });
+    };
+    let (exit_after, stall_after) = (at("WEIGHTSTREAM_FAULT_EXIT_AFTER"), at("WEIGHTSTREAM_FAULT_STALL_AFTER"));
     while let Ok(m) = from_compute.recv() {
         match m {
             ToStore::Release(w) => {
@@ -531,6 +534,12 @@ fn worker_up(
                     eprintln!("worker: WEIGHTSTREAM_FAULT_EXIT_AFTER={step}:{use_index}: exiting");
                     // SAFETY: ends the process at once, like a crash; nothing is left half-written.
                     unsafe { libc::_exit(137) };
+                }
+                if stall_after == Some((step, use_index)) {
+                    eprintln!("worker: WEIGHTSTREAM_FAULT_STALL_AFTER={step}:{use_index}: no longer answering");
+                    loop {
+                        std::thread::park();
+                    }
                 }
             }
             ToStore::Stats { index, sum } => {
