@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use ws_fabric::{Dtype, Frame, Kind, PassStart, Tree};
-use ws_train::fabric::build_tree;
+use ws_train::fabric::{build_tree, fabric_error, process_runtime};
 use ws_train::{RunConfig, TrainError};
 
 type Result<T> = std::result::Result<T, TrainError>;
@@ -37,14 +37,6 @@ fn config(workers: usize, fanout: usize, transport: &str, chunk_bytes: usize, fl
     Ok(c)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| TrainError::Config(format!("cannot start a runtime: {e}")))
-}
-
 fn chunk_frame(kind: Kind, i: u64, chunk: &Bytes, total: u64) -> Frame {
     Frame {
         kind,
@@ -58,14 +50,10 @@ fn chunk_frame(kind: Kind, i: u64, chunk: &Bytes, total: u64) -> Frame {
     }
 }
 
-fn fabric_err(e: ws_fabric::FabricError) -> TrainError {
-    TrainError::Config(format!("fabric: {e}"))
-}
-
 /// Broadcast and reduce bytes per second through the tree, `repeats` times each.
 fn throughput(c: &RunConfig, bytes: usize, repeats: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let tree = Tree::new(c.fabric.workers, c.fabric.fanout).map_err(TrainError::Config)?;
-    let rt = runtime()?;
+    let rt = process_runtime()?;
     let (root, leaves) = build_tree(&tree, c, &rt)?;
     let chunk = Bytes::from(vec![0u8; c.fabric.chunk_bytes]);
     let frames = bytes.div_ceil(chunk.len()) as u64;
@@ -110,7 +98,7 @@ fn throughput(c: &RunConfig, bytes: usize, repeats: usize) -> Result<(Vec<f64>, 
         for r in 0..repeats {
             let t0 = Instant::now();
             for i in 0..frames {
-                tx.send(chunk_frame(Kind::Weights, i, &chunk, total)).await.map_err(fabric_err)?;
+                tx.send(chunk_frame(Kind::Weights, i, &chunk, total)).await.map_err(fabric_error)?;
             }
             for _ in 0..workers {
                 done_rx.recv().await.ok_or_else(|| TrainError::Config("a worker stopped".into()))?;
@@ -138,7 +126,7 @@ fn throughput(c: &RunConfig, bytes: usize, repeats: usize) -> Result<(Vec<f64>, 
 /// Median microseconds of a lightweight step through a tree of `workers`.
 fn step_latency(c: &RunConfig, steps: usize) -> Result<f64> {
     let tree = Tree::new(c.fabric.workers, c.fabric.fanout).map_err(TrainError::Config)?;
-    let rt = runtime()?;
+    let rt = process_runtime()?;
     let (root, leaves) = build_tree(&tree, c, &rt)?;
     let chunk = Bytes::from(vec![0u8; 4096]);
     let mut tasks = Vec::new();
@@ -161,8 +149,8 @@ fn step_latency(c: &RunConfig, steps: usize) -> Result<f64> {
         let mut times = Vec::with_capacity(steps);
         for s in 0..steps + 10 {
             let t0 = Instant::now();
-            tx.send(Frame::begin(PassStart { training: true, index: s as u64 })).await.map_err(fabric_err)?;
-            tx.send(chunk_frame(Kind::Weights, 0, &chunk, 4096)).await.map_err(fabric_err)?;
+            tx.send(Frame::begin(PassStart { training: true, index: s as u64 })).await.map_err(fabric_error)?;
+            tx.send(chunk_frame(Kind::Weights, 0, &chunk, 4096)).await.map_err(fabric_error)?;
             rx.recv().await.ok_or_else(|| TrainError::Config("the tree closed".into()))?;
             if s >= 10 {
                 times.push(t0.elapsed().as_secs_f64() * 1e6);

@@ -102,17 +102,11 @@ pub fn run(workers: usize, fanout: usize, config: Option<&Path>, sets: &[String]
     if let Some(c) = config {
         store_args.extend(["--config".into(), c.display().to_string()]);
     }
-    for s in sets.iter().chain(std::iter::once(&"fabric.top_in_store=true".to_string())) {
+    // The store runs exactly the configuration validated above.
+    for s in &store_sets {
         store_args.extend(["--set".into(), s.clone()]);
     }
-    store_args.extend([
-        "--workers".into(),
-        workers.to_string(),
-        "--fanout".into(),
-        fanout.to_string(),
-        "--listen".into(),
-        store_addr.clone(),
-    ]);
+    store_args.extend(["--listen".into(), store_addr.clone()]);
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     std::thread::Builder::new()

@@ -245,7 +245,8 @@ async fn tcp_links(tree: &Tree, opts: &TcpOptions, bind: &str, top_in_store: boo
     Ok((up, down))
 }
 
-fn process_runtime() -> Result<tokio::runtime::Runtime, TrainError> {
+/// The fabric's async runtime: two threads carry every link and node of a process.
+pub fn process_runtime() -> Result<tokio::runtime::Runtime, TrainError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -253,7 +254,7 @@ fn process_runtime() -> Result<tokio::runtime::Runtime, TrainError> {
         .map_err(|e| TrainError::Config(format!("cannot start the fabric's runtime: {e}")))
 }
 
-fn fabric_error(e: FabricError) -> TrainError {
+pub fn fabric_error(e: FabricError) -> TrainError {
     TrainError::Config(format!("fabric: {e}"))
 }
 
