@@ -358,7 +358,7 @@ fn bench_streaming(preset: &str, steps: usize, fraction: f64, k: usize, dtype: &
         c.stream.mode = "resident".into();
         Trainer::new(c)?
     };
-    let spec = ws_model::ModelSpec::new(config.model);
+    let spec = config.model_spec()?;
     let dir = std::env::temp_dir().join(format!("ws-bench-store-{}", std::process::id()));
     let mb = ws_train::stream::choose_micro_batch(&config, &spec)?;
     let store = ws_train::stream::create_store(&config, &spec, &dir, b / mb)?;
@@ -481,9 +481,9 @@ fn bench_sparsity(levels: &[f64], repeats: usize, bt: usize) {
             let mut s = Scratch::default();
             let mut dv = vec![0f32; sw.nnz()];
             let sparse_ms = time(&mut || {
-                sparse::forward(&mut out, &x, &sw, Some(&bias), bt);
-                sparse::backward_input(&mut dinp, &g, &sw, bt);
-                sparse::backward_weight(&mut dv, &x, &g, &sw, bt, &mut s);
+                sparse::forward(&mut out, &x, &sw.pattern, &sw.values, Some(&bias), bt);
+                sparse::backward_input(&mut dinp, &g, &sw.pattern, &sw.values, bt);
+                sparse::backward_weight(&mut dv, &x, &g, &sw.pattern, bt, &mut s);
                 ws_kernels::matmul::bias_backward(&mut db, &g, bt, n);
             });
             println!(

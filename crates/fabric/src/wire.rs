@@ -81,6 +81,9 @@ pub enum Kind {
     Credit = 6,
     /// Rendezvous: a JSON message (join request, assignment, refusal).
     Control = 7,
+    /// Down: the sparse tensors' patterns (a safetensors file of bitmaps),
+    /// before the first pass of a tree and after every change.
+    Masks = 8,
 }
 
 impl Kind {
@@ -93,6 +96,7 @@ impl Kind {
             5 => Kind::Shutdown,
             6 => Kind::Credit,
             7 => Kind::Control,
+            8 => Kind::Masks,
             _ => return None,
         })
     }

@@ -25,58 +25,62 @@
 use crate::parallel::SendPtr;
 use rayon::prelude::*;
 
-/// The nonzeros of a `K x N` weight matrix.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SparseWeight {
+/// Where the nonzeros of a `K x N` weight matrix are. Their values live
+/// apart (a `&[f32]` of [`Self::nnz`] floats, in this pattern's order), so
+/// the store, the wire and the optimizer see one flat array of nonzeros and
+/// a worker keeps the pattern while the values stream through.
+///
+/// The order of the values: output feature n ascending, then input feature
+/// k ascending within it (the nonzeros of W column by column).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SparsePattern {
     pub k: usize,
     pub n: usize,
-    /// Column n's nonzeros are `values[col_start[n]..col_start[n + 1]]`, at rows `row_index[..]`.
+    /// Column n's nonzeros are values `col_start[n]..col_start[n + 1]`, at rows `row_index[..]`.
     pub col_start: Vec<u32>,
     pub row_index: Vec<u32>,
-    pub values: Vec<f32>,
     /// The same pattern by row k: `row_start[k]..row_start[k + 1]` index
-    /// `row_cols` (the column n) and `row_value` (the position in `values`).
+    /// `row_cols` (the column n) and `row_value` (the position in the values).
     pub row_start: Vec<u32>,
     pub row_cols: Vec<u32>,
     pub row_value: Vec<u32>,
 }
 
-impl SparseWeight {
-    /// The nonzero pattern `mask[K*N]` (row-major, as W) with values from `w`.
-    pub fn from_mask(w: &[f32], mask: &[bool], k: usize, n: usize) -> SparseWeight {
-        assert_eq!(w.len(), k * n);
+impl SparsePattern {
+    /// The nonzero pattern `mask[K*N]` (row-major, as W).
+    pub fn from_mask(mask: &[bool], k: usize, n: usize) -> SparsePattern {
         assert_eq!(mask.len(), k * n);
-        assert!(k <= u32::MAX as usize && n <= u32::MAX as usize);
+        assert!(k * n <= u32::MAX as usize, "a sparse matrix of {k} x {n} is beyond u32 indices");
         let mut col_start = Vec::with_capacity(n + 1);
-        let (mut row_index, mut values) = (Vec::new(), Vec::new());
+        let mut row_index = Vec::new();
         col_start.push(0u32);
         for c in 0..n {
             for r in 0..k {
                 if mask[r * n + c] {
                     row_index.push(r as u32);
-                    values.push(w[r * n + c]);
                 }
             }
-            col_start.push(values.len() as u32);
+            col_start.push(row_index.len() as u32);
         }
-        let mut s = SparseWeight {
+        SparsePattern::from_columns(k, n, col_start, row_index)
+    }
+
+    /// From the by-column index (`col_start[N+1]`, rows ascending within a
+    /// column), building the by-row one.
+    pub fn from_columns(k: usize, n: usize, col_start: Vec<u32>, row_index: Vec<u32>) -> SparsePattern {
+        assert_eq!(col_start.len(), n + 1);
+        assert_eq!(*col_start.last().expect("n + 1 entries") as usize, row_index.len());
+        let mut s = SparsePattern {
             k,
             n,
             col_start,
             row_index,
-            values,
             row_start: Vec::new(),
             row_cols: Vec::new(),
             row_value: Vec::new(),
         };
         s.index_rows();
         s
-    }
-
-    /// Keeps the `round(density * K * N)` entries of largest magnitude
-    /// (ties to the lower index): the magnitude pruning of a dense layer.
-    pub fn from_dense_top(w: &[f32], k: usize, n: usize, density: f64) -> SparseWeight {
-        SparseWeight::from_mask(w, &top_magnitude_mask(w, density), k, n)
     }
 
     /// Builds the by-row index from the by-column one.
@@ -89,7 +93,7 @@ impl SparseWeight {
             count[r + 1] += count[r];
         }
         self.row_start = count.clone();
-        let nnz = self.values.len();
+        let nnz = self.row_index.len();
         self.row_cols = vec![0; nnz];
         self.row_value = vec![0; nnz];
         let mut next = count;
@@ -105,28 +109,107 @@ impl SparseWeight {
     }
 
     pub fn nnz(&self) -> usize {
-        self.values.len()
+        self.row_index.len()
     }
 
     pub fn density(&self) -> f64 {
         self.nnz() as f64 / (self.k * self.n).max(1) as f64
     }
 
-    /// W as a dense row-major `K x N` matrix, zeros where masked.
-    pub fn to_dense(&self) -> Vec<f32> {
-        let mut w = vec![0f32; self.k * self.n];
-        for c in 0..self.n {
-            for p in self.col_start[c] as usize..self.col_start[c + 1] as usize {
-                w[self.row_index[p] as usize * self.n + c] = self.values[p];
-            }
-        }
-        w
+    /// Row-major positions (r * N + c) of the nonzeros, in the values' order.
+    pub fn positions(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.n).flat_map(move |c| {
+            (self.col_start[c] as usize..self.col_start[c + 1] as usize)
+                .map(move |p| self.row_index[p] as usize * self.n + c)
+        })
     }
 
-    /// Bytes of the layer as stored and sent: values and the compact
-    /// by-column index (u32 here; the by-row index is rebuilt on arrival).
-    pub fn bytes(&self) -> usize {
-        4 * (self.values.len() + self.row_index.len() + self.col_start.len())
+    /// The mask as `K*N` booleans, row-major.
+    pub fn mask(&self) -> Vec<bool> {
+        let mut m = vec![false; self.k * self.n];
+        for i in self.positions() {
+            m[i] = true;
+        }
+        m
+    }
+
+    /// The values of a dense `K x N` matrix at the nonzeros, in order.
+    pub fn gather(&self, dense: &[f32]) -> Vec<f32> {
+        assert_eq!(dense.len(), self.k * self.n);
+        self.positions().map(|i| dense[i]).collect()
+    }
+
+    /// `dense[K*N]` with `values` at the nonzeros and zeros elsewhere.
+    pub fn scatter(&self, values: &[f32], dense: &mut [f32]) {
+        assert_eq!(values.len(), self.nnz());
+        assert_eq!(dense.len(), self.k * self.n);
+        dense.fill(0.0);
+        for (i, &v) in self.positions().zip(values) {
+            dense[i] = v;
+        }
+    }
+
+    /// `values[p] += dense[position of p]` for every nonzero p.
+    pub fn gather_add(&self, dense: &[f32], values: &mut [f32]) {
+        assert_eq!(values.len(), self.nnz());
+        assert_eq!(dense.len(), self.k * self.n);
+        for (v, i) in values.iter_mut().zip(self.positions()) {
+            *v += dense[i];
+        }
+    }
+
+    /// The mask as a bitmap, bit `i % 8` of byte `i / 8` for position i
+    /// (row-major): the index as stored in checkpoints and sent on the wire.
+    pub fn to_bitmap(&self) -> Vec<u8> {
+        let mut b = vec![0u8; (self.k * self.n).div_ceil(8)];
+        for i in self.positions() {
+            b[i / 8] |= 1 << (i % 8);
+        }
+        b
+    }
+
+    /// The pattern of a bitmap ([`Self::to_bitmap`]); `None` when its length
+    /// is wrong for `K x N` or bits beyond the matrix are set.
+    pub fn from_bitmap(bits: &[u8], k: usize, n: usize) -> Option<SparsePattern> {
+        let len = k * n;
+        if bits.len() != len.div_ceil(8) || (!len.is_multiple_of(8) && bits[len / 8] >> (len % 8) != 0) {
+            return None;
+        }
+        let mask: Vec<bool> = (0..len).map(|i| bits[i / 8] >> (i % 8) & 1 == 1).collect();
+        Some(SparsePattern::from_mask(&mask, k, n))
+    }
+}
+
+/// A pattern with its values: a sparse matrix in one piece (tests, benchmarks).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseWeight {
+    pub pattern: SparsePattern,
+    pub values: Vec<f32>,
+}
+
+impl SparseWeight {
+    /// The nonzero pattern `mask[K*N]` (row-major, as W) with values from `w`.
+    pub fn from_mask(w: &[f32], mask: &[bool], k: usize, n: usize) -> SparseWeight {
+        let pattern = SparsePattern::from_mask(mask, k, n);
+        let values = pattern.gather(w);
+        SparseWeight { pattern, values }
+    }
+
+    /// Keeps the `round(density * K * N)` entries of largest magnitude
+    /// (ties to the lower index): the magnitude pruning of a dense layer.
+    pub fn from_dense_top(w: &[f32], k: usize, n: usize, density: f64) -> SparseWeight {
+        SparseWeight::from_mask(w, &top_magnitude_mask(w, density), k, n)
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.values.len()
+    }
+
+    /// W as a dense row-major `K x N` matrix, zeros where masked.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.pattern.k * self.pattern.n];
+        self.pattern.scatter(&self.values, &mut w);
+        w
     }
 }
 
@@ -134,14 +217,24 @@ impl SparseWeight {
 pub fn top_magnitude_mask(w: &[f32], density: f64) -> Vec<bool> {
     assert!((0.0..=1.0).contains(&density), "density {density} outside [0, 1]");
     let keep = (density * w.len() as f64).round() as usize;
-    let mut order: Vec<u32> = (0..w.len() as u32).collect();
-    // Largest magnitude first; equal magnitudes by index.
-    order.sort_unstable_by(|&a, &b| w[b as usize].abs().total_cmp(&w[a as usize].abs()).then(a.cmp(&b)));
     let mut mask = vec![false; w.len()];
-    for &i in &order[..keep] {
-        mask[i as usize] = true;
+    for i in top_magnitude(w, keep) {
+        mask[i] = true;
     }
     mask
+}
+
+/// The indices of the `keep` entries of largest magnitude, in no particular
+/// order (equal magnitudes: the lower index first).
+pub fn top_magnitude(w: &[f32], keep: usize) -> impl Iterator<Item = usize> {
+    assert!(keep <= w.len());
+    let mut order: Vec<u32> = (0..w.len() as u32).collect();
+    let by = |a: &u32, b: &u32| w[*b as usize].abs().total_cmp(&w[*a as usize].abs()).then(a.cmp(b));
+    if keep > 0 && keep < order.len() {
+        order.select_nth_unstable_by(keep - 1, by);
+    }
+    order.truncate(keep);
+    order.into_iter().map(|i| i as usize)
 }
 
 /// `dst[c * ds + r] = src[r * ss + c]` for r < rows, c < cols: 16x16
@@ -505,22 +598,24 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 }
 
 /// `out[BT,N] = inp[BT,K] @ W + bias`.
-pub fn forward(out: &mut [f32], inp: &[f32], w: &SparseWeight, bias: Option<&[f32]>, bt: usize) {
+pub fn forward(out: &mut [f32], inp: &[f32], w: &SparsePattern, values: &[f32], bias: Option<&[f32]>, bt: usize) {
+    assert_eq!(values.len(), w.nnz());
     if let Some(b) = bias {
         assert_eq!(b.len(), w.n);
     }
-    spmm(out, inp, bt, w.k, &w.col_start, &w.row_index, |p| w.values[p], bias, true);
+    spmm(out, inp, bt, w.k, &w.col_start, &w.row_index, |p| values[p], bias, true);
 }
 
 /// `dinp[BT,K] = dout[BT,N] @ W^T` (overwrites).
-pub fn backward_input(dinp: &mut [f32], dout: &[f32], w: &SparseWeight, bt: usize) {
-    spmm(dinp, dout, bt, w.n, &w.row_start, &w.row_cols, |p| w.values[w.row_value[p] as usize], None, true);
+pub fn backward_input(dinp: &mut [f32], dout: &[f32], w: &SparsePattern, values: &[f32], bt: usize) {
+    assert_eq!(values.len(), w.nnz());
+    spmm(dinp, dout, bt, w.n, &w.row_start, &w.row_cols, |p| values[w.row_value[p] as usize], None, true);
 }
 
 /// `dvalues[p] += sum over tokens of inp[t, k_p] * dout[t, n_p]` for every
 /// nonzero p of `w` (in `w.values`' order): the weight gradient at the
 /// mask only. Tokens in blocks, added in block order (deterministic).
-pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &SparseWeight, bt: usize, s: &mut Scratch) {
+pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &SparsePattern, bt: usize, s: &mut Scratch) {
     let (k, n) = (w.k, w.n);
     assert_eq!(dvalues.len(), w.nnz());
     assert_eq!(inp.len(), bt * k);
@@ -575,22 +670,23 @@ pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &Spars
 
 pub mod reference {
     //! Plain loops over the nonzeros: the specification of the fast kernels.
-    use super::SparseWeight;
+    use super::SparsePattern;
 
-    pub fn forward(out: &mut [f32], inp: &[f32], w: &SparseWeight, bias: Option<&[f32]>, bt: usize) {
+    pub fn forward(out: &mut [f32], inp: &[f32], w: &SparsePattern, values: &[f32], bias: Option<&[f32]>, bt: usize) {
         let (k, n) = (w.k, w.n);
         for t in 0..bt {
             for c in 0..n {
                 let mut acc = bias.map_or(0.0, |b| b[c] as f64);
                 for p in w.col_start[c] as usize..w.col_start[c + 1] as usize {
-                    acc += w.values[p] as f64 * inp[t * k + w.row_index[p] as usize] as f64;
+                    acc += values[p] as f64 * inp[t * k + w.row_index[p] as usize] as f64;
                 }
                 out[t * n + c] = acc as f32;
             }
         }
     }
 
-    pub fn backward_input(dinp: &mut [f32], dout: &[f32], w: &SparseWeight, bt: usize) {
+    #[allow(clippy::needless_range_loop)] // p indexes two arrays: the plainest form
+    pub fn backward_input(dinp: &mut [f32], dout: &[f32], w: &SparsePattern, values: &[f32], bt: usize) {
         let (k, n) = (w.k, w.n);
         dinp.fill(0.0);
         let mut acc = vec![0f64; bt * k];
@@ -598,7 +694,7 @@ pub mod reference {
             for p in w.col_start[c] as usize..w.col_start[c + 1] as usize {
                 let r = w.row_index[p] as usize;
                 for t in 0..bt {
-                    acc[t * k + r] += w.values[p] as f64 * dout[t * n + c] as f64;
+                    acc[t * k + r] += values[p] as f64 * dout[t * n + c] as f64;
                 }
             }
         }
@@ -608,7 +704,7 @@ pub mod reference {
     }
 
     #[allow(clippy::needless_range_loop)] // p indexes three arrays: the plainest form
-    pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &SparseWeight, bt: usize) {
+    pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &SparsePattern, bt: usize) {
         let (k, n) = (w.k, w.n);
         for c in 0..n {
             for p in w.col_start[c] as usize..w.col_start[c + 1] as usize {
@@ -678,30 +774,31 @@ mod tests {
                 let mut s = Scratch::default();
                 // The generic path against the SIMD one (where there is one).
                 let mut generic = vec![f32::NAN; bt * n];
-                spmm(&mut generic, &x, bt, k, &w.col_start, &w.row_index, |p| w.values[p], Some(&bias), false);
+                let (wv, w) = (&w.values, &w.pattern);
+                spmm(&mut generic, &x, bt, k, &w.col_start, &w.row_index, |p| wv[p], Some(&bias), false);
                 let what = format!("bt {bt} k {k} n {n} density {density}");
 
                 let mut out = vec![f32::NAN; bt * n];
-                forward(&mut out, &x, &w, Some(&bias), bt);
+                forward(&mut out, &x, w, wv, Some(&bias), bt);
                 assert_close(&format!("{what} forward generic vs simd"), &generic, &out, 1e-5);
                 let mut want = vec![0f32; bt * n];
-                reference::forward(&mut want, &x, &w, Some(&bias), bt);
+                reference::forward(&mut want, &x, w, wv, Some(&bias), bt);
                 assert_close(&format!("{what} forward vs reference"), &out, &want, 1e-5);
                 let mut dense_out = vec![0f32; bt * n];
                 matmul_forward(&mut dense_out, &x, &wd, Some(&bias), bt, k, n);
                 assert_close(&format!("{what} forward vs dense"), &out, &dense_out, 1e-5);
 
                 let mut dinp = vec![f32::NAN; bt * k];
-                backward_input(&mut dinp, &g, &w, bt);
+                backward_input(&mut dinp, &g, w, wv, bt);
                 let mut want = vec![0f32; bt * k];
-                reference::backward_input(&mut want, &g, &w, bt);
+                reference::backward_input(&mut want, &g, w, wv, bt);
                 assert_close(&format!("{what} input gradient vs reference"), &dinp, &want, 1e-5);
 
                 let init = random(&mut rng, w.nnz());
                 let mut dv = init.clone();
-                backward_weight(&mut dv, &x, &g, &w, bt, &mut s);
+                backward_weight(&mut dv, &x, &g, w, bt, &mut s);
                 let mut want = init.clone();
-                reference::backward_weight(&mut want, &x, &g, &w, bt);
+                reference::backward_weight(&mut want, &x, &g, w, bt);
                 assert_close(&format!("{what} weight gradient vs reference"), &dv, &want, 1e-5);
 
                 // Dense backward on the masked matrix: the same input gradient,
@@ -715,6 +812,35 @@ mod tests {
                     .collect();
                 assert_close(&format!("{what} weight gradient vs dense"), &dv, &at_mask, 1e-5);
             }
+        }
+    }
+
+    #[test]
+    fn patterns_round_trip_through_bitmaps_and_dense() {
+        let mut rng = Rng::new(8);
+        for &(k, n, density) in &[(5usize, 7usize, 0.3), (16, 8, 0.0), (9, 9, 1.0), (33, 3, 0.5)] {
+            let w = random(&mut rng, k * n);
+            let mask = top_magnitude_mask(&random(&mut rng, k * n), density);
+            let p = SparsePattern::from_mask(&mask, k, n);
+            assert_eq!(p.mask(), mask);
+            assert_eq!(p.nnz(), mask.iter().filter(|&&m| m).count());
+            let bits = p.to_bitmap();
+            assert_eq!(SparsePattern::from_bitmap(&bits, k, n).as_ref(), Some(&p));
+            assert!(SparsePattern::from_bitmap(&bits[1..], k, n).is_none(), "a short bitmap is refused");
+            if (k * n) % 8 != 0 {
+                let mut extra = bits.clone();
+                *extra.last_mut().unwrap() |= 0x80;
+                assert!(SparsePattern::from_bitmap(&extra, k, n).is_none(), "bits past the matrix are refused");
+            }
+            let values = p.gather(&w);
+            let mut dense = vec![f32::NAN; k * n];
+            p.scatter(&values, &mut dense);
+            for i in 0..k * n {
+                assert_eq!(dense[i], if mask[i] { w[i] } else { 0.0 });
+            }
+            let mut acc = vec![1f32; p.nnz()];
+            p.gather_add(&w, &mut acc);
+            assert_eq!(acc, values.iter().map(|v| 1.0 + v).collect::<Vec<_>>());
         }
     }
 

@@ -15,10 +15,12 @@
 
 pub mod config;
 pub mod params;
+pub mod sparsity;
 pub mod spec;
 pub mod workspace;
 
 pub use config::{ConfigError, Gpt2Config};
 pub use params::Params;
+pub use sparsity::Masks;
 pub use spec::{LayerKind, LayerSpec, ModelSpec, TensorSpec};
 pub use workspace::Workspace;

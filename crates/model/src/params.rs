@@ -10,33 +10,60 @@ use ws_kernels::Rng;
 /// Stream id of weight initialisation in [`Rng::for_stream`].
 const INIT_STREAM: u64 = 1;
 
-/// Initialises tensor `i` of `spec` into `out` (see [`Params::init`]).
+/// Initialises tensor `i` of `spec` into `out` (see [`Params::init`]): its
+/// stored values, the nonzeros only for a sparse tensor.
 pub fn init_tensor(spec: &ModelSpec, i: usize, seed: u64, out: &mut [f32]) {
-    assert_eq!(out.len(), spec.tensors[i].numel());
+    assert_eq!(out.len(), spec.tensors[i].len());
     TensorInit::new(spec, i, seed).fill_next(out);
+}
+
+/// The dense initial values of tensor `i`, every element (a sparse tensor's
+/// nonzeros are the largest of these).
+pub fn init_dense_tensor(spec: &ModelSpec, i: usize, seed: u64) -> Vec<f32> {
+    let mut out = vec![0f32; spec.tensors[i].numel()];
+    TensorInit::dense(spec, i, seed).fill_next(&mut out);
+    out
 }
 
 /// The initial values of one tensor, produced in order piece by piece, so a
 /// store can initialise a tensor larger than its memory budget a page at a
-/// time and get exactly what [`init_tensor`] gives.
+/// time and get exactly what [`init_tensor`] gives. (A sparse tensor's
+/// nonzeros are chosen from the whole tensor, so they are drawn at once: a
+/// sparse tensor is a linear layer's matrix, never larger than a layer.)
 pub struct TensorInit {
     rng: Rng,
     std: Option<f32>,
     constant: f32,
+    /// A sparse tensor's stored values and how many were handed out.
+    packed: Option<(Vec<f32>, usize)>,
 }
 
 impl TensorInit {
     pub fn new(spec: &ModelSpec, i: usize, seed: u64) -> TensorInit {
+        let mut init = TensorInit::dense(spec, i, seed);
+        if spec.tensors[i].is_sparse() {
+            init.packed = Some((crate::sparsity::init_packed(spec, i, seed), 0));
+        }
+        init
+    }
+
+    fn dense(spec: &ModelSpec, i: usize, seed: u64) -> TensorInit {
         let t = &spec.tensors[i];
         TensorInit {
             rng: Rng::for_stream(seed, INIT_STREAM, i as u64),
             std: t.init_std,
             constant: if t.is_layernorm_weight() { 1.0 } else { 0.0 },
+            packed: None,
         }
     }
 
     /// The next `out.len()` values.
     pub fn fill_next(&mut self, out: &mut [f32]) {
+        if let Some((values, at)) = &mut self.packed {
+            out.copy_from_slice(&values[*at..*at + out.len()]);
+            *at += out.len();
+            return;
+        }
         match self.std {
             Some(std) => self.rng.fill_normal(out, 0.0, std),
             None => out.fill(self.constant),
@@ -51,12 +78,14 @@ pub struct Params {
 
 impl Params {
     pub fn zeros(spec: &ModelSpec) -> Params {
-        Params { tensors: spec.tensors.iter().map(|t| vec![0f32; t.numel()]).collect() }
+        Params { tensors: spec.tensors.iter().map(|t| vec![0f32; t.len()]).collect() }
     }
 
     /// GPT-2 initialisation: normal(0, 0.02) for weights and embeddings,
     /// 0.02/sqrt(2 n_layer) for the residual projections, LayerNorm weights
-    /// one, biases zero. Each tensor draws from its own seeded stream.
+    /// one, biases zero. Each tensor draws from its own seeded stream. A
+    /// sparse tensor keeps the values of largest magnitude of its draw
+    /// ([`crate::Masks::init`] gives their pattern).
     pub fn init(spec: &ModelSpec, seed: u64) -> Params {
         use rayon::prelude::*;
         let mut p = Params::zeros(spec);

@@ -17,11 +17,38 @@ pub struct TensorSpec {
     /// Standard deviation of the normal initialisation; `None` for LayerNorm
     /// weights (ones) and biases (zeros).
     pub init_std: Option<f32>,
+    /// Nonzeros kept when the tensor is sparse (see [`crate::sparsity`]):
+    /// only they are stored, streamed, summed and updated.
+    pub nnz: Option<usize>,
 }
 
 impl TensorSpec {
+    /// Elements of the dense tensor (its shape).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Values stored, streamed and updated: the nonzeros of a sparse tensor,
+    /// every element of a dense one.
+    pub fn len(&self) -> usize {
+        self.nnz.unwrap_or_else(|| self.numel())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_sparse(&self) -> bool {
+        self.nnz.is_some()
+    }
+
+    /// The weight matrix of a linear layer (attention or MLP): the tensors
+    /// that may be sparse.
+    pub fn is_linear_weight(&self) -> bool {
+        self.shape.len() == 2
+            && [".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"]
+                .iter()
+                .any(|s| self.name.ends_with(s))
     }
     pub fn is_layernorm_weight(&self) -> bool {
         self.name.ends_with("ln_1.weight") || self.name.ends_with("ln_2.weight") || self.name.ends_with("ln_f.weight")
@@ -76,7 +103,7 @@ impl ModelSpec {
         let mut tensors = Vec::new();
         let mut add = |name: String, shape: Vec<usize>, init_std: Option<f32>| {
             let decay = shape.len() == 2;
-            tensors.push(TensorSpec { name, shape, decay, init_std });
+            tensors.push(TensorSpec { name, shape, decay, init_std, nnz: None });
             tensors.len() - 1
         };
         let wte = add("transformer.wte.weight".into(), vec![v, c], Some(std));
@@ -107,9 +134,41 @@ impl ModelSpec {
         ModelSpec { config, tensors, layers }
     }
 
-    /// Unique parameters (the tied embedding counted once).
+    /// Unique parameters (the tied embedding counted once), dense.
     pub fn parameter_count(&self) -> usize {
         self.tensors.iter().map(TensorSpec::numel).sum()
+    }
+
+    /// Values stored and updated: [`Self::parameter_count`] less the zeros of sparse tensors.
+    pub fn stored_count(&self) -> usize {
+        self.tensors.iter().map(TensorSpec::len).sum()
+    }
+
+    /// Makes tensor `t` sparse at `level` (the fraction of zeros, 0 to 0.99):
+    /// it keeps round((1 - level) * numel) nonzeros. Level 0 makes it dense
+    /// again. Only the linear layers' weight matrices may be sparse.
+    pub fn set_sparsity(&mut self, t: usize, level: f64) -> Result<(), String> {
+        let ts = &mut self.tensors[t];
+        if !(0.0..=0.99).contains(&level) {
+            return Err(format!("sparsity {level} of {} is outside 0 to 0.99", ts.name));
+        }
+        if level == 0.0 {
+            ts.nnz = None;
+            return Ok(());
+        }
+        if !ts.is_linear_weight() {
+            return Err(format!(
+                "{} cannot be sparse: only the attention and MLP weight matrices can (embeddings, LayerNorms and biases stay dense)",
+                ts.name
+            ));
+        }
+        ts.nnz = Some(((1.0 - level) * ts.numel() as f64).round() as usize);
+        Ok(())
+    }
+
+    /// Whether any tensor is sparse.
+    pub fn is_sparse(&self) -> bool {
+        self.tensors.iter().any(TensorSpec::is_sparse)
     }
 
     pub fn tensor_index(&self, name: &str) -> Option<usize> {

@@ -14,17 +14,58 @@
 //! is carried from one `backward` call to the next.
 
 use crate::spec::{block, LayerKind, ModelSpec};
+use crate::Masks;
 use ws_kernels::attention::{attention_backward, attention_forward};
 use ws_kernels::crossentropy::crossentropy_forward_backward;
 use ws_kernels::embedding::{embedding_backward, embedding_forward};
 use ws_kernels::gelu::{gelu_backward_inplace, gelu_forward};
 use ws_kernels::layernorm::{layernorm_backward, layernorm_forward};
-use ws_kernels::matmul::{gemm, matmul_backward, matmul_forward, pool_threads, Mat};
+use ws_kernels::matmul::{bias_backward, gemm, matmul_backward, matmul_forward, pool_threads, Mat};
 use ws_kernels::parallel::add_inplace;
+use ws_kernels::sparse::{self, SparsePattern};
 use ws_kernels::{bf16, Precision};
 
+/// How the linear layers treat sparse weights: the patterns, the density at
+/// or below which the sparse kernels run (above it, the dense GEMM on the
+/// weights expanded with zeros is faster), and their scratch.
+pub struct SparseLinear {
+    masks: Masks,
+    /// Sparse kernels for densities up to this; see [`Workspace::set_masks`].
+    pub crossover: f64,
+    dense_w: Vec<f32>,
+    dense_dw: Vec<f32>,
+    scratch: sparse::Scratch,
+    /// While set, the dense weight gradient of each sparse tensor (every
+    /// element, for RigL's regrowth) is added here as well.
+    capture: Option<Vec<Option<Vec<f32>>>>,
+}
+
+/// The density up to which the sparse kernels beat the dense GEMM for the
+/// GPT-2 small layer shapes on the development machine (`weightstream bench
+/// sparsity`, BENCHMARKS.md: at 75% sparsity, density 0.25, they run at
+/// 0.78-0.98 of dense; at 90% at 1.55-1.96 times).
+pub const SPARSE_CROSSOVER_DENSITY: f64 = 0.2;
+
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+impl SparseLinear {
+    /// Which path tensor `t` takes: its pattern when the sparse kernels run.
+    fn sparse_path(&self, t: usize) -> Option<&SparsePattern> {
+        self.masks.get(t).filter(|p| p.density() <= self.crossover)
+    }
+}
+
+/// `out[BT,N] = inp[BT,K] @ W + bias` for tensor `t` (its stored values `w`).
+#[allow(clippy::too_many_arguments)]
 fn linear_forward(
     p: Precision,
+    sp: &mut SparseLinear,
+    t: usize,
     out: &mut [f32],
     inp: &[f32],
     w: &[f32],
@@ -33,15 +74,30 @@ fn linear_forward(
     k: usize,
     n: usize,
 ) {
+    if let Some(pat) = sp.sparse_path(t) {
+        return sparse::forward(out, inp, pat, w, bias, bt);
+    }
+    let w = match sp.masks.get(t) {
+        Some(pat) => {
+            let dense = sized(&mut sp.dense_w, k * n);
+            pat.scatter(w, dense);
+            &*dense
+        }
+        None => w,
+    };
     match p {
         Precision::Fp32 => matmul_forward(out, inp, w, bias, bt, k, n),
         Precision::Bf16 => bf16::matmul_forward(out, inp, w, bias, bt, k, n),
     }
 }
 
+/// Backward of [`linear_forward`]: `dinp` overwritten, `dw` (the stored
+/// values' gradient: at the nonzeros only, for a sparse tensor) and `dbias` added to.
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
     p: Precision,
+    sp: &mut SparseLinear,
+    t: usize,
     dinp: &mut [f32],
     dw: &mut [f32],
     dbias: Option<&mut [f32]>,
@@ -52,9 +108,35 @@ fn linear_backward(
     k: usize,
     n: usize,
 ) {
-    match p {
+    if let Some(pat) = sp.masks.get(t).filter(|p| p.density() <= sp.crossover) {
+        sparse::backward_input(dinp, dout, pat, w, bt);
+        sparse::backward_weight(dw, inp, dout, pat, bt, &mut sp.scratch);
+        if let Some(db) = dbias {
+            bias_backward(db, dout, bt, n);
+        }
+        if let Some(g) = sp.capture.as_mut().and_then(|c| c[t].as_mut()) {
+            // g[K,N] += inp^T @ dout
+            gemm(g, n, true, Mat::transposed(inp, k), Mat::rows(dout, n), k, n, bt, 1.0, pool_threads());
+        }
+        return;
+    }
+    let dense = |p: Precision, dinp: &mut [f32], dw: &mut [f32], dbias: Option<&mut [f32]>, w: &[f32]| match p {
         Precision::Fp32 => matmul_backward(dinp, dw, dbias, dout, inp, w, bt, k, n),
         Precision::Bf16 => bf16::matmul_backward(dinp, dw, dbias, dout, inp, w, bt, k, n),
+    };
+    match sp.masks.get(t) {
+        Some(pat) => {
+            let wd = sized(&mut sp.dense_w, k * n);
+            pat.scatter(w, wd);
+            let dwd = sized(&mut sp.dense_dw, k * n);
+            dwd.fill(0.0);
+            dense(p, dinp, dwd, dbias, wd);
+            pat.gather_add(dwd, dw);
+            if let Some(g) = sp.capture.as_mut().and_then(|c| c[t].as_mut()) {
+                add_inplace(g, dwd);
+            }
+        }
+        None => dense(p, dinp, dw, dbias, w),
     }
 }
 
@@ -94,6 +176,7 @@ pub struct Workspace {
     precision: Precision,
     /// The tied embedding rounded to bf16 for the head's products.
     wte_bf16: Vec<u16>,
+    sparse: SparseLinear,
     // Backward scratch.
     dres: Vec<f32>,  // [B,T,C] gradient of the residual stream
     dln: Vec<f32>,   // [B,T,C]
@@ -147,6 +230,14 @@ impl Workspace {
             head_rows,
             precision: Precision::Fp32,
             wte_bf16: Vec::new(),
+            sparse: SparseLinear {
+                masks: Masks::dense(spec),
+                crossover: SPARSE_CROSSOVER_DENSITY,
+                dense_w: Vec::new(),
+                dense_dw: Vec::new(),
+                scratch: Default::default(),
+                capture: None,
+            },
             dres: z(bt * c),
             dln: z(bt * c),
             datty: z(bt * c),
@@ -162,6 +253,48 @@ impl Workspace {
             bf16::available().expect("bf16 checked available before use");
         }
         self.precision = precision;
+    }
+
+    /// The patterns of the sparse tensors (their weights and gradients are
+    /// then the stored values, nonzeros only), and the density up to which
+    /// they run through the sparse kernels (`crossover`; above it, through
+    /// the dense GEMM on the weights expanded with zeros, and the gradient
+    /// taken at the nonzeros). Both paths give the same results up to fp32
+    /// rounding; the choice is fixed per tensor, so runs are repeatable.
+    pub fn set_masks(&mut self, masks: &Masks, crossover: f64) {
+        self.sparse.masks = masks.clone();
+        self.sparse.crossover = crossover;
+    }
+
+    /// From now until [`Self::take_dense_grads`], also sums the dense weight
+    /// gradient (every element) of each sparse tensor: what RigL regrows by.
+    pub fn capture_dense_grads(&mut self, spec: &ModelSpec) {
+        self.sparse.capture = Some(spec.tensors.iter().map(|t| t.is_sparse().then(|| vec![0f32; t.numel()])).collect());
+    }
+
+    /// The dense gradients summed since [`Self::capture_dense_grads`] (per
+    /// tensor; `None` for dense tensors), and the capture stops.
+    pub fn take_dense_grads(&mut self) -> Option<Vec<Option<Vec<f32>>>> {
+        self.sparse.capture.take()
+    }
+
+    /// The version of the patterns in use ([`Masks::version`]).
+    pub fn masks_version(&self) -> u64 {
+        self.sparse.masks.version
+    }
+
+    /// Bytes of the scratch the sparse linear layers may take beyond
+    /// [`Self::bytes_for`]: a dense copy of the weight matrix and its
+    /// gradient for sparse tensors that take the dense path, and the sparse
+    /// kernels' transposed activations.
+    pub fn sparse_bytes_for(spec: &ModelSpec, b: usize, t: usize) -> usize {
+        let largest = spec.tensors.iter().filter(|t| t.is_sparse()).map(|t| t.numel()).max().unwrap_or(0);
+        if largest == 0 {
+            return 0;
+        }
+        let c = spec.config.n_embd;
+        let tokens = (b * t).div_ceil(256) * 256;
+        4 * (2 * largest + tokens * 4 * c + b * t * 4 * c)
     }
 
     /// Bytes of activations and scratch a workspace of this size holds.
@@ -191,6 +324,7 @@ impl Workspace {
             }
             LayerKind::Block(i) => {
                 assert_eq!(w.len(), block::COUNT);
+                let ids = &spec.layers[l].tensors;
                 let (before, after) = self.residual.split_at_mut(i + 1);
                 let x = &before[i][..bt * c];
                 let out = &mut after[0][..bt * c];
@@ -198,21 +332,56 @@ impl Workspace {
                 let (ln1, ln1_mean, ln1_rstd) = (&mut a.ln1[..bt * c], &mut a.ln1_mean[..bt], &mut a.ln1_rstd[..bt]);
                 layernorm_forward(ln1, ln1_mean, ln1_rstd, x, w[block::LN1_W], w[block::LN1_B], bt, c);
                 let qkv = &mut a.qkv[..bt * 3 * c];
-                linear_forward(self.precision, qkv, ln1, w[block::ATTN_W], Some(w[block::ATTN_B]), bt, c, 3 * c);
+                linear_forward(
+                    self.precision,
+                    &mut self.sparse,
+                    ids[block::ATTN_W],
+                    qkv,
+                    ln1,
+                    w[block::ATTN_W],
+                    Some(w[block::ATTN_B]),
+                    bt,
+                    c,
+                    3 * c,
+                );
                 let att = &mut a.att[..b * nh * t * t];
                 let atty = &mut a.atty[..bt * c];
                 attention_forward(atty, att, qkv, b, t, c, nh);
                 let x2 = &mut a.x2[..bt * c];
-                linear_forward(self.precision, x2, atty, w[block::PROJ_W], Some(w[block::PROJ_B]), bt, c, c);
+                linear_forward(
+                    self.precision,
+                    &mut self.sparse,
+                    ids[block::PROJ_W],
+                    x2,
+                    atty,
+                    w[block::PROJ_W],
+                    Some(w[block::PROJ_B]),
+                    bt,
+                    c,
+                    c,
+                );
                 add_inplace(x2, x);
                 let (ln2, ln2_mean, ln2_rstd) = (&mut a.ln2[..bt * c], &mut a.ln2_mean[..bt], &mut a.ln2_rstd[..bt]);
                 layernorm_forward(ln2, ln2_mean, ln2_rstd, x2, w[block::LN2_W], w[block::LN2_B], bt, c);
                 let fch = &mut a.fch[..bt * 4 * c];
-                linear_forward(self.precision, fch, ln2, w[block::FC_W], Some(w[block::FC_B]), bt, c, 4 * c);
+                linear_forward(
+                    self.precision,
+                    &mut self.sparse,
+                    ids[block::FC_W],
+                    fch,
+                    ln2,
+                    w[block::FC_W],
+                    Some(w[block::FC_B]),
+                    bt,
+                    c,
+                    4 * c,
+                );
                 let fch_gelu = &mut a.fch_gelu[..bt * 4 * c];
                 gelu_forward(fch_gelu, fch);
                 linear_forward(
                     self.precision,
+                    &mut self.sparse,
+                    ids[block::FCPROJ_W],
                     out,
                     fch_gelu,
                     w[block::FCPROJ_W],
@@ -332,6 +501,7 @@ impl Workspace {
             LayerKind::Block(i) => {
                 assert_eq!(w.len(), block::COUNT);
                 assert_eq!(grads.len(), block::COUNT);
+                let ids = &spec.layers[l].tensors;
                 let x = &self.residual[i][..bt * c];
                 let a = &self.blocks[i];
                 let [dln1_w, dln1_b, dattn_w, dattn_b, dproj_w, dproj_b, dln2_w, dln2_b, dfc_w, dfc_b, dfcproj_w, dfcproj_b] =
@@ -344,6 +514,8 @@ impl Workspace {
                 let fch_gelu = &a.fch_gelu[..bt * 4 * c];
                 linear_backward(
                     self.precision,
+                    &mut self.sparse,
+                    ids[block::FCPROJ_W],
                     dfch,
                     dfcproj_w,
                     Some(dfcproj_b),
@@ -358,6 +530,8 @@ impl Workspace {
                 let dln = &mut self.dln[..bt * c];
                 linear_backward(
                     self.precision,
+                    &mut self.sparse,
+                    ids[block::FC_W],
                     dln,
                     dfc_w,
                     Some(dfc_b),
@@ -374,6 +548,8 @@ impl Workspace {
                 let datty = &mut self.datty[..bt * c];
                 linear_backward(
                     self.precision,
+                    &mut self.sparse,
+                    ids[block::PROJ_W],
                     datty,
                     dproj_w,
                     Some(dproj_b),
@@ -388,6 +564,8 @@ impl Workspace {
                 attention_backward(dqkv, datty, &a.qkv[..bt * 3 * c], &a.att[..b * nh * t * t], b, t, c, nh);
                 linear_backward(
                     self.precision,
+                    &mut self.sparse,
+                    ids[block::ATTN_W],
                     dln,
                     dattn_w,
                     Some(dattn_b),

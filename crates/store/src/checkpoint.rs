@@ -13,7 +13,7 @@ use crate::{io, Layout, Result, Store, StoreConfig, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use ws_model::ModelSpec;
+use ws_model::{Masks, ModelSpec};
 
 pub const MANIFEST: &str = "manifest.json";
 const FORMAT: u32 = 1;
@@ -37,6 +37,17 @@ pub struct Manifest {
     pub slabs: Vec<SlabEntry>,
     /// The resolved run configuration (TOML), so a resume needs nothing else.
     pub run_toml: String,
+    /// The sparse tensors' patterns (`ws_model::sparsity`), when there are any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masks: Option<FileEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative to the checkpoint directory.
+    pub file: String,
+    pub bytes: u64,
+    pub crc32: u32,
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
@@ -96,6 +107,17 @@ impl Store {
             f.sync_all().map_err(io("cannot fsync", &path))?;
             slabs.push(SlabEntry { layer: s, file, bytes: n, crc32: crc.finalize() });
         }
+        let masks = if self.masks.is_sparse() {
+            let file = format!("{sub}/{}", ws_model::sparsity::MASKS_FILE);
+            let path = dir.join(&file);
+            let bytes = self.masks.to_safetensors(&self.spec);
+            let mut f = std::fs::File::create(&path).map_err(io("cannot create", &path))?;
+            f.write_all(&bytes).map_err(io("cannot write", &path))?;
+            f.sync_all().map_err(io("cannot fsync", &path))?;
+            Some(FileEntry { file, bytes: bytes.len() as u64, crc32: crc32fast::hash(&bytes) })
+        } else {
+            None
+        };
         fsync_dir(&step_dir)?;
         let manifest = Manifest {
             format: FORMAT,
@@ -103,6 +125,7 @@ impl Store {
             page_params: self.config.page_params,
             slabs,
             run_toml: run_toml.to_string(),
+            masks,
         };
         let tmp = dir.join(format!("{MANIFEST}.tmp"));
         {
@@ -147,9 +170,10 @@ impl Store {
                 ));
             }
         }
+        let masks = load_masks(spec, dir, &manifest)?;
         let mut open: Option<(usize, std::fs::File, crc32fast::Hasher)> = None;
         let mut raw = Vec::new();
-        let store = Store::create_with(spec, manifest.step, store_dir, config, |s, p0, p1, page| {
+        let mut store = Store::create_with(spec, manifest.step, store_dir, config, |s, p0, p1, page| {
             let e = &manifest.slabs[s];
             let path: PathBuf = dir.join(&e.file);
             if open.as_ref().is_none_or(|o| o.0 != s) {
@@ -176,8 +200,39 @@ impl Store {
             }
             Ok(())
         })?;
+        store.masks = masks;
         Ok((store, manifest))
     }
+}
+
+/// The masks a checkpoint lists, verified against its CRC and the model.
+fn load_masks(spec: &ModelSpec, dir: &Path, manifest: &Manifest) -> Result<Masks> {
+    let Some(e) = &manifest.masks else {
+        if spec.is_sparse() {
+            return Err(bad(dir, "has no masks, but the model has sparse tensors (is this the run's configuration?)"));
+        }
+        return Ok(Masks::dense(spec));
+    };
+    let path = dir.join(&e.file);
+    let bytes = std::fs::read(&path).map_err(io("cannot read checkpoint masks", &path))?;
+    let found = crc32fast::hash(&bytes);
+    if bytes.len() as u64 != e.bytes || found != e.crc32 {
+        return Err(bad(
+            &path,
+            format!(
+                "is corrupt: {} bytes with checksum {found:08x}, expected {} with {:08x}",
+                bytes.len(),
+                e.bytes,
+                e.crc32
+            ),
+        ));
+    }
+    Masks::from_safetensors(spec, &bytes).map_err(|p| bad(&path, p))
+}
+
+/// The masks of the checkpoint in `dir`, verified (dense masks for a model without sparse tensors).
+pub fn read_checkpoint_masks(spec: &ModelSpec, dir: &Path) -> Result<Masks> {
+    load_masks(spec, dir, &read_manifest(dir)?)
 }
 
 /// Streams the weights of the checkpoint in `dir` without building a store:
@@ -217,7 +272,7 @@ pub fn read_checkpoint_weights(
             w.extend(raw[..4 * len].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
             for &t in &layout.owned[s] {
                 let off = layout.place[t].1;
-                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].numel()).min(p1));
+                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
                 if lo < hi {
                     f(t, lo - off, &w[lo - p0..hi - p0])?;
                 }

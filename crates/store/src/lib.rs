@@ -30,13 +30,15 @@
 mod checkpoint;
 mod slab;
 
-pub use checkpoint::{read_checkpoint_weights, read_manifest, Manifest, SlabEntry, MANIFEST};
+pub use checkpoint::{read_checkpoint_masks, read_checkpoint_weights, read_manifest, Manifest, SlabEntry, MANIFEST};
 pub use slab::AlignedBuf;
 pub use ws_kernels::math::sum_of_squares_f64;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use ws_kernels::adamw::{adamw_update_clear, AdamWStep};
+use ws_kernels::sparse::SparsePattern;
+use ws_model::sparsity::{remap, Masks};
 use ws_model::{ModelSpec, Params};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +101,7 @@ impl Layout {
             for &t in &layer.tensors {
                 if place[t].0 == usize::MAX {
                     place[t] = (l, slab_params[l]);
-                    slab_params[l] += spec.tensors[t].numel();
+                    slab_params[l] += spec.tensors[t].len();
                     owned[l].push(t);
                 }
             }
@@ -137,7 +139,7 @@ impl Layout {
 
     /// Floats of one layer's weights as streamed (its tensors in layer order).
     pub fn layer_params(&self, spec: &ModelSpec, layer: usize) -> usize {
-        spec.layers[layer].tensors.iter().map(|&t| spec.tensors[t].numel()).sum()
+        spec.layers[layer].tensors.iter().map(|&t| spec.tensors[t].len()).sum()
     }
 
     /// The pages of `slab` that overlap parameters `range`, as
@@ -229,6 +231,8 @@ pub struct Store {
     cursor: usize,
     /// The access in progress: its layer, and the pages it has finished with.
     current: Option<(usize, Vec<(usize, usize)>)>,
+    /// Where the nonzeros of the sparse tensors are (their slabs hold only those).
+    masks: Masks,
 }
 
 impl Store {
@@ -247,7 +251,7 @@ impl Store {
             let len = p1 - p0;
             for &t in &layout.owned[s] {
                 let off = layout.place[t].1;
-                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].numel()).min(p1));
+                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
                 if lo >= hi {
                     continue;
                 }
@@ -318,6 +322,7 @@ impl Store {
             sequence: Vec::new(),
             cursor: 0,
             current: None,
+            masks: Masks::dense(spec),
         };
         // Every page goes to flash first: the flash tier holds everything.
         for s in 0..spec.layer_count() {
@@ -329,6 +334,70 @@ impl Store {
             }
         }
         Ok(store)
+    }
+
+    /// The patterns of the sparse tensors.
+    pub fn masks(&self) -> &Masks {
+        &self.masks
+    }
+
+    /// Sets the patterns of the sparse tensors, whose slabs hold values in
+    /// their order (a fresh store's caller knows them; a restored store has
+    /// them from its checkpoint).
+    pub fn set_masks(&mut self, masks: Masks) -> std::result::Result<(), String> {
+        masks.check(&self.spec)?;
+        self.masks = masks;
+        Ok(())
+    }
+
+    /// One prune-and-regrow update of every sparse tensor, between steps:
+    /// `choose(tensor, pattern, weights)` gives the new pattern and where
+    /// each of its values comes from ([`ws_model::sparsity::prune_regrow`]).
+    /// Weights and both moments move with their nonzeros; regrown ones
+    /// start at zero. Pending updates are applied first. Raises the masks'
+    /// version.
+    pub fn prune_regrow(
+        &mut self,
+        mut choose: impl FnMut(usize, &SparsePattern, &[f32]) -> (SparsePattern, Vec<Option<u32>>),
+    ) -> Result<()> {
+        assert!(self.contributions_left == self.contributions_per_step, "masks change only between steps");
+        for t in 0..self.spec.tensors.len() {
+            let Some(pattern) = self.masks.patterns[t].clone() else { continue };
+            let mut regions = [Vec::new(), Vec::new(), Vec::new()];
+            self.tensor_regions(t, |page, len, r| {
+                for (k, region) in [0, 2, 3].into_iter().enumerate() {
+                    regions[k].extend_from_slice(&page[region * len + r.start..region * len + r.end]);
+                }
+            })?;
+            let (new, from) = choose(t, &pattern, &regions[0]);
+            assert_eq!(new.nnz(), pattern.nnz(), "a prune-and-regrow keeps the count");
+            let moved: Vec<Vec<f32>> = regions.iter().map(|v| remap(v, &from)).collect();
+            let mut at = 0;
+            self.tensor_regions(t, |page, len, r| {
+                for (k, region) in [0, 2, 3].into_iter().enumerate() {
+                    page[region * len + r.start..region * len + r.end].copy_from_slice(&moved[k][at..at + r.len()]);
+                }
+                at += r.len();
+            })?;
+            self.masks.patterns[t] = Some(std::sync::Arc::new(new));
+        }
+        self.masks.version += 1;
+        Ok(())
+    }
+
+    /// Visits tensor `t`'s pages in order, every region resident and up to
+    /// date: `f(page buffer, page length, the tensor's range in the page)`;
+    /// the pages are then dirty.
+    fn tensor_regions(&mut self, t: usize, mut f: impl FnMut(&mut [f32], usize, std::ops::Range<usize>)) -> Result<()> {
+        let (s, off) = self.layout.place[t];
+        let parts: Vec<_> = self.layout.pages_over(s, off..off + self.spec.tensors[t].len()).collect();
+        for (i, p0, lo, hi) in parts {
+            let len = self.layout.pages[s][i + 1] - p0;
+            let buf = self.page(s, i, ALL)?;
+            f(buf, len, lo - p0..hi - p0);
+            self.pages[s][i].dirty = ALL;
+        }
+        Ok(())
     }
 
     pub fn layout(&self) -> &Layout {
@@ -489,7 +558,7 @@ impl Store {
             let (m, v) = rest.split_at_mut(len);
             for &t in &self.layout.owned[s] {
                 let off = self.layout.place[t].1;
-                let (lo, hi) = (off.max(p0), (off + self.spec.tensors[t].numel()).min(p1));
+                let (lo, hi) = (off.max(p0), (off + self.spec.tensors[t].len()).min(p1));
                 if lo >= hi {
                     continue;
                 }
@@ -524,7 +593,7 @@ impl Store {
         let mut o = 0;
         for &t in &self.spec.layers[layer].tensors.clone() {
             let (s, off) = self.layout.place[t];
-            let len = self.spec.tensors[t].numel();
+            let len = self.spec.tensors[t].len();
             let parts: Vec<_> = self.layout.pages_over(s, off..off + len).collect();
             for (i, p0, lo, hi) in parts {
                 let page_len = self.layout.pages[s][i + 1] - p0;
@@ -686,7 +755,7 @@ impl Store {
             let len = p1 - p0;
             for &t in &layout.owned[s] {
                 let off = layout.place[t].1;
-                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].numel()).min(p1));
+                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
                 if lo < hi {
                     w.tensors[t][lo - off..hi - off].copy_from_slice(&buf[lo - p0..hi - p0]);
                     m.tensors[t][lo - off..hi - off].copy_from_slice(&buf[2 * len + lo - p0..2 * len + hi - p0]);

@@ -16,7 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use ws_model::{Gpt2Config, ModelSpec, Params};
+use ws_model::{Gpt2Config, Masks, ModelSpec, Params};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
@@ -110,15 +110,37 @@ fn staging_dir(dir: &Path) -> Result<(PathBuf, PathBuf), TrainError> {
 
 /// Writes a checkpoint directory at `dir` atomically (temporary directory,
 /// fsync, rename). `dir` must not exist yet.
-pub fn save(dir: &Path, spec: &ModelSpec, params: &Params, state: Option<TrainState>) -> Result<(), TrainError> {
+///
+/// `params` (and the optimizer's moments) hold the stored values: sparse
+/// tensors are written dense, with zeros where `masks` has none, and the
+/// masks go beside them in `masks.safetensors`.
+pub fn save(
+    dir: &Path,
+    spec: &ModelSpec,
+    params: &Params,
+    masks: &Masks,
+    state: Option<TrainState>,
+) -> Result<(), TrainError> {
     let (parent, tmp) = staging_dir(dir)?;
 
-    write_safetensors(&tmp.join(MODEL_FILE), named_tensors(spec, "", params))?;
+    fn dense<'a>(masks: &Masks, p: &'a Params) -> std::borrow::Cow<'a, Params> {
+        if masks.is_sparse() {
+            std::borrow::Cow::Owned(masks.unpack(p))
+        } else {
+            std::borrow::Cow::Borrowed(p)
+        }
+    }
+    let weights = dense(masks, params);
+    write_safetensors(&tmp.join(MODEL_FILE), named_tensors(spec, "", &weights))?;
+    if masks.is_sparse() {
+        write_file(&tmp.join(ws_model::sparsity::MASKS_FILE), &masks.to_safetensors(spec))?;
+    }
     let config = serde_json::to_vec_pretty(&hf_config_json(&spec.config)).expect("json");
     write_file(&tmp.join(CONFIG_FILE), &config)?;
     if let Some(state) = state {
-        let mut all = named_tensors(spec, "exp_avg.", &state.optimizer.m);
-        all.extend(named_tensors(spec, "exp_avg_sq.", &state.optimizer.v));
+        let (m, v) = (dense(masks, &state.optimizer.m), dense(masks, &state.optimizer.v));
+        let mut all = named_tensors(spec, "exp_avg.", &m);
+        all.extend(named_tensors(spec, "exp_avg_sq.", &v));
         write_safetensors(&tmp.join(OPTIMIZER_FILE), all)?;
         let st = serde_json::json!({ "format": 1, "step": state.step });
         write_file(&tmp.join(STATE_FILE), &serde_json::to_vec_pretty(&st).expect("json"))?;
@@ -199,10 +221,27 @@ impl StreamingSafetensors {
 pub fn export_store_checkpoint(spec: &ModelSpec, ckpt: &Path, out: &Path) -> Result<u64, TrainError> {
     let (parent, tmp) = staging_dir(out)?;
     let result = (|| {
+        let masks = ws_store::read_checkpoint_masks(spec, ckpt).map_err(|e| TrainError::Config(e.to_string()))?;
         let mut w = StreamingSafetensors::create(&tmp.join(MODEL_FILE), spec)?;
         let mut failed = None;
+        // A sparse tensor's values, gathered until complete, then written dense.
+        let mut packed: Vec<f32> = Vec::new();
         let manifest = ws_store::read_checkpoint_weights(spec, ckpt, |t, off, data| {
-            if let Err(e) = w.write(t, off, data) {
+            let written = match masks.get(t) {
+                None => w.write(t, off, data),
+                Some(p) => {
+                    packed.truncate(off);
+                    packed.extend_from_slice(data);
+                    if packed.len() < p.nnz() {
+                        Ok(())
+                    } else {
+                        let mut dense = vec![0f32; p.k * p.n];
+                        p.scatter(&packed, &mut dense);
+                        w.write(t, 0, &dense)
+                    }
+                }
+            };
+            if let Err(e) = written {
                 failed = Some(e);
                 return Err(ws_store::StoreError::Checkpoint {
                     path: tmp.join(MODEL_FILE),
@@ -216,6 +255,9 @@ pub fn export_store_checkpoint(spec: &ModelSpec, ckpt: &Path, out: &Path) -> Res
         }
         let manifest = manifest.map_err(|e| TrainError::Config(e.to_string()))?;
         w.finish()?;
+        if masks.is_sparse() {
+            write_file(&tmp.join(ws_model::sparsity::MASKS_FILE), &masks.to_safetensors(spec))?;
+        }
         let config = serde_json::to_vec_pretty(&hf_config_json(&spec.config)).expect("json");
         write_file(&tmp.join(CONFIG_FILE), &config)?;
         fsync(&tmp)?;
@@ -406,14 +448,21 @@ mod tests {
         opt.m = Params::init(&spec, 4);
         opt.v = Params::init(&spec, 5);
         let dir = tmp("roundtrip").join("checkpoint-000007");
-        save(&dir, &spec, &params, Some(TrainState { step: 7, optimizer: &opt, run_toml: "x = 1" })).unwrap();
+        save(
+            &dir,
+            &spec,
+            &params,
+            &Masks::dense(&spec),
+            Some(TrainState { step: 7, optimizer: &opt, run_toml: "x = 1" }),
+        )
+        .unwrap();
         let (spec2, p2) = load(&dir).unwrap();
         assert_eq!(spec2, spec);
         assert_eq!(p2, params);
         let (step, opt2) = load_train_state(&dir, &spec).unwrap();
         assert_eq!(step, 7);
         assert_eq!((opt2.m, opt2.v), (opt.m, opt.v));
-        let e = save(&dir, &spec, &params, None).unwrap_err().to_string();
+        let e = save(&dir, &spec, &params, &Masks::dense(&spec), None).unwrap_err().to_string();
         assert!(e.contains("already exists"), "{e}");
     }
 
@@ -429,7 +478,7 @@ mod tests {
     fn mismatched_shapes_and_missing_files_are_clear_errors() {
         let spec = small();
         let dir = tmp("mismatch").join("ck");
-        save(&dir, &spec, &Params::init(&spec, 1), None).unwrap();
+        save(&dir, &spec, &Params::init(&spec, 1), &Masks::dense(&spec), None).unwrap();
         let cfg = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap().replace("\"n_embd\": 8", "\"n_embd\": 16");
         std::fs::write(dir.join(CONFIG_FILE), cfg).unwrap();
         let e = load(&dir).unwrap_err().to_string();

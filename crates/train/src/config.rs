@@ -11,7 +11,7 @@ use crate::TrainError;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use toml::{Table, Value};
-use ws_model::Gpt2Config;
+use ws_model::{Gpt2Config, ModelSpec};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +28,36 @@ pub struct RunConfig {
     pub store: StoreSection,
     pub worker: WorkerSection,
     pub fabric: FabricSection,
+    pub sparsity: SparsitySection,
+}
+
+/// Unstructured sparsity of the linear layers' weight matrices: only their
+/// nonzeros are stored, streamed, summed, updated and multiplied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparsitySection {
+    /// Fraction of zeros in the attention matrices (c_attn, c_proj), 0 to 0.99.
+    pub attention: f64,
+    /// Fraction of zeros in the MLP matrices (c_fc, c_proj), 0 to 0.99.
+    pub mlp: f64,
+    /// "PATTERN=LEVEL" by tensor name, `*` matching any run of characters,
+    /// e.g. "transformer.h.0.*=0" (a dense first block) or "*.mlp.c_fc.weight=0.95".
+    /// A later rule wins over an earlier one, and any rule over `attention` and `mlp`.
+    pub rules: Vec<String>,
+    /// Dynamic sparsity: "off"; "set" (prune the smallest weights, regrow
+    /// as many at random) or "rigl" (regrow where the dense gradient is largest).
+    pub dynamic: String,
+    /// Steps between two prune-and-regrow updates (dynamic sparsity).
+    pub update_every: u64,
+    /// Fraction of each tensor's nonzeros pruned and regrown at an update.
+    pub prune_fraction: f64,
+    /// No more updates after this step (RigL stops at 3/4 of training); 0: never stop.
+    pub update_until: u64,
+    /// Density (nonzeros / elements) at or below which a sparse matrix runs
+    /// through the sparse kernels; above it, through the dense GEMM on the
+    /// matrix expanded with zeros. The default is the crossover measured by
+    /// `weightstream bench sparsity` (see BENCHMARKS.md).
+    pub kernel_density_max: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -232,6 +262,16 @@ impl RunConfig {
                 step_timeout_s: 1800,
                 top_in_store: false,
             },
+            sparsity: SparsitySection {
+                attention: 0.0,
+                mlp: 0.0,
+                rules: Vec::new(),
+                dynamic: "off".into(),
+                update_every: 100,
+                prune_fraction: 0.3,
+                update_until: 0,
+                kernel_density_max: ws_model::workspace::SPARSE_CROSSOVER_DENSITY,
+            },
         })
     }
 
@@ -315,8 +355,45 @@ impl RunConfig {
         self.fabric.workers > 1 || self.fabric.transport == "tcp"
     }
 
-    pub fn validate(&self) -> Result<(), TrainError> {
+    /// The model with its sparse tensors (`[sparsity]`).
+    pub fn model_spec(&self) -> Result<ModelSpec, TrainError> {
         self.model.validate()?;
+        let mut spec = ModelSpec::new(self.model);
+        let sp = &self.sparsity;
+        let bad = |msg: String| TrainError::Config(format!("sparsity: {msg}"));
+        let mut levels: Vec<f64> = spec
+            .tensors
+            .iter()
+            .map(|t| match () {
+                _ if !t.is_linear_weight() => 0.0,
+                _ if t.name.contains(".attn.") => sp.attention,
+                _ => sp.mlp,
+            })
+            .collect();
+        for rule in &sp.rules {
+            let (pattern, level) = rule
+                .rsplit_once('=')
+                .and_then(|(p, l)| Some((p.trim(), l.trim().parse::<f64>().ok()?)))
+                .ok_or_else(|| bad(format!("rule `{rule}` is not PATTERN=LEVEL, e.g. \"*.mlp.c_fc.weight=0.9\"")))?;
+            let mut matched = false;
+            for (t, level_t) in levels.iter_mut().enumerate() {
+                if glob_match(pattern, &spec.tensors[t].name) {
+                    matched = true;
+                    *level_t = level;
+                }
+            }
+            if !matched {
+                return Err(bad(format!("rule `{rule}` matches no tensor (names as in Hugging Face GPT-2, e.g. transformer.h.0.mlp.c_fc.weight)")));
+            }
+        }
+        for (t, level) in levels.into_iter().enumerate() {
+            spec.set_sparsity(t, level).map_err(bad)?;
+        }
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let spec = self.model_spec()?;
         let t = &self.train;
         let bad = |msg: String| Err(TrainError::Config(msg));
         if t.batch_size == 0 {
@@ -417,6 +494,22 @@ impl RunConfig {
         if !(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0) {
             return bad(format!("data.val_fraction must be between 0 and 1 (got {})", self.data.val_fraction));
         }
+        let sp = &self.sparsity;
+        if !["off", "set", "rigl"].contains(&sp.dynamic.as_str()) {
+            return bad(format!("sparsity.dynamic `{}` is not one of off, set, rigl", sp.dynamic));
+        }
+        if sp.dynamic != "off" && (sp.update_every == 0 || !(sp.prune_fraction > 0.0 && sp.prune_fraction <= 1.0)) {
+            return bad(format!(
+                "dynamic sparsity needs sparsity.update_every >= 1 and 0 < sparsity.prune_fraction <= 1 (got {}, {})",
+                sp.update_every, sp.prune_fraction
+            ));
+        }
+        if !(0.0..=1.0).contains(&sp.kernel_density_max) {
+            return bad(format!("sparsity.kernel_density_max must be in [0, 1] (got {})", sp.kernel_density_max));
+        }
+        if spec.is_sparse() && t.device != "cpu" {
+            return bad("sparse layers run on the CPU worker only: set train.device = \"cpu\" or sparsity to 0".into());
+        }
         Ok(())
     }
 
@@ -427,6 +520,26 @@ impl RunConfig {
 
 fn one_line(s: &str) -> String {
     s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of characters.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// A `--set` value: TOML if it parses as a value (numbers, booleans, quoted
@@ -562,6 +675,46 @@ mod tests {
         assert_eq!(c.data.path, "x.txt", "bare word as a string");
         let round: RunConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(round, c);
+    }
+
+    #[test]
+    fn sparsity_levels_come_from_sections_then_rules_in_order() {
+        assert!(glob_match("*.mlp.*.weight", "transformer.h.3.mlp.c_fc.weight"));
+        assert!(glob_match("transformer.h.0.*", "transformer.h.0.attn.c_proj.weight"));
+        assert!(!glob_match("transformer.h.1.*", "transformer.h.10.attn.c_proj.weight"));
+        assert!(!glob_match("*.mlp.*.weight", "transformer.h.3.mlp.c_fc.bias"));
+        assert!(glob_match("a*b*b", "abb") && !glob_match("a*b*b", "ab"));
+        let c = RunConfig::resolve(
+            None,
+            &[
+                "sparsity.attention=0.75".into(),
+                "sparsity.mlp=0.9".into(),
+                r#"sparsity.rules=["transformer.h.0.*=0", "*.h.1.mlp.c_fc.weight=0.5"]"#.into(),
+            ],
+        )
+        .unwrap();
+        let spec = c.model_spec().unwrap();
+        let level = |name: &str| {
+            let t = &spec.tensors[spec.tensor_index(name).unwrap()];
+            1.0 - t.len() as f64 / t.numel() as f64
+        };
+        assert_eq!(level("transformer.h.0.attn.c_attn.weight"), 0.0);
+        assert_eq!(level("transformer.h.0.mlp.c_fc.weight"), 0.0);
+        assert!((level("transformer.h.1.attn.c_attn.weight") - 0.75).abs() < 1e-3);
+        assert!((level("transformer.h.1.mlp.c_proj.weight") - 0.9).abs() < 1e-3);
+        assert!((level("transformer.h.1.mlp.c_fc.weight") - 0.5).abs() < 1e-3);
+        assert_eq!(level("transformer.wte.weight"), 0.0);
+        assert_eq!(level("transformer.h.1.ln_1.weight"), 0.0);
+        for (set, want) in [
+            (r#"sparsity.rules=["*.wte.*=0.5"]"#, "transformer.wte.weight cannot be sparse"),
+            (r#"sparsity.rules=["nothing.like.this=0.5"]"#, "matches no tensor"),
+            (r#"sparsity.rules=["*.mlp.c_fc.weight"]"#, "is not PATTERN=LEVEL"),
+            ("sparsity.mlp=1.0", "outside 0 to 0.99"),
+            ("sparsity.dynamic=often", "sparsity.dynamic `often`"),
+        ] {
+            let e = RunConfig::resolve(None, &[set.into()]).unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{set}: {e}");
+        }
     }
 
     #[test]

@@ -43,7 +43,7 @@ use ws_fabric::wire::Hello;
 use ws_fabric::PassStart;
 use ws_fabric::{Dtype, FabricError, Frame, Kind, Link, LinkRx, LinkTx, Tree};
 use ws_kernels::Precision;
-use ws_model::{ModelSpec, Params};
+use ws_model::{Masks, ModelSpec, Params};
 use ws_store::Store;
 
 /// One worker's sequences of a pass: B/N*T inputs and targets.
@@ -282,7 +282,7 @@ pub fn run_worker_process(store: &str, local: &RunConfig, deadline: Duration) ->
             .checked_sub(1 + tree.inner_nodes())
             .filter(|&w| w < tree.workers)
             .ok_or_else(|| TrainError::Config(format!("the store assigned position {}, not a worker's", a.position)))?;
-        let spec = ModelSpec::new(config.model);
+        let spec = config.model_spec()?;
         if data.is_none() {
             let cache = (!config.data.cache_dir.is_empty()).then(|| PathBuf::from(&config.data.cache_dir));
             let tokens = ws_data::load_tokens(Path::new(&config.data.path), cache.as_deref())?;
@@ -334,6 +334,10 @@ pub fn run_node_process(store: &str, bind: &str, local: &RunConfig, deadline: Du
     .map_err(fabric_error)
 }
 
+/// The use index that marks a message of dense gradients of a sparse tensor
+/// (RigL's update steps; the layer field holds the tensor).
+const DENSE_GRADS_USE: u32 = u32::MAX;
+
 /// What the root threads are doing, for telling a loss from an ending.
 const ROOT_RUNNING: u8 = 0;
 const ROOT_SHUTTING_DOWN: u8 = 1;
@@ -344,6 +348,7 @@ const ROOT_DETACHING: u8 = 2;
 /// stops; on `stop`, leaves without it (the tree is being replaced).
 fn root_down(
     tx: LinkTx,
+    spec: &ModelSpec,
     from_store: Receiver<Down>,
     stop: Receiver<()>,
     to_store: Sender<ToStore>,
@@ -357,6 +362,10 @@ fn root_down(
                 recv(from_store) -> d => match d {
                     Err(_) => return Ok(true),
                     Ok(Down::Begin(p)) => tx.blocking_send(Frame::begin(p))?,
+                    Ok(Down::Masks(m)) => {
+                        let id = MessageId { kind: Kind::Masks, dtype: Dtype::None, step: m.version, use_index: 0, layer: 0 };
+                        frames(id, &m.to_safetensors(spec), chunk).try_for_each(|f| tx.blocking_send(f))?;
+                    }
                     Ok(Down::Weights(m)) => {
                         let (dtype, bytes) = match &m.data {
                             Weights::F32(v) => (Dtype::F32, f32_bytes(&v[..m.len])),
@@ -391,6 +400,7 @@ fn root_down(
 /// What the root's receiving thread needs.
 struct RootUp {
     rx: LinkRx,
+    spec: ModelSpec,
     grad_pool: Receiver<Vec<f32>>,
     grad_return: Sender<Vec<f32>>,
     to_store: Sender<ToStore>,
@@ -406,8 +416,25 @@ fn root_up(mut r: RootUp) {
     let mut cur: Option<Vec<f32>> = None;
     let result = (|| -> Result<(), String> {
         let mut asm = Assembler::new();
+        let last_sparse = r.spec.tensors.iter().rposition(|t| t.is_sparse());
+        let mut dense: Option<Vec<Option<Vec<f32>>>> = None;
         while let Some(f) = r.rx.blocking_recv() {
             match (f.kind, f.dtype) {
+                (Kind::Grads, Dtype::F32) if f.use_index == DENSE_GRADS_USE => {
+                    let t = f.layer as usize;
+                    let ts = r.spec.tensors.get(t).filter(|ts| ts.is_sparse());
+                    let numel = ts.ok_or("dense gradients of a tensor that is not sparse")?.numel();
+                    let d = dense.get_or_insert_with(|| vec![None; r.spec.tensors.len()]);
+                    let buf = d[t].get_or_insert_with(|| vec![0f32; numel]);
+                    if let Some((id, _)) = asm.add(&f, f32_bytes_mut(buf)).map_err(|e| e.to_string())? {
+                        if Some(t) == last_sparse {
+                            let grads = dense.take().expect("gathered above");
+                            r.to_store
+                                .send(ToStore::DenseGrads { step: id.step, grads })
+                                .map_err(|_| "the store stopped")?;
+                        }
+                    }
+                }
                 (Kind::Grads, Dtype::F32) => {
                     if cur.is_none() {
                         cur = Some(r.grad_pool.recv().map_err(|_| "the store stopped")?);
@@ -449,11 +476,33 @@ fn root_up(mut r: RootUp) {
 /// A worker's receiving half: pass starts go to the compute thread; weight
 /// chunks are assembled into free buffers (k+1 of them, the prefetch).
 /// Returns whether the run ended (`Shutdown`) rather than the link.
-fn worker_down(mut rx: LinkRx, to_compute: Sender<Down>, free: Receiver<Weights>) -> Result<bool, String> {
+fn worker_down(
+    mut rx: LinkRx,
+    spec: &ModelSpec,
+    to_compute: Sender<Down>,
+    free: Receiver<Weights>,
+) -> Result<bool, String> {
     let mut asm = Assembler::new();
     let mut cur: Option<Weights> = None;
+    let mut masks = Vec::new();
     while let Some(f) = rx.blocking_recv() {
         match f.kind {
+            Kind::Masks => {
+                if masks.is_empty() {
+                    // The bitmaps and a generous allowance for the file's header.
+                    let bitmaps: usize =
+                        spec.tensors.iter().filter(|t| t.is_sparse()).map(|t| t.numel().div_ceil(8)).sum();
+                    masks = vec![0u8; bitmaps + (1 << 20)];
+                }
+                if let Some((_, n)) = asm.add(&f, &mut masks).map_err(|e| e.to_string())? {
+                    let m =
+                        Masks::from_safetensors(spec, &masks[..n]).map_err(|e| format!("the store's masks: {e}"))?;
+                    masks = Vec::new();
+                    if to_compute.send(Down::Masks(m)).is_err() {
+                        break;
+                    }
+                }
+            }
             Kind::Begin => {
                 let p = f.pass_start().map_err(|e| e.to_string())?;
                 if to_compute.send(Down::Begin(p)).is_err() {
@@ -554,6 +603,21 @@ fn worker_up(
                 };
                 tx.blocking_send(f).map_err(|e| e.to_string())?;
             }
+            ToStore::DenseGrads { step, grads } => {
+                for (t, g) in grads.iter().enumerate() {
+                    let Some(g) = g else { continue };
+                    let id = MessageId {
+                        kind: Kind::Grads,
+                        dtype: Dtype::F32,
+                        step,
+                        use_index: DENSE_GRADS_USE,
+                        layer: t as u32,
+                    };
+                    for f in frames(id, f32_bytes(g), chunk) {
+                        tx.blocking_send(f).map_err(|e| e.to_string())?;
+                    }
+                }
+            }
             ToStore::Abort { .. } => unreachable!("workers do not abort passes"),
         }
     }
@@ -579,12 +643,9 @@ fn worker_compute(
     let (t, mb) = (s.config.seq_len(), s.micro_batch);
     let scale = 1.0 / (s.config.train.batch_size * t) as f32;
     let mut cpu = CpuWorker::new(&s.spec, mb, t, &s.config);
+    let crossover = s.config.sparsity.kernel_density_max;
     loop {
-        let p = match weights.recv() {
-            Ok(Down::Begin(p)) => p,
-            Ok(Down::Weights(_)) => panic!("weights before their pass began"),
-            Err(_) => return,
-        };
+        let Some(p) = crate::stream::recv_begin(&weights, &mut cpu.workspace, crossover) else { return };
         let Some(shard) = shards.next(p, &s.config, mb) else { return };
         let (sched, step, dloss) = if p.training { (&s.train, p.index, scale) } else { (&s.eval, u64::MAX, 0.0) };
         // The loss goes up right after the last head use, ahead of the
@@ -624,6 +685,7 @@ fn spawn_worker(
     let (to_compute, weights) = unbounded();
     let (to_up, from_compute) = unbounded();
     let Link { tx, rx } = link;
+    let spec = s.spec.clone();
     let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name)
@@ -633,7 +695,7 @@ fn spawn_worker(
     Ok(vec![
         spawn(
             format!("worker{w}-down"),
-            Box::new(move || match worker_down(rx, to_compute, free_rx) {
+            Box::new(move || match worker_down(rx, &spec, to_compute, free_rx) {
                 Ok(done) => ended.store(done, Ordering::SeqCst),
                 Err(e) => tracing::error!("worker {w}: {e}"),
             }),
@@ -663,6 +725,7 @@ struct Root {
 /// The store thread's channels the root threads work on (the driver keeps
 /// them to restart the root on a new tree).
 struct StoreSide {
+    spec: ModelSpec,
     weights: Receiver<Down>,
     to_store: Sender<ToStore>,
     grad_pool: Receiver<Vec<f32>>,
@@ -676,13 +739,14 @@ fn start_root(link: Link, side: &StoreSide, chunk: usize, epoch: u64) -> Result<
     let state = Arc::new(AtomicU8::new(ROOT_RUNNING));
     let (stop, stop_rx) = bounded(1);
     let spawn_err = |e: std::io::Error| TrainError::Config(format!("cannot start a fabric thread: {e}"));
-    let (w, ts, st) = (side.weights.clone(), side.to_store.clone(), state.clone());
+    let (w, ts, st, spec) = (side.weights.clone(), side.to_store.clone(), state.clone(), side.spec.clone());
     let down = std::thread::Builder::new()
         .name("fabric-root-down".into())
-        .spawn(move || root_down(tx, w, stop_rx, ts, chunk, st))
+        .spawn(move || root_down(tx, &spec, w, stop_rx, ts, chunk, st))
         .map_err(spawn_err)?;
     let r = RootUp {
         rx,
+        spec: side.spec.clone(),
         grad_pool: side.grad_pool.clone(),
         grad_return: side.grad_return.clone(),
         to_store: side.to_store.clone(),
@@ -776,7 +840,7 @@ impl FabricTrainer {
         let StoreEnds { control, reply, weights, to_store, grad_pool, grad_return, handle } =
             spawn_store(&config, store, &train, &eval)?;
         let (stats_tx, stats) = unbounded();
-        let side = StoreSide { weights, to_store, grad_pool, grad_return, stats: stats_tx };
+        let side = StoreSide { spec: spec.clone(), weights, to_store, grad_pool, grad_return, stats: stats_tx };
         let root = start_root(root, &side, config.fabric.chunk_bytes, 0)?;
         let mut threads = Vec::new();
         let mut shards = Vec::with_capacity(n);
@@ -1035,5 +1099,8 @@ impl Engine for FabricTrainer {
 
     fn params(&mut self) -> Result<Params, TrainError> {
         self.store_control.params()
+    }
+    fn masks(&mut self) -> Result<ws_model::Masks, TrainError> {
+        self.store_control.masks()
     }
 }

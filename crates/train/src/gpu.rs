@@ -115,7 +115,7 @@ pub struct GpuResident {
 impl GpuResident {
     pub fn new(config: RunConfig, params: &Params) -> Result<GpuResident, TrainError> {
         config.validate()?;
-        let spec = ModelSpec::new(config.model);
+        let spec = config.model_spec()?;
         let gpu = open_gpu()?;
         let precision = Precision::parse(&config.train.precision).expect("validated");
         let t = config.seq_len();
@@ -263,12 +263,16 @@ impl Engine for GpuResident {
             &dir,
             &self.spec,
             &params,
+            &ws_model::Masks::dense(&self.spec),
             Some(TrainState { step: self.step, optimizer: &optimizer, run_toml: &run_toml }),
         )?;
         Ok(dir)
     }
     fn params(&mut self) -> Result<Params, TrainError> {
         self.params.to_host(&self.gpu, &self.spec).map_err(gpu_err)
+    }
+    fn masks(&mut self) -> Result<ws_model::Masks, TrainError> {
+        Ok(ws_model::Masks::dense(&self.spec))
     }
 }
 
@@ -533,7 +537,7 @@ pub fn start_gpu_engine(
     resume: Option<&Path>,
 ) -> Result<Box<dyn Engine>, TrainError> {
     config.validate()?;
-    let spec = ModelSpec::new(config.model);
+    let spec = config.model_spec()?;
     if config.stream.mode == "resident" {
         if resume.is_some() {
             return Err(TrainError::Config(

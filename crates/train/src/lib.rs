@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod sparsity;
 pub mod stream;
 pub mod trainer;
 

@@ -18,6 +18,7 @@
 use crate::config::RunConfig;
 use crate::optim::learning_rate;
 use crate::schedule::{Pass, Schedule};
+use crate::sparsity::Dynamic;
 use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
@@ -28,7 +29,7 @@ use ws_data::sample_batch;
 use ws_fabric::PassStart;
 use ws_kernels::bf16::from_bf16;
 use ws_kernels::Precision;
-use ws_model::{ModelSpec, Params, Workspace};
+use ws_model::{Masks, ModelSpec, Params, Workspace};
 use ws_store::{Layout, Manifest, OptimizerConfig, Store, StoreConfig};
 
 /// A layer's weights on the wire: its tensors in layer order.
@@ -47,10 +48,13 @@ pub struct WeightMsg {
     pub data: Weights,
 }
 
-/// What the store sends down: the start of a pass, then its layers' weights.
+/// What the store sends down: the start of a pass, then its layers'
+/// weights; before a pass, the sparse tensors' patterns when the worker's
+/// copy is not current.
 pub enum Down {
     Begin(PassStart),
     Weights(WeightMsg),
+    Masks(Masks),
 }
 
 /// The next weights of a pass (`None`: the store stopped).
@@ -58,7 +62,21 @@ pub fn recv_weights(rx: &Receiver<Down>) -> Option<WeightMsg> {
     match rx.recv() {
         Ok(Down::Weights(m)) => Some(m),
         Ok(Down::Begin(p)) => panic!("a pass ({p:?}) began inside another"),
+        Ok(Down::Masks(_)) => panic!("masks changed inside a pass"),
         Err(_) => None,
+    }
+}
+
+/// The start of the next pass (`None`: the store stopped), taking new
+/// patterns into `workspace` on the way.
+pub(crate) fn recv_begin(rx: &Receiver<Down>, workspace: &mut Workspace, crossover: f64) -> Option<PassStart> {
+    loop {
+        match rx.recv() {
+            Ok(Down::Begin(p)) => return Some(p),
+            Ok(Down::Masks(m)) => workspace.set_masks(&m, crossover),
+            Ok(Down::Weights(_)) => panic!("weights before their pass began"),
+            Err(_) => return None,
+        }
     }
 }
 
@@ -76,6 +94,13 @@ pub enum ToStore {
     Stats {
         index: u64,
         sum: f64,
+    },
+    /// The dense weight gradients of the sparse tensors over a whole step
+    /// (per tensor, `None` for dense ones), on the steps that end in a RigL
+    /// update: after the step's last gradients.
+    DenseGrads {
+        step: u64,
+        grads: Vec<Option<Vec<f32>>>,
     },
     /// The pass cannot complete (the fabric lost a member): drop its
     /// gradients. Only an abort of the current `epoch` (tree) counts.
@@ -110,6 +135,7 @@ pub(crate) enum Control {
         run_toml: String,
     },
     Snapshot,
+    Masks,
     /// A new tree: its workers' schedule, the contributions per step, and its epoch.
     Reshape {
         train: Schedule,
@@ -125,6 +151,7 @@ pub(crate) enum Reply {
     EvalDone,
     Checkpointed(Manifest),
     Snapshot(Box<(Params, Params, Params)>),
+    Masks(Masks),
     /// The pass was aborted and its gradients dropped; the store is as before it.
     Aborted(String),
     Reshaped,
@@ -138,8 +165,9 @@ pub struct StoreSetup {
 }
 
 /// Bytes of DRAM the whole model state (weights, gradients, two moments) takes in the store.
+/// (Sparse tensors: their nonzeros only.)
 pub fn model_state_bytes(spec: &ModelSpec) -> u64 {
-    16 * spec.parameter_count() as u64
+    16 * spec.stored_count() as u64
 }
 
 /// Worker memory for a micro-batch of `mb` sequences: weights in flight and
@@ -151,7 +179,14 @@ pub fn worker_bytes(spec: &ModelSpec, mb: usize, t: usize, prefetch_depth: usize
         Precision::Fp32 => 4 * buffers,
         Precision::Bf16 => 2 * buffers + 4 * max_layer,
     };
-    weight_bytes + 4 * buffers + Workspace::bytes_for(spec, mb, t) as u64
+    // The sparse tensors' patterns (three u32 per nonzero, two offsets per row
+    // and column) and the sparse products' scratch.
+    let patterns: usize =
+        spec.tensors.iter().filter(|t| t.is_sparse()).map(|t| 12 * t.len() + 4 * (t.shape[0] + t.shape[1] + 2)).sum();
+    weight_bytes
+        + 4 * buffers
+        + Workspace::bytes_for(spec, mb, t) as u64
+        + (patterns + Workspace::sparse_bytes_for(spec, mb, t)) as u64
 }
 
 /// Floats of the largest layer's weights as streamed.
@@ -199,6 +234,11 @@ pub(crate) struct StoreThread {
     pub(crate) eval: Schedule,
     /// The tree the store is serving (see `ToStore::Abort`).
     pub(crate) epoch: u64,
+    /// The version of the masks the workers of this tree hold.
+    pub(crate) masks_sent: Option<u64>,
+    pub(crate) dynamic: Option<Dynamic>,
+    /// The step's dense gradients of the sparse tensors (RigL), once in.
+    pub(crate) dense_grads: Option<Vec<Option<Vec<f32>>>>,
 }
 
 impl StoreThread {
@@ -206,8 +246,12 @@ impl StoreThread {
         while let Ok(c) = control.recv() {
             let r = match c {
                 Control::Train { step, lr } => match self.pass(true, step) {
-                    Ok(()) => Ok(Reply::StepDone { grad_norm: self.store.finish_step(lr) }),
+                    Ok(()) => {
+                        let grad_norm = self.store.finish_step(lr);
+                        self.prune_regrow().map(|_| Reply::StepDone { grad_norm })
+                    }
                     Err(PassEnd::Aborted(why)) => {
+                        self.dense_grads = None;
                         self.store.abandon_step().map(|_| Reply::Aborted(why)).map_err(|e| e.to_string())
                     }
                     Err(PassEnd::Failed(e)) => Err(e),
@@ -222,6 +266,8 @@ impl StoreThread {
                     self.store.set_access_sequence(&train.layer_sequence());
                     self.train = train;
                     self.epoch = epoch;
+                    // The new tree's workers have no masks yet.
+                    self.masks_sent = None;
                     Ok(Reply::Reshaped)
                 }
                 Control::Checkpoint { dir, run_toml } => {
@@ -230,6 +276,7 @@ impl StoreThread {
                 Control::Snapshot => {
                     self.store.snapshot().map(|s| Reply::Snapshot(Box::new(s))).map_err(|e| e.to_string())
                 }
+                Control::Masks => Ok(Reply::Masks(self.store.masks().clone())),
             };
             let failed = r.is_err();
             if reply.send(r.unwrap_or_else(Reply::Failed)).is_err() || failed {
@@ -252,6 +299,10 @@ impl StoreThread {
                 *grads_left -= 1;
                 let _ = self.grad_return.send(data);
             }
+            ToStore::DenseGrads { step: s, grads } => {
+                assert!(s == step && self.dense_grads.is_none(), "dense gradients out of schedule");
+                self.dense_grads = Some(grads);
+            }
             ToStore::Stats { .. } => unreachable!("statistics end at the fabric's root"),
             ToStore::Abort { epoch, reason } if epoch == self.epoch => return Err(PassEnd::Aborted(reason)),
             // An abort of a tree already replaced.
@@ -265,7 +316,13 @@ impl StoreThread {
     fn pass(&mut self, training: bool, index: u64) -> Result<(), PassEnd> {
         let sched = if training { self.train.clone() } else { self.eval.clone() };
         let step = if training { index } else { u64::MAX };
+        let masks = self.store.masks();
+        if masks.is_sparse() && self.masks_sent != Some(masks.version) {
+            self.masks_sent = Some(masks.version);
+            self.to_worker.send(Down::Masks(masks.clone())).map_err(|_| "worker stopped".to_string())?;
+        }
         self.to_worker.send(Down::Begin(PassStart { training, index })).map_err(|_| "worker stopped".to_string())?;
+        let dense_grads = training && self.dynamic.is_some_and(|d| d.needs_dense_grads(step));
         let mut grads_left = sched.gradient_messages();
         for (j, u) in sched.uses.iter().enumerate() {
             let mut buf = loop {
@@ -288,11 +345,21 @@ impl StoreThread {
                 self.handle(m, &sched, step, &mut grads_left)?;
             }
         }
-        while grads_left > 0 || self.free.len() < self.buffers {
+        while grads_left > 0 || self.free.len() < self.buffers || (dense_grads && self.dense_grads.is_none()) {
             let m = self.from_worker.recv().map_err(|_| "worker stopped".to_string())?;
             self.handle(m, &sched, step, &mut grads_left)?;
         }
         Ok(())
+    }
+
+    /// Dynamic sparsity's update after the step just finished, when due.
+    fn prune_regrow(&mut self) -> Result<(), String> {
+        let completed = self.store.version;
+        let Some(d) = self.dynamic.filter(|d| d.due(completed)) else { return Ok(()) };
+        let grads = self.dense_grads.take();
+        self.store
+            .prune_regrow(|t, p, w| d.choose(completed, t, p, w, grads.as_ref().and_then(|g| g[t].as_deref())))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -322,6 +389,7 @@ pub(crate) fn spawn_store(
     let k = config.stream.prefetch_depth;
     let dtype = Precision::parse(&config.stream.dtype).expect("validated");
     let max_layer = max_layer_params(store.spec());
+    let spec = store.spec().clone();
     let buffers = k + 1;
     let free = (0..buffers)
         .map(|_| match dtype {
@@ -348,6 +416,9 @@ pub(crate) fn spawn_store(
         train: train.clone(),
         eval: eval.clone(),
         epoch: 0,
+        masks_sent: None,
+        dynamic: Dynamic::new(config, &spec),
+        dense_grads: None,
     };
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = if config.store.threads == 0 { cores } else { config.store.threads };
@@ -403,6 +474,12 @@ impl StoreControl {
         self.send(Control::Snapshot)?;
         let Reply::Snapshot(s) = self.recv_reply()? else { unreachable!("the store answers with Snapshot") };
         Ok(s.0)
+    }
+
+    pub fn masks(&self) -> Result<Masks, TrainError> {
+        self.send(Control::Masks)?;
+        let Reply::Masks(m) = self.recv_reply()? else { unreachable!("the store answers with Masks") };
+        Ok(m)
     }
 
     /// Closes the control channel (the store thread then ends).
@@ -508,10 +585,10 @@ impl StreamingTrainer {
         targets: &[u32],
         dloss_scale: f32,
     ) -> Result<f64, TrainError> {
-        match self.weights.recv() {
-            Ok(Down::Begin(p)) => assert_eq!(p, PassStart { training, index }, "the store began another pass"),
-            Ok(Down::Weights(_)) => panic!("weights before their pass began"),
-            Err(_) => return Err(self.failure()),
+        let crossover = self.config.sparsity.kernel_density_max;
+        match recv_begin(&self.weights, &mut self.cpu.workspace, crossover) {
+            Some(p) => assert_eq!(p, PassStart { training, index }, "the store began another pass"),
+            None => return Err(self.failure()),
         }
         let sched = if training { &self.train } else { &self.eval };
         let step = if training { index } else { u64::MAX };
@@ -578,6 +655,7 @@ pub(crate) struct StoreStopped;
 pub(crate) struct CpuWorker {
     pub workspace: Workspace,
     decoded: Vec<f32>,
+    dynamic: Option<Dynamic>,
 }
 
 impl CpuWorker {
@@ -585,7 +663,8 @@ impl CpuWorker {
         let mut workspace = Workspace::new(spec, micro_batch, t);
         workspace.set_precision(Precision::parse(&config.train.precision).expect("validated"));
         let bf16 = Precision::parse(&config.stream.dtype).expect("validated") == Precision::Bf16;
-        CpuWorker { workspace, decoded: if bf16 { vec![0f32; max_layer_params(spec)] } else { Vec::new() } }
+        let decoded = if bf16 { vec![0f32; max_layer_params(spec)] } else { Vec::new() };
+        CpuWorker { workspace, decoded, dynamic: Dynamic::new(config, spec) }
     }
 
     /// The worker's side of one pass (after its `Begin`): takes each use's
@@ -607,6 +686,10 @@ impl CpuWorker {
         let training = sched.training;
         let last_head = sched.uses.iter().rposition(|u| u.pass == Pass::Head).expect("a pass has a head");
         let mut loss = 0f64;
+        let dense_grads = training && self.dynamic.is_some_and(|d| d.needs_dense_grads(step));
+        if dense_grads {
+            self.workspace.capture_dense_grads(spec);
+        }
         for (j, u) in sched.uses.iter().enumerate() {
             let msg = recv_weights(io.weights).ok_or(StoreStopped)?;
             assert!(
@@ -656,6 +739,10 @@ impl CpuWorker {
                 io.to_store.send(ToStore::Stats { index, sum: loss }).map_err(|_| StoreStopped)?;
             }
         }
+        if dense_grads {
+            let grads = self.workspace.take_dense_grads().expect("captured since the pass began");
+            io.to_store.send(ToStore::DenseGrads { step, grads }).map_err(|_| StoreStopped)?;
+        }
         Ok(loss)
     }
 }
@@ -666,7 +753,7 @@ fn split<'a>(spec: &ModelSpec, layer: usize, mut w: &'a [f32]) -> Vec<&'a [f32]>
         .tensors
         .iter()
         .map(|&t| {
-            let (a, b) = w.split_at(spec.tensors[t].numel());
+            let (a, b) = w.split_at(spec.tensors[t].len());
             w = b;
             a
         })
@@ -678,7 +765,7 @@ fn split_mut<'a>(spec: &ModelSpec, layer: usize, mut w: &'a mut [f32]) -> Vec<&'
         .tensors
         .iter()
         .map(|&t| {
-            let (a, b) = std::mem::take(&mut w).split_at_mut(spec.tensors[t].numel());
+            let (a, b) = std::mem::take(&mut w).split_at_mut(spec.tensors[t].len());
             w = b;
             a
         })
@@ -738,6 +825,9 @@ impl Engine for StreamingTrainer {
     fn params(&mut self) -> Result<Params, TrainError> {
         self.store_control.params()
     }
+    fn masks(&mut self) -> Result<ws_model::Masks, TrainError> {
+        self.store_control.masks()
+    }
 }
 
 /// The optimizer settings the store applies.
@@ -787,7 +877,7 @@ pub fn create_store(
     Store::create_with(spec, 0, dir, sc, |s, p0, p1, page| {
         for &t in &layout.owned[s] {
             let off = layout.place[t].1;
-            let (lo, hi) = (off.max(p0), (off + spec.tensors[t].numel()).min(p1));
+            let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
             if lo >= hi {
                 continue;
             }
@@ -798,6 +888,12 @@ pub fn create_store(
             init.as_mut().expect("set above").1.fill_next(&mut page[lo - p0..hi - p0]);
         }
         Ok(())
+    })
+    .map(|mut store| {
+        if spec.is_sparse() {
+            store.set_masks(ws_model::Masks::init(spec, config.train.seed)).expect("the masks of this spec");
+        }
+        store
     })
     .map_err(|e| TrainError::Config(e.to_string()))
 }

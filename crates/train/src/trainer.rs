@@ -15,13 +15,15 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::metrics::{MetricsWriter, Record};
 use crate::optim::{learning_rate, AdamW};
+use crate::sparsity::Dynamic;
 use crate::stream::{self, StreamingTrainer};
 use crate::{plot, TrainError};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ws_data::{sample_batch, Split};
 use ws_kernels::Precision;
-use ws_model::{ModelSpec, Params, Workspace};
+use ws_model::sparsity::remap;
+use ws_model::{Masks, ModelSpec, Params, Workspace};
 
 /// [`ws_kernels::Rng::for_stream`] stream ids of the data sampler.
 pub const TRAIN_STREAM: u64 = 2;
@@ -48,8 +50,11 @@ pub trait Engine {
     fn evaluate(&mut self, tokens: &[u16], batches: usize) -> Result<f64, TrainError>;
     /// Writes a resumable checkpoint under `run_dir`; returns its directory.
     fn checkpoint(&mut self, run_dir: &Path) -> Result<PathBuf, TrainError>;
-    /// The current weights, every tensor.
+    /// The current weights, every tensor: the stored values (a sparse
+    /// tensor's nonzeros, in its pattern's order; [`Masks::unpack`] makes it dense).
     fn params(&mut self) -> Result<Params, TrainError>;
+    /// The sparse tensors' patterns.
+    fn masks(&mut self) -> Result<Masks, TrainError>;
 }
 
 pub struct Trainer {
@@ -58,6 +63,9 @@ pub struct Trainer {
     pub params: Params,
     pub grads: Params,
     pub optimizer: AdamW,
+    /// Where the sparse tensors' nonzeros are (`params` holds those values only).
+    pub masks: Masks,
+    dynamic: Option<Dynamic>,
     workspace: Workspace,
     /// Steps completed.
     pub step: u64,
@@ -69,15 +77,21 @@ impl Trainer {
     /// A fresh model initialised from the config's seed.
     pub fn new(config: RunConfig) -> Result<Trainer, TrainError> {
         config.validate()?;
-        let spec = ModelSpec::new(config.model);
+        let spec = config.model_spec()?;
         let params = Params::init(&spec, config.train.seed);
         Ok(Trainer::with_params(config, spec, params))
     }
 
+    /// A trainer over `params` (stored values: the nonzeros of sparse
+    /// tensors, whose patterns are those of the initialisation).
     pub fn with_params(config: RunConfig, spec: ModelSpec, params: Params) -> Trainer {
+        let masks = if spec.is_sparse() { Masks::init(&spec, config.train.seed) } else { Masks::dense(&spec) };
         let mut workspace = Workspace::new(&spec, config.micro_batch(), config.seq_len());
         workspace.set_precision(Precision::parse(&config.train.precision).expect("validated precision"));
+        workspace.set_masks(&masks, config.sparsity.kernel_density_max);
         Trainer {
+            dynamic: Dynamic::new(&config, &spec),
+            masks,
             grads: Params::zeros(&spec),
             optimizer: AdamW::new(&spec),
             workspace,
@@ -116,7 +130,7 @@ impl Trainer {
             for &i in ids {
                 if touched[i] {
                     scratch[i].clear();
-                    scratch[i].resize(spec.tensors[i].numel(), 0.0);
+                    scratch[i].resize(spec.tensors[i].len(), 0.0);
                 }
             }
             {
@@ -174,10 +188,18 @@ impl Trainer {
         let start = Instant::now();
         let lr = learning_rate(&self.config.train, self.step);
         self.grads.fill(0.0);
+        let dynamic = self.dynamic.filter(|d| d.due(self.step + 1));
+        if dynamic.is_some_and(|d| d.needs_dense_grads(self.step)) {
+            self.workspace.capture_dense_grads(&self.spec);
+        }
         let loss = self.accumulate_gradients(inputs, targets);
         let grad_norm =
             self.optimizer.step(&self.spec, &mut self.params, &self.grads, &self.config.train, lr, self.step + 1);
         self.step += 1;
+        if let Some(d) = dynamic {
+            let dense_grads = self.workspace.take_dense_grads();
+            self.prune_regrow(&d, dense_grads);
+        }
         StepStats { step: self.step, loss, lr, grad_norm, tokens: inputs.len(), seconds: start.elapsed().as_secs_f64() }
     }
 
@@ -199,10 +221,26 @@ impl Trainer {
         sum / (batches * b * t) as f64
     }
 
+    /// Dynamic sparsity's update after the step just completed: each sparse
+    /// tensor's pattern, weights and moments move together.
+    fn prune_regrow(&mut self, d: &Dynamic, dense_grads: Option<Vec<Option<Vec<f32>>>>) {
+        for t in 0..self.spec.tensors.len() {
+            let Some(pattern) = self.masks.patterns[t].clone() else { continue };
+            let grad = dense_grads.as_ref().and_then(|g| g[t].as_deref());
+            let (new, from) = d.choose(self.step, t, &pattern, &self.params.tensors[t], grad);
+            for p in [&mut self.params, &mut self.optimizer.m, &mut self.optimizer.v] {
+                p.tensors[t] = remap(&p.tensors[t], &from);
+            }
+            self.masks.patterns[t] = Some(std::sync::Arc::new(new));
+        }
+        self.masks.version += 1;
+        self.workspace.set_masks(&self.masks, self.config.sparsity.kernel_density_max);
+    }
+
     pub fn save_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
         let run_toml = self.config.to_toml();
         let state = TrainState { step: self.step, optimizer: &self.optimizer, run_toml: &run_toml };
-        checkpoint::save(dir, &self.spec, &self.params, Some(state))
+        checkpoint::save(dir, &self.spec, &self.params, &self.masks, Some(state))
     }
 }
 
@@ -229,6 +267,9 @@ impl Engine for Trainer {
     }
     fn params(&mut self) -> Result<Params, TrainError> {
         Ok(self.params.clone())
+    }
+    fn masks(&mut self) -> Result<Masks, TrainError> {
+        Ok(self.masks.clone())
     }
 }
 
@@ -285,7 +326,7 @@ pub fn start_engine(config: &RunConfig, run_dir: &Path, resume: Option<&Path>) -
     if config.train.device == "cuda" {
         return crate::gpu::start_gpu_engine(config, run_dir, resume);
     }
-    let spec = ModelSpec::new(config.model);
+    let spec = config.model_spec()?;
     if config.stream.mode == "resident" {
         if resume.is_some() {
             return Err(TrainError::Config(
