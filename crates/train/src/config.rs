@@ -174,6 +174,11 @@ pub struct TrainSection {
     /// Where the worker computes: "cpu", or "cuda" (GPU 0; needs a build
     /// with `--features cuda` and an NVIDIA GPU with CUDA 13 libraries).
     pub device: String,
+    /// Start from the weights of this Hugging Face GPT-2 checkpoint directory
+    /// (model.safetensors and config.json: an export, or `save_pretrained`
+    /// output) instead of the seeded initialisation; its config must match
+    /// [model]. Sparse tensors keep its values of largest magnitude.
+    pub init_from: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -212,6 +217,7 @@ impl RunConfig {
             precision: "fp32".into(),
             threads: 0,
             device: "cpu".into(),
+            init_from: String::new(),
         };
         let data = DataSection {
             path: "../shared/data/shakespeare.txt".into(),

@@ -544,7 +544,7 @@ pub fn start_gpu_engine(
                 "--resume needs stream.mode = \"streaming\" (the store checkpoints)".into(),
             ));
         }
-        let params = Params::init(&spec, config.train.seed);
+        let (params, _) = crate::trainer::initial_weights(config, &spec)?;
         return Ok(Box::new(GpuResident::new(config.clone(), &params)?));
     }
     let gpu = open_gpu()?;

@@ -863,7 +863,7 @@ pub fn store_config(config: &RunConfig, spec: &ModelSpec, micro_batches: usize) 
 }
 
 /// A fresh store in `dir` initialised from the config's seed, one slab at a
-/// time (the whole model never sits in memory).
+/// time (the whole model never sits in memory), or from `train.init_from`.
 pub fn create_store(
     config: &RunConfig,
     spec: &ModelSpec,
@@ -871,10 +871,17 @@ pub fn create_store(
     micro_batches: usize,
 ) -> Result<Store, TrainError> {
     let sc = store_config(config, spec, micro_batches);
+    let err = |e: ws_store::StoreError| TrainError::Config(e.to_string());
+    if !config.train.init_from.is_empty() {
+        let (params, masks) = crate::trainer::initial_weights(config, spec)?;
+        let mut store = Store::create(spec, &params, None, 0, dir, sc).map_err(err)?;
+        store.set_masks(masks).expect("the masks of this spec");
+        return Ok(store);
+    }
     let layout = Layout::new(spec, sc.page_params);
     // Each tensor's initial values are drawn in order, page by page.
     let mut init: Option<(usize, ws_model::params::TensorInit)> = None;
-    Store::create_with(spec, 0, dir, sc, |s, p0, p1, page| {
+    let mut store = Store::create_with(spec, 0, dir, sc, |s, p0, p1, page| {
         for &t in &layout.owned[s] {
             let off = layout.place[t].1;
             let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
@@ -889,11 +896,9 @@ pub fn create_store(
         }
         Ok(())
     })
-    .map(|mut store| {
-        if spec.is_sparse() {
-            store.set_masks(ws_model::Masks::init(spec, config.train.seed)).expect("the masks of this spec");
-        }
-        store
-    })
-    .map_err(|e| TrainError::Config(e.to_string()))
+    .map_err(err)?;
+    if spec.is_sparse() {
+        store.set_masks(Masks::init(spec, config.train.seed)).expect("the masks of this spec");
+    }
+    Ok(store)
 }

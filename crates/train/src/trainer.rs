@@ -78,14 +78,19 @@ impl Trainer {
     pub fn new(config: RunConfig) -> Result<Trainer, TrainError> {
         config.validate()?;
         let spec = config.model_spec()?;
-        let params = Params::init(&spec, config.train.seed);
-        Ok(Trainer::with_params(config, spec, params))
+        let (params, masks) = initial_weights(&config, &spec)?;
+        Ok(Trainer::with_state(config, spec, params, masks))
     }
 
     /// A trainer over `params` (stored values: the nonzeros of sparse
     /// tensors, whose patterns are those of the initialisation).
     pub fn with_params(config: RunConfig, spec: ModelSpec, params: Params) -> Trainer {
         let masks = if spec.is_sparse() { Masks::init(&spec, config.train.seed) } else { Masks::dense(&spec) };
+        Trainer::with_state(config, spec, params, masks)
+    }
+
+    /// A trainer over `params`, the stored values of `masks`' patterns.
+    pub fn with_state(config: RunConfig, spec: ModelSpec, params: Params, masks: Masks) -> Trainer {
         let mut workspace = Workspace::new(&spec, config.micro_batch(), config.seq_len());
         workspace.set_precision(Precision::parse(&config.train.precision).expect("validated precision"));
         workspace.set_masks(&masks, config.sparsity.kernel_density_max);
@@ -271,6 +276,29 @@ impl Engine for Trainer {
     fn masks(&mut self) -> Result<Masks, TrainError> {
         Ok(self.masks.clone())
     }
+}
+
+/// The weights a run starts from: `train.init_from`'s checkpoint, else the
+/// seeded initialisation; sparse tensors keep their values of largest
+/// magnitude. Returns the stored values and the sparse tensors' patterns.
+pub fn initial_weights(config: &RunConfig, spec: &ModelSpec) -> Result<(Params, Masks), TrainError> {
+    if config.train.init_from.is_empty() {
+        let masks = if spec.is_sparse() { Masks::init(spec, config.train.seed) } else { Masks::dense(spec) };
+        return Ok((Params::init(spec, config.train.seed), masks));
+    }
+    let dir = Path::new(&config.train.init_from);
+    let (from, dense) = checkpoint::load(dir)?;
+    if from.config != spec.config {
+        return Err(TrainError::Checkpoint {
+            path: dir.into(),
+            problem: format!(
+                "is a model of {:?}, but [model] is {:?}: set the model to match (train.init_from)",
+                from.config, spec.config
+            ),
+        });
+    }
+    let masks = Masks::from_dense(spec, &dense);
+    Ok((masks.pack(&dense), masks))
 }
 
 /// Seconds since the epoch as `YYYYmmdd-HHMMSS` (UTC), for run names.

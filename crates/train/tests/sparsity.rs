@@ -303,3 +303,45 @@ fn sparse_fabric_runs_agree_across_transports_and_with_resident() {
         1e-4,
     );
 }
+
+/// Magnitude pruning of a dense checkpoint (`train.init_from`): the sparse
+/// run keeps each tensor's largest values of that checkpoint, the same in
+/// the resident trainer and the store; a checkpoint of another shape is a
+/// one-line error.
+#[test]
+fn init_from_a_dense_checkpoint_keeps_its_largest_values() {
+    let data = tokens();
+    let mut dense = Trainer::new(config(0.0, 0.0)).unwrap();
+    for _ in 0..2 {
+        Trainer::train_step(&mut dense, &data);
+    }
+    let dir = tmp("dense-ckpt");
+    dense.save_checkpoint(&dir).unwrap();
+    let mut c = config(0.5, 0.9);
+    c.train.init_from = dir.display().to_string();
+    let sparse = Trainer::new(c.clone()).unwrap();
+    let spec = c.model_spec().unwrap();
+    assert_eq!(sparse.masks, Masks::from_dense(&spec, &dense.params));
+    assert!(sparse.params == sparse.masks.pack(&dense.params));
+    for (t, p) in sparse.masks.patterns.iter().enumerate() {
+        let Some(p) = p else { continue };
+        let (kept, dropped): (Vec<(f32, bool)>, Vec<(f32, bool)>) =
+            dense.params.tensors[t].iter().map(|x| x.abs()).zip(p.mask()).partition(|(_, m)| *m);
+        let least = kept.iter().map(|k| k.0).fold(f32::INFINITY, f32::min);
+        assert!(dropped.iter().all(|d| d.0 <= least), "tensor {t} dropped a larger value than it kept");
+    }
+    let mut streamed = streaming(&c, "init-from");
+    let mut resident = sparse;
+    for i in 0..2 {
+        let want = Trainer::train_step(&mut resident, &data);
+        let got = streamed.train_step(&data).unwrap();
+        assert_eq!(got.loss, want.loss, "step {i}");
+    }
+    assert!(streamed.params().unwrap() == resident.params);
+
+    let mut wrong = config(0.5, 0.9);
+    wrong.model.n_layer = 2;
+    wrong.train.init_from = dir.display().to_string();
+    let e = Trainer::new(wrong).err().expect("a checkpoint of another model is refused").to_string();
+    assert!(e.contains("set the model to match") && !e.contains('\n'), "{e}");
+}
