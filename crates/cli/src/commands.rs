@@ -238,7 +238,7 @@ pub fn export(run: &Path, out: &Path) -> Result<()> {
     };
     let manifest = ws_store::read_manifest(&ckpt).map_err(|e| TrainError::Config(e.to_string()))?;
     let config = RunConfig::resolve_text(&manifest.run_toml, &[])?;
-    let spec = config.model_spec()?;
+    let spec = config.model_spec_at(manifest.step)?;
     // Page by page from the checkpoint's slabs: a model larger than memory exports too.
     checkpoint::export_store_checkpoint(&spec, &ckpt, out)?;
     println!("exported step {} to {}", manifest.step, out.display());

@@ -157,7 +157,19 @@ impl Masks {
         safetensors::serialize(views, Some(meta)).expect("bitmaps serialize")
     }
 
-    /// Reads [`Self::to_safetensors`]'s bytes for `spec`; the error says what does not fit.
+    /// Sets each sparse tensor's count of nonzeros in `spec` to its pattern's
+    /// (a worker following a store whose sparsity ramps up).
+    pub fn apply_to(&self, spec: &mut ModelSpec) {
+        for (ts, p) in spec.tensors.iter_mut().zip(&self.patterns) {
+            if let (Some(nnz), Some(p)) = (ts.nnz.as_mut(), p) {
+                *nnz = p.nnz();
+            }
+        }
+    }
+
+    /// Reads [`Self::to_safetensors`]'s bytes for `spec` (the sparse tensors
+    /// and their shapes; the counts are the file's, see [`Self::check`]); the
+    /// error says what does not fit.
     pub fn from_safetensors(spec: &ModelSpec, bytes: &[u8]) -> Result<Masks, String> {
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| format!("not a masks file: {e}"))?;
         let version = meta
@@ -180,7 +192,9 @@ impl Masks {
             patterns[t] = Some(Arc::new(p));
         }
         let masks = Masks { patterns, version };
-        masks.check(spec)?;
+        let mut counted = spec.clone();
+        masks.apply_to(&mut counted);
+        masks.check(&counted)?;
         Ok(masks)
     }
 }
@@ -249,6 +263,38 @@ pub fn prune_regrow(
     }
     let new = SparsePattern::from_mask(&mask, k, n);
     let from = new.positions().map(|pos| (old[pos] != u32::MAX).then_some(old[pos])).collect();
+    (new, from)
+}
+
+/// A stage of the sparsity ramp: of a matrix's nonzeros (`values` in
+/// `pattern`'s order), only the `nnz` of largest magnitude stay (equal
+/// magnitudes: the lower position). Returns the new pattern and where each
+/// of its values comes from.
+pub fn shrink(pattern: &SparsePattern, values: &[f32], nnz: usize) -> (SparsePattern, Vec<Option<u32>>) {
+    assert!(nnz <= pattern.nnz());
+    let positions: Vec<usize> = pattern.positions().collect();
+    let mut mask = vec![false; pattern.k * pattern.n];
+    // top_magnitude breaks ties by index in the values' order; position order
+    // is what the mask needs, so sort the candidates by (magnitude, position).
+    let mut order: Vec<u32> = (0..values.len() as u32).collect();
+    let by = |a: &u32, b: &u32| {
+        values[*b as usize]
+            .abs()
+            .total_cmp(&values[*a as usize].abs())
+            .then(positions[*a as usize].cmp(&positions[*b as usize]))
+    };
+    if nnz > 0 && nnz < order.len() {
+        order.select_nth_unstable_by(nnz - 1, by);
+    }
+    for &p in &order[..nnz] {
+        mask[positions[p as usize]] = true;
+    }
+    let new = SparsePattern::from_mask(&mask, pattern.k, pattern.n);
+    let mut old = vec![u32::MAX; pattern.k * pattern.n];
+    for (p, &pos) in positions.iter().enumerate() {
+        old[pos] = p as u32;
+    }
+    let from = new.positions().map(|pos| Some(old[pos])).collect();
     (new, from)
 }
 
@@ -361,6 +407,23 @@ mod tests {
     }
 
     #[test]
+    fn shrink_keeps_the_largest_values_in_the_new_order() {
+        let mut rng = ws_kernels::Rng::new(2);
+        let (k, n) = (9, 7);
+        let mut w = vec![0f32; k * n];
+        rng.fill_normal(&mut w, 0.0, 1.0);
+        let full = SparsePattern::from_mask(&vec![true; k * n], k, n);
+        let values = full.gather(&w);
+        let (p, from) = shrink(&full, &values, 20);
+        assert_eq!(p.nnz(), 20);
+        assert_eq!(p, SparsePattern::from_mask(&top_magnitude_mask(&w, 20.0 / 63.0), k, n));
+        assert_eq!(remap(&values, &from), p.gather(&w));
+        let (q, from) = shrink(&p, &p.gather(&w), 5);
+        assert_eq!(q, SparsePattern::from_mask(&top_magnitude_mask(&w, 5.0 / 63.0), k, n));
+        assert_eq!(remap(&p.gather(&w), &from), q.gather(&w));
+    }
+
+    #[test]
     fn masks_round_trip_through_safetensors_and_bad_files_are_refused() {
         let s = spec();
         let mut masks = Masks::init(&s, 3);
@@ -371,7 +434,8 @@ mod tests {
         assert!(Masks::from_safetensors(&s, b"garbage").is_err());
         let mut other = s.clone();
         other.set_sparsity(4, 0.5).unwrap();
-        let e = Masks::from_safetensors(&other, &bytes).unwrap_err();
+        // The counts are the file's; a reader that knows them checks them.
+        let e = Masks::from_safetensors(&other, &bytes).unwrap().check(&other).unwrap_err();
         assert!(e.contains("transformer.h.0.attn.c_attn.weight"), "{e}");
         let mut dense = s.clone();
         dense.set_sparsity(10, 0.0).unwrap();

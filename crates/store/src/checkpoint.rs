@@ -227,7 +227,9 @@ fn load_masks(spec: &ModelSpec, dir: &Path, manifest: &Manifest) -> Result<Masks
             ),
         ));
     }
-    Masks::from_safetensors(spec, &bytes).map_err(|p| bad(&path, p))
+    let masks = Masks::from_safetensors(spec, &bytes).map_err(|p| bad(&path, p))?;
+    masks.check(spec).map_err(|p| bad(&path, p))?;
+    Ok(masks)
 }
 
 /// The masks of the checkpoint in `dir`, verified (dense masks for a model without sparse tensors).

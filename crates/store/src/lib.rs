@@ -385,6 +385,69 @@ impl Store {
         Ok(())
     }
 
+    /// Lays the store out again for `spec`, whose sparse tensors may keep
+    /// fewer nonzeros (a stage of the sparsity ramp), between steps:
+    /// `choose(tensor, pattern, weights, nnz)` gives the new pattern and where
+    /// its values come from ([`ws_model::sparsity::shrink`]). The new slab
+    /// files are written beside the old ones, a tensor at a time (one
+    /// tensor's weights and moments in memory), then replace them. Raises
+    /// the masks' version.
+    pub fn relayout(
+        &mut self,
+        spec: &ModelSpec,
+        mut choose: impl FnMut(usize, &SparsePattern, &[f32], usize) -> (SparsePattern, Vec<Option<u32>>),
+    ) -> Result<()> {
+        assert!(self.contributions_left == self.contributions_per_step, "the layout changes only between steps");
+        let next_dir = self.dir.with_extension("relayout");
+        let _ = std::fs::remove_dir_all(&next_dir);
+        let layout = Layout::new(spec, self.config.page_params);
+        let mut masks = self.masks.clone();
+        // The tensor being copied: its weights, first and second moments in the new order.
+        let mut cur: Option<(usize, [Vec<f32>; 3])> = None;
+        let mut next = Store::create_with(spec, self.version, &next_dir, self.config, |s, p0, p1, page| {
+            let len = p1 - p0;
+            for &t in &layout.owned[s] {
+                let off = layout.place[t].1;
+                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
+                if lo >= hi {
+                    continue;
+                }
+                if cur.as_ref().is_none_or(|c| c.0 != t) {
+                    let mut regions = [Vec::new(), Vec::new(), Vec::new()];
+                    self.tensor_regions(t, |page, len, r| {
+                        for (k, region) in [0, 2, 3].into_iter().enumerate() {
+                            regions[k].extend_from_slice(&page[region * len + r.start..region * len + r.end]);
+                        }
+                    })?;
+                    if let (Some(p), Some(nnz)) = (masks.patterns[t].clone(), spec.tensors[t].nnz) {
+                        if nnz != p.nnz() {
+                            let (new, from) = choose(t, &p, &regions[0], nnz);
+                            assert_eq!(new.nnz(), nnz);
+                            regions = regions.map(|v| remap(&v, &from));
+                            masks.patterns[t] = Some(std::sync::Arc::new(new));
+                        }
+                    }
+                    cur = Some((t, regions));
+                }
+                let regions = &cur.as_ref().expect("set above").1;
+                for (k, region) in [0, 2, 3].into_iter().enumerate() {
+                    page[region * len + lo - p0..region * len + hi - p0]
+                        .copy_from_slice(&regions[k][lo - off..hi - off]);
+                }
+            }
+            Ok(())
+        })?;
+        masks.version += 1;
+        next.set_masks(masks).map_err(|p| StoreError::Checkpoint { path: next_dir.clone(), problem: p })?;
+        next.sequence = std::mem::take(&mut self.sequence);
+        let dir = self.dir.clone();
+        drop(std::mem::replace(self, next));
+        std::fs::remove_dir_all(&dir).map_err(io("cannot remove the old slabs", &dir))?;
+        std::fs::rename(&next_dir, &dir).map_err(io("cannot move the new slabs into place", &dir))?;
+        self.dir = dir;
+        Ok(())
+    }
+
     /// Visits tensor `t`'s pages in order, every region resident and up to
     /// date: `f(page buffer, page length, the tensor's range in the page)`;
     /// the pages are then dirty.

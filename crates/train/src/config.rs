@@ -44,6 +44,12 @@ pub struct SparsitySection {
     /// e.g. "transformer.h.0.*=0" (a dense first block) or "*.mlp.c_fc.weight=0.95".
     /// A later rule wins over an earlier one, and any rule over `attention` and `mlp`.
     pub rules: Vec<String>,
+    /// Reach the levels gradually: dense at step 0, then pruned by magnitude
+    /// every `ramp_every` steps along a cubic (Zhu and Gupta's schedule) to
+    /// the target at this step. 0: sparse from the start.
+    pub ramp_steps: u64,
+    /// Steps between two pruning stages of the ramp.
+    pub ramp_every: u64,
     /// Dynamic sparsity: "off"; "set" (prune the smallest weights, regrow
     /// as many at random) or "rigl" (regrow where the dense gradient is largest).
     pub dynamic: String,
@@ -272,6 +278,8 @@ impl RunConfig {
                 attention: 0.0,
                 mlp: 0.0,
                 rules: Vec::new(),
+                ramp_steps: 0,
+                ramp_every: 10,
                 dynamic: "off".into(),
                 update_every: 100,
                 prune_fraction: 0.3,
@@ -361,8 +369,43 @@ impl RunConfig {
         self.fabric.workers > 1 || self.fabric.transport == "tcp"
     }
 
-    /// The model with its sparse tensors (`[sparsity]`).
+    /// The model with its sparse tensors (`[sparsity]`) as it starts.
     pub fn model_spec(&self) -> Result<ModelSpec, TrainError> {
+        self.model_spec_at(0)
+    }
+
+    /// The fraction of `level` reached after `completed` steps of the ramp
+    /// (`sparsity.ramp_steps`): 0 at the start, then in stages every
+    /// `ramp_every` steps along 1 - (1 - stage / ramp_steps)^3, the level at
+    /// `ramp_steps` and after.
+    pub fn ramp_level(&self, level: f64, completed: u64) -> f64 {
+        let (k, every) = (self.sparsity.ramp_steps, self.sparsity.ramp_every.max(1));
+        if k == 0 || completed >= k {
+            return level;
+        }
+        let stage = (completed / every * every) as f64 / k as f64;
+        level * (1.0 - (1.0 - stage).powi(3))
+    }
+
+    /// The model after `completed` steps: during the ramp, a sparse tensor
+    /// keeps more nonzeros than its target (every element at step 0).
+    pub fn model_spec_at(&self, completed: u64) -> Result<ModelSpec, TrainError> {
+        let mut spec = self.target_spec()?;
+        if self.sparsity.ramp_steps > 0 {
+            let reached = self.ramp_level(1.0, completed);
+            for ts in &mut spec.tensors {
+                if let Some(nnz) = ts.nnz {
+                    // Of the zeros the target has, the share the ramp has reached.
+                    let zeros = ((ts.numel() - nnz) as f64 * reached).round() as usize;
+                    ts.nnz = Some(ts.numel() - zeros);
+                }
+            }
+        }
+        Ok(spec)
+    }
+
+    /// The model at its target sparsity.
+    fn target_spec(&self) -> Result<ModelSpec, TrainError> {
         self.model.validate()?;
         let mut spec = ModelSpec::new(self.model);
         let sp = &self.sparsity;
@@ -509,6 +552,9 @@ impl RunConfig {
                 "dynamic sparsity needs sparsity.update_every >= 1 and 0 < sparsity.prune_fraction <= 1 (got {}, {})",
                 sp.update_every, sp.prune_fraction
             ));
+        }
+        if sp.ramp_steps > 0 && sp.ramp_every == 0 {
+            return bad("sparsity.ramp_every must be at least 1".into());
         }
         if !(0.0..=1.0).contains(&sp.kernel_density_max) {
             return bad(format!("sparsity.kernel_density_max must be in [0, 1] (got {})", sp.kernel_density_max));

@@ -644,14 +644,15 @@ fn worker_compute(
     let scale = 1.0 / (s.config.train.batch_size * t) as f32;
     let mut cpu = CpuWorker::new(&s.spec, mb, t, &s.config);
     let crossover = s.config.sparsity.kernel_density_max;
+    let mut spec = s.spec.clone();
     loop {
-        let Some(p) = crate::stream::recv_begin(&weights, &mut cpu.workspace, crossover) else { return };
+        let Some(p) = crate::stream::recv_begin(&weights, &mut cpu.workspace, &mut spec, crossover) else { return };
         let Some(shard) = shards.next(p, &s.config, mb) else { return };
         let (sched, step, dloss) = if p.training { (&s.train, p.index, scale) } else { (&s.eval, u64::MAX, 0.0) };
         // The loss goes up right after the last head use, ahead of the
         // backward gradients: a step whose gradients all arrived has its loss.
         let io = PassIo { weights: &weights, to_store: &to_up, grad_pool: &grad_pool, stats_index: Some(p.index) };
-        if cpu.pass(&s.spec, sched, step, &shard.inputs, &shard.targets, mb, t, dloss, &io).is_err() {
+        if cpu.pass(&spec, sched, step, &shard.inputs, &shard.targets, mb, t, dloss, &io).is_err() {
             return;
         }
     }
@@ -1047,6 +1048,7 @@ impl Engine for FabricTrainer {
             match (self.store_control.recv_reply()?, stats) {
                 (Reply::StepDone { grad_norm }, Ok(sum)) => {
                     self.step += 1;
+                    self.spec = self.config.model_spec_at(self.step)?;
                     let (loss, seconds) = (sum / (b * t) as f64, start.elapsed().as_secs_f64());
                     return Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens: b * t, seconds });
                 }

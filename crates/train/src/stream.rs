@@ -29,6 +29,7 @@ use ws_data::sample_batch;
 use ws_fabric::PassStart;
 use ws_kernels::bf16::from_bf16;
 use ws_kernels::Precision;
+use ws_model::sparsity::shrink;
 use ws_model::{Masks, ModelSpec, Params, Workspace};
 use ws_store::{Layout, Manifest, OptimizerConfig, Store, StoreConfig};
 
@@ -68,12 +69,20 @@ pub fn recv_weights(rx: &Receiver<Down>) -> Option<WeightMsg> {
 }
 
 /// The start of the next pass (`None`: the store stopped), taking new
-/// patterns into `workspace` on the way.
-pub(crate) fn recv_begin(rx: &Receiver<Down>, workspace: &mut Workspace, crossover: f64) -> Option<PassStart> {
+/// patterns into `workspace` and their counts into `spec` on the way.
+pub(crate) fn recv_begin(
+    rx: &Receiver<Down>,
+    workspace: &mut Workspace,
+    spec: &mut ModelSpec,
+    crossover: f64,
+) -> Option<PassStart> {
     loop {
         match rx.recv() {
             Ok(Down::Begin(p)) => return Some(p),
-            Ok(Down::Masks(m)) => workspace.set_masks(&m, crossover),
+            Ok(Down::Masks(m)) => {
+                m.apply_to(spec);
+                workspace.set_masks(&m, crossover);
+            }
             Ok(Down::Weights(_)) => panic!("weights before their pass began"),
             Err(_) => return None,
         }
@@ -239,6 +248,8 @@ pub(crate) struct StoreThread {
     pub(crate) dynamic: Option<Dynamic>,
     /// The step's dense gradients of the sparse tensors (RigL), once in.
     pub(crate) dense_grads: Option<Vec<Option<Vec<f32>>>>,
+    /// The run's configuration when its sparsity ramps up (the model at each step).
+    pub(crate) ramp: Option<RunConfig>,
 }
 
 impl StoreThread {
@@ -248,7 +259,7 @@ impl StoreThread {
                 Control::Train { step, lr } => match self.pass(true, step) {
                     Ok(()) => {
                         let grad_norm = self.store.finish_step(lr);
-                        self.prune_regrow().map(|_| Reply::StepDone { grad_norm })
+                        self.ramp().and_then(|_| self.prune_regrow()).map(|_| Reply::StepDone { grad_norm })
                     }
                     Err(PassEnd::Aborted(why)) => {
                         self.dense_grads = None;
@@ -352,6 +363,16 @@ impl StoreThread {
         Ok(())
     }
 
+    /// A stage of the sparsity ramp after the step just finished, when one falls here.
+    fn ramp(&mut self) -> Result<(), String> {
+        let Some(config) = &self.ramp else { return Ok(()) };
+        let next = config.model_spec_at(self.store.version).map_err(|e| e.to_string())?;
+        if next.tensors.iter().zip(&self.store.spec().tensors).all(|(a, b)| a.nnz == b.nnz) {
+            return Ok(());
+        }
+        self.store.relayout(&next, |_, p, w, nnz| shrink(p, w, nnz)).map_err(|e| e.to_string())
+    }
+
     /// Dynamic sparsity's update after the step just finished, when due.
     fn prune_regrow(&mut self) -> Result<(), String> {
         let completed = self.store.version;
@@ -419,6 +440,7 @@ pub(crate) fn spawn_store(
         masks_sent: None,
         dynamic: Dynamic::new(config, &spec),
         dense_grads: None,
+        ramp: (config.sparsity.ramp_steps > 0).then(|| config.clone()),
     };
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = if config.store.threads == 0 { cores } else { config.store.threads };
@@ -586,7 +608,7 @@ impl StreamingTrainer {
         dloss_scale: f32,
     ) -> Result<f64, TrainError> {
         let crossover = self.config.sparsity.kernel_density_max;
-        match recv_begin(&self.weights, &mut self.cpu.workspace, crossover) {
+        match recv_begin(&self.weights, &mut self.cpu.workspace, &mut self.spec, crossover) {
             Some(p) => assert_eq!(p, PassStart { training, index }, "the store began another pass"),
             None => return Err(self.failure()),
         }
@@ -800,6 +822,7 @@ impl Engine for StreamingTrainer {
             unreachable!("the store answers a step with StepDone")
         };
         self.step += 1;
+        self.spec = self.config.model_spec_at(self.step)?;
         Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens: b * t, seconds: start.elapsed().as_secs_f64() })
     }
 

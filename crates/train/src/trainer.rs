@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ws_data::{sample_batch, Split};
 use ws_kernels::Precision;
-use ws_model::sparsity::remap;
+use ws_model::sparsity::{remap, shrink};
 use ws_model::{Masks, ModelSpec, Params, Workspace};
 
 /// [`ws_kernels::Rng::for_stream`] stream ids of the data sampler.
@@ -201,6 +201,7 @@ impl Trainer {
         let grad_norm =
             self.optimizer.step(&self.spec, &mut self.params, &self.grads, &self.config.train, lr, self.step + 1);
         self.step += 1;
+        self.ramp();
         if let Some(d) = dynamic {
             let dense_grads = self.workspace.take_dense_grads();
             self.prune_regrow(&d, dense_grads);
@@ -224,6 +225,31 @@ impl Trainer {
             sum += ws.head(spec, &params.layer(spec, layers - 1), None, &targets, b, t, 0.0);
         }
         sum / (batches * b * t) as f64
+    }
+
+    /// A stage of the sparsity ramp after the step just completed, when one
+    /// falls here: each sparse tensor keeps its values of largest magnitude
+    /// (and their moments) up to its new count.
+    fn ramp(&mut self) {
+        if self.config.sparsity.ramp_steps == 0 {
+            return;
+        }
+        let next = self.config.model_spec_at(self.step).expect("validated at start");
+        if next.tensors.iter().zip(&self.spec.tensors).all(|(a, b)| a.nnz == b.nnz) {
+            return;
+        }
+        for (t, ts) in next.tensors.iter().enumerate() {
+            let (Some(nnz), Some(p)) = (ts.nnz, self.masks.patterns[t].clone()) else { continue };
+            let (new, from) = shrink(&p, &self.params.tensors[t], nnz);
+            for p in [&mut self.params, &mut self.optimizer.m, &mut self.optimizer.v] {
+                p.tensors[t] = remap(&p.tensors[t], &from);
+            }
+            self.masks.patterns[t] = Some(std::sync::Arc::new(new));
+        }
+        self.masks.version += 1;
+        self.spec = next;
+        self.grads = Params::zeros(&self.spec);
+        self.workspace.set_masks(&self.masks, self.config.sparsity.kernel_density_max);
     }
 
     /// Dynamic sparsity's update after the step just completed: each sparse
@@ -370,8 +396,11 @@ pub fn start_engine(config: &RunConfig, run_dir: &Path, resume: Option<&Path>) -
     let store = match resume {
         None => stream::create_store(config, &spec, &store_dir, micro_batches)?,
         Some(ckpt) => {
+            let store_err = |e: ws_store::StoreError| TrainError::Config(e.to_string());
+            // The model at the checkpoint's step (a sparsity ramp changes it).
+            let spec = config.model_spec_at(ws_store::read_manifest(ckpt).map_err(store_err)?.step)?;
             let sc = stream::store_config(config, &spec, micro_batches);
-            ws_store::Store::restore(&spec, ckpt, &store_dir, sc).map_err(|e| TrainError::Config(e.to_string()))?.0
+            ws_store::Store::restore(&spec, ckpt, &store_dir, sc).map_err(store_err)?.0
         }
     };
     if config.uses_fabric() {

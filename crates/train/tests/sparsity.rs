@@ -56,9 +56,9 @@ fn assert_zero_off_mask(what: &str, masks: &Masks, dense: &Params) {
     }
 }
 
-/// Each sparse tensor has exactly the nonzeros its level asks for.
-fn assert_counts(what: &str, c: &RunConfig, masks: &Masks) {
-    let spec = c.model_spec().unwrap();
+/// Each sparse tensor has exactly the nonzeros its level asks for after `steps`.
+fn assert_counts(what: &str, c: &RunConfig, masks: &Masks, steps: u64) {
+    let spec = c.model_spec_at(steps).unwrap();
     masks.check(&spec).unwrap_or_else(|e| panic!("{what}: {e}"));
     for (ts, p) in spec.tensors.iter().zip(&masks.patterns) {
         if let (Some(nnz), Some(p)) = (ts.nnz, p) {
@@ -140,7 +140,7 @@ fn streaming_sparse_equals_resident_bit_for_bit_with_static_and_dynamic_masks() 
             let want = Trainer::train_step(&mut resident, &data);
             let got = streamed.train_step(&data).unwrap();
             assert_eq!((got.loss, got.grad_norm), (want.loss, want.grad_norm), "{dynamic}: step {i}");
-            assert_counts(&format!("{dynamic} step {i}"), &c, &resident.masks);
+            assert_counts(&format!("{dynamic} step {i}"), &c, &resident.masks, i + 1);
         }
         let masks = streamed.masks().unwrap();
         assert_eq!(masks, resident.masks, "{dynamic}: masks");
@@ -245,14 +245,15 @@ fn resident_checkpoints_are_dense_with_their_masks() {
 
 /// Sparse weights through the broadcast-reduce tree: masks go down once per
 /// tree and after each change, only nonzeros go down and up, and RigL's
-/// dense gradients are summed up the tree on update steps only. Channels and
+/// dense gradients are summed up the tree on update steps only; on a
+/// sparsity ramp the workers follow each new layout. Channels and
 /// TCP agree bit for bit; against the resident run (static masks) only the
 /// order of the sum differs.
 #[test]
 fn sparse_fabric_runs_agree_across_transports_and_with_resident() {
     use ws_train::fabric::FabricTrainer;
     let data = tokens();
-    let run = |dynamic: &str, transport: &str| {
+    let run = |dynamic: &str, ramp: u64, transport: &str| {
         let mut c = config(0.75, 0.9);
         c.train.batch_size = 4;
         c.train.micro_batch = 1;
@@ -263,6 +264,8 @@ fn sparse_fabric_runs_agree_across_transports_and_with_resident() {
         c.fabric.chunk_bytes = 4096;
         c.sparsity.dynamic = dynamic.into();
         c.sparsity.update_every = 2;
+        c.sparsity.ramp_steps = ramp;
+        c.sparsity.ramp_every = 2;
         c.validate().unwrap();
         let spec = c.model_spec().unwrap();
         let store = create_store(&c, &spec, &tmp(&format!("fab-{dynamic}-{transport}")), 2).unwrap();
@@ -271,17 +274,18 @@ fn sparse_fabric_runs_agree_across_transports_and_with_resident() {
         let val = t.evaluate(&data, 2).unwrap();
         (losses, val, t.params().unwrap(), t.masks().unwrap(), c)
     };
-    for dynamic in ["off", "rigl"] {
-        let a = run(dynamic, "inproc");
-        let b = run(dynamic, "tcp");
+    // RigL on a ramp: stages and updates after steps 2 and 4.
+    for (dynamic, ramp) in [("off", 0), ("rigl", 4)] {
+        let a = run(dynamic, ramp, "inproc");
+        let b = run(dynamic, ramp, "tcp");
         assert_eq!((&a.0, a.1), (&b.0, b.1), "{dynamic}: losses");
         assert!(a.2 == b.2, "{dynamic}: weights differ between channels and TCP");
         assert_eq!(a.3, b.3, "{dynamic}: masks");
-        assert_counts(dynamic, &a.4, &a.3);
-        assert_eq!(a.3.version, if dynamic == "off" { 0 } else { 2 });
+        assert_counts(dynamic, &a.4, &a.3, 5);
+        assert_eq!(a.3.version, if dynamic == "off" { 0 } else { 4 });
         assert_zero_off_mask(dynamic, &a.3, &a.3.unpack(&a.2));
     }
-    let (losses, _, params, masks, c) = run("off", "inproc");
+    let (losses, _, params, masks, c) = run("off", 0, "inproc");
     let mut rc = c.clone();
     rc.fabric.workers = 1;
     rc.fabric.transport = "inproc".into();
@@ -344,4 +348,61 @@ fn init_from_a_dense_checkpoint_keeps_its_largest_values() {
     wrong.train.init_from = dir.display().to_string();
     let e = Trainer::new(wrong).err().expect("a checkpoint of another model is refused").to_string();
     assert!(e.contains("set the model to match") && !e.contains('\n'), "{e}");
+}
+
+/// Gradual sparsity: dense at step 0, pruned by magnitude in stages along
+/// the cubic ramp to the target. The store lays itself out again at each
+/// stage and the streaming worker follows: the resident run's weights bit
+/// for bit, each tensor's count exactly the schedule's after every step, and
+/// a resume from the middle of the ramp continues bit for bit.
+#[test]
+fn sparsity_ramps_up_in_stages_and_streaming_follows_bit_for_bit() {
+    let data = tokens();
+    let mut c = config(0.75, 0.9);
+    c.sparsity.ramp_steps = 6;
+    c.sparsity.ramp_every = 2;
+    c.stream.prefetch_depth = 1;
+    c.store.dram_fraction = 0.5;
+    let at = |s: u64| c.model_spec_at(s).unwrap();
+    // Level after 0, 2, 4, 6 steps: 0, 1 - (2/3)^3, 1 - (1/3)^3, 1 (of the target).
+    let fc = at(0).tensor_index("transformer.h.0.mlp.c_fc.weight").unwrap();
+    let numel = at(0).tensors[fc].numel();
+    let target_zeros = numel - c.model_spec_at(100).unwrap().tensors[fc].nnz.unwrap();
+    assert_eq!(target_zeros, (0.9 * numel as f64).round() as usize);
+    for (s, fraction) in [(0, 0.0), (1, 0.0), (2, 1.0 - 8.0 / 27.0), (5, 1.0 - 1.0 / 27.0), (6, 1.0), (9, 1.0)] {
+        let want = numel - (fraction * target_zeros as f64).round() as usize;
+        assert_eq!(at(s).tensors[fc].nnz, Some(want), "after {s} steps");
+    }
+    let mut resident = Trainer::new(c.clone()).unwrap();
+    let mut streamed = streaming(&c, "ramp");
+    for i in 0..8 {
+        let want = Trainer::train_step(&mut resident, &data);
+        let got = streamed.train_step(&data).unwrap();
+        assert_eq!((got.loss, got.grad_norm), (want.loss, want.grad_norm), "step {i}");
+        let spec = at(i + 1);
+        resident.masks.check(&spec).unwrap_or_else(|e| panic!("after step {}: {e}", i + 1));
+        assert_eq!(Engine::spec(&streamed), &spec);
+    }
+    assert_eq!(streamed.masks().unwrap(), resident.masks);
+    assert_eq!(resident.masks.version, 3, "three stages: after steps 2, 4 and 6");
+    let first = streamed.params().unwrap();
+    assert!(first == resident.params, "weights differ after the ramp");
+    assert_zero_off_mask("ramp", &resident.masks, &resident.masks.unpack(&resident.params));
+
+    // Resume from step 3, between two stages.
+    let run = tmp("ramp-run");
+    let mut a = streaming(&c, "ramp-a");
+    for _ in 0..3 {
+        a.train_step(&data).unwrap();
+    }
+    let ckpt = a.checkpoint(&run).unwrap();
+    drop(a);
+    let spec = at(3);
+    let (store, _) = ws_store::Store::restore(&spec, &ckpt, &tmp("ramp-b"), store_config(&c, &spec, 2)).unwrap();
+    let mut b = StreamingTrainer::start(c.clone(), store).unwrap();
+    for _ in 0..5 {
+        b.train_step(&data).unwrap();
+    }
+    assert!(b.params().unwrap() == first, "a resume in the middle of the ramp differs");
+    assert_eq!(b.masks().unwrap().patterns, resident.masks.patterns);
 }
