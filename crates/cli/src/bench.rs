@@ -81,11 +81,22 @@ pub enum BenchCommand {
         dtype: String,
     },
     /// Sparse against dense linear layers (forward, input and weight
-    /// gradients) on the GPT-2 small shapes at 2048 tokens.
+    /// gradients) on the GPT-2 small shapes at 2048 tokens; with --step,
+    /// whole streamed training steps of a model whose attention and MLP
+    /// matrices are sparse against the dense model (time and bytes streamed).
     Sparsity {
-        /// One sparsity (fraction of zeros, e.g. 0.9); default 0, 0.5, 0.75, 0.9, 0.95.
+        /// One sparsity (fraction of zeros, e.g. 0.9); default 0, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95 (--step: 0.9).
         #[arg(long)]
         sparsity: Option<f64>,
+        /// Whole training steps instead of single layers.
+        #[arg(long)]
+        step: bool,
+        /// The model of --step.
+        #[arg(long, default_value = "small")]
+        preset: String,
+        /// Timed steps of --step (after one warm-up each); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
         /// Timed repeats of each (after one warm-up); medians are reported.
         #[arg(long, default_value_t = 5)]
         repeats: usize,
@@ -163,12 +174,20 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Cuda { .. } => Err(TrainError::Config(
             "bench cuda needs a build with CUDA support: cargo build --release --features cuda".into(),
         )),
-        BenchCommand::Sparsity { sparsity, repeats, tokens, threads } => {
+        BenchCommand::Sparsity { sparsity, step: true, preset, steps, threads, .. } => {
+            set_threads(threads);
+            let s = sparsity.unwrap_or(0.9);
+            if !(0.0..=0.99).contains(&s) {
+                return Err(TrainError::Config(format!("--sparsity {s}: expected a fraction in [0, 0.99]")));
+            }
+            bench_sparse_step(&preset, s, steps.max(1))
+        }
+        BenchCommand::Sparsity { sparsity, repeats, tokens, threads, .. } => {
             set_threads(threads);
             let levels = match sparsity {
                 Some(s) if (0.0..1.0).contains(&s) => vec![s],
                 Some(s) => return Err(TrainError::Config(format!("--sparsity {s}: expected a fraction in [0, 1)"))),
-                None => vec![0.0, 0.5, 0.75, 0.9, 0.95],
+                None => vec![0.0, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95],
             };
             bench_sparsity(&levels, repeats.max(1), tokens.max(1));
             Ok(())
@@ -391,6 +410,77 @@ fn bench_streaming(preset: &str, steps: usize, fraction: f64, k: usize, dtype: &
     Ok(())
 }
 
+/// Bytes one training step moves between the store and the worker: weights
+/// down at every use, gradients up at every head and backward use.
+fn bytes_per_step(config: &RunConfig, spec: &ws_model::ModelSpec, micro_batches: usize) -> (u64, u64) {
+    let layout = ws_store::Layout::new(spec, ws_store::PAGE_PARAMS_DEFAULT);
+    let sched = ws_train::schedule::Schedule::new(spec.layer_count(), micro_batches, true);
+    let width = if config.stream.dtype == "bf16" { 2 } else { 4 };
+    let (mut down, mut up) = (0u64, 0u64);
+    for u in &sched.uses {
+        let n = layout.layer_params(spec, u.layer) as u64;
+        down += width * n;
+        if u.sends_gradients(true) {
+            up += 4 * n;
+        }
+    }
+    (down, up)
+}
+
+/// Whole streamed training steps, dense against sparse attention and MLP
+/// matrices at `sparsity`, timed steps alternating.
+fn bench_sparse_step(preset: &str, sparsity: f64, steps: usize) -> Result<()> {
+    let mut dense = RunConfig::preset(preset)?;
+    dense.train.steps = (steps + 1) as u64;
+    dense.validate()?;
+    let mut sparse = dense.clone();
+    sparse.sparsity.attention = sparsity;
+    sparse.sparsity.mlp = sparsity;
+    sparse.validate()?;
+    let (b, t) = (dense.train.batch_size, dense.seq_len());
+    let data = random_tokens((b * t * 4).max(t + 1), dense.model.vocab_size);
+    let mut engines = Vec::new();
+    let mut traffic = Vec::new();
+    for (name, c) in [("dense", &dense), ("sparse", &sparse)] {
+        let spec = c.model_spec()?;
+        let dir = std::env::temp_dir().join(format!("ws-bench-sparse-{name}-{}", std::process::id()));
+        let mb = ws_train::stream::choose_micro_batch(c, &spec)?;
+        let store = ws_train::stream::create_store(c, &spec, &dir, b / mb)?;
+        traffic.push((bytes_per_step(c, &spec, b / mb), spec.stored_count(), dir));
+        engines.push(ws_train::stream::StreamingTrainer::start(c.clone(), store)?);
+    }
+    use ws_train::Engine;
+    for e in &mut engines {
+        e.train_step(&data)?;
+    }
+    let mut times = vec![Vec::new(), Vec::new()];
+    for _ in 0..steps {
+        for (e, ts) in engines.iter_mut().zip(&mut times) {
+            ts.push(e.train_step(&data)?.seconds);
+        }
+    }
+    drop(engines);
+    let (dense_s, sparse_s) = (median(times[0].clone()), median(times[1].clone()));
+    let total = |i: usize| traffic[i].0 .0 + traffic[i].0 .1;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "sparsity_step", "preset": preset, "sparsity": sparsity, "batch": b, "seq": t, "steps": steps,
+            "dense_ms": round(dense_s * 1e3), "sparse_ms": round(sparse_s * 1e3),
+            "speedup": round(dense_s / sparse_s),
+            "dense_tokens_per_s": round((b * t) as f64 / dense_s), "sparse_tokens_per_s": round((b * t) as f64 / sparse_s),
+            "dense_bytes_streamed": total(0), "sparse_bytes_streamed": total(1),
+            "bytes_ratio": (total(1) as f64 / total(0) as f64 * 1000.0).round() / 1000.0,
+            "dense_stored_params": traffic[0].1, "sparse_stored_params": traffic[1].1,
+            "kernel_density_max": sparse.sparsity.kernel_density_max, "threads": pool_threads(),
+        })
+    );
+    for (_, _, dir) in traffic {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}
+
 /// STREAM-style copy and triad bandwidth, then AdamW over the same number
 /// of parameters (28 bytes moved per parameter: p, g, m, v read; p, m, v written).
 fn bench_optimizer(n: usize, repeats: usize) {
@@ -450,6 +540,8 @@ fn bench_sparsity(levels: &[f64], repeats: usize, bt: usize) {
     use ws_kernels::matmul::{matmul_backward, matmul_forward};
     use ws_kernels::sparse::{self, Scratch, SparseWeight};
     let mut rng = Rng::new(5);
+    // Per sparsity: whether the sparse kernels beat dense on every shape.
+    let mut faster = vec![true; levels.len()];
     for (name, k, n) in [("768x768", 768, 768), ("768x3072", 768, 3072), ("3072x768", 3072, 768)] {
         let mut fill = |len: usize| {
             let mut v = vec![0f32; len];
@@ -471,7 +563,7 @@ fn bench_sparsity(levels: &[f64], repeats: usize, bt: usize) {
                     .collect(),
             )
         };
-        for &sparsity in levels {
+        for (li, &sparsity) in levels.iter().enumerate() {
             let sw = SparseWeight::from_dense_top(&w, k, n, 1.0 - sparsity);
             let wd = sw.to_dense();
             let dense_ms = time(&mut || {
@@ -486,6 +578,7 @@ fn bench_sparsity(levels: &[f64], repeats: usize, bt: usize) {
                 sparse::backward_weight(&mut dv, &x, &g, &sw.pattern, bt, &mut s);
                 ws_kernels::matmul::bias_backward(&mut db, &g, bt, n);
             });
+            faster[li] &= sparse_ms < dense_ms;
             println!(
                 "{}",
                 serde_json::json!({"bench": "sparsity", "shape": name, "tokens": bt, "sparsity": sparsity,
@@ -494,4 +587,12 @@ fn bench_sparsity(levels: &[f64], repeats: usize, bt: usize) {
             );
         }
     }
+    // The crossover for sparsity.kernel_density_max: the highest density
+    // measured at which the sparse kernels won on every shape.
+    let crossover = levels.iter().zip(&faster).filter(|(_, &f)| f).map(|(s, _)| 1.0 - s).fold(0.0, f64::max);
+    println!(
+        "{}",
+        serde_json::json!({"bench": "sparsity_crossover", "tokens": bt, "density_max_where_sparse_wins": round(crossover),
+            "kernel_density_max_default": ws_model::workspace::SPARSE_CROSSOVER_DENSITY})
+    );
 }

@@ -31,10 +31,25 @@ impl Progress for Bar {
     fn started(&mut self, engine: &dyn Engine, run_dir: &Path) {
         let c = engine.config();
         let msg = format!(
-            "run {} | preset {} | {:.1}M parameters | batch {} x {} tokens | {} steps | {}{} | {} threads",
+            "run {} | preset {} | {:.1}M parameters{} | batch {} x {} tokens | {} steps | {}{} | {} threads",
             run_dir.display(),
             c.preset,
             engine.spec().parameter_count() as f64 / 1e6,
+            if engine.spec().is_sparse() || c.sparsity.ramp_steps > 0 {
+                let target = c.model_spec_at(u64::MAX).map(|s| s.stored_count()).unwrap_or(0);
+                format!(
+                    " ({:.1}M nonzero now, {:.1}M at the target sparsity{})",
+                    engine.spec().stored_count() as f64 / 1e6,
+                    target as f64 / 1e6,
+                    if c.sparsity.dynamic == "off" {
+                        String::new()
+                    } else {
+                        format!(", dynamic {}", c.sparsity.dynamic)
+                    }
+                )
+            } else {
+                String::new()
+            },
             c.train.batch_size,
             c.seq_len(),
             c.train.steps,

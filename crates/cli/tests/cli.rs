@@ -176,6 +176,9 @@ fn bad_input_gets_a_one_line_error_and_exit_status_1() {
     assert_one_line_error(&["train", "--workers", "3"], "fabric.workers (3) must be between 1 and 4096 and divide");
     assert_one_line_error(&["train", "--workers", "2", "--fanout", "1"], "fabric.fanout = 1 is outside 2..=16");
     assert_one_line_error(&["train", "--set", "fabric.transport=udp"], "fabric.transport `udp`");
+    assert_one_line_error(&["train", "--set", "sparsity.mlp=1.5"], "outside 0 to 0.99");
+    assert_one_line_error(&["train", "--set", r#"sparsity.rules=["*.ln_1.*=0.5"]"#], "cannot be sparse");
+    assert_one_line_error(&["train", "--set", "train.init_from=/nonexistent/dir"], "not a directory");
     assert_one_line_error(&["train", "--workers", "2", "--set", "stream.mode=resident"], "stream.mode");
     assert_one_line_error(&["train", "--config", &p("missing.toml")], "cannot read config file");
     std::fs::write(p("bad.toml"), "[train\nlr = 1").unwrap();

@@ -559,6 +559,16 @@ impl RunConfig {
         if !(0.0..=1.0).contains(&sp.kernel_density_max) {
             return bad(format!("sparsity.kernel_density_max must be in [0, 1] (got {})", sp.kernel_density_max));
         }
+        if !t.init_from.is_empty() {
+            // Its config now, so a wrong directory fails before the run starts.
+            let from = crate::checkpoint::load_config(Path::new(&t.init_from))?;
+            if from != self.model {
+                return bad(format!(
+                    "train.init_from {} is a model of {from:?}, but [model] is {:?}: set the model to match",
+                    t.init_from, self.model
+                ));
+            }
+        }
         if spec.is_sparse() && t.device != "cpu" {
             return bad("sparse layers run on the CPU worker only: set train.device = \"cpu\" or sparsity to 0".into());
         }
