@@ -272,12 +272,8 @@ pub fn read_checkpoint_weights(
             crc.update(&raw);
             w.clear();
             w.extend(raw[..4 * len].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-            for &t in &layout.owned[s] {
-                let off = layout.place[t].1;
-                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
-                if lo < hi {
-                    f(t, lo - off, &w[lo - p0..hi - p0])?;
-                }
+            for (t, off, lo, hi) in layout.tensors_in(spec, s, p0, p1) {
+                f(t, lo - off, &w[lo - p0..hi - p0])?;
             }
         }
         let found = crc.finalize();

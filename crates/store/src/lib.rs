@@ -142,6 +142,24 @@ impl Layout {
         spec.layers[layer].tensors.iter().map(|&t| spec.tensors[t].len()).sum()
     }
 
+    /// The tensors of slab `s` that overlap its parameters `p0..p1`, as
+    /// (tensor, the tensor's offset in the slab, overlap start, overlap end),
+    /// in slab coordinates.
+    pub fn tensors_in(
+        &self,
+        spec: &ModelSpec,
+        s: usize,
+        p0: usize,
+        p1: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        let lens: Vec<usize> = self.owned[s].iter().map(|&t| spec.tensors[t].len()).collect();
+        self.owned[s].iter().zip(lens).filter_map(move |(&t, len)| {
+            let off = self.place[t].1;
+            let (lo, hi) = (off.max(p0), (off + len).min(p1));
+            (lo < hi).then_some((t, off, lo, hi))
+        })
+    }
+
     /// The pages of `slab` that overlap parameters `range`, as
     /// (page, page start, overlap start, overlap end).
     fn pages_over(
@@ -249,12 +267,7 @@ impl Store {
         let layout = Layout::new(spec, config.page_params);
         Store::create_with(spec, version, dir, config, |s, p0, p1, page| {
             let len = p1 - p0;
-            for &t in &layout.owned[s] {
-                let off = layout.place[t].1;
-                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
-                if lo >= hi {
-                    continue;
-                }
+            for (t, off, lo, hi) in layout.tensors_in(spec, s, p0, p1) {
                 page[lo - p0..hi - p0].copy_from_slice(&params.tensors[t][lo - off..hi - off]);
                 if let Some((m, v)) = moments {
                     page[2 * len + lo - p0..2 * len + hi - p0].copy_from_slice(&m.tensors[t][lo - off..hi - off]);
@@ -406,12 +419,7 @@ impl Store {
         let mut cur: Option<(usize, [Vec<f32>; 3])> = None;
         let mut next = Store::create_with(spec, self.version, &next_dir, self.config, |s, p0, p1, page| {
             let len = p1 - p0;
-            for &t in &layout.owned[s] {
-                let off = layout.place[t].1;
-                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
-                if lo >= hi {
-                    continue;
-                }
+            for (t, off, lo, hi) in layout.tensors_in(spec, s, p0, p1) {
                 if cur.as_ref().is_none_or(|c| c.0 != t) {
                     let mut regions = [Vec::new(), Vec::new(), Vec::new()];
                     self.tensor_regions(t, |page, len, r| {
@@ -619,12 +627,7 @@ impl Store {
             let (w, rest) = buf.split_at_mut(len);
             let (g, rest) = rest.split_at_mut(len);
             let (m, v) = rest.split_at_mut(len);
-            for &t in &self.layout.owned[s] {
-                let off = self.layout.place[t].1;
-                let (lo, hi) = (off.max(p0), (off + self.spec.tensors[t].len()).min(p1));
-                if lo >= hi {
-                    continue;
-                }
+            for (t, _, lo, hi) in self.layout.tensors_in(&self.spec, s, p0, p1) {
                 let r = lo - p0..hi - p0;
                 let step = AdamWStep {
                     lr: p.lr,
@@ -816,14 +819,10 @@ impl Store {
         self.for_each_page(|s, i, buf| {
             let (p0, p1) = (layout.pages[s][i], layout.pages[s][i + 1]);
             let len = p1 - p0;
-            for &t in &layout.owned[s] {
-                let off = layout.place[t].1;
-                let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
-                if lo < hi {
-                    w.tensors[t][lo - off..hi - off].copy_from_slice(&buf[lo - p0..hi - p0]);
-                    m.tensors[t][lo - off..hi - off].copy_from_slice(&buf[2 * len + lo - p0..2 * len + hi - p0]);
-                    v.tensors[t][lo - off..hi - off].copy_from_slice(&buf[3 * len + lo - p0..3 * len + hi - p0]);
-                }
+            for (t, off, lo, hi) in layout.tensors_in(&spec, s, p0, p1) {
+                w.tensors[t][lo - off..hi - off].copy_from_slice(&buf[lo - p0..hi - p0]);
+                m.tensors[t][lo - off..hi - off].copy_from_slice(&buf[2 * len + lo - p0..2 * len + hi - p0]);
+                v.tensors[t][lo - off..hi - off].copy_from_slice(&buf[3 * len + lo - p0..3 * len + hi - p0]);
             }
             Ok(())
         })?;

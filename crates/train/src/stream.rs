@@ -905,12 +905,7 @@ pub fn create_store(
     // Each tensor's initial values are drawn in order, page by page.
     let mut init: Option<(usize, ws_model::params::TensorInit)> = None;
     let mut store = Store::create_with(spec, 0, dir, sc, |s, p0, p1, page| {
-        for &t in &layout.owned[s] {
-            let off = layout.place[t].1;
-            let (lo, hi) = (off.max(p0), (off + spec.tensors[t].len()).min(p1));
-            if lo >= hi {
-                continue;
-            }
+        for (t, off, lo, hi) in layout.tensors_in(spec, s, p0, p1) {
             if init.as_ref().is_none_or(|(it, _)| *it != t) {
                 assert_eq!(lo, off, "a tensor's first page comes first");
                 init = Some((t, ws_model::params::TensorInit::new(spec, t, config.train.seed)));
