@@ -507,28 +507,72 @@ mod simd {
         }
     }
 
-    /// `dv[q] += xt[rows[q] * bt + b0..][..256] . d` for every q, `d` (256
-    /// tokens of one column of dout) in sixteen registers.
+    /// `dv[q] += xt[rows[q] * bt + b0..][..C] . d` for every q, `d` (C
+    /// tokens of one column of dout, C = 128 or 256) in C/16 registers.
     ///
     /// # Safety
     /// AVX-512F must be present; `(rows[q] + 1) * bt <= xt.len()` and
-    /// `b0 + 256 <= bt`.
+    /// `b0 + C <= bt`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn sddmm_chunk(dv: &mut [f32], xt: &[f32], bt: usize, b0: usize, d: &[f32], rows: &[u32]) {
-        assert!(d.len() == 256 && b0 + 256 <= bt && dv.len() == rows.len());
+    pub unsafe fn sddmm_chunk<const C: usize>(
+        dv: &mut [f32],
+        xt: &[f32],
+        bt: usize,
+        b0: usize,
+        d: &[f32],
+        rows: &[u32],
+    ) {
+        const { assert!(C == 128 || C == 256) };
+        assert!(d.len() == C && b0 + C <= bt && dv.len() == rows.len());
         let mut dr = [_mm512_setzero_ps(); 16];
-        for (j, r) in dr.iter_mut().enumerate() {
+        for (j, r) in dr.iter_mut().take(C / 16).enumerate() {
             *r = _mm512_loadu_ps(d.as_ptr().add(16 * j));
         }
-        for (v, &r) in dv.iter_mut().zip(rows) {
+        // Four nonzeros at a time, two accumulators each (eight independent
+        // FMA chains), their four sums reduced together.
+        let whole = rows.len() / 4 * 4;
+        for q in (0..whole).step_by(4) {
+            let x: [*const f32; 4] = std::array::from_fn(|i| xt.as_ptr().add(rows[q + i] as usize * bt + b0));
+            let mut a = [[_mm512_setzero_ps(); 2]; 4];
+            for j in 0..C / 16 {
+                for i in 0..4 {
+                    a[i][j % 2] = _mm512_fmadd_ps(_mm512_loadu_ps(x[i].add(16 * j)), dr[j], a[i][j % 2]);
+                }
+            }
+            let v = a.map(|p| _mm512_add_ps(p[0], p[1]));
+            let sums = reduce4(v[0], v[1], v[2], v[3]);
+            let at = dv.as_mut_ptr().add(q);
+            _mm_storeu_ps(at, _mm_add_ps(_mm_loadu_ps(at), sums));
+        }
+        for (v, &r) in dv[whole..].iter_mut().zip(&rows[whole..]) {
             let x = xt.as_ptr().add(r as usize * bt + b0);
             let mut a = [_mm512_setzero_ps(); 4];
-            for j in 0..16 {
+            for j in 0..C / 16 {
                 a[j % 4] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16 * j)), dr[j], a[j % 4]);
             }
             let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
             *v += _mm512_reduce_add_ps(s);
         }
+    }
+
+    /// The lane sums of four vectors, `[sum a, sum b, sum c, sum d]`:
+    /// pairwise interleaved adds, then the four 128-bit lanes folded.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d.
+        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        // Per 128-bit lane: [a, b, c, d] partial sums (64-bit unpacks move
+        // float pairs; the adds are in f32).
+        let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+        let lo = _mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd));
+        let hi = _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd));
+        let u = _mm512_add_ps(lo, hi);
+        // Fold the four 128-bit lanes: 0+2, 1+3, then (0+2)+(1+3).
+        let v = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b01_00_11_10>(u, u));
+        let w = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+        _mm512_castps512_ps128(w)
     }
 
     /// # Safety
@@ -575,7 +619,7 @@ mod simd {
     pub unsafe fn dot(_: &[f32], _: &[f32]) -> f32 {
         unreachable!("no SIMD path on this architecture")
     }
-    pub unsafe fn sddmm_chunk(_: &mut [f32], _: &[f32], _: usize, _: usize, _: &[f32], _: &[u32]) {
+    pub unsafe fn sddmm_chunk<const C: usize>(_: &mut [f32], _: &[f32], _: usize, _: usize, _: &[f32], _: &[u32]) {
         unreachable!("no SIMD path on this architecture")
     }
     pub unsafe fn transpose16(_: *mut f32, _: usize, _: *const f32, _: usize) {
@@ -620,33 +664,33 @@ pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &Spars
     assert_eq!(dvalues.len(), w.nnz());
     assert_eq!(inp.len(), bt * k);
     assert_eq!(dout.len(), bt * n);
-    const CHUNK: usize = 256;
-    let chunks = bt.div_ceil(CHUNK);
-    // XT chunk-major: chunk j holds tokens 256j.. of every input feature,
+    // Tokens per chunk: 256, or 128 where a chunk of 256 tokens of every
+    // input feature would not fit in L2 next to dout's columns.
+    let chunk = if k * 256 * 4 <= SDDMM_CHUNK_BYTES { 256 } else { 128 };
+    let chunks = bt.div_ceil(chunk);
+    // XT chunk-major: chunk j holds tokens chunk*j.. of every input feature,
     // feature by feature (one contiguous block per chunk); zero past BT.
-    let xt = sized(&mut s.xt, chunks * k * CHUNK);
-    xt.par_chunks_mut(k * CHUNK).enumerate().for_each(|(j, blk)| {
-        let t0 = j * CHUNK;
-        let t1 = (t0 + CHUNK).min(bt);
-        if t1 - t0 < CHUNK {
+    let xt = sized(&mut s.xt, chunks * k * chunk);
+    xt.par_chunks_mut(k * chunk).enumerate().for_each(|(j, blk)| {
+        let t0 = j * chunk;
+        let t1 = (t0 + chunk).min(bt);
+        if t1 - t0 < chunk {
             blk.fill(0.0);
         }
-        transpose_region(blk, CHUNK, &inp[t0 * k..], k, t1 - t0, k);
+        transpose_region(blk, chunk, &inp[t0 * k..], k, t1 - t0, k);
     });
     let dt = sized(&mut s.yt, n * bt);
     transpose(dt, dout, bt, n);
     let (xt, dt) = (&*xt, &*dt);
     let out = SendPtr(dvalues.as_mut_ptr());
-    // Tokens in chunks of 256 (the column's slice of dout held in sixteen
-    // registers while its nonzeros stream past); the chunks in order, so
-    // each value's sum is the same every time.
     let simd = simd::available();
-    // Chunks outermost: a chunk of XT (K x 256 tokens, contiguous) stays in
-    // L2 while every column takes its nonzeros' dot products from it; the
-    // chunks in order, so each value's sum is the same every time.
+    // Chunks outermost: a chunk of XT (K x chunk tokens, contiguous) stays in
+    // L2 while every column takes its nonzeros' dot products from it (the
+    // column's slice of dout held in registers while its nonzeros stream
+    // past); the chunks in order, so each value's sum is the same every time.
     for j in 0..chunks {
-        let (b0, b1) = (j * CHUNK, ((j + 1) * CHUNK).min(bt));
-        let xc = &xt[j * k * CHUNK..(j + 1) * k * CHUNK];
+        let (b0, b1) = (j * chunk, ((j + 1) * chunk).min(bt));
+        let xc = &xt[j * k * chunk..(j + 1) * k * chunk];
         (0..n).into_par_iter().with_min_len(16).for_each(|c| {
             let (p0, p1) = (w.col_start[c] as usize, w.col_start[c + 1] as usize);
             if p0 == p1 {
@@ -656,17 +700,24 @@ pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &Spars
             let dv = unsafe { std::slice::from_raw_parts_mut(out.get().add(p0), p1 - p0) };
             let rows = &w.row_index[p0..p1];
             let d = &dt[c * bt + b0..c * bt + b1];
-            if simd && b1 - b0 == CHUNK {
+            match (simd && b1 - b0 == chunk, chunk) {
                 // SAFETY: AVX-512F checked; every row index < k, so each slice is inside xc.
-                unsafe { simd::sddmm_chunk(dv, xc, CHUNK, 0, d, rows) };
-            } else {
-                for (v, &r) in dv.iter_mut().zip(rows) {
-                    *v += dot(&xc[r as usize * CHUNK..r as usize * CHUNK + (b1 - b0)], d);
+                (true, 256) => unsafe { simd::sddmm_chunk::<256>(dv, xc, 256, 0, d, rows) },
+                // SAFETY: as above.
+                (true, _) => unsafe { simd::sddmm_chunk::<128>(dv, xc, 128, 0, d, rows) },
+                (false, _) => {
+                    for (v, &r) in dv.iter_mut().zip(rows) {
+                        *v += dot(&xc[r as usize * chunk..r as usize * chunk + (b1 - b0)], d);
+                    }
                 }
             }
         });
     }
 }
+
+/// The largest chunk of transposed activations the weight gradient keeps in
+/// L2 (1 MiB: half of this machine's 2 MiB per core).
+const SDDMM_CHUNK_BYTES: usize = 1 << 20;
 
 pub mod reference {
     //! Plain loops over the nonzeros: the specification of the fast kernels.
@@ -755,7 +806,9 @@ mod tests {
     #[test]
     fn sparse_kernels_match_reference_and_dense_on_the_masked_matrix() {
         let mut rng = Rng::new(21);
-        for &(bt, k, n) in &[(37usize, 24usize, 40usize), (130, 64, 48), (600, 96, 80)] {
+        // (The last shape has K x 256 tokens beyond the weight gradient's L2
+        // chunk, so it takes 128-token chunks.)
+        for &(bt, k, n) in &[(37usize, 24usize, 40usize), (130, 64, 48), (600, 96, 80), (300, 1100, 12)] {
             for density in [0.0, 0.02, 0.1, 0.25, 0.5, 1.0] {
                 let dense = random(&mut rng, k * n);
                 let mut mask = top_magnitude_mask(&random(&mut rng, k * n), density);
