@@ -211,13 +211,20 @@ pub fn choose_micro_batch(config: &RunConfig, spec: &ModelSpec) -> Result<usize,
     let (b, t, k) = (config.train.batch_size / config.fabric.workers, config.seq_len(), config.stream.prefetch_depth);
     let dtype = Precision::parse(&config.stream.dtype).expect("validated");
     let limit = config.worker.memory_bytes;
-    let fits = |mb: usize| limit == 0 || worker_bytes(spec, mb, t, k, dtype) <= limit;
+    // RigL's update steps sum the dense gradient of every sparse matrix.
+    let rigl: u64 = if config.sparsity.dynamic == "rigl" {
+        spec.tensors.iter().filter(|t| t.is_sparse()).map(|t| 4 * t.numel() as u64).sum()
+    } else {
+        0
+    };
+    let worker_bytes = |mb: usize| worker_bytes(spec, mb, t, k, dtype) + rigl;
+    let fits = |mb: usize| limit == 0 || worker_bytes(mb) <= limit;
     if config.train.micro_batch != 0 {
         let mb = config.train.micro_batch;
         if !fits(mb) {
             return Err(TrainError::Config(format!(
                 "train.micro_batch = {mb} needs {} bytes of worker memory, above worker.memory_bytes = {limit}",
-                worker_bytes(spec, mb, t, k, dtype)
+                worker_bytes(mb)
             )));
         }
         return Ok(mb);
@@ -226,7 +233,7 @@ pub fn choose_micro_batch(config: &RunConfig, spec: &ModelSpec) -> Result<usize,
         TrainError::Config(format!(
             "one sequence of {t} tokens needs {} bytes of worker memory (weights in flight, activations), \
              above worker.memory_bytes = {limit}: raise it, shorten train.seq_len or lower stream.prefetch_depth",
-            worker_bytes(spec, 1, t, k, dtype)
+            worker_bytes(1)
         ))
     })
 }
