@@ -284,23 +284,31 @@ fn two_workers_through_the_fabric_train_checkpoint_and_resume() {
 
 /// Issue 4: the same run as separate processes (`cluster`: a store, fabric
 /// nodes and workers joining over authenticated TCP) and as threads of one
-/// process gives the same weights, byte for byte.
+/// process gives the same weights, byte for byte; with sparse layers and
+/// RigL too (masks down, dense gradients up, between processes).
 #[test]
 fn a_multi_process_cluster_equals_the_same_run_in_one_process() {
-    let export = |name: &str, cmd: &str| {
+    let export = |name: &str, cmd: &str, extra: &[&str]| {
         let dir = tmp(name);
         let mut sets = small_run_sets(&dir);
         sets.push("train.batch_size=6".into());
+        sets.extend(extra.iter().map(|s| s.to_string()));
         let mut args = train_args(&sets);
         args[0] = cmd.into();
         args.extend(["--workers", "3", "--fanout", "2"].map(String::from));
         let out = weightstream(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(out.code, 0, "{cmd}: {}", out.stderr);
-        std::fs::read(dir.join("run/checkpoint-000004/model.safetensors")).unwrap()
+        let ckpt = dir.join("run/checkpoint-000004");
+        (std::fs::read(ckpt.join("model.safetensors")).unwrap(), std::fs::read(ckpt.join("masks.safetensors")).ok())
     };
-    let threads = export("threads", "train");
-    let processes = export("processes", "cluster");
+    let threads = export("threads", "train", &[]);
+    let processes = export("processes", "cluster", &[]);
     assert!(threads == processes, "the cluster's weights differ from the in-process run's");
+    let sparse = ["sparsity.attention=0.75", "sparsity.mlp=0.9", "sparsity.dynamic=rigl", "sparsity.update_every=2"];
+    let threads = export("sparse-threads", "train", &sparse);
+    let processes = export("sparse-processes", "cluster", &sparse);
+    assert!(threads.1.is_some(), "a sparse run exports its masks");
+    assert!(threads == processes, "the sparse cluster's weights or masks differ from the in-process run's");
 }
 
 #[test]

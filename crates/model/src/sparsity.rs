@@ -27,6 +27,8 @@ use std::sync::Arc;
 use ws_kernels::sparse::{top_magnitude_mask, SparsePattern};
 
 pub const MASKS_FILE: &str = "masks.safetensors";
+/// The metadata key of a masks file: `{"bit_order": ..., "version": N}`.
+const MASKS_META: &str = "weightstream_masks";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Masks {
@@ -149,11 +151,13 @@ impl Masks {
                 (name.clone(), view)
             })
             .collect();
-        let meta = HashMap::from([
-            ("format".to_string(), "weightstream-masks".to_string()),
-            ("bit_order".to_string(), "element i of the row-major [in, out] matrix is bit i%8 of byte i/8".to_string()),
-            ("version".to_string(), self.version.to_string()),
-        ]);
+        // One metadata entry: safetensors keeps metadata in a hash map, and
+        // a file's bytes should not depend on its order.
+        let about = serde_json::json!({
+            "bit_order": "element i of the row-major [in, out] matrix is bit i%8 of byte i/8",
+            "version": self.version,
+        });
+        let meta = HashMap::from([(MASKS_META.to_string(), about.to_string())]);
         safetensors::serialize(views, Some(meta)).expect("bitmaps serialize")
     }
 
@@ -175,9 +179,10 @@ impl Masks {
         let version = meta
             .metadata()
             .as_ref()
-            .and_then(|m| m.get("version"))
-            .and_then(|v| v.parse().ok())
-            .ok_or("a masks file without its version")?;
+            .and_then(|m| m.get(MASKS_META))
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+            .and_then(|v| v["version"].as_u64())
+            .ok_or("not a weightstream masks file (no version in its metadata)")?;
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("not a masks file: {e}"))?;
         let mut patterns = vec![None; spec.tensors.len()];
         for (name, view) in st.tensors() {
@@ -429,6 +434,7 @@ mod tests {
         let mut masks = Masks::init(&s, 3);
         masks.version = 5;
         let bytes = masks.to_safetensors(&s);
+        assert!((0..20).all(|_| masks.to_safetensors(&s) == bytes), "the same masks, the same bytes");
         assert_eq!(Masks::from_safetensors(&s, &bytes).unwrap(), masks);
         assert!(Masks::from_safetensors(&s, &bytes[..bytes.len() - 1]).is_err());
         assert!(Masks::from_safetensors(&s, b"garbage").is_err());
