@@ -81,7 +81,7 @@ pub enum Kind {
     Credit = 6,
     /// Rendezvous: a JSON message (join request, assignment, refusal).
     Control = 7,
-    /// Down: the sparse tensors' patterns (a safetensors file of bitmaps),
+    /// Down: the sparse tensors' patterns (a safetensors file of indices),
     /// before the first pass of a tree and after every change.
     Masks = 8,
 }

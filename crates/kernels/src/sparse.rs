@@ -178,6 +178,44 @@ impl SparsePattern {
         let mask: Vec<bool> = (0..len).map(|i| bits[i / 8] >> (i % 8) & 1 == 1).collect();
         Some(SparsePattern::from_mask(&mask, k, n))
     }
+
+    /// The nonzeros' row-major positions as gaps, for very sparse matrices
+    /// (smaller than the bitmap below density 1/16): each position minus the
+    /// previous one minus 1 (the first: the position itself), written in base
+    /// 65535 as that many 0xFFFF followed by the remainder.
+    pub fn to_gaps(&self) -> Vec<u16> {
+        let mut positions: Vec<usize> = self.positions().collect();
+        positions.sort_unstable();
+        let mut out = Vec::with_capacity(positions.len());
+        let mut next = 0usize;
+        for pos in positions {
+            let mut gap = pos - next;
+            while gap >= 0xFFFF {
+                out.push(0xFFFF);
+                gap -= 0xFFFF;
+            }
+            out.push(gap as u16);
+            next = pos + 1;
+        }
+        out
+    }
+
+    /// The pattern of [`Self::to_gaps`]' encoding; `None` when a position
+    /// falls outside the matrix or the encoding ends in the middle of a gap.
+    pub fn from_gaps(gaps: &[u16], k: usize, n: usize) -> Option<SparsePattern> {
+        let mut mask = vec![false; k * n];
+        let (mut next, mut gap) = (0usize, 0usize);
+        for &g in gaps {
+            gap += g as usize;
+            if g == 0xFFFF {
+                continue;
+            }
+            let pos = next + gap;
+            *mask.get_mut(pos)? = true;
+            (next, gap) = (pos + 1, 0);
+        }
+        (gap == 0).then(|| SparsePattern::from_mask(&mask, k, n))
+    }
 }
 
 /// A pattern with its values: a sparse matrix in one piece (tests, benchmarks).
@@ -879,6 +917,7 @@ mod tests {
             assert_eq!(p.nnz(), mask.iter().filter(|&&m| m).count());
             let bits = p.to_bitmap();
             assert_eq!(SparsePattern::from_bitmap(&bits, k, n).as_ref(), Some(&p));
+            assert_eq!(SparsePattern::from_gaps(&p.to_gaps(), k, n).as_ref(), Some(&p));
             assert!(SparsePattern::from_bitmap(&bits[1..], k, n).is_none(), "a short bitmap is refused");
             if (k * n) % 8 != 0 {
                 let mut extra = bits.clone();
@@ -895,6 +934,23 @@ mod tests {
             p.gather_add(&w, &mut acc);
             assert_eq!(acc, values.iter().map(|v| 1.0 + v).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn gaps_encode_long_runs_and_refuse_positions_outside() {
+        // Nonzeros at 0, 70000 (a gap over 65535) and the last element.
+        let (k, n) = (300, 400);
+        let mut mask = vec![false; k * n];
+        for i in [0, 70_000, k * n - 1] {
+            mask[i] = true;
+        }
+        let p = SparsePattern::from_mask(&mask, k, n);
+        let g = p.to_gaps();
+        assert_eq!(g, vec![0, 0xFFFF, (69_999usize - 0xFFFF) as u16, (k * n - 1 - 70_001) as u16]);
+        assert_eq!(SparsePattern::from_gaps(&g, k, n), Some(p));
+        assert!(SparsePattern::from_gaps(&g, k, n - 1).is_none(), "a position past the matrix");
+        assert!(SparsePattern::from_gaps(&[0, 0xFFFF], k, n).is_none(), "an unfinished gap");
+        assert_eq!(SparsePattern::from_gaps(&[], k, n).map(|p| p.nnz()), Some(0));
     }
 
     #[test]

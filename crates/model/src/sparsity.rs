@@ -15,9 +15,11 @@
 //! round((1 - s) * numel) entries, and [`Masks::check`] holds every pattern
 //! to it.
 //!
-//! On disk the patterns are a safetensors file of U8 bitmaps, one per sparse
-//! tensor under the tensor's name: bit i % 8 of byte i / 8 is element i of
-//! the row-major `[in, out]` matrix.
+//! On disk the patterns are a safetensors file with one index per sparse
+//! tensor under the tensor's name, chosen by density: a U8 bitmap (bit i % 8
+//! of byte i / 8 is element i of the row-major `[in, out]` matrix), or below
+//! density 1/16, where it is smaller, U16 gaps between the nonzeros'
+//! positions ([`SparsePattern::to_gaps`]).
 
 use crate::params::init_dense_tensor;
 use crate::{ModelSpec, Params};
@@ -137,24 +139,35 @@ impl Masks {
 
     /// The bitmaps as a safetensors file's bytes (see the module docs).
     pub fn to_safetensors(&self, spec: &ModelSpec) -> Vec<u8> {
-        let bitmaps: Vec<(String, Vec<u8>)> = self
+        // Each tensor's index as a bitmap (U8), or as gaps between positions
+        // (U16) where that is smaller: below density 1/16.
+        let encoded: Vec<(String, safetensors::Dtype, Vec<u8>)> = self
             .patterns
             .iter()
             .enumerate()
-            .filter_map(|(t, p)| p.as_ref().map(|p| (spec.tensors[t].name.clone(), p.to_bitmap())))
+            .filter_map(|(t, p)| p.as_ref().map(|p| (spec.tensors[t].name.clone(), p)))
+            .map(|(name, p)| {
+                let gaps = p.to_gaps();
+                if 2 * gaps.len() < (p.k * p.n).div_ceil(8) {
+                    (name, safetensors::Dtype::U16, gaps.iter().flat_map(|g| g.to_le_bytes()).collect())
+                } else {
+                    (name, safetensors::Dtype::U8, p.to_bitmap())
+                }
+            })
             .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = bitmaps
+        let views: Vec<(String, safetensors::tensor::TensorView)> = encoded
             .iter()
-            .map(|(name, b)| {
-                let view = safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![b.len()], b)
-                    .expect("shape matches data length");
+            .map(|(name, dtype, b)| {
+                let len = 8 * b.len() / dtype.bitsize();
+                let view =
+                    safetensors::tensor::TensorView::new(*dtype, vec![len], b).expect("shape matches data length");
                 (name.clone(), view)
             })
             .collect();
         // One metadata entry: safetensors keeps metadata in a hash map, and
         // a file's bytes should not depend on its order.
         let about = serde_json::json!({
-            "bit_order": "element i of the row-major [in, out] matrix is bit i%8 of byte i/8",
+            "index": "U8: a bitmap, element i of the row-major [in, out] matrix at bit i%8 of byte i/8; U16: the gaps between nonzero positions (each minus the previous minus 1, in base 65535: 0xFFFF runs then the rest)",
             "version": self.version,
         });
         let meta = HashMap::from([(MASKS_META.to_string(), about.to_string())]);
@@ -189,11 +202,23 @@ impl Masks {
             let t =
                 spec.tensor_index(&name).ok_or_else(|| format!("a mask for {name}, which the model does not have"))?;
             let shape = &spec.tensors[t].shape;
-            if view.dtype() != safetensors::Dtype::U8 || shape.len() != 2 {
-                return Err(format!("the mask of {name} is not a U8 bitmap of a matrix"));
+            if shape.len() != 2 {
+                return Err(format!("a mask for {name}, which is not a matrix"));
             }
-            let p = SparsePattern::from_bitmap(view.data(), shape[0], shape[1])
-                .ok_or_else(|| format!("the mask of {name} has {} bytes, not a {shape:?} bitmap", view.data().len()))?;
+            let p = match view.dtype() {
+                safetensors::Dtype::U8 => {
+                    SparsePattern::from_bitmap(view.data(), shape[0], shape[1]).ok_or_else(|| {
+                        format!("the mask of {name} has {} bytes, not a {shape:?} bitmap", view.data().len())
+                    })?
+                }
+                safetensors::Dtype::U16 => {
+                    let gaps: Vec<u16> =
+                        view.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+                    SparsePattern::from_gaps(&gaps, shape[0], shape[1])
+                        .ok_or_else(|| format!("the mask of {name} has positions outside its {shape:?} matrix"))?
+                }
+                other => return Err(format!("the mask of {name} is {other:?}, not a U8 bitmap or U16 gaps")),
+            };
             patterns[t] = Some(Arc::new(p));
         }
         let masks = Masks { patterns, version };
@@ -330,7 +355,7 @@ mod tests {
 
     fn spec() -> ModelSpec {
         let mut s = ModelSpec::new(Gpt2Config { n_layer: 2, n_head: 2, n_embd: 16, block_size: 8, vocab_size: 40 });
-        for (t, level) in [(4usize, 0.75), (10, 0.9), (16, 0.5)] {
+        for (t, level) in [(4usize, 0.75), (10, 0.97), (16, 0.5)] {
             s.set_sparsity(t, level).unwrap();
         }
         s
@@ -340,7 +365,7 @@ mod tests {
     fn only_linear_weights_can_be_sparse_and_counts_are_exact() {
         let mut s = spec();
         assert_eq!(s.tensors[4].nnz, Some(16 * 48 / 4));
-        assert_eq!(s.tensors[10].nnz, Some((0.1f64 * 16.0 * 64.0).round() as usize));
+        assert_eq!(s.tensors[10].nnz, Some((0.03f64 * 16.0 * 64.0).round() as usize));
         assert!(s.set_sparsity(0, 0.5).unwrap_err().contains("transformer.wte.weight cannot be sparse"));
         assert!(s.set_sparsity(5, 0.5).is_err(), "a bias stays dense");
         assert!(s.set_sparsity(4, 1.0).is_err());
@@ -435,6 +460,13 @@ mod tests {
         masks.version = 5;
         let bytes = masks.to_safetensors(&s);
         assert!((0..20).all(|_| masks.to_safetensors(&s) == bytes), "the same masks, the same bytes");
+        // The index by density: a bitmap at 25% and 50%, gaps at 3%.
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let dtype = |t: usize| st.tensor(&s.tensors[t].name).unwrap().dtype();
+        assert_eq!(
+            (dtype(4), dtype(10), dtype(16)),
+            (safetensors::Dtype::U8, safetensors::Dtype::U16, safetensors::Dtype::U8)
+        );
         assert_eq!(Masks::from_safetensors(&s, &bytes).unwrap(), masks);
         assert!(Masks::from_safetensors(&s, &bytes[..bytes.len() - 1]).is_err());
         assert!(Masks::from_safetensors(&s, b"garbage").is_err());
