@@ -276,6 +276,11 @@ fn two_workers_through_the_fabric_train_checkpoint_and_resume() {
     assert!(out.stderr.contains("2 workers, fan-out 2, tcp"), "{}", out.stderr);
     let run = dir.join("run");
     assert!(run.join("checkpoint").is_dir() && run.join("checkpoint-000004/model.safetensors").is_file());
+    // The store's layout follows the sparse tensors' counts: a resume cannot change them.
+    assert_one_line_error(
+        &["train", "--resume", run.to_str().unwrap(), "--set", "sparsity.mlp=0.5"],
+        "sparsity levels, rules and ramp cannot change when resuming",
+    );
     let resumed =
         weightstream(&["train", "--resume", run.to_str().unwrap(), "--set", "train.steps=6", "--workers", "2"]);
     assert_eq!(resumed.code, 0, "{}", resumed.stderr);

@@ -431,6 +431,18 @@ pub fn resume_config(run_dir: &Path, overrides: &[String]) -> Result<RunConfig, 
     })?;
     let mut config = RunConfig::resolve_text(&manifest.run_toml, overrides)?;
     config.run_dir = run_dir.display().to_string();
+    // The store's layout follows the sparse tensors' counts: they cannot change.
+    let saved = RunConfig::resolve_text(&manifest.run_toml, &[])?.model_spec_at(manifest.step)?;
+    let now = config.model_spec_at(manifest.step)?;
+    if let Some((a, b)) = saved.tensors.iter().zip(&now.tensors).find(|(a, b)| a.nnz != b.nnz) {
+        return Err(TrainError::Config(format!(
+            "--resume: {} keeps {} values in the checkpoint but {} with these settings; \
+             sparsity levels, rules and ramp cannot change when resuming",
+            a.name,
+            a.len(),
+            b.len()
+        )));
+    }
     Ok(config)
 }
 
