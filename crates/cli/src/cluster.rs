@@ -121,7 +121,7 @@ pub fn run(workers: usize, fanout: usize, config: Option<&Path>, sets: &[String]
         })
         .map_err(|e| TrainError::Config(format!("cannot watch for Ctrl-C: {e}")))?;
     let mut children: Vec<(String, Child)> = vec![("store".into(), spawn(store_args)?)];
-    let nodes = ws_fabric::rendezvous::node_processes(&tree, true);
+    let nodes = ws_fabric::rendezvous::node_processes(&tree, 1);
     for i in 0..nodes {
         let args = vec!["fabric".into(), "--store".into(), store_addr.clone()];
         children.push((format!("fabric node {i}"), spawn(args)?));

@@ -65,7 +65,11 @@ fn run_ok(mut c: Command) -> String {
 }
 
 fn final_weights(dir: &Path) -> Vec<u8> {
-    std::fs::read(dir.join("run/checkpoint-000004/model.safetensors")).unwrap()
+    weights_at(dir, 4)
+}
+
+fn weights_at(dir: &Path, step: u64) -> Vec<u8> {
+    std::fs::read(dir.join(format!("run/checkpoint-{step:06}/model.safetensors"))).unwrap()
 }
 
 #[test]
@@ -162,4 +166,51 @@ fn run_with_a_crash(faulty: &Path, fault: Fault) -> String {
     }
     assert!(out.status.success(), "the store failed:\n{stderr}");
     stderr
+}
+
+/// A fabric node process killed in the middle of a run: the store runs that
+/// node's place itself (its children connect to the store), the tree forms
+/// again with every worker, and the run equals one that never lost the
+/// node, byte for byte.
+#[test]
+fn a_lost_fabric_node_is_taken_over_by_the_store() {
+    const STEPS: u64 = 30;
+    let reference = tmp("node-reference");
+    let mut c = bin();
+    c.args(["train", "--workers", "3", "--fanout", "2"]);
+    with_sets(&mut c, &sets(&reference, STEPS));
+    run_ok(c);
+
+    let dir = tmp("node-lost");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store_addr = format!("127.0.0.1:{port}");
+    let mut store = bin();
+    store.args(["store", "--listen", &store_addr, "--workers", "3", "--fanout", "2"]);
+    with_sets(&mut store, &sets(&dir, STEPS));
+    store.args(["--set", "fabric.step_timeout_s=5"]);
+    let store = store.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let spawn = |role: &str| {
+        let mut c = bin();
+        c.args([role, "--store", &store_addr, "--timeout", "60"]).stderr(Stdio::null());
+        c.spawn().unwrap()
+    };
+    let mut nodes: Vec<Child> = (0..2).map(|_| spawn("fabric")).collect();
+    let mut workers: Vec<Child> = (0..3).map(|_| spawn("worker")).collect();
+    // Once a few steps are done, one node dies.
+    let metrics = dir.join("run/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(started.elapsed().as_secs() < 120, "the run made no progress");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    nodes[0].kill().unwrap();
+    let out = store.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    for mut o in nodes.into_iter().chain(workers.drain(..)) {
+        let _ = o.kill();
+        let _ = o.wait();
+    }
+    assert!(out.status.success(), "the store failed:\n{stderr}");
+    assert!(stderr.contains("the tree formed again with 3 workers (was 3)"), "{stderr}");
+    assert!(weights_at(&dir, STEPS) == weights_at(&reference, STEPS), "the run that lost a node differs");
 }

@@ -116,16 +116,16 @@ async fn refuse(j: Joined, why: &str) {
     let _ = j.link.tx.send(control(&Reply::Refused { refused: why.to_string() })).await;
 }
 
-/// The node positions that separate processes take: all of them, or all
-/// but the top one when the store runs the top node itself.
-pub fn process_nodes(tree: &Tree, top_in_store: bool) -> std::ops::RangeInclusive<usize> {
-    let skip = usize::from(top_in_store && tree.inner_nodes() > 0);
-    1 + skip..=tree.inner_nodes()
+/// The node positions that separate processes take when the store runs
+/// the top `hosted` nodes itself (positions 1..=hosted: numbered from the
+/// top down, so each hosted node's parent is the store or hosted too).
+pub fn process_nodes(tree: &Tree, hosted: usize) -> std::ops::RangeInclusive<usize> {
+    1 + hosted.min(tree.inner_nodes())..=tree.inner_nodes()
 }
 
-/// How many fabric node processes a tree needs.
-pub fn node_processes(tree: &Tree, top_in_store: bool) -> usize {
-    process_nodes(tree, top_in_store).count()
+/// How many fabric node processes a tree needs when the store hosts `hosted` nodes.
+pub fn node_processes(tree: &Tree, hosted: usize) -> usize {
+    process_nodes(tree, hosted).count()
 }
 
 /// Accepts the children of `me` (their hellos name their positions), in child order.
@@ -143,20 +143,22 @@ async fn accept_children(listener: &Listener, tree: &Tree, me: usize) -> Result<
 }
 
 /// Assigns positions in join order (nodes top first, workers by index),
-/// tells everyone, and returns the data link of the store's one child
-/// (with `top_in_store`, an in-process link to the top node, which this
-/// process then runs).
+/// tells everyone, and returns the data link of the store's one child. The
+/// store runs nodes 1..=`hosted` itself (the top node with
+/// `fabric.top_in_store`; more when node processes are missing after a
+/// loss: the store takes the lost nodes' children): their children connect
+/// to the store, and the link returned is in-process.
 async fn form(
     listener: &Listener,
     tree: &Tree,
     nodes: Vec<Joined>,
     workers: Vec<Joined>,
     run: &str,
-    top_in_store: bool,
+    hosted: usize,
 ) -> Result<Link, FabricError> {
-    let hosted = top_in_store && tree.inner_nodes() > 0;
-    assert!(nodes.len() == node_processes(tree, top_in_store) && workers.len() == tree.workers);
-    let mut joined: Vec<(usize, Joined)> = process_nodes(tree, top_in_store)
+    let hosted = hosted.min(tree.inner_nodes());
+    assert!(nodes.len() == node_processes(tree, hosted) && workers.len() == tree.workers);
+    let mut joined: Vec<(usize, Joined)> = process_nodes(tree, hosted)
         .zip(nodes)
         .chain((0..tree.workers).map(|w| tree.worker_position(w)).zip(workers))
         .collect();
@@ -166,7 +168,7 @@ async fn form(
     }
     for (p, j) in joined.iter_mut() {
         let parent = tree.positions[*p].parent.expect("not the store");
-        let at_store = parent == 0 || (hosted && parent == 1);
+        let at_store = parent <= hosted;
         let addr = if at_store { j.store_addr.to_string() } else { listen[parent].clone().expect("nodes listen") };
         let a = Assignment {
             position: *p as u32,
@@ -178,15 +180,8 @@ async fn form(
         j.link.tx.send(control(&Reply::Assigned(a))).await?;
     }
     drop(joined);
-    if hosted {
-        let children = accept_children(listener, tree, 1).await?;
-        let (root, parent) = crate::link::inproc_pair(listener.credits(), "store", "node 1");
-        tokio::spawn(async move {
-            if let Err(e) = crate::node::run(parent, children, "node 1 (in the store)".into()).await {
-                tracing::warn!("{e}");
-            }
-        });
-        return Ok(root);
+    if hosted > 0 {
+        return host_nodes(listener, tree, hosted).await;
     }
     let top = tree.positions[0].children[0];
     loop {
@@ -196,6 +191,50 @@ async fn form(
         }
         tracing::warn!("{from} named position {}, not the store's child {top}; refused", hello.position);
     }
+}
+
+/// Runs nodes 1..=`hosted` in this process: accepts their children that are
+/// processes (each names its position), links hosted parents to hosted
+/// children in process, starts the nodes, and returns the store's link to
+/// the top node.
+async fn host_nodes(listener: &Listener, tree: &Tree, hosted: usize) -> Result<Link, FabricError> {
+    // Every child of a hosted node that is not hosted itself connects here.
+    let remote: Vec<usize> =
+        (1..=hosted).flat_map(|n| tree.positions[n].children.iter().copied()).filter(|&c| c > hosted).collect();
+    let mut links: Vec<Option<Link>> = (0..tree.positions.len()).map(|_| None).collect();
+    let mut missing = remote.len();
+    while missing > 0 {
+        let (link, hello, from) = listener.accept().await?;
+        let p = hello.position as usize;
+        if remote.contains(&p) && links[p].is_none() {
+            links[p] = Some(link);
+            missing -= 1;
+        } else {
+            tracing::warn!("{from} named position {p}, not a free child of a node the store runs; refused");
+        }
+    }
+    // Parent ends of in-process links: for the store (the top node's
+    // parent) and for each hosted node's hosted children.
+    let mut up: Vec<Option<Link>> = (0..tree.positions.len()).map(|_| None).collect();
+    let (root, top) = crate::link::inproc_pair(listener.credits(), "store", "node 1");
+    up[1] = Some(top);
+    for n in 2..=hosted {
+        let parent = tree.positions[n].parent.expect("a node has a parent");
+        let (down, child_up) =
+            crate::link::inproc_pair(listener.credits(), &format!("node {parent}"), &format!("node {n}"));
+        links[n] = Some(down);
+        up[n] = Some(child_up);
+    }
+    for (n, parent) in up.iter_mut().enumerate().take(hosted + 1).skip(1) {
+        let children = tree.positions[n].children.iter().map(|&c| links[c].take().expect("linked above")).collect();
+        let parent = parent.take().expect("linked above");
+        tokio::spawn(async move {
+            if let Err(e) = crate::node::run(parent, children, format!("node {n} (in the store)")).await {
+                tracing::warn!("{e}");
+            }
+        });
+    }
+    Ok(root)
 }
 
 fn not_formed(deadline: Duration, what: String) -> FabricError {
@@ -212,7 +251,8 @@ pub async fn admit(
     deadline: Duration,
     mut on_join: impl FnMut(&str),
 ) -> Result<Link, FabricError> {
-    let want_nodes = node_processes(tree, top_in_store);
+    let hosted = usize::from(top_in_store);
+    let want_nodes = node_processes(tree, hosted);
     let work = async {
         let (mut nodes, mut workers): (Vec<Joined>, Vec<Joined>) = (Vec::new(), Vec::new());
         while nodes.len() < want_nodes || workers.len() < tree.workers {
@@ -225,7 +265,7 @@ pub async fn admit(
             on_join(&format!("a {} joined", if role == ROLE_NODE { "fabric node" } else { "worker" }));
             list.push(j);
         }
-        form(listener, tree, nodes, workers, run, top_in_store).await
+        form(listener, tree, nodes, workers, run, hosted).await
     };
     let need = format!("it needs {want_nodes} fabric nodes and {} workers to join", tree.workers);
     tokio::time::timeout(deadline, work).await.map_err(|_| not_formed(deadline, need))?
@@ -234,7 +274,9 @@ pub async fn admit(
 /// The store's side after the tree lost a member: admits whoever joins
 /// (the survivors rejoin, replacements may come) until `quiet` passes with
 /// no new joiner, then forms the largest tree of at most `workers_max`
-/// workers that `fits` and that the joined nodes can fill, and refuses the rest.
+/// workers that `fits`, and refuses the rest. Fewer node processes than the
+/// tree needs never cost workers: the store runs the missing nodes itself
+/// (from the top down), so their children connect to it.
 pub async fn admit_survivors(
     listener: &Listener,
     fanout: usize,
@@ -258,10 +300,8 @@ pub async fn admit_survivors(
                 Err(_) => {}
             }
         }
-        let shape = (1..=workers.len().min(workers_max)).rev().find_map(|w| {
-            let t = Tree::new(w, fanout).ok()?;
-            (fits(w) && node_processes(&t, top_in_store) <= nodes.len()).then_some(t)
-        });
+        let shape =
+            (1..=workers.len().min(workers_max)).rev().find_map(|w| Tree::new(w, fanout).ok().filter(|_| fits(w)));
         let Some(tree) = shape else {
             let why = format!("{} workers and {} nodes make no tree this run can use", workers.len(), nodes.len());
             for j in nodes.into_iter().chain(workers) {
@@ -269,11 +309,21 @@ pub async fn admit_survivors(
             }
             return Err(FabricError::Protocol(why));
         };
-        let want_nodes = node_processes(&tree, top_in_store);
+        // The store hosts the top node if asked to, and as many more from
+        // the top as there are node processes missing.
+        let inner = tree.inner_nodes();
+        let hosted = usize::from(top_in_store).max(inner.saturating_sub(nodes.len())).min(inner);
+        let want_nodes = node_processes(&tree, hosted);
+        if hosted > usize::from(top_in_store) {
+            tracing::warn!(
+                "{} fabric node processes for {inner} places: the store runs {hosted} nodes itself",
+                nodes.len()
+            );
+        }
         for j in nodes.drain(want_nodes..).chain(workers.drain(tree.workers..)) {
             refuse(j, "the tree formed again without this process").await;
         }
-        let link = form(listener, &tree, nodes, workers, run, top_in_store).await?;
+        let link = form(listener, &tree, nodes, workers, run, hosted).await?;
         Ok((tree, link))
     };
     tokio::time::timeout(deadline, work).await.map_err(|_| not_formed(deadline, "no worker rejoined".into()))?

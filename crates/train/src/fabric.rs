@@ -826,7 +826,7 @@ impl FabricTrainer {
                 "store: waiting at {} for {} workers and {} fabric nodes to join",
                 l.local_addr(),
                 tree.workers,
-                ws_fabric::rendezvous::node_processes(&tree, top_in_store)
+                ws_fabric::rendezvous::node_processes(&tree, usize::from(top_in_store))
             );
             let deadline = Duration::from_secs(config.fabric.join_timeout_s);
             let run = config.to_toml();
