@@ -1048,7 +1048,10 @@ impl Engine for FabricTrainer {
             match (self.store_control.recv_reply()?, stats) {
                 (Reply::StepDone { grad_norm }, Ok(sum)) => {
                     self.step += 1;
-                    self.spec = self.config.model_spec_at(self.step)?;
+                    if self.config.sparsity.ramp_steps > 0 {
+                        // The model this step left (a stage of the sparsity ramp changes it).
+                        self.spec = self.config.model_spec_at(self.step)?;
+                    }
                     let (loss, seconds) = (sum / (b * t) as f64, start.elapsed().as_secs_f64());
                     return Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens: b * t, seconds });
                 }

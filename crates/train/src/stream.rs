@@ -829,7 +829,10 @@ impl Engine for StreamingTrainer {
             unreachable!("the store answers a step with StepDone")
         };
         self.step += 1;
-        self.spec = self.config.model_spec_at(self.step)?;
+        if self.config.sparsity.ramp_steps > 0 {
+            // The model this step left (a stage of the sparsity ramp changes it).
+            self.spec = self.config.model_spec_at(self.step)?;
+        }
         Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens: b * t, seconds: start.elapsed().as_secs_f64() })
     }
 
