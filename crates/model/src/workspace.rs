@@ -53,11 +53,9 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
-impl SparseLinear {
-    /// Which path tensor `t` takes: its pattern when the sparse kernels run.
-    fn sparse_path(&self, t: usize) -> Option<&SparsePattern> {
-        self.masks.get(t).filter(|p| p.density() <= self.crossover)
-    }
+/// Which path tensor `t` takes: its pattern when the sparse kernels run.
+fn sparse_path(masks: &Masks, crossover: f64, t: usize) -> Option<&SparsePattern> {
+    masks.get(t).filter(|p| p.density() <= crossover)
 }
 
 /// `out[BT,N] = inp[BT,K] @ W + bias` for tensor `t` (its stored values `w`).
@@ -74,7 +72,7 @@ fn linear_forward(
     k: usize,
     n: usize,
 ) {
-    if let Some(pat) = sp.sparse_path(t) {
+    if let Some(pat) = sparse_path(&sp.masks, sp.crossover, t) {
         return sparse::forward(out, inp, pat, w, bias, bt);
     }
     let w = match sp.masks.get(t) {
@@ -108,7 +106,7 @@ fn linear_backward(
     k: usize,
     n: usize,
 ) {
-    if let Some(pat) = sp.masks.get(t).filter(|p| p.density() <= sp.crossover) {
+    if let Some(pat) = sparse_path(&sp.masks, sp.crossover, t) {
         sparse::backward_input(dinp, dout, pat, w, bt);
         sparse::backward_weight(dw, inp, dout, pat, bt, &mut sp.scratch);
         if let Some(db) = dbias {

@@ -376,15 +376,10 @@ impl Store {
         assert!(self.contributions_left == self.contributions_per_step, "masks change only between steps");
         for t in 0..self.spec.tensors.len() {
             let Some(pattern) = self.masks.patterns[t].clone() else { continue };
-            let mut regions = [Vec::new(), Vec::new(), Vec::new()];
-            self.tensor_regions(t, |page, len, r| {
-                for (k, region) in [0, 2, 3].into_iter().enumerate() {
-                    regions[k].extend_from_slice(&page[region * len + r.start..region * len + r.end]);
-                }
-            })?;
-            let (new, from) = choose(t, &pattern, &regions[0]);
+            let state = self.tensor_state(t)?;
+            let (new, from) = choose(t, &pattern, &state[0]);
             assert_eq!(new.nnz(), pattern.nnz(), "a prune-and-regrow keeps the count");
-            let moved: Vec<Vec<f32>> = regions.iter().map(|v| remap(v, &from)).collect();
+            let moved = state.map(|v| remap(&v, &from));
             let mut at = 0;
             self.tensor_regions(t, |page, len, r| {
                 for (k, region) in [0, 2, 3].into_iter().enumerate() {
@@ -421,12 +416,7 @@ impl Store {
             let len = p1 - p0;
             for (t, off, lo, hi) in layout.tensors_in(spec, s, p0, p1) {
                 if cur.as_ref().is_none_or(|c| c.0 != t) {
-                    let mut regions = [Vec::new(), Vec::new(), Vec::new()];
-                    self.tensor_regions(t, |page, len, r| {
-                        for (k, region) in [0, 2, 3].into_iter().enumerate() {
-                            regions[k].extend_from_slice(&page[region * len + r.start..region * len + r.end]);
-                        }
-                    })?;
+                    let mut regions = self.tensor_state(t)?;
                     if let (Some(p), Some(nnz)) = (masks.patterns[t].clone(), spec.tensors[t].nnz) {
                         if nnz != p.nnz() {
                             let (new, from) = choose(t, &p, &regions[0], nnz);
@@ -454,6 +444,17 @@ impl Store {
         std::fs::rename(&next_dir, &dir).map_err(io("cannot move the new slabs into place", &dir))?;
         self.dir = dir;
         Ok(())
+    }
+
+    /// Tensor `t`'s weights, first and second moments, up to date.
+    fn tensor_state(&mut self, t: usize) -> Result<[Vec<f32>; 3]> {
+        let mut state = [Vec::new(), Vec::new(), Vec::new()];
+        self.tensor_regions(t, |page, len, r| {
+            for (k, region) in [0, 2, 3].into_iter().enumerate() {
+                state[k].extend_from_slice(&page[region * len + r.start..region * len + r.end]);
+            }
+        })?;
+        Ok(state)
     }
 
     /// Visits tensor `t`'s pages in order, every region resident and up to

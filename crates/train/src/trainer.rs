@@ -227,6 +227,15 @@ impl Trainer {
         sum / (batches * b * t) as f64
     }
 
+    /// Tensor `t` takes pattern `new`: its weights and both moments move
+    /// with their nonzeros ([`remap`]).
+    fn move_nonzeros(&mut self, t: usize, new: ws_kernels::sparse::SparsePattern, from: &[Option<u32>]) {
+        for p in [&mut self.params, &mut self.optimizer.m, &mut self.optimizer.v] {
+            p.tensors[t] = remap(&p.tensors[t], from);
+        }
+        self.masks.patterns[t] = Some(std::sync::Arc::new(new));
+    }
+
     /// A stage of the sparsity ramp after the step just completed, when one
     /// falls here: each sparse tensor keeps its values of largest magnitude
     /// (and their moments) up to its new count.
@@ -241,10 +250,7 @@ impl Trainer {
         for (t, ts) in next.tensors.iter().enumerate() {
             let (Some(nnz), Some(p)) = (ts.nnz, self.masks.patterns[t].clone()) else { continue };
             let (new, from) = shrink(&p, &self.params.tensors[t], nnz);
-            for p in [&mut self.params, &mut self.optimizer.m, &mut self.optimizer.v] {
-                p.tensors[t] = remap(&p.tensors[t], &from);
-            }
-            self.masks.patterns[t] = Some(std::sync::Arc::new(new));
+            self.move_nonzeros(t, new, &from);
         }
         self.masks.version += 1;
         self.spec = next;
@@ -259,10 +265,7 @@ impl Trainer {
             let Some(pattern) = self.masks.patterns[t].clone() else { continue };
             let grad = dense_grads.as_ref().and_then(|g| g[t].as_deref());
             let (new, from) = d.choose(self.step, t, &pattern, &self.params.tensors[t], grad);
-            for p in [&mut self.params, &mut self.optimizer.m, &mut self.optimizer.v] {
-                p.tensors[t] = remap(&p.tensors[t], &from);
-            }
-            self.masks.patterns[t] = Some(std::sync::Arc::new(new));
+            self.move_nonzeros(t, new, &from);
         }
         self.masks.version += 1;
         self.workspace.set_masks(&self.masks, self.config.sparsity.kernel_density_max);
