@@ -28,32 +28,40 @@ timeout 100 device/train-gpu --test-threads=1 --nocapture > "$OUT/test-train.log
 train_rc=$?
 grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
 
-log "benchmarks: GPT-2 small"
-timeout 150 device/weightstream bench cuda --what all --model small --batch 16 --seq 1024 --steps 5 \
-  > "$OUT/bench-small.jsonl" 2>> "$OUT/bench.err"
-small_rc=$?
-cat "$OUT/bench-small.jsonl"; tail -3 "$OUT/bench.err"
-log "streaming at batch 32 (GPT-2 small)"
-timeout 90 device/weightstream bench cuda --what streaming --model small --batch 32 --seq 1024 --steps 3 \
-  >> "$OUT/bench-small.jsonl" 2>> "$OUT/bench.err"
-tail -2 "$OUT/bench-small.jsonl"
-left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
-log "benchmarks: 1.1B ($left s left)"
-if [ "$left" -gt 60 ]; then
-  timeout "$left" device/weightstream bench cuda --what streaming --model 1b --batch 8 --seq 1024 --steps 3 \
-    > "$OUT/bench-1b.jsonl" 2>> "$OUT/bench.err"
-  big_rc=$?
-  cat "$OUT/bench-1b.jsonl"; tail -3 "$OUT/bench.err"
-else
-  big_rc=skipped
-fi
-python3 - "$OUT" "$cuda_rc" "$train_rc" "$small_rc" "$big_rc" <<'PY'
+# Each benchmark: a label, then `weightstream bench cuda` arguments; run
+# while the call's budget (DEVICE_BUDGET_S, seconds) lasts, with
+# WS_CUDA_ATTENTION from the label's suffix (":materialized" compares the
+# attention kept as a T x T matrix with the fused kernels).
+BENCHES=${BENCHES:-"small:--what all --model small --batch 16 --seq 1024 --steps 5
+small:materialized:--what train --model small --batch 16 --seq 1024 --steps 5
+1b:--what train --model 1b --batch 8 --seq 1024 --steps 3
+1b:materialized:--what train --model 1b --batch 8 --seq 1024 --steps 3
+1b-b16:--what train --model 1b --batch 16 --seq 1024 --steps 3
+small-b64:--what streaming --model small --batch 64 --micro-batch 32 --seq 1024 --steps 3
+small-b128:--what streaming --model small --batch 128 --micro-batch 32 --seq 1024 --steps 3
+1b-b32:--what streaming --model 1b --batch 32 --micro-batch 8 --seq 1024 --steps 3"}
+bench_rc=0
+while IFS= read -r line; do
+  [ -z "$line" ] && continue
+  label=${line%%:*}; rest=${line#*:}; attention=fused
+  case "$rest" in materialized:*) attention=materialized; rest=${rest#materialized:} ;; esac
+  left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
+  if [ "$left" -lt 45 ]; then log "skipped ($left s left): $label $attention $rest"; continue; fi
+  log "bench $label ($attention attention): $rest"
+  # shellcheck disable=SC2086
+  WS_CUDA_ATTENTION=$attention timeout "$left" device/weightstream bench cuda $rest \
+    2>> "$OUT/bench.err" | sed "s/^{/{\"label\": \"$label\", \"attention\": \"$attention\", /" >> "$OUT/bench.jsonl"
+  rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && bench_rc=$rc
+  tail -n 3 "$OUT/bench.jsonl"; tail -n 2 "$OUT/bench.err"
+done <<< "$BENCHES"
+python3 - "$OUT" "$cuda_rc" "$train_rc" "$bench_rc" <<'PY'
 import json, sys, re, os
-out, cuda_rc, train_rc, small_rc, big_rc = sys.argv[1:]
+out, cuda_rc, train_rc, bench_rc = sys.argv[1:]
 def tests(path):
     t = open(path, errors="replace").read() if os.path.exists(path) else ""
-    return {"passed": re.findall(r"^test (\S+) \.\.\. ok", t, re.M),
-            "failed": re.findall(r"^test (\S+) \.\.\. FAILED", t, re.M),
+    # With --nocapture a test's "ok" may land after its output: count from the summary line.
+    return {"result": re.findall(r"^test result: .*", t, re.M),
+            "failed": re.findall(r"^    (\S+)$", t.split("failures:")[-1], re.M) if "FAILED" in t else [],
             "skipped": "CUDA tests skipped" in t}
 def jsonl(path):
     rows = []
@@ -62,9 +70,9 @@ def jsonl(path):
             try: rows.append(json.loads(l))
             except ValueError: pass
     return rows
-s = {"exit": {"cuda_tests": cuda_rc, "train_tests": train_rc, "bench_small": small_rc, "bench_1b": big_rc},
+s = {"exit": {"cuda_tests": cuda_rc, "train_tests": train_rc, "bench": bench_rc},
      "cuda_tests": tests(f"{out}/test-cuda.log"), "train_tests": tests(f"{out}/test-train.log"),
-     "bench": jsonl(f"{out}/bench-small.jsonl") + jsonl(f"{out}/bench-1b.jsonl")}
+     "bench": jsonl(f"{out}/bench.jsonl")}
 json.dump(s, open(f"{out}/summary.json", "w"), indent=1)
 print(json.dumps({k: s[k] for k in ("exit",)}), "cuda failed:", s["cuda_tests"]["failed"], "train failed:", s["train_tests"]["failed"])
 PY

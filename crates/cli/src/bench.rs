@@ -71,6 +71,10 @@ pub enum BenchCommand {
         model: String,
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Sequences per forward/backward pass (gradients accumulate over
+        /// batch / micro-batch passes per step); 0: the whole batch.
+        #[arg(long, default_value_t = 0)]
+        micro_batch: usize,
         #[arg(long, default_value_t = 1024)]
         seq: usize,
         /// Timed steps (after warm-up); medians are reported.
@@ -167,8 +171,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
         #[cfg(feature = "cuda")]
-        BenchCommand::Cuda { what, model, batch, seq, steps, dtype } => {
-            crate::bench_cuda::run(&what, &model, batch, seq, steps.max(1), &dtype)
+        BenchCommand::Cuda { what, model, batch, micro_batch, seq, steps, dtype } => {
+            let shape = crate::bench_cuda::Shape { batch, micro_batch, seq };
+            crate::bench_cuda::run(&what, &model, shape, steps.max(1), &dtype)
         }
         #[cfg(not(feature = "cuda"))]
         BenchCommand::Cuda { .. } => Err(TrainError::Config(

@@ -124,9 +124,18 @@ pub fn bench_copy(gpu: &Gpu) -> Result<(f64, f64, f64)> {
     Ok((d2d, h2d, d2h))
 }
 
+/// Sequences per step, per forward/backward pass (0: all of them) and their length.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub batch: usize,
+    pub micro_batch: usize,
+    pub seq: usize,
+}
+
 /// A run config for the benchmarks: `model` "small" (GPT-2 small) or "1b"
 /// (20 layers, 2048 channels, 16 heads: 1.1 B parameters), bf16 products.
-pub fn bench_config(model: &str, batch: usize, seq: usize, precision: &str) -> Result<RunConfig> {
+pub fn bench_config(model: &str, shape: Shape, precision: &str) -> Result<RunConfig> {
+    let Shape { batch, micro_batch, seq } = shape;
     let mut c = RunConfig::preset("small")?;
     match model {
         "small" => {}
@@ -137,7 +146,7 @@ pub fn bench_config(model: &str, batch: usize, seq: usize, precision: &str) -> R
         other => return Err(TrainError::Config(format!("--model `{other}` is not one of small, 1b"))),
     }
     c.train.batch_size = batch;
-    c.train.micro_batch = batch;
+    c.train.micro_batch = if micro_batch == 0 { batch } else { micro_batch };
     c.train.seq_len = seq;
     c.train.precision = precision.into();
     c.train.device = "cuda".into();
@@ -168,15 +177,9 @@ fn time_steps(e: &mut dyn Engine, data: &[u16], warmup: usize, steps: usize) -> 
     Ok((median(ts), loss))
 }
 
-pub fn bench_train(
-    model: &str,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    precision: &str,
-    ceiling_tflops: f64,
-) -> Result<f64> {
-    let c = bench_config(model, batch, seq, precision)?;
+pub fn bench_train(model: &str, shape: Shape, steps: usize, precision: &str, ceiling_tflops: f64) -> Result<f64> {
+    let (batch, seq) = (shape.batch, shape.seq);
+    let c = bench_config(model, shape, precision)?;
     let spec = ModelSpec::new(c.model);
     let data = tokens(batch * seq * 8, c.model.vocab_size);
     let t0 = Instant::now();
@@ -188,6 +191,7 @@ pub fn bench_train(
     // Where one step's time goes (events between phases; the sum is the step's GPU time).
     let (mut x, mut y) = (Vec::new(), Vec::new());
     ws_data::sample_batch(&data, batch, seq, 1, 2, 0, &mut x, &mut y);
+    let micro_batch = e.micro_batch();
     let phases = e.profile_step(&x, &y, 1e-4)?;
     let total: f64 = phases.iter().map(|p| p.1).sum();
     let mut breakdown = serde_json::Map::new();
@@ -196,16 +200,17 @@ pub fn bench_train(
     }
     println!(
         "{}",
-        serde_json::json!({"bench": "cuda_profile", "model": model, "batch": batch, "seq": seq, "precision": precision,
+        serde_json::json!({"bench": "cuda_profile", "model": model, "batch": batch, "micro_batch": micro_batch,
+            "seq": seq, "precision": precision,
             "gpu_ms_total": round(total), "phases_ms": breakdown})
     );
     println!(
         "{}",
         serde_json::json!({"bench": "cuda_train", "gpu": e.gpu().name, "mode": "resident", "model": model,
-            "params": spec.parameter_count(), "precision": precision, "batch": batch, "seq": seq, "steps": steps,
-            "step_ms": round(step_s * 1e3), "tokens_per_s": round(tokens_per_s), "model_tflops": round(tflops),
+            "params": spec.parameter_count(), "precision": precision, "batch": batch, "micro_batch": micro_batch,
+            "seq": seq, "steps": steps, "step_ms": round(step_s * 1e3), "tokens_per_s": round(tokens_per_s), "model_tflops": round(tflops),
             "gemm_ceiling_tflops": round(ceiling_tflops), "mfu": round(tflops / ceiling_tflops * 1e4) / 1e4,
-            "setup_s": round(setup_s), "last_loss": loss,
+            "setup_s": round(setup_s), "last_loss": loss, "fused_attention": e.fused_attention(),
             "gpu_allocated_gb": round(e.gpu().allocated() as f64 / 1e9)})
     );
     Ok(tokens_per_s)
@@ -214,15 +219,15 @@ pub fn bench_train(
 #[allow(clippy::too_many_arguments)]
 pub fn bench_streaming(
     model: &str,
-    batch: usize,
-    seq: usize,
+    shape: Shape,
     steps: usize,
     precision: &str,
     dtype: &str,
     resident_tokens_per_s: f64,
     pcie: (f64, f64),
 ) -> Result<()> {
-    let mut c = bench_config(model, batch, seq, precision)?;
+    let (batch, seq) = (shape.batch, shape.seq);
+    let mut c = bench_config(model, shape, precision)?;
     c.stream.mode = "streaming".into();
     c.stream.dtype = dtype.into();
     c.stream.prefetch_depth = 2;
@@ -250,7 +255,8 @@ pub fn bench_streaming(
     println!(
         "{}",
         serde_json::json!({"bench": "cuda_streaming", "mode": "streamed", "model": model,
-            "params": spec.parameter_count(), "precision": precision, "dtype": dtype, "batch": batch, "seq": seq,
+            "params": spec.parameter_count(), "precision": precision, "dtype": dtype, "batch": batch,
+            "micro_batch": c.train.micro_batch, "seq": seq,
             "steps": steps, "step_ms": round(step_s * 1e3), "tokens_per_s": round(tokens_per_s),
             "resident_tokens_per_s": round(resident_tokens_per_s),
             "efficiency": round(tokens_per_s / resident_tokens_per_s * 1e4) / 1e4,
@@ -262,12 +268,12 @@ pub fn bench_streaming(
 }
 
 /// `bench cuda`: everything, in an order that puts the ceilings first.
-pub fn run(what: &str, model: &str, batch: usize, seq: usize, steps: usize, dtype: &str) -> Result<()> {
+pub fn run(what: &str, model: &str, shape: Shape, steps: usize, dtype: &str) -> Result<()> {
     let gpu = Gpu::new(0).map_err(|e| TrainError::Config(format!("bench cuda: {e}")))?;
     println!(
         "{}",
         serde_json::json!({"bench": "cuda_device", "gpu": gpu.name, "compute_capability": format!("{}.{}", gpu.compute_capability.0, gpu.compute_capability.1),
-            "multiprocessors": gpu.multiprocessors, "memory_gb": round(gpu.total_memory as f64 / 1e9), "driver": gpu.driver_version})
+            "multiprocessors": gpu.multiprocessors, "max_shared_optin": gpu.max_shared_optin, "memory_gb": round(gpu.total_memory as f64 / 1e9), "driver": gpu.driver_version})
     );
     let all = what == "all";
     let ceiling = if all || what == "gemm" || what == "train" || what == "streaming" { bench_gemm(&gpu)? } else { 0.0 };
@@ -279,9 +285,9 @@ pub fn run(what: &str, model: &str, batch: usize, seq: usize, steps: usize, dtyp
     };
     drop(gpu);
     if all || what == "train" || what == "streaming" {
-        let resident = bench_train(model, batch, seq, steps, "bf16", ceiling)?;
+        let resident = bench_train(model, shape, steps, "bf16", ceiling)?;
         if all || what == "streaming" {
-            bench_streaming(model, batch, seq, steps, "bf16", dtype, resident, pcie)?;
+            bench_streaming(model, shape, steps, "bf16", dtype, resident, pcie)?;
         }
     }
     Ok(())

@@ -272,6 +272,8 @@ pub struct Gpu {
     pub name: String,
     pub compute_capability: (i32, i32),
     pub multiprocessors: i32,
+    /// The most dynamic shared memory a block may ask for (bytes).
+    pub max_shared_optin: usize,
     pub total_memory: usize,
     pub driver_version: i32,
     pub compute: Stream,
@@ -320,13 +322,16 @@ impl Gpu {
             check(cu::cuDeviceTotalMem_v2(&mut total_memory, dev), "cuDeviceTotalMem")?;
             let mut driver_version = 0;
             check(cu::cuDriverGetVersion(&mut driver_version), "cuDriverGetVersion")?;
-            let kernels = crate::kernels::Kernels::load((major, minor))?;
+            let optin = attr(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+            let max_shared_optin = usize::try_from(optin).unwrap_or(0);
+            let kernels = crate::kernels::Kernels::load((major, minor), max_shared_optin)?;
             let mut blas = std::ptr::null_mut();
             check_blas(cb::cublasCreate_v2(&mut blas), "cublasCreate")?;
             Ok(Gpu {
                 name,
                 compute_capability: (major, minor),
                 multiprocessors,
+                max_shared_optin,
                 total_memory,
                 driver_version,
                 compute: Stream::new()?,
@@ -448,6 +453,19 @@ impl Gpu {
         s: &Stream,
         args: &[Arg],
     ) -> Result<()> {
+        self.launch_shared(f, grid, block, 0, s, args)
+    }
+
+    /// [`Self::launch`] with `shared` bytes of dynamic shared memory.
+    pub(crate) fn launch_shared(
+        &self,
+        f: cu::CUfunction,
+        grid: (u32, u32),
+        block: (u32, u32),
+        shared: usize,
+        s: &Stream,
+        args: &[Arg],
+    ) -> Result<()> {
         assert!(args.len() <= 16, "at most 16 kernel arguments");
         let mut slots = [0u64; 16];
         for (slot, a) in slots.iter_mut().zip(args) {
@@ -472,7 +490,7 @@ impl Gpu {
                     block.0,
                     block.1,
                     1,
-                    0,
+                    u32::try_from(shared).expect("shared memory fits u32"),
                     s.0,
                     ptrs.as_mut_ptr(),
                     std::ptr::null_mut(),

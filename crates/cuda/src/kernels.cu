@@ -325,6 +325,477 @@ extern "C" __global__ void softmax_causal_bwd(float* d, const float* att, int ro
     for (int j = lane; j < t; j += 32) dr[j] = j <= q ? scale * a[j] * (dr[j] - s) : 0.0f;
 }
 
+// ---------------------------------------------------------------- fused attention
+//
+// Causal attention without the T x T matrix, in FlashAttention-2's scheme:
+// tiles of 64 positions in shared memory as bf16, products on the tensor
+// cores (mma.sync m16n8k16, fp32 accumulate), the softmax online in fp32,
+// and per row only the log-sum-exp kept (log2 units) for the backward pass,
+// which recomputes the probabilities. q, k, v come from a bf16 copy of
+// qkv[B,T,3C] and the output goes to y[B,T,C] (fp32); the gradients to
+// dqkv[B,T,3C]. Head sizes 64 and 128, sm_80 and later; the host falls back
+// to the materialised kernels above otherwise. The backward is two kernels,
+// dk/dv by key tile and dq by query tile, so that every gradient element is
+// summed by one thread in a fixed order: no atomics, the same bits every
+// run. 4 warps per block, each owns 16 rows of the block's tile. The next
+// tile streams into shared memory (cp.async) while this one computes.
+//
+// Fragments of mma.m16n8k16 (PTX ISA, "Matrix Fragments"), with g = lane/4
+// and q = 2 * (lane % 4): A[16x16] row-major in 4 registers of two bf16 each,
+// {A[g][q..q+1]}, {A[g+8][q..q+1]}, {A[g][q+8..q+9]}, {A[g+8][q+8..q+9]};
+// B[16x8] in 2 registers, {B[q..q+1][g]}, {B[q+8..q+9][g]}; C[16x8] in 4
+// floats, C[g][q], C[g][q+1], C[g+8][q], C[g+8][q+1]. The element with the
+// lower index sits in the lower 16 bits. ldmatrix.x4 loads four 8x8 bf16
+// matrices, matrix i from the row addresses of lanes 8i..8i+7, into exactly
+// these layouts (.trans: each matrix transposed on the way).
+
+#define FA_TILE 64
+#define FA_THREADS 128
+
+extern __shared__ __align__(16) unsigned char fa_smem[];
+
+__device__ __forceinline__ unsigned int bf16_bits(float x) {
+    unsigned int b = __float_as_uint(x);
+    return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+}
+
+__device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
+    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+}
+
+// The tensor-core and copy instructions (sm_80 on; never run below it).
+
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// c[4] += A[16x16] B[16x8]
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned int* a, const unsigned int* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// r[i] = this lane's part of the 8x8 matrix whose rows lanes 8i..8i+7 point at (p: this lane's row).
+__device__ __forceinline__ void ldsm_x4(unsigned int* r, const bf16_t* p) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+#endif
+}
+
+// As ldsm_x4, each matrix transposed.
+__device__ __forceinline__ void ldsm_x4_t(unsigned int* r, const bf16_t* p) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+#endif
+}
+
+// 16 bytes global -> shared without waiting; zeros where !valid (g is then not read).
+__device__ __forceinline__ void cp_async16(void* s, const void* g, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(s)), "l"(g), "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most N committed groups of this thread are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// A[m][k] = tile[row0 + m][k0 + k] (tile rows LD apart)
+template <int LD>
+__device__ __forceinline__ void frag_a(unsigned int* a, const bf16_t* tile, int row0, int k0) {
+    int l = threadIdx.x & 31;
+    ldsm_x4(a, tile + (row0 + (l & 15)) * LD + k0 + (l >> 4) * 8);
+}
+
+// B fragments of n-tiles n0 (b[0..1]) and n0 + 8 (b[2..3]) where
+// B[k][n] = tile[n][k0 + k]: the tile holds B's columns as rows.
+template <int LD>
+__device__ __forceinline__ void frag_b_cols(unsigned int* b, const bf16_t* tile, int n0, int k0) {
+    int l = threadIdx.x & 31, i = l >> 3;
+    ldsm_x4(b, tile + (n0 + (l & 7) + (i >> 1) * 8) * LD + k0 + (i & 1) * 8);
+}
+
+// B fragments of n-tiles n0 (b[0..1]) and n0 + 8 (b[2..3]) where
+// B[k][n] = tile[k0 + k][n]: the tile holds B's rows as rows.
+template <int LD>
+__device__ __forceinline__ void frag_b_rows(unsigned int* b, const bf16_t* tile, int k0, int n0) {
+    int l = threadIdx.x & 31, i = l >> 3;
+    ldsm_x4_t(b, tile + (k0 + (l & 7) + (i & 1) * 8) * LD + n0 + (i >> 1) * 8);
+}
+
+// The A fragment of columns 16j..16j+15 of a 16 x N product held as
+// accumulators: n-tiles 2j (lo) and 2j + 1 (hi), rounded to bf16.
+__device__ __forceinline__ void frag_a_acc(unsigned int* a, const float* lo, const float* hi) {
+    a[0] = pack_bf16(lo[0], lo[1]);
+    a[1] = pack_bf16(lo[2], lo[3]);
+    a[2] = pack_bf16(hi[0], hi[1]);
+    a[3] = pack_bf16(hi[2], hi[3]);
+}
+
+// acc[NT][4] += A[16 x 16*KS] (rows row0.. of ta, columns k from 0) times
+// B[16*KS x 8*NT] with B[k][n] = tb[n0 + n][k] (frag_b_cols).
+template <int LD, int KS, int NT>
+__device__ __forceinline__ void mma_rows_cols(float (*acc)[4], const bf16_t* ta, int row0, const bf16_t* tb, int n0) {
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        unsigned int a[4];
+        frag_a<LD>(a, ta, row0, kk * 16);
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+            unsigned int b[4];
+            frag_b_cols<LD>(b, tb, n0 + j * 8, kk * 16);
+            mma_bf16(acc[j], a, b);
+            mma_bf16(acc[j + 1], a, b + 2);
+        }
+    }
+}
+
+// acc[ND][4] += P[16 x 16*KS] (accumulators p[2*KS][4], rounded to bf16)
+// times B[16*KS x 8*ND] with B[k][n] = tb[k][n] (frag_b_rows).
+template <int LD, int KS, int ND>
+__device__ __forceinline__ void mma_acc_rows(float (*acc)[4], const float (*p)[4], const bf16_t* tb) {
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        unsigned int a[4];
+        frag_a_acc(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int d = 0; d < ND; d += 2) {
+            unsigned int b[4];
+            frag_b_rows<LD>(b, tb, kk * 16, d * 8);
+            mma_bf16(acc[d], a, b);
+            mma_bf16(acc[d + 1], a, b + 2);
+        }
+    }
+}
+
+// Starts copying tile[r][0..D) <- src[(row0 + r) * stride + 0..D) for r < rows (bf16); zeros at positions >= t.
+template <int D, int LD>
+__device__ __forceinline__ void fa_load(bf16_t* tile, const bf16_t* src, int stride, int row0, int rows, int t) {
+    const int per_row = D / 8;
+    for (int i = threadIdx.x; i < rows * per_row; i += blockDim.x) {
+        int r = i / per_row, col = (i % per_row) * 8;
+        bool in = row0 + r < t;
+        cp_async16(tile + r * LD + col, in ? src + (i64)(row0 + r) * stride + col : src, in);
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void zero_acc(float (*acc)[4]) {
+#pragma unroll
+    for (int j = 0; j < N; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+}
+
+// Shared memory of each kernel, bytes (the host mirrors these): the q tile
+// and two buffers of k, v (forward); q, dy and two of k, v (dq); k, v and
+// two of q, dy, lse, dvec (dk/dv, BQ queries a step).
+template <int D>
+struct FaSmem {
+    static constexpr int LD = D + 8;
+    static constexpr int BQ = D == 64 ? 64 : 32;
+    static constexpr int TILE = FA_TILE * LD;
+    static constexpr int FWD = 5 * TILE * 2;
+    static constexpr int DQ = 6 * TILE * 2;
+    static constexpr int DKDV = (2 * TILE + 4 * BQ * LD) * 2 + 4 * BQ * 4;
+};
+
+// The key loop of the forward and dq kernels: starts loading key tile
+// kb + 1 (k and v of head base, into the other of the two buffers at skv)
+// while tile kb arrives, waits for tile kb, and returns its k (v follows).
+template <int D>
+__device__ __forceinline__ const bf16_t* fa_next_kv(bf16_t* skv, const bf16_t* base, int t, int nh, int kb, int qb) {
+    const int LD = FaSmem<D>::LD, TILE = FaSmem<D>::TILE, c = nh * D;
+    if (kb < qb) {
+        bf16_t* next = skv + 2 * ((kb + 1) & 1) * TILE;
+        const int k1 = (kb + 1) * FA_TILE;
+        fa_load<D, LD>(next, base + c, 3 * c, k1, FA_TILE, t);
+        fa_load<D, LD>(next + TILE, base + 2 * c, 3 * c, k1, FA_TILE, t);
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+    return skv + 2 * (kb & 1) * TILE;
+}
+
+// y = softmax(scale * q k^T, causal) v; lse[(b*NH + h)*T + i] in log2 units.
+// Grid (ceil(T/64), B*NH), the longest query tiles first.
+template <int D>
+__device__ void flash_fwd(float* y, float* lse, const bf16_t* qkv, int t, int nh, float scale_log2) {
+    const int LD = FaSmem<D>::LD, TILE = FaSmem<D>::TILE, NT = FA_TILE / 8, ND = D / 8;
+    bf16_t* sq = reinterpret_cast<bf16_t*>(fa_smem);
+    bf16_t* skv = sq + TILE;  // buffer i: k at skv + 2*i*TILE, v after it
+    const int qb = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, bb = bh / nh, h = bh % nh, c = nh * D;
+    const bf16_t* base = qkv + (i64)bb * t * 3 * c + h * D;
+    const int q0 = qb * FA_TILE, warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, q = (threadIdx.x & 3) * 2;
+    const int row_a = q0 + warp * 16 + g, row_b = row_a + 8;
+    fa_load<D, LD>(sq, base, 3 * c, q0, FA_TILE, t);
+    fa_load<D, LD>(skv, base + c, 3 * c, 0, FA_TILE, t);
+    fa_load<D, LD>(skv + TILE, base + 2 * c, 3 * c, 0, FA_TILE, t);
+    cp_async_commit();
+    float o[ND][4];
+    zero_acc<ND>(o);
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    for (int kb = 0; kb <= qb; kb++) {
+        const int k0 = kb * FA_TILE;
+        const bf16_t* sk = fa_next_kv<D>(skv, base, t, nh, kb, qb);
+        const bf16_t* sv = sk + FaSmem<D>::TILE;
+        float s[NT][4];
+        zero_acc<NT>(s);
+        mma_rows_cols<LD, D / 16, NT>(s, sq, warp * 16, sk, 0);
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = k0 + j * 8 + q + (e & 1), row = e < 2 ? row_a : row_b;
+                float x = key <= row ? s[j][e] * scale_log2 : NEG_INF;
+                s[j][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        }
+        float alpha[2], rs[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            alpha[r] = exp2f(m[r] - mx[r]);
+            m[r] = mx[r];
+        }
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = exp2f(s[j][e] - m[e >> 1]);
+                s[j][e] = p;
+                rs[e >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            rs[r] += __shfl_xor_sync(0xffffffffu, rs[r], 1);
+            rs[r] += __shfl_xor_sync(0xffffffffu, rs[r], 2);
+            l[r] = l[r] * alpha[r] + rs[r];
+        }
+#pragma unroll
+        for (int d = 0; d < ND; d++) {
+            o[d][0] *= alpha[0];
+            o[d][1] *= alpha[0];
+            o[d][2] *= alpha[1];
+            o[d][3] *= alpha[1];
+        }
+        mma_acc_rows<LD, FA_TILE / 16, ND>(o, s, sv);
+        __syncthreads();
+    }
+    float* yb = y + (i64)bb * t * c + h * D;
+    const float inv_a = 1.0f / l[0], inv_b = 1.0f / l[1];
+#pragma unroll
+    for (int d = 0; d < ND; d++) {
+        int col = d * 8 + q;
+        if (row_a < t) *reinterpret_cast<float2*>(yb + (i64)row_a * c + col) = make_float2(o[d][0] * inv_a, o[d][1] * inv_a);
+        if (row_b < t) *reinterpret_cast<float2*>(yb + (i64)row_b * c + col) = make_float2(o[d][2] * inv_b, o[d][3] * inv_b);
+    }
+    if (q == 0) {
+        if (row_a < t) lse[(i64)bh * t + row_a] = m[0] + log2f(l[0]);
+        if (row_b < t) lse[(i64)bh * t + row_b] = m[1] + log2f(l[1]);
+    }
+}
+
+// dvec[(b*NH + h)*T + i] = sum_d dy[b,i,h*HS + d] * y[b,i,h*HS + d]; one warp per row.
+extern "C" __global__ void flash_bwd_dvec(float* dvec, const float* dy, const float* y, int b, int t, int nh, int hs) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= b * nh * t) return;
+    int i = row % t, bh = row / t, bb = bh / nh, h = bh % nh;
+    i64 off = ((i64)bb * t + i) * nh * hs + h * hs;
+    float s = 0.0f;
+    for (int d = lane; d < hs; d += 32) s += dy[off + d] * y[off + d];
+    s = warp_sum(s);
+    if (lane == 0) dvec[row] = s;
+}
+
+// dq into dqkv[:, :, 0:C]; dy as bf16 [B,T,C]. Grid as the forward.
+template <int D>
+__device__ void flash_dq(float* dqkv, const bf16_t* qkv, const bf16_t* dy, const float* lse, const float* dvec, int t,
+                         int nh, float scale_log2, float scale) {
+    const int LD = FaSmem<D>::LD, TILE = FaSmem<D>::TILE, NT = FA_TILE / 8, ND = D / 8;
+    bf16_t* sq = reinterpret_cast<bf16_t*>(fa_smem);
+    bf16_t* sdo = sq + TILE;
+    bf16_t* skv = sdo + TILE;  // buffer i: k at skv + 2*i*TILE, v after it
+    const int qb = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, bb = bh / nh, h = bh % nh, c = nh * D;
+    const bf16_t* base = qkv + (i64)bb * t * 3 * c + h * D;
+    const int q0 = qb * FA_TILE, warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, q = (threadIdx.x & 3) * 2;
+    const int row_a = q0 + warp * 16 + g, row_b = row_a + 8;
+    fa_load<D, LD>(sq, base, 3 * c, q0, FA_TILE, t);
+    fa_load<D, LD>(sdo, dy + (i64)bb * t * c + h * D, c, q0, FA_TILE, t);
+    fa_load<D, LD>(skv, base + c, 3 * c, 0, FA_TILE, t);
+    fa_load<D, LD>(skv + TILE, base + 2 * c, 3 * c, 0, FA_TILE, t);
+    cp_async_commit();
+    const float lse_r[2] = {row_a < t ? lse[(i64)bh * t + row_a] : 0.0f, row_b < t ? lse[(i64)bh * t + row_b] : 0.0f};
+    const float dv_r[2] = {row_a < t ? dvec[(i64)bh * t + row_a] : 0.0f, row_b < t ? dvec[(i64)bh * t + row_b] : 0.0f};
+    float dq[ND][4];
+    zero_acc<ND>(dq);
+    for (int kb = 0; kb <= qb; kb++) {
+        const int k0 = kb * FA_TILE;
+        const bf16_t* sk = fa_next_kv<D>(skv, base, t, nh, kb, qb);
+        const bf16_t* sv = sk + FaSmem<D>::TILE;
+        float s[NT][4], dp[NT][4];
+        zero_acc<NT>(s);
+        zero_acc<NT>(dp);
+        mma_rows_cols<LD, D / 16, NT>(s, sq, warp * 16, sk, 0);
+        mma_rows_cols<LD, D / 16, NT>(dp, sdo, warp * 16, sv, 0);
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = k0 + j * 8 + q + (e & 1), row = e < 2 ? row_a : row_b;
+                float p = key <= row && row < t ? exp2f(s[j][e] * scale_log2 - lse_r[e >> 1]) : 0.0f;
+                s[j][e] = p * (dp[j][e] - dv_r[e >> 1]);
+            }
+        }
+        mma_acc_rows<LD, FA_TILE / 16, ND>(dq, s, sk);
+        __syncthreads();
+    }
+    float* out = dqkv + (i64)bb * t * 3 * c + h * D;
+#pragma unroll
+    for (int d = 0; d < ND; d++) {
+        int col = d * 8 + q;
+        if (row_a < t)
+            *reinterpret_cast<float2*>(out + (i64)row_a * 3 * c + col) = make_float2(dq[d][0] * scale, dq[d][1] * scale);
+        if (row_b < t)
+            *reinterpret_cast<float2*>(out + (i64)row_b * 3 * c + col) = make_float2(dq[d][2] * scale, dq[d][3] * scale);
+    }
+}
+
+// dk, dv into dqkv[:, :, C:3C]; dy as bf16 [B,T,C]. Grid (ceil(T/64), B*NH):
+// block x owns keys 64x..64x+63 and walks the query tiles from there to the end.
+template <int D>
+__device__ void flash_dkdv(float* dqkv, const bf16_t* qkv, const bf16_t* dy, const float* lse, const float* dvec, int t,
+                           int nh, float scale_log2, float scale) {
+    const int LD = FaSmem<D>::LD, TILE = FaSmem<D>::TILE, BQ = FaSmem<D>::BQ, NQ = BQ / 8, ND = D / 8;
+    bf16_t* sk = reinterpret_cast<bf16_t*>(fa_smem);
+    bf16_t* sv = sk + TILE;
+    bf16_t* sqd = sv + TILE;  // buffer i: q at sqd + 2*i*BQ*LD, dy after it
+    float* sstat = reinterpret_cast<float*>(sqd + 4 * BQ * LD);  // buffer i: lse at sstat + 2*i*BQ, dvec after it
+    const int bh = blockIdx.y, bb = bh / nh, h = bh % nh, c = nh * D;
+    const bf16_t* base = qkv + (i64)bb * t * 3 * c + h * D;
+    const bf16_t* dyb = dy + (i64)bb * t * c + h * D;
+    const int k0 = blockIdx.x * FA_TILE, warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, q = (threadIdx.x & 3) * 2;
+    const int key_a = k0 + warp * 16 + g, key_b = key_a + 8;
+    // Starts loading query tile q0 into buffer `buf`.
+    auto load_queries = [&](int q0, int buf) {
+        bf16_t* dst = sqd + 2 * buf * BQ * LD;
+        fa_load<D, LD>(dst, base, 3 * c, q0, BQ, t);
+        fa_load<D, LD>(dst + BQ * LD, dyb, c, q0, BQ, t);
+        float* st = sstat + 2 * buf * BQ;
+        for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
+            bool in = q0 + i < t;
+            st[i] = in ? lse[(i64)bh * t + q0 + i] : 0.0f;
+            st[BQ + i] = in ? dvec[(i64)bh * t + q0 + i] : 0.0f;
+        }
+    };
+    fa_load<D, LD>(sk, base + c, 3 * c, k0, FA_TILE, t);
+    fa_load<D, LD>(sv, base + 2 * c, 3 * c, k0, FA_TILE, t);
+    load_queries(k0, 0);
+    cp_async_commit();
+    float dk[ND][4], dv[ND][4];
+    zero_acc<ND>(dk);
+    zero_acc<ND>(dv);
+    for (int q0 = k0, it = 0; q0 < t; q0 += BQ, it++) {
+        if (q0 + BQ < t) {
+            load_queries(q0 + BQ, (it + 1) & 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16_t* sq = sqd + 2 * (it & 1) * BQ * LD;
+        const bf16_t* sdo = sq + BQ * LD;
+        const float* slse = sstat + 2 * (it & 1) * BQ;
+        const float* sdv = slse + BQ;
+        // s = k q^T and dp = v dy^T for this warp's 16 keys and BQ queries
+        float s[NQ][4], dp[NQ][4];
+        zero_acc<NQ>(s);
+        zero_acc<NQ>(dp);
+        mma_rows_cols<LD, D / 16, NQ>(s, sk, warp * 16, sq, 0);
+        mma_rows_cols<LD, D / 16, NQ>(dp, sv, warp * 16, sdo, 0);
+#pragma unroll
+        for (int j = 0; j < NQ; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qi = j * 8 + q + (e & 1), query = q0 + qi, key = e < 2 ? key_a : key_b;
+                float p = key <= query && query < t ? exp2f(s[j][e] * scale_log2 - slse[qi]) : 0.0f;
+                s[j][e] = p;
+                dp[j][e] = p * (dp[j][e] - sdv[qi]);
+            }
+        }
+        // dv += p^T dy, dk += ds^T q (this warp's keys are the rows)
+        mma_acc_rows<LD, BQ / 16, ND>(dv, s, sdo);
+        mma_acc_rows<LD, BQ / 16, ND>(dk, dp, sq);
+        __syncthreads();
+    }
+    float* out = dqkv + (i64)bb * t * 3 * c + h * D;
+#pragma unroll
+    for (int d = 0; d < ND; d++) {
+        int col = d * 8 + q;
+        if (key_a < t) {
+            float* r = out + (i64)key_a * 3 * c + col;
+            *reinterpret_cast<float2*>(r + c) = make_float2(dk[d][0] * scale, dk[d][1] * scale);
+            *reinterpret_cast<float2*>(r + 2 * c) = make_float2(dv[d][0], dv[d][1]);
+        }
+        if (key_b < t) {
+            float* r = out + (i64)key_b * 3 * c + col;
+            *reinterpret_cast<float2*>(r + c) = make_float2(dk[d][2] * scale, dk[d][3] * scale);
+            *reinterpret_cast<float2*>(r + 2 * c) = make_float2(dv[d][2], dv[d][3]);
+        }
+    }
+}
+
+extern "C" __global__ void flash_fwd_64(float* y, float* lse, const bf16_t* qkv, int t, int nh, float scale_log2) {
+    flash_fwd<64>(y, lse, qkv, t, nh, scale_log2);
+}
+extern "C" __global__ void flash_fwd_128(float* y, float* lse, const bf16_t* qkv, int t, int nh, float scale_log2) {
+    flash_fwd<128>(y, lse, qkv, t, nh, scale_log2);
+}
+extern "C" __global__ void flash_dq_64(float* dqkv, const bf16_t* qkv, const bf16_t* dy, const float* lse,
+                                       const float* dvec, int t, int nh, float scale_log2, float scale) {
+    flash_dq<64>(dqkv, qkv, dy, lse, dvec, t, nh, scale_log2, scale);
+}
+extern "C" __global__ void flash_dq_128(float* dqkv, const bf16_t* qkv, const bf16_t* dy, const float* lse,
+                                        const float* dvec, int t, int nh, float scale_log2, float scale) {
+    flash_dq<128>(dqkv, qkv, dy, lse, dvec, t, nh, scale_log2, scale);
+}
+extern "C" __global__ void flash_dkdv_64(float* dqkv, const bf16_t* qkv, const bf16_t* dy, const float* lse,
+                                         const float* dvec, int t, int nh, float scale_log2, float scale) {
+    flash_dkdv<64>(dqkv, qkv, dy, lse, dvec, t, nh, scale_log2, scale);
+}
+extern "C" __global__ void flash_dkdv_128(float* dqkv, const bf16_t* qkv, const bf16_t* dy, const float* lse,
+                                          const float* dvec, int t, int nh, float scale_log2, float scale) {
+    flash_dkdv<128>(dqkv, qkv, dy, lse, dvec, t, nh, scale_log2, scale);
+}
+
 // ---------------------------------------------------------------- cross-entropy
 
 // One block per row of logits[R,V] (rows `stride` apart, V <= stride).

@@ -11,6 +11,8 @@ use cudarc::driver::sys as cu;
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 const THREADS: u32 = 256;
+/// Threads of a fused attention block: 4 warps of 16 rows (`FA_THREADS`).
+const FUSED_THREADS: u32 = 128;
 
 macro_rules! kernels {
     ($($name:ident),* $(,)?) => {
@@ -60,6 +62,13 @@ kernels!(
     merge_heads,
     softmax_causal_fwd,
     softmax_causal_bwd,
+    flash_fwd_64,
+    flash_fwd_128,
+    flash_bwd_dvec,
+    flash_dq_64,
+    flash_dq_128,
+    flash_dkdv_64,
+    flash_dkdv_128,
     crossentropy,
     adamw,
     sumsq_partial,
@@ -80,13 +89,79 @@ pub fn compile(cc: (i32, i32)) -> Result<String> {
 }
 
 impl Kernels {
-    pub(crate) fn load(cc: (i32, i32)) -> Result<Kernels> {
+    /// Compiles and loads the kernels; `smem_optin` is the most dynamic
+    /// shared memory a block may ask for on this GPU.
+    pub(crate) fn load(cc: (i32, i32), smem_optin: usize) -> Result<Kernels> {
         let ptx = compile(cc)?;
         let src = std::ffi::CString::new(ptx).map_err(|_| GpuError("PTX with a NUL byte".into()))?;
         let mut module = std::ptr::null_mut();
         // SAFETY: NUL-terminated PTX text.
         check(unsafe { cu::cuModuleLoadData(&mut module, src.as_ptr() as *const _) }, "cuModuleLoadData")?;
-        Kernels::from_module(module)
+        let k = Kernels::from_module(module)?;
+        if fused_attention_arch(cc) {
+            let attr = cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            for hs in [64, 128] {
+                let f = k.fused(hs).expect("64 and 128 have kernels");
+                if !f.smem.fits(smem_optin) {
+                    continue;
+                }
+                for (func, bytes) in [(f.fwd, f.smem.fwd), (f.dq, f.smem.dq), (f.dkdv, f.smem.dkdv)] {
+                    // SAFETY: a function of the loaded module; shared memory above
+                    // 48 KiB must be asked for before the launch (sm_80: 163 KiB).
+                    check(unsafe { cu::cuFuncSetAttribute(func, attr, bytes as i32) }, "cuFuncSetAttribute")?;
+                }
+            }
+        }
+        Ok(k)
+    }
+
+    /// The fused attention kernels for head size `hs`, where there are some.
+    fn fused(&self, hs: usize) -> Option<Fused> {
+        let smem = FusedSmem::for_head(hs)?;
+        Some(match hs {
+            64 => Fused { fwd: self.flash_fwd_64, dq: self.flash_dq_64, dkdv: self.flash_dkdv_64, smem },
+            _ => Fused { fwd: self.flash_fwd_128, dq: self.flash_dq_128, dkdv: self.flash_dkdv_128, smem },
+        })
+    }
+}
+
+/// Whether the tensor-core instructions of the fused attention exist (sm_80 on).
+fn fused_attention_arch(cc: (i32, i32)) -> bool {
+    cc.0 >= 8
+}
+
+struct Fused {
+    fwd: cu::CUfunction,
+    dq: cu::CUfunction,
+    dkdv: cu::CUfunction,
+    smem: FusedSmem,
+}
+
+/// Dynamic shared memory of the fused attention kernels: `FaSmem` in kernels.cu.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct FusedSmem {
+    fwd: usize,
+    dq: usize,
+    dkdv: usize,
+}
+
+impl FusedSmem {
+    const TILE: usize = 64;
+
+    /// Whether all three kernels fit `optin` bytes per block (sm_80 and
+    /// sm_90 allow 163 and 227 KiB; sm_86, sm_89 and sm_120 only 99 KiB).
+    fn fits(&self, optin: usize) -> bool {
+        self.fwd.max(self.dq).max(self.dkdv) <= optin
+    }
+
+    fn for_head(hs: usize) -> Option<FusedSmem> {
+        if hs != 64 && hs != 128 {
+            return None;
+        }
+        let ld = hs + 8;
+        let bq = if hs == 64 { 64 } else { 32 };
+        let tile = Self::TILE * ld;
+        Some(FusedSmem { fwd: 5 * tile * 2, dq: 6 * tile * 2, dkdv: (2 * tile + 4 * bq * ld) * 2 + 4 * bq * 4 })
     }
 }
 
@@ -342,6 +417,86 @@ impl Gpu {
         )
     }
 
+    /// Whether [`Self::fused_attention_fwd`] runs for head size `hs` on this GPU.
+    pub fn has_fused_attention(&self, hs: usize) -> bool {
+        let fits = self.kernels.fused(hs).is_some_and(|f| f.smem.fits(self.max_shared_optin));
+        fused_attention_arch(self.compute_capability) && fits
+    }
+
+    /// The fused kernels for head size `hs` and their grid: (query or key
+    /// tiles, batch x heads).
+    fn fused_launch(&self, b: usize, t: usize, nh: usize, hs: usize) -> (Fused, (u32, u32)) {
+        assert!(self.has_fused_attention(hs), "no fused attention for head size {hs}");
+        let f = self.kernels.fused(hs).expect("checked");
+        (f, (u32::try_from(t.div_ceil(FusedSmem::TILE)).expect("fits"), u32::try_from(b * nh).expect("fits")))
+    }
+
+    /// Causal attention of `qkv[B,T,3C]` into `y[B,T,C]` without the T x T
+    /// matrix (bf16 products, fp32 softmax); `lse[B*NH*T]` keeps each row's
+    /// log-sum-exp for [`Self::fused_attention_bwd`]. `qkv16` is scratch for
+    /// qkv in bf16 (B*T*3C).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fused_attention_fwd(
+        &self,
+        s: &Stream,
+        y: u64,
+        lse: u64,
+        qkv: u64,
+        qkv16: u64,
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let (f, grid) = self.fused_launch(b, t, nh, hs);
+        self.to_bf16(s, qkv16, qkv, b * t * 3 * nh * hs)?;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let args = [Arg::P(y), Arg::P(lse), Arg::P(qkv16), i(t), i(nh), Arg::F(scale * std::f32::consts::LOG2_E)];
+        self.launch_shared(f.fwd, grid, (FUSED_THREADS, 1), f.smem.fwd, s, &args)
+    }
+
+    /// The gradient of [`Self::fused_attention_fwd`]: `dqkv[B,T,3C]`
+    /// (overwritten) from `dy[B,T,C]`, the forward's `y` and `lse`. Scratch:
+    /// `dvec` (B*NH*T floats), `qkv16` and `dy16` (qkv and dy in bf16).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fused_attention_bwd(
+        &self,
+        s: &Stream,
+        dqkv: u64,
+        qkv: u64,
+        y: u64,
+        dy: u64,
+        lse: u64,
+        scratch: (u64, u64, u64),
+        b: usize,
+        t: usize,
+        nh: usize,
+        hs: usize,
+    ) -> Result<()> {
+        let (f, grid) = self.fused_launch(b, t, nh, hs);
+        let (dvec, qkv16, dy16) = scratch;
+        self.to_bf16(s, qkv16, qkv, b * t * 3 * nh * hs)?;
+        self.to_bf16(s, dy16, dy, b * t * nh * hs)?;
+        let rows = b * nh * t;
+        let warps = u32::try_from(rows.div_ceil((THREADS / 32) as usize)).expect("grid fits");
+        let args = [Arg::P(dvec), Arg::P(dy), Arg::P(y), i(b), i(t), i(nh), i(hs)];
+        self.launch(self.kernels.flash_bwd_dvec, (warps, 1), (THREADS, 1), s, &args)?;
+        let scale = 1.0 / (hs as f32).sqrt();
+        let args = [
+            Arg::P(dqkv),
+            Arg::P(qkv16),
+            Arg::P(dy16),
+            Arg::P(lse),
+            Arg::P(dvec),
+            i(t),
+            i(nh),
+            Arg::F(scale * std::f32::consts::LOG2_E),
+            Arg::F(scale),
+        ];
+        self.launch_shared(f.dq, grid, (FUSED_THREADS, 1), f.smem.dq, s, &args)?;
+        self.launch_shared(f.dkdv, grid, (FUSED_THREADS, 1), f.smem.dkdv, s, &args)
+    }
+
     pub fn softmax_causal_bwd(&self, s: &Stream, d: u64, att: u64, rows: usize, t: usize, scale: f32) -> Result<()> {
         let grid = u32::try_from(rows.div_ceil((THREADS / 32) as usize)).expect("grid fits");
         self.launch(
@@ -460,6 +615,24 @@ mod tests {
         assert_eq!(uniq, vec![3, 5, 9]);
         assert_eq!(starts, vec![0, 2, 5, 6]);
         assert_eq!(order, vec![1, 4, 0, 2, 5, 3]);
+    }
+
+    #[test]
+    fn fused_attention_shared_memory_matches_the_source() {
+        // The host's sizes against FaSmem<D> in kernels.cu, and within sm_80's 163 KiB.
+        assert_eq!(FusedSmem::for_head(64), Some(FusedSmem { fwd: 46080, dq: 55296, dkdv: 56320 }));
+        assert_eq!(FusedSmem::for_head(128), Some(FusedSmem { fwd: 87040, dq: 104448, dkdv: 70144 }));
+        assert!(SOURCE.contains("static constexpr int FWD = 5 * TILE * 2;"));
+        assert!(SOURCE.contains("static constexpr int DQ = 6 * TILE * 2;"));
+        assert!(SOURCE.contains("static constexpr int DKDV = (2 * TILE + 4 * BQ * LD) * 2 + 4 * BQ * 4;"));
+        assert_eq!(FusedSmem::for_head(96), None);
+        assert!(SOURCE.contains("static constexpr int BQ = D == 64 ? 64 : 32;"));
+        assert!(SOURCE.contains("#define FA_TILE 64") && SOURCE.contains("#define FA_THREADS 128"));
+        assert!(!fused_attention_arch((7, 5)) && fused_attention_arch((8, 0)) && fused_attention_arch((9, 0)));
+        // An RTX 4090 (sm_89, 99 KiB a block) runs head size 64 fused, 128 materialised.
+        let consumer = 101_376;
+        assert!(FusedSmem::for_head(64).unwrap().fits(consumer) && !FusedSmem::for_head(128).unwrap().fits(consumer));
+        assert!(FusedSmem::for_head(128).unwrap().fits(232_448), "H100: 227 KiB");
     }
 
     #[test]

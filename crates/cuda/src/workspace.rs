@@ -19,6 +19,8 @@ struct BlockActs {
     ln1_mean: DevBuf<f32>,
     ln1_rstd: DevBuf<f32>,
     qkv: DevBuf<f32>,
+    /// The probabilities [B,NH,T,T]; with fused attention each row's
+    /// log-sum-exp [B,NH,T] instead.
     att: DevBuf<f32>,
     atty: DevBuf<f32>,
     x2: DevBuf<f32>,
@@ -40,6 +42,8 @@ pub struct GpuWorkspace {
     /// at 95 TFLOP/s against 490-670 on aligned shapes, H100).
     vp: usize,
     precision: Precision,
+    /// Attention by the fused kernels (no T x T matrix), see [`Self::fused_on`].
+    fused: bool,
     residual: Vec<DevBuf<f32>>,
     blocks: Vec<BlockActs>,
     lnf: DevBuf<f32>,
@@ -91,20 +95,36 @@ fn padded_vocab(v: usize) -> usize {
 }
 
 impl GpuWorkspace {
+    /// Whether attention runs fused on `gpu`: bf16 products, a head size
+    /// the fused kernels have (64, 128), sm_80 on, and the environment does
+    /// not ask otherwise (`WS_CUDA_ATTENTION=materialized`, for comparisons).
+    /// fp32 keeps the materialised products, exact to the CPU reference.
+    pub fn fused_on(gpu: &Gpu, spec: &ModelSpec, precision: Precision) -> bool {
+        let hs = spec.config.n_embd / spec.config.n_head;
+        let asked = std::env::var("WS_CUDA_ATTENTION").map_or(true, |v| v != "materialized");
+        precision == Precision::Bf16 && gpu.has_fused_attention(hs) && asked
+    }
+
+    /// Floats of the per-block attention buffer (probabilities, or
+    /// log-sum-exps when fused) and of the attention scratch.
+    fn attention_lens(nh: usize, b: usize, t: usize, c: usize, fused: bool) -> (usize, usize) {
+        if fused {
+            (b * nh * t, 0)
+        } else {
+            (b * nh * t * t, 7 * b * t * c)
+        }
+    }
+
     /// Bytes of device memory a workspace for `b` sequences of `t` tokens takes.
-    pub fn bytes_for(spec: &ModelSpec, b: usize, t: usize, precision: Precision) -> usize {
+    pub fn bytes_for(spec: &ModelSpec, b: usize, t: usize, precision: Precision, fused: bool) -> usize {
         let cfg = spec.config;
         let (c, nh, v, bt) = (cfg.n_embd, cfg.n_head, cfg.vocab_size, b * t);
-        let att = b * nh * t * t;
+        let (att, heads) = Self::attention_lens(nh, b, t, c, fused);
         let block = bt * (15 * c + 4) + att;
         let rows = head_rows_for(bt);
         let other = (cfg.n_layer + 1) * bt * c + bt * c + 2 * bt + rows * padded_vocab(v) + 2 * bt;
-        let scratch = bt * c * 3
-            + bt * 3 * c
-            + bt * 4 * c
-            + 7 * bt * c
-            + att
-            + partial_len(bt, 4 * c).max(partial_len(bt, 2 * c));
+        let scratch =
+            bt * c * 3 + bt * 3 * c + bt * 4 * c + heads + att + partial_len(bt, 4 * c).max(partial_len(bt, 2 * c));
         let ints = 4 * bt + 1;
         let bf = match precision {
             Precision::Fp32 => 0,
@@ -129,7 +149,9 @@ impl GpuWorkspace {
         assert!(t_max <= cfg.block_size, "sequence {t_max} longer than block_size {}", cfg.block_size);
         let (c, nh, v) = (cfg.n_embd, cfg.n_head, cfg.vocab_size);
         let bt = b_max * t_max;
-        let att = b_max * nh * t_max * t_max;
+        let fused = Self::fused_on(gpu, spec, precision);
+        let (att, heads) = Self::attention_lens(nh, b_max, t_max, c, fused);
+        let head = heads / 7;
         let f = |n: usize| gpu.zeros::<f32>(n);
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
@@ -161,6 +183,7 @@ impl GpuWorkspace {
             v,
             vp: padded_vocab(v),
             precision,
+            fused,
             residual: (0..=cfg.n_layer).map(|_| f(bt * c)).collect::<Result<_>>()?,
             blocks,
             lnf: f(bt * c)?,
@@ -182,13 +205,13 @@ impl GpuWorkspace {
             datty: f(bt * c)?,
             dqkv: f(bt * 3 * c)?,
             dfch: f(bt * 4 * c)?,
-            q: f(bt * c)?,
-            k: f(bt * c)?,
-            vv: f(bt * c)?,
-            yh: f(bt * c)?,
-            dq: f(bt * c)?,
-            dk: f(bt * c)?,
-            dv: f(bt * c)?,
+            q: f(head)?,
+            k: f(head)?,
+            vv: f(head)?,
+            yh: f(head)?,
+            dq: f(head)?,
+            dk: f(head)?,
+            dv: f(head)?,
             datt: f(att)?,
             partial: f(partial_len(bt, 4 * c).max(partial_len(bt, 2 * c)))?,
             a16: gpu.zeros(a16)?,
@@ -437,11 +460,21 @@ impl GpuWorkspace {
         }
     }
 
+    /// Whether attention runs through the fused kernels.
+    pub fn fused_attention(&self) -> bool {
+        self.fused
+    }
+
     fn attention_fwd(&self, gpu: &Gpu, i: usize, b: usize, t: usize) -> Result<()> {
         let (c, nh) = (self.c, self.nh);
         let hs = c / nh;
         let s = &gpu.compute;
         let a = &self.blocks[i];
+        if self.fused {
+            let qkv16 = self.a16.ptr();
+            gpu.fused_attention_fwd(s, a.atty.ptr(), a.att.ptr(), a.qkv.ptr(), qkv16, b, t, nh, hs)?;
+            return self.mark(gpu, "attention fwd");
+        }
         let (q, k, v, yh) = (self.q.ptr(), self.k.ptr(), self.vv.ptr(), self.yh.ptr());
         gpu.split_heads(s, q, a.qkv.ptr(), b, t, nh, hs, 3 * c, 0)?;
         gpu.split_heads(s, k, a.qkv.ptr(), b, t, nh, hs, 3 * c, c)?;
@@ -465,6 +498,12 @@ impl GpuWorkspace {
         let hs = c / nh;
         let s = &gpu.compute;
         let a = &self.blocks[i];
+        if self.fused {
+            let (dqkv, dy) = (self.dqkv.ptr(), self.datty.ptr());
+            let scratch = (self.datt.ptr(), self.a16.ptr(), self.b16.ptr());
+            gpu.fused_attention_bwd(s, dqkv, a.qkv.ptr(), a.atty.ptr(), dy, a.att.ptr(), scratch, b, t, nh, hs)?;
+            return self.mark(gpu, "attention bwd");
+        }
         let (q, k, v, dyh) = (self.q.ptr(), self.k.ptr(), self.vv.ptr(), self.yh.ptr());
         gpu.split_heads(s, q, a.qkv.ptr(), b, t, nh, hs, 3 * c, 0)?;
         gpu.split_heads(s, k, a.qkv.ptr(), b, t, nh, hs, 3 * c, c)?;

@@ -242,9 +242,9 @@ fn crossentropy_adamw_and_sumsq_match_cpu() {
 }
 
 /// A whole model's forward, head and backward on the GPU against the CPU workspace.
-fn model_matches_cpu(precision: Precision, tol: f32) {
+fn model_matches_cpu(precision: Precision, n_head: usize, tol: f32) {
     let Some(gpu) = gpu_for_tests() else { return };
-    let config = Gpt2Config { n_layer: 2, n_head: 4, n_embd: 128, block_size: 64, vocab_size: 1000 };
+    let config = Gpt2Config { n_layer: 2, n_head, n_embd: 128, block_size: 64, vocab_size: 1000 };
     let spec = ModelSpec::new(config);
     let params = Params::init(&spec, 5);
     let (b, t) = (3, 64);
@@ -268,6 +268,9 @@ fn model_matches_cpu(precision: Precision, tol: f32) {
     let dparams = DeviceParams::from_host(&gpu, &spec, &params).unwrap();
     let dgrads = DeviceParams::zeros(&gpu, &spec).unwrap();
     let mut gws = GpuWorkspace::new(&gpu, &spec, b, t, precision).unwrap();
+    let fused = precision == Precision::Bf16 && gpu.has_fused_attention(128 / n_head);
+    assert_eq!(gws.fused_attention(), fused && std::env::var("WS_CUDA_ATTENTION").is_err());
+    eprintln!("{} with {n_head} heads: fused attention {}", precision.name(), gws.fused_attention());
     gws.set_batch(&gpu, &tokens, &targets, b, t).unwrap();
     for l in 0..n - 1 {
         gws.forward(&gpu, &spec, l, &dparams.layer(&spec, l)).unwrap();
@@ -287,12 +290,83 @@ fn model_matches_cpu(precision: Precision, tol: f32) {
 
 #[test]
 fn model_fp32_matches_cpu() {
-    model_matches_cpu(Precision::Fp32, 1e-5);
+    model_matches_cpu(Precision::Fp32, 4, 1e-5);
 }
 
 #[test]
 fn model_bf16_matches_cpu_fp32_within_bf16_tolerance() {
-    model_matches_cpu(Precision::Bf16, 2e-3);
+    model_matches_cpu(Precision::Bf16, 4, 2e-3);
+}
+
+#[test]
+fn model_bf16_with_fused_attention_matches_cpu_fp32() {
+    // Head size 64: attention runs through the fused kernels (sm_80 on).
+    model_matches_cpu(Precision::Bf16, 2, 2e-3);
+}
+
+/// `x` rounded to bf16 and back: inputs both sides see exactly.
+fn bf16_round(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| ws_kernels::bf16::from_bf16(ws_kernels::bf16::to_bf16(v))).collect()
+}
+
+#[test]
+fn fused_attention_matches_cpu() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    // (batch, sequence, heads, head size): ragged and whole tiles of 64, both head sizes.
+    for (b, t, nh, hs) in [(2, 200, 3, 64), (1, 256, 2, 128), (3, 64, 2, 64), (1, 77, 1, 128)] {
+        if !gpu.has_fused_attention(hs) {
+            eprintln!("CUDA tests skipped: no fused attention for head size {hs} on {}", gpu.name);
+            return;
+        }
+        let c = nh * hs;
+        let mut rng = Rng::new(40 + t as u64);
+        // Inputs exactly representable in bf16, as the fused kernels read them.
+        let qkv = bf16_round(&random(&mut rng, b * t * 3 * c, 1.0));
+        let dy = bf16_round(&random(&mut rng, b * t * c, 1.0));
+        let mut y = vec![0f32; b * t * c];
+        let mut att = vec![0f32; b * nh * t * t];
+        ws_kernels::attention::attention_forward(&mut y, &mut att, &qkv, b, t, c, nh);
+        let mut dqkv = vec![0f32; b * t * 3 * c];
+        ws_kernels::attention::attention_backward(&mut dqkv, &dy, &qkv, &att, b, t, c, nh);
+
+        let (d_qkv, d_dy) = (up(&gpu, &qkv), up(&gpu, &dy));
+        let d_y = gpu.zeros::<f32>(b * t * c).unwrap();
+        let lse = gpu.zeros::<f32>(b * nh * t).unwrap();
+        let dvec = gpu.zeros::<f32>(b * nh * t).unwrap();
+        let d_dqkv = gpu.zeros::<f32>(b * t * 3 * c).unwrap();
+        let (qkv16, dy16) = (gpu.zeros::<u16>(b * t * 3 * c).unwrap(), gpu.zeros::<u16>(b * t * c).unwrap());
+        let s = &gpu.compute;
+        gpu.fused_attention_fwd(s, d_y.ptr(), lse.ptr(), d_qkv.ptr(), qkv16.ptr(), b, t, nh, hs).unwrap();
+        let what = format!("fused attention b{b} t{t} nh{nh} hs{hs}");
+        assert_scaled_close(&format!("{what} forward"), &down(&gpu, &d_y), &y, 1e-2);
+        let run_bwd = || {
+            let scratch = (dvec.ptr(), qkv16.ptr(), dy16.ptr());
+            gpu.fused_attention_bwd(
+                s,
+                d_dqkv.ptr(),
+                d_qkv.ptr(),
+                d_y.ptr(),
+                d_dy.ptr(),
+                lse.ptr(),
+                scratch,
+                b,
+                t,
+                nh,
+                hs,
+            )
+            .unwrap();
+            down(&gpu, &d_dqkv)
+        };
+        let got = run_bwd();
+        for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let pick = |x: &[f32]| -> Vec<f32> {
+                x.chunks(3 * c).flat_map(|row| row[part * c..(part + 1) * c].to_vec()).collect()
+            };
+            assert_scaled_close(&format!("{what} {name}"), &pick(&got), &pick(&dqkv), 1e-2);
+        }
+        let again = run_bwd();
+        assert!(got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: backward not deterministic");
+    }
 }
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {

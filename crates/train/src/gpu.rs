@@ -47,15 +47,16 @@ pub fn stream_worker_bytes(
     k: usize,
     dtype: Precision,
     precision: Precision,
+    fused: bool,
 ) -> u64 {
     let max_layer = max_layer_params(spec) as u64;
     let slots = (k as u64 + 1) * max_layer * if dtype == Precision::Bf16 { 6 } else { 4 };
-    slots + 2 * 4 * max_layer + GpuWorkspace::bytes_for(spec, mb, t, precision) as u64
+    slots + 2 * 4 * max_layer + GpuWorkspace::bytes_for(spec, mb, t, precision, fused) as u64
 }
 
 /// Device memory of the resident GPU engine: four copies of the model and the workspace.
-pub fn resident_bytes(spec: &ModelSpec, mb: usize, t: usize, precision: Precision) -> u64 {
-    16 * spec.parameter_count() as u64 + GpuWorkspace::bytes_for(spec, mb, t, precision) as u64
+pub fn resident_bytes(spec: &ModelSpec, mb: usize, t: usize, precision: Precision, fused: bool) -> u64 {
+    16 * spec.parameter_count() as u64 + GpuWorkspace::bytes_for(spec, mb, t, precision, fused) as u64
 }
 
 /// The GPU memory budget: `worker.memory_bytes`, else 92% of what is free.
@@ -120,7 +121,8 @@ impl GpuResident {
         let precision = Precision::parse(&config.train.precision).expect("validated");
         let t = config.seq_len();
         let budget = gpu_budget(&config, &gpu)?;
-        let mb = choose_gpu_micro_batch(&config, budget, |mb| resident_bytes(&spec, mb, t, precision))?;
+        let fused = GpuWorkspace::fused_on(&gpu, &spec, precision);
+        let mb = choose_gpu_micro_batch(&config, budget, |mb| resident_bytes(&spec, mb, t, precision, fused))?;
         let dp = DeviceParams::from_host(&gpu, &spec, params).map_err(gpu_err)?;
         let grads = DeviceParams::zeros(&gpu, &spec).map_err(gpu_err)?;
         let m = DeviceParams::zeros(&gpu, &spec).map_err(gpu_err)?;
@@ -150,6 +152,11 @@ impl GpuResident {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Whether attention runs through the fused kernels ([`GpuWorkspace::fused_on`]).
+    pub fn fused_attention(&self) -> bool {
+        self.ws.fused_attention()
     }
 
     /// One optimizer step on the given batch; returns (loss, grad norm).
@@ -552,7 +559,9 @@ pub fn start_gpu_engine(
     let dtype = Precision::parse(&config.stream.dtype).expect("validated");
     let (t, k) = (config.seq_len(), config.stream.prefetch_depth);
     let budget = gpu_budget(config, &gpu)?;
-    let mb = choose_gpu_micro_batch(config, budget, |mb| stream_worker_bytes(&spec, mb, t, k, dtype, precision))?;
+    let fused = GpuWorkspace::fused_on(&gpu, &spec, precision);
+    let need = |mb| stream_worker_bytes(&spec, mb, t, k, dtype, precision, fused);
+    let mb = choose_gpu_micro_batch(config, budget, need)?;
     let micro_batches = config.train.batch_size / mb;
     let store_dir = run_dir.join("store");
     let store = match resume {
@@ -592,10 +601,13 @@ mod tests {
     #[test]
     fn worker_bytes_grow_with_depth_micro_batch_and_dtype() {
         let spec = ModelSpec::new(RunConfig::preset("tiny").unwrap().model);
-        let f = |mb, k, d| stream_worker_bytes(&spec, mb, 256, k, d, Precision::Bf16);
+        let f = |mb, k, d| stream_worker_bytes(&spec, mb, 256, k, d, Precision::Bf16, false);
         assert!(f(2, 2, Precision::Fp32) > f(1, 2, Precision::Fp32));
         assert!(f(1, 3, Precision::Fp32) > f(1, 2, Precision::Fp32));
         assert!(f(1, 2, Precision::Bf16) > f(1, 2, Precision::Fp32), "bf16 adds landing slots");
-        assert!(resident_bytes(&spec, 1, 256, Precision::Bf16) > 16 * spec.parameter_count() as u64);
+        assert!(resident_bytes(&spec, 1, 256, Precision::Bf16, false) > 16 * spec.parameter_count() as u64);
+        let materialised = f(4, 2, Precision::Bf16);
+        let fused = stream_worker_bytes(&spec, 4, 256, 2, Precision::Bf16, Precision::Bf16, true);
+        assert!(fused < materialised, "fused attention keeps no T x T matrix");
     }
 }

@@ -557,8 +557,9 @@ impl StreamingTrainer {
         let StoreEnds { control, reply, weights, to_store, grad_pool, handle, .. } =
             spawn_store(&config, store, &train, &eval)?;
         let cpu = if config.train.device == "cuda" {
-            // The GPU computes; this CPU workspace stays unused.
-            CpuWorker::new(&spec, 1, 1, &config)
+            // The GPU computes; this CPU workspace stays unused (and fp32:
+            // a GPU machine need not have oneDNN for CPU bf16).
+            CpuWorker::idle(&spec)
         } else {
             CpuWorker::new(&spec, micro_batch, config.seq_len(), &config)
         };
@@ -694,6 +695,12 @@ impl CpuWorker {
         let bf16 = Precision::parse(&config.stream.dtype).expect("validated") == Precision::Bf16;
         let decoded = if bf16 { vec![0f32; max_layer_params(spec)] } else { Vec::new() };
         CpuWorker { workspace, decoded, dynamic: Dynamic::new(config, spec) }
+    }
+
+    /// A placeholder for engines that compute elsewhere (the GPU worker):
+    /// a one-token fp32 workspace, never run.
+    pub fn idle(spec: &ModelSpec) -> CpuWorker {
+        CpuWorker { workspace: Workspace::new(spec, 1, 1), decoded: Vec::new(), dynamic: None }
     }
 
     /// The worker's side of one pass (after its `Begin`): takes each use's
