@@ -216,6 +216,12 @@ struct Page {
     /// CRC32 of each region on flash as last written.
     crc: [u32; 4],
     pending: Option<PendingUpdate>,
+    /// The gradient is all zeros (AdamW has just cleared it), whatever its
+    /// region on flash holds: it is then neither written back nor read,
+    /// only filled with zeros where DRAM needs it. Between an update and
+    /// the backward pass that follows, this saves 8 of the 44 bytes per
+    /// parameter a step would move when the DRAM tier is short.
+    grad_zero: bool,
 }
 
 /// Measured use of the DRAM tier and traffic to flash, for tests and benchmarks.
@@ -317,7 +323,9 @@ impl Store {
             .pages
             .iter()
             .map(|b| {
-                (0..b.len() - 1).map(|_| Page { dram: None, dirty: 0, valid: 0, crc: [0; 4], pending: None }).collect()
+                (0..b.len() - 1)
+                    .map(|_| Page { dram: None, dirty: 0, valid: 0, crc: [0; 4], pending: None, grad_zero: false })
+                    .collect()
             })
             .collect();
         let mut store = Store {
@@ -508,10 +516,11 @@ impl Store {
     }
 
     /// Writes back the `dirty` regions of page (s, i) (one positioned write
-    /// each) and records their checksums.
+    /// each) and records their checksums; a zero gradient stays unwritten.
     fn write_regions(&mut self, s: usize, i: usize, buf: &AlignedBuf, dirty: u8) -> Result<()> {
         let (p0, p1) = self.page_range(s, i);
         let region = 4 * (p1 - p0);
+        let dirty = if self.pages[s][i].grad_zero { dirty & !GRADIENT } else { dirty };
         for r in (0..4).filter(|r| dirty & (1 << r) != 0) {
             let bytes = &buf.as_bytes()[r * region..(r + 1) * region];
             let at = (16 * p0 + r * region) as u64;
@@ -530,11 +539,18 @@ impl Store {
     }
 
     /// Reads the regions `mask` of page (s, i) from flash into `buf` (of
-    /// the page's size), each verified against its checksum.
+    /// the page's size), each verified against its checksum; a zero
+    /// gradient is filled in, not read.
     fn read_regions_into(&mut self, s: usize, i: usize, buf: &mut AlignedBuf, mask: u8) -> Result<()> {
         let (p0, p1) = self.page_range(s, i);
         assert_eq!(buf.len(), 4 * (p1 - p0));
         let region = 4 * (p1 - p0);
+        let mask = if self.pages[s][i].grad_zero && mask & GRADIENT != 0 {
+            buf.as_bytes_mut()[region..2 * region].fill(0);
+            mask & !GRADIENT
+        } else {
+            mask
+        };
         for r in (0..4).filter(|r| mask & (1 << r) != 0) {
             let bytes = &mut buf.as_bytes_mut()[r * region..(r + 1) * region];
             let at = (16 * p0 + r * region) as u64;
@@ -643,6 +659,7 @@ impl Store {
             }
             // Gradients outside the tensors (page padding) are never written: all of g is zero now.
             self.pages[s][i].dirty = ALL;
+            self.pages[s][i].grad_zero = true;
         }
         Ok(self.pages[s][i].dram.as_mut().expect("resident"))
     }
@@ -719,6 +736,7 @@ impl Store {
                 ws_kernels::parallel::add_inplace(g, &grads[o..o + r.len()]);
             }
             st.pages[s][i].dirty |= GRADIENT;
+            st.pages[s][i].grad_zero = false;
         })
     }
 
@@ -974,6 +992,55 @@ mod tests {
                 assert!(st.flash_read_bytes > 0, "a partial budget must use the flash tier");
             }
         }
+    }
+
+    #[test]
+    fn a_cleared_gradient_is_neither_written_back_nor_read() {
+        // Whole steps as a worker drives them (forward reads, backward reads
+        // then gradients) with the DRAM tier holding one layer: each page
+        // leaves DRAM between its uses. Per parameter and step, the forward
+        // reads all four regions (16 bytes) and writes back weights and
+        // moments (12, the gradient just cleared stays unwritten); the
+        // backward reads the weights (4, the zero gradient is filled in)
+        // and writes the gradient (4).
+        let spec = spec();
+        let params = random_params(&spec, 1);
+        let min = Layout::new(&spec, 256).min_dram_bytes();
+        let mut store = Store::create(&spec, &params, None, 0, &tmp("zero-grad"), cfg(min)).unwrap();
+        let n = spec.layer_count();
+        let seq: Vec<usize> = (0..n).chain((0..n).rev()).collect();
+        store.set_access_sequence(&seq);
+        let step = |store: &mut Store, seed: u64| {
+            let grads = random_params(&spec, seed);
+            for l in 0..n {
+                let mut w = vec![0f32; store.layout().layer_params(&spec, l)];
+                store.read_layer(l, &mut w).unwrap();
+            }
+            for l in (0..n).rev() {
+                let mut w = vec![0f32; store.layout().layer_params(&spec, l)];
+                store.read_layer(l, &mut w).unwrap();
+                let flat: Vec<f32> = spec.layers[l].tensors.iter().flat_map(|&t| grads.tensors[t].clone()).collect();
+                store.accumulate(l, &flat).unwrap();
+            }
+            store.finish_step(0.01);
+        };
+        step(&mut store, 2);
+        step(&mut store, 3);
+        let before = store.stats();
+        step(&mut store, 4);
+        let after = store.stats();
+        let params_bytes = spec.parameter_count() as u64;
+        let (read, written) =
+            (after.flash_read_bytes - before.flash_read_bytes, after.flash_write_bytes - before.flash_write_bytes);
+        let per = |b: u64| b as f64 / params_bytes as f64;
+        eprintln!("per parameter and step: read {:.2}, written {:.2} bytes", per(read), per(written));
+        // The embedding slab serves two layers a pass (the embedding and the
+        // tied head), so its pages may move once more each way. Before zero
+        // gradients stayed in DRAM: 24.9 read and 20.3 written here.
+        let twice = 16 * store.layout().slab_params[0] as u64;
+        assert!(read <= 20 * params_bytes + twice, "read {read} bytes, over 20 per parameter");
+        assert!(written <= 16 * params_bytes + twice, "wrote {written} bytes, over 16 per parameter");
+        let _ = std::fs::remove_dir_all(tmp("zero-grad"));
     }
 
     #[test]
