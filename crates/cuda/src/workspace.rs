@@ -106,12 +106,13 @@ impl GpuWorkspace {
     }
 
     /// Floats of the per-block attention buffer (probabilities, or
-    /// log-sum-exps when fused) and of the attention scratch.
+    /// log-sum-exps when fused) and of each of the seven per-head copies
+    /// (q, k, v, y and their gradients) the T x T path works on.
     fn attention_lens(nh: usize, b: usize, t: usize, c: usize, fused: bool) -> (usize, usize) {
         if fused {
             (b * nh * t, 0)
         } else {
-            (b * nh * t * t, 7 * b * t * c)
+            (b * nh * t * t, b * t * c)
         }
     }
 
@@ -119,12 +120,12 @@ impl GpuWorkspace {
     pub fn bytes_for(spec: &ModelSpec, b: usize, t: usize, precision: Precision, fused: bool) -> usize {
         let cfg = spec.config;
         let (c, nh, v, bt) = (cfg.n_embd, cfg.n_head, cfg.vocab_size, b * t);
-        let (att, heads) = Self::attention_lens(nh, b, t, c, fused);
+        let (att, head) = Self::attention_lens(nh, b, t, c, fused);
         let block = bt * (15 * c + 4) + att;
         let rows = head_rows_for(bt);
         let other = (cfg.n_layer + 1) * bt * c + bt * c + 2 * bt + rows * padded_vocab(v) + 2 * bt;
         let scratch =
-            bt * c * 3 + bt * 3 * c + bt * 4 * c + heads + att + partial_len(bt, 4 * c).max(partial_len(bt, 2 * c));
+            bt * c * 3 + bt * 3 * c + bt * 4 * c + 7 * head + att + partial_len(bt, 4 * c).max(partial_len(bt, 2 * c));
         let ints = 4 * bt + 1;
         let bf = match precision {
             Precision::Fp32 => 0,
@@ -150,8 +151,7 @@ impl GpuWorkspace {
         let (c, nh, v) = (cfg.n_embd, cfg.n_head, cfg.vocab_size);
         let bt = b_max * t_max;
         let fused = Self::fused_on(gpu, spec, precision);
-        let (att, heads) = Self::attention_lens(nh, b_max, t_max, c, fused);
-        let head = heads / 7;
+        let (att, head) = Self::attention_lens(nh, b_max, t_max, c, fused);
         let f = |n: usize| gpu.zeros::<f32>(n);
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
