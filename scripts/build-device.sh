@@ -16,4 +16,8 @@ for l in sys.stdin:
 cp "$(test_exe -p ws-cuda --test gpu)" device/cuda-gpu
 cp "$(test_exe -p ws-train --features cuda --test gpu)" device/train-gpu
 strip device/*
+# The corpus as tokens, for `bench cuda --what large --data` (the device
+# machine has no tokenizer cache); any `weightstream train` here makes it.
+bin=$(ls .cache/weightstream/shakespeare-*.bin 2>/dev/null | head -1)
+if [ -n "$bin" ]; then cp "$bin" device/shakespeare.bin; else echo "no tokenized corpus in .cache/weightstream: run weightstream train once"; fi
 ls -la device

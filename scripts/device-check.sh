@@ -33,13 +33,11 @@ grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
 # WS_CUDA_ATTENTION from the label's suffix (":materialized" compares the
 # attention kept as a T x T matrix with the fused kernels).
 BENCHES=${BENCHES:-"small:--what all --model small --batch 16 --seq 1024 --steps 5
-small:materialized:--what train --model small --batch 16 --seq 1024 --steps 5
 1b:--what train --model 1b --batch 8 --seq 1024 --steps 3
-1b:materialized:--what train --model 1b --batch 8 --seq 1024 --steps 3
-1b-b16:--what train --model 1b --batch 16 --seq 1024 --steps 3
 small-b64:--what streaming --model small --batch 64 --micro-batch 32 --seq 1024 --steps 3
-small-b128:--what streaming --model small --batch 128 --micro-batch 32 --seq 1024 --steps 3
-1b-b32:--what streaming --model 1b --batch 32 --micro-batch 8 --seq 1024 --steps 3"}
+large:--what large --batch 4 --seq 1024 --steps 4 --data device/shakespeare.bin
+1b-b32:--what streaming --model 1b --batch 32 --micro-batch 8 --seq 1024 --steps 3
+small:materialized:--what train --model small --batch 16 --seq 1024 --steps 5"}
 bench_rc=0
 while IFS= read -r line; do
   [ -z "$line" ] && continue

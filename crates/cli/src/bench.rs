@@ -63,7 +63,10 @@ pub enum BenchCommand {
     },
     /// GPU ceilings (GEMM, copies) and the CUDA worker's throughput (needs `--features cuda`).
     Cuda {
-        /// all, gemm, copy, train (resident) or streaming (streamed against resident).
+        /// all, gemm, copy, train (resident), streaming (streamed against
+        /// resident), or large: a model whose fp32 weights and AdamW moments
+        /// exceed the GPU's memory (and 80 GB), streamed from host memory
+        /// (needs about 17 bytes of host memory per parameter, the rest on flash).
         #[arg(long, default_value = "all")]
         what: String,
         /// small (GPT-2 small) or 1b (20 layers, 2048 channels).
@@ -83,6 +86,9 @@ pub enum BenchCommand {
         /// Streamed weights: fp32 or bf16.
         #[arg(long, default_value = "bf16")]
         dtype: String,
+        /// Training tokens (text or a uint16 .bin file); default: random tokens.
+        #[arg(long, default_value = "")]
+        data: String,
     },
     /// Sparse against dense linear layers (forward, input and weight
     /// gradients) on the GPT-2 small shapes at 2048 tokens; with --step,
@@ -171,9 +177,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
         #[cfg(feature = "cuda")]
-        BenchCommand::Cuda { what, model, batch, micro_batch, seq, steps, dtype } => {
+        BenchCommand::Cuda { what, model, batch, micro_batch, seq, steps, dtype, data } => {
             let shape = crate::bench_cuda::Shape { batch, micro_batch, seq };
-            crate::bench_cuda::run(&what, &model, shape, steps.max(1), &dtype)
+            crate::bench_cuda::run(&what, &model, shape, steps.max(1), &dtype, &data)
         }
         #[cfg(not(feature = "cuda"))]
         BenchCommand::Cuda { .. } => Err(TrainError::Config(

@@ -8,7 +8,10 @@
 //! - `train`: resident training tokens/s and MFU against the bf16 ceiling
 //!   measured in the same run;
 //! - `streaming`: streamed over resident tokens/s at the same batch, and the
-//!   batch above which a layer's compute outlasts its transfers.
+//!   batch above which a layer's compute outlasts its transfers;
+//! - `large`: a model whose fp32 weights and AdamW moments are larger than
+//!   the GPU (and 80 GB) trained for a few steps, streamed from the store in
+//!   host memory: the point of weight streaming.
 
 use crate::bench::{median, round};
 use crate::commands::Result;
@@ -157,6 +160,16 @@ pub fn bench_config(model: &str, shape: Shape, precision: &str) -> Result<RunCon
     Ok(c)
 }
 
+/// The training tokens: the file `path` if given, else `n` random ones.
+fn tokens_from(path: &str, n: usize, vocab: usize) -> Result<Vec<u16>> {
+    if path.is_empty() {
+        return Ok(tokens(n, vocab));
+    }
+    let data = ws_data::load_tokens(std::path::Path::new(path), None).map_err(|e| TrainError::Config(e.to_string()))?;
+    ws_data::check_vocab(&data, vocab).map_err(|e| TrainError::Config(e.to_string()))?;
+    Ok(data)
+}
+
 fn tokens(n: usize, vocab: usize) -> Vec<u16> {
     let mut rng = Rng::new(7);
     (0..n).map(|_| rng.below(vocab as u64) as u16).collect()
@@ -267,8 +280,103 @@ pub fn bench_streaming(
     Ok(())
 }
 
+/// A `/proc/meminfo` field in bytes (Linux), e.g. "MemAvailable".
+fn meminfo(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{field}:")))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// This process's peak resident memory in bytes (VmHWM).
+fn peak_rss() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// GPT-2 shapes with 4096 channels and 32 heads of 128, and layers added
+/// until fp32 weights plus AdamW moments (12 bytes a parameter) exceed `bytes`.
+pub fn large_model(bytes: u64) -> ws_model::Gpt2Config {
+    let mut m = ws_model::Gpt2Config { n_layer: 1, n_head: 32, n_embd: 4096, block_size: 1024, vocab_size: 50257 };
+    while 12 * ModelSpec::new(m).parameter_count() as u64 <= bytes {
+        m.n_layer += 1;
+    }
+    m
+}
+
+/// `large`: trains a model larger than the GPU, streamed from host memory;
+/// one JSON line per step and a summary. The store's DRAM budget is the
+/// whole state if the machine has it free (with 12 GB to spare), else what
+/// it has, the rest on flash under the temporary directory.
+pub fn bench_large(shape: Shape, steps: usize, data: &str, gpu_memory: u64, ceiling_tflops: f64) -> Result<()> {
+    let mut c = bench_config("small", shape, "bf16")?;
+    c.model = large_model(gpu_memory.max(80_000_000_000));
+    c.stream.mode = "streaming".into();
+    c.stream.dtype = "bf16".into();
+    c.stream.prefetch_depth = 2;
+    c.train.lr = 3e-5;
+    c.train.min_lr = 3e-5;
+    c.train.warmup_steps = 1;
+    let spec = ModelSpec::new(c.model);
+    let params = spec.parameter_count() as u64;
+    let state = 16 * params;
+    let available = meminfo("MemAvailable").unwrap_or(0);
+    c.store.dram_bytes = state.min(available.saturating_sub(12_000_000_000)).max(1);
+    c.validate()?;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "cuda_large_plan", "model": c.model, "params": params,
+            "weights_and_adam_gb": round(12.0 * params as f64 / 1e9), "store_state_gb": round(state as f64 / 1e9),
+            "gpu_memory_gb": round(gpu_memory as f64 / 1e9), "host_available_gb": round(available as f64 / 1e9),
+            "store_dram_budget_gb": round(c.store.dram_bytes as f64 / 1e9)})
+    );
+    let dir = std::env::temp_dir().join(format!("ws-bench-large-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io("cannot create", &dir, e))?;
+    let tokens = tokens_from(data, shape.batch * shape.seq * 8, c.model.vocab_size)?;
+    let t0 = Instant::now();
+    let run = || -> Result<Vec<f64>> {
+        let mut e = start_gpu_engine(&c, &dir, None)?;
+        let setup_s = t0.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"bench": "cuda_large_setup", "setup_s": round(setup_s),
+            "peak_rss_gb": peak_rss().map(|b| round(b as f64 / 1e9))})
+        );
+        let mut times = Vec::new();
+        for step in 1..=steps {
+            let t = Instant::now();
+            let st = e.train_step(&tokens)?;
+            let s = t.elapsed().as_secs_f64();
+            times.push(s);
+            println!(
+                "{}",
+                serde_json::json!({"bench": "cuda_large_step", "step": step, "loss": st.loss,
+                "grad_norm": st.grad_norm, "step_s": round(s), "peak_rss_gb": peak_rss().map(|b| round(b as f64 / 1e9))})
+            );
+        }
+        Ok(times)
+    };
+    let times = run();
+    let _ = std::fs::remove_dir_all(&dir);
+    let times = times?;
+    // The first step also pins buffers and warms up; the rest are the rate.
+    let step_s = median(if times.len() > 1 { times[1..].to_vec() } else { times.clone() });
+    let tokens_per_s = (shape.batch * shape.seq) as f64 / step_s;
+    let tflops = c.model.train_flops_per_token(shape.seq) * tokens_per_s / 1e12;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "cuda_large", "mode": "streamed", "params": params, "n_layer": c.model.n_layer,
+            "batch": shape.batch, "seq": shape.seq, "steps": steps, "step_s": round(step_s),
+            "tokens_per_s": round(tokens_per_s), "model_tflops": round(tflops),
+            "mfu": round(tflops / ceiling_tflops * 1e4) / 1e4, "gemm_ceiling_tflops": round(ceiling_tflops),
+            "peak_rss_gb": peak_rss().map(|b| round(b as f64 / 1e9)), "total_s": round(t0.elapsed().as_secs_f64())})
+    );
+    Ok(())
+}
+
 /// `bench cuda`: everything, in an order that puts the ceilings first.
-pub fn run(what: &str, model: &str, shape: Shape, steps: usize, dtype: &str) -> Result<()> {
+pub fn run(what: &str, model: &str, shape: Shape, steps: usize, dtype: &str, data: &str) -> Result<()> {
     let gpu = Gpu::new(0).map_err(|e| TrainError::Config(format!("bench cuda: {e}")))?;
     println!(
         "{}",
@@ -276,14 +384,18 @@ pub fn run(what: &str, model: &str, shape: Shape, steps: usize, dtype: &str) -> 
             "multiprocessors": gpu.multiprocessors, "max_shared_optin": gpu.max_shared_optin, "memory_gb": round(gpu.total_memory as f64 / 1e9), "driver": gpu.driver_version})
     );
     let all = what == "all";
-    let ceiling = if all || what == "gemm" || what == "train" || what == "streaming" { bench_gemm(&gpu)? } else { 0.0 };
+    let ceiling = if all || ["gemm", "train", "streaming", "large"].contains(&what) { bench_gemm(&gpu)? } else { 0.0 };
     let pcie = if all || what == "copy" || what == "streaming" {
         let (_, h2d, d2h) = bench_copy(&gpu)?;
         (h2d, d2h)
     } else {
         (0.0, 0.0)
     };
+    let gpu_memory = gpu.total_memory as u64;
     drop(gpu);
+    if what == "large" {
+        return bench_large(shape, steps, data, gpu_memory, ceiling);
+    }
     if all || what == "train" || what == "streaming" {
         let resident = bench_train(model, shape, steps, "bf16", ceiling)?;
         if all || what == "streaming" {

@@ -14,6 +14,13 @@ typedef unsigned short bf16_t;
 typedef long long i64;
 #define NEG_INF __int_as_float(0xff800000)
 
+// fp32 -> bf16, round to nearest even (NaN stays NaN), as the CPU's to_bf16.
+__device__ __forceinline__ bf16_t bf16_rne(float x) {
+    unsigned int b = __float_as_uint(x);
+    if (x != x) return (bf16_t)((b >> 16) | 0x40);
+    return (bf16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -102,9 +109,10 @@ extern "C" __global__ void embedding_bwd_wpe(float* dwpe, const float* dout, int
 
 // ---------------------------------------------------------------- layernorm
 
-// One warp per row.
-extern "C" __global__ void layernorm_fwd(float* out, float* mean, float* rstd, const float* x, const float* w,
-                                         const float* b, int n, int c) {
+// One warp per row. The output in fp32 (out) and/or rounded to bf16
+// (out16, the next product's operand); either may be null.
+extern "C" __global__ void layernorm_fwd(float* out, bf16_t* out16, float* mean, float* rstd, const float* x,
+                                         const float* w, const float* b, int n, int c) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= n) return;
@@ -118,8 +126,11 @@ extern "C" __global__ void layernorm_fwd(float* out, float* mean, float* rstd, c
         v += d * d;
     }
     float rs = 1.0f / sqrtf(warp_sum(v) / c + 1e-5f);
-    float* o = out + (i64)row * c;
-    for (int j = lane; j < c; j += 32) o[j] = (xr[j] - mu) * rs * w[j] + b[j];
+    for (int j = lane; j < c; j += 32) {
+        float y = (xr[j] - mu) * rs * w[j] + b[j];
+        if (out) out[(i64)row * c + j] = y;
+        if (out16) out16[(i64)row * c + j] = bf16_rne(y);
+    }
     if (lane == 0) {
         mean[row] = mu;
         rstd[row] = rs;
@@ -213,12 +224,15 @@ extern "C" __global__ void sum_partials(float* out, const float* part, int r, in
 // ---------------------------------------------------------------- elementwise
 
 // GELU, tanh approximation in its sigmoid form (as the CPU kernel).
-extern "C" __global__ void gelu_fwd(float* out, const float* x, i64 n) {
+// The output in fp32 (out) and/or rounded to bf16 (out16); either may be null.
+extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, const float* x, i64 n) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float v = x[i];
     float u = 0.7978846f * (v + 0.044715f * v * v * v);
-    out[i] = v * sigmoidf_(2.0f * u);
+    float y = v * sigmoidf_(2.0f * u);
+    if (out) out[i] = y;
+    if (out16) out16[i] = bf16_rne(y);
 }
 
 // d *= gelu'(x)
@@ -244,16 +258,10 @@ extern "C" __global__ void bias_fill(float* out, const float* bias, int n, int c
     out[i] = bias[i % c];
 }
 
-// fp32 -> bf16, round to nearest even (NaN stays NaN), as the CPU's to_bf16.
 extern "C" __global__ void to_bf16(bf16_t* out, const float* x, i64 n) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    unsigned int b = __float_as_uint(x[i]);
-    if (x[i] != x[i]) {
-        out[i] = (bf16_t)((b >> 16) | 0x40);
-    } else {
-        out[i] = (bf16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-    }
+    out[i] = bf16_rne(x[i]);
 }
 
 extern "C" __global__ void from_bf16(float* out, const bf16_t* x, i64 n) {

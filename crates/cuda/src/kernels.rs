@@ -240,10 +240,12 @@ impl Gpu {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// LayerNorm of `n` rows of `c`: the output in fp32 (`out`) and/or
+    /// rounded to bf16 (`out16`); 0 skips either.
     pub fn layernorm_fwd(
         &self,
         s: &Stream,
-        out: u64,
+        (out, out16): (u64, u64),
         mean: u64,
         rstd: u64,
         x: u64,
@@ -260,7 +262,7 @@ impl Gpu {
             (grid, 1),
             (THREADS, 1),
             s,
-            &[Arg::P(out), Arg::P(mean), Arg::P(rstd), Arg::P(x), Arg::P(w), Arg::P(b), i(n), i(c)],
+            &[Arg::P(out), Arg::P(out16), Arg::P(mean), Arg::P(rstd), Arg::P(x), Arg::P(w), Arg::P(b), i(n), i(c)],
         )
     }
 
@@ -329,8 +331,10 @@ impl Gpu {
         self.launch(k, (blocks(c), 1), (THREADS, 1), s, &[Arg::P(dbias), Arg::P(partial), i(r), i(c), i(c)])
     }
 
-    pub fn gelu_fwd(&self, s: &Stream, out: u64, x: u64, n: usize) -> Result<()> {
-        self.launch(self.kernels.gelu_fwd, (blocks(n), 1), (THREADS, 1), s, &[Arg::P(out), Arg::P(x), l(n)])
+    /// GELU: the output in fp32 (`out`) and/or rounded to bf16 (`out16`); 0 skips either.
+    pub fn gelu_fwd(&self, s: &Stream, (out, out16): (u64, u64), x: u64, n: usize) -> Result<()> {
+        let args = [Arg::P(out), Arg::P(out16), Arg::P(x), l(n)];
+        self.launch(self.kernels.gelu_fwd, (blocks(n), 1), (THREADS, 1), s, &args)
     }
 
     pub fn gelu_bwd(&self, s: &Stream, d: u64, x: u64, n: usize) -> Result<()> {

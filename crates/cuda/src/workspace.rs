@@ -14,6 +14,11 @@ use ws_kernels::Precision;
 use ws_model::spec::{block, LayerKind};
 use ws_model::ModelSpec;
 
+/// One block's saved activations. The inputs of its four products are kept
+/// in the products' precision only: fp32 (`ln1`, `ln2`, `fch_gelu`; `atty`
+/// is kept in fp32 anyway, attention's backward reads it) or bf16 (the
+/// `*16` copies, written by the kernels that make them), so neither pass
+/// converts them again.
 struct BlockActs {
     ln1: DevBuf<f32>,
     ln1_mean: DevBuf<f32>,
@@ -29,6 +34,29 @@ struct BlockActs {
     ln2_rstd: DevBuf<f32>,
     fch: DevBuf<f32>,
     fch_gelu: DevBuf<f32>,
+    ln1_16: DevBuf<u16>,
+    atty16: DevBuf<u16>,
+    ln2_16: DevBuf<u16>,
+    gelu16: DevBuf<u16>,
+}
+
+impl BlockActs {
+    /// The four products' inputs (LayerNorm 1, attention, LayerNorm 2,
+    /// GELU) in the products' precision.
+    fn inputs(&self, precision: Precision) -> [u64; 4] {
+        match precision {
+            Precision::Fp32 => [self.ln1.ptr(), self.atty.ptr(), self.ln2.ptr(), self.fch_gelu.ptr()],
+            Precision::Bf16 => [self.ln1_16.ptr(), self.atty16.ptr(), self.ln2_16.ptr(), self.gelu16.ptr()],
+        }
+    }
+
+    /// Where LayerNorm 1, LayerNorm 2 and GELU write: (fp32, bf16), one of them 0.
+    fn outputs(&self, precision: Precision) -> [(u64, u64); 3] {
+        match precision {
+            Precision::Fp32 => [(self.ln1.ptr(), 0), (self.ln2.ptr(), 0), (self.fch_gelu.ptr(), 0)],
+            Precision::Bf16 => [(0, self.ln1_16.ptr()), (0, self.ln2_16.ptr()), (0, self.gelu16.ptr())],
+        }
+    }
 }
 
 pub struct GpuWorkspace {
@@ -121,7 +149,13 @@ impl GpuWorkspace {
         let cfg = spec.config;
         let (c, nh, v, bt) = (cfg.n_embd, cfg.n_head, cfg.vocab_size, b * t);
         let (att, head) = Self::attention_lens(nh, b, t, c, fused);
-        let block = bt * (15 * c + 4) + att;
+        // Per token: ln1, qkv, atty, x2, ln2, fch, gelu (15 C floats) and
+        // four statistics; bf16 keeps ln1, ln2 and gelu (6 C) as bf16 only,
+        // with a bf16 copy of atty (7 C halves in all).
+        let block = match precision {
+            Precision::Fp32 => 4 * (bt * (15 * c + 4) + att),
+            Precision::Bf16 => 4 * (bt * (9 * c + 4) + att) + 2 * bt * 7 * c,
+        };
         let rows = head_rows_for(bt);
         let other = (cfg.n_layer + 1) * bt * c + bt * c + 2 * bt + rows * padded_vocab(v) + 2 * bt;
         let scratch =
@@ -132,7 +166,7 @@ impl GpuWorkspace {
             Precision::Bf16 => Self::bf16_lens(spec, bt).0 + Self::bf16_lens(spec, bt).1 + padded_vocab(v) * c,
         };
         let dwte_pad = if precision == Precision::Bf16 { padded_vocab(v) * c } else { 0 };
-        4 * (cfg.n_layer * block + other + scratch + ints + dwte_pad) + 2 * bf
+        cfg.n_layer * block + 4 * (other + scratch + ints + dwte_pad) + 2 * bf
     }
 
     fn bf16_lens(spec: &ModelSpec, bt: usize) -> (usize, usize) {
@@ -153,21 +187,29 @@ impl GpuWorkspace {
         let fused = Self::fused_on(gpu, spec, precision);
         let (att, head) = Self::attention_lens(nh, b_max, t_max, c, fused);
         let f = |n: usize| gpu.zeros::<f32>(n);
+        let bf = precision == Precision::Bf16;
+        // Kept in one precision only (see BlockActs).
+        let f32_only = |n: usize| gpu.zeros::<f32>(if bf { 0 } else { n });
+        let bf16_only = |n: usize| gpu.zeros::<u16>(if bf { n } else { 0 });
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for _ in 0..cfg.n_layer {
             blocks.push(BlockActs {
-                ln1: f(bt * c)?,
+                ln1: f32_only(bt * c)?,
                 ln1_mean: f(bt)?,
                 ln1_rstd: f(bt)?,
                 qkv: f(bt * 3 * c)?,
                 att: f(att)?,
                 atty: f(bt * c)?,
                 x2: f(bt * c)?,
-                ln2: f(bt * c)?,
+                ln2: f32_only(bt * c)?,
                 ln2_mean: f(bt)?,
                 ln2_rstd: f(bt)?,
                 fch: f(bt * 4 * c)?,
-                fch_gelu: f(bt * 4 * c)?,
+                fch_gelu: f32_only(bt * 4 * c)?,
+                ln1_16: bf16_only(bt * c)?,
+                atty16: bf16_only(bt * c)?,
+                ln2_16: bf16_only(bt * c)?,
+                gelu16: bf16_only(bt * 4 * c)?,
             });
         }
         let head_rows = head_rows_for(bt);
@@ -280,7 +322,8 @@ impl GpuWorkspace {
         Ok(())
     }
 
-    /// `out[bt,n] = inp[bt,k] @ w[k,n] + bias`.
+    /// `out[bt,n] = inp[bt,k] @ w[k,n] + bias`; `inp` in the products'
+    /// precision (bf16 already rounded, see [`BlockActs`]).
     #[allow(clippy::too_many_arguments)]
     fn linear_fwd(
         &self,
@@ -309,16 +352,16 @@ impl GpuWorkspace {
                 None,
             ),
             Precision::Bf16 => {
-                gpu.to_bf16(s, self.a16.ptr(), inp, bt * k)?;
                 gpu.to_bf16(s, self.b16.ptr(), w, k * n)?;
-                let (a, b) = (Operand::n(self.a16.ptr(), k), Operand::n(self.b16.ptr(), n));
+                let (a, b) = (Operand::n(inp, k), Operand::n(self.b16.ptr(), n));
                 gpu.gemm(GemmType::Bf16, bt, n, k, 1.0, a, b, 1.0, Operand::n(out, n), None)
             }
         }?;
         self.mark(gpu, "linear fwd")
     }
 
-    /// `dinp = dout @ w^T` (overwrites), `dw += inp^T @ dout`, `dbias += colsum(dout)`.
+    /// `dinp = dout @ w^T` (overwrites), `dw += inp^T @ dout`, `dbias +=
+    /// colsum(dout)`; `inp` in the products' precision, as in [`Self::linear_fwd`].
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
@@ -378,14 +421,13 @@ impl GpuWorkspace {
                     Operand::n(dinp, k),
                     None,
                 )?;
-                gpu.to_bf16(s, b16, inp, bt * k)?;
                 gpu.gemm(
                     GemmType::Bf16,
                     k,
                     n,
                     bt,
                     1.0,
-                    Operand::t(b16, k),
+                    Operand::t(inp, k),
                     Operand::n(a16, n),
                     1.0,
                     Operand::n(dw, n),
@@ -419,9 +461,11 @@ impl GpuWorkspace {
                 let x = self.residual[i].ptr();
                 let out = self.residual[i + 1].ptr();
                 let a = &self.blocks[i];
+                let p = self.precision;
+                let [ln1_out, ln2_out, gelu_out] = a.outputs(p);
                 gpu.layernorm_fwd(
                     s,
-                    a.ln1.ptr(),
+                    ln1_out,
                     a.ln1_mean.ptr(),
                     a.ln1_rstd.ptr(),
                     x,
@@ -431,15 +475,19 @@ impl GpuWorkspace {
                     c,
                 )?;
                 self.mark(gpu, "layernorm")?;
-                self.linear_fwd(gpu, a.qkv.ptr(), a.ln1.ptr(), w[block::ATTN_W], w[block::ATTN_B], bt, c, 3 * c)?;
+                let [ln1_in, atty_in, ln2_in, gelu_in] = a.inputs(p);
+                self.linear_fwd(gpu, a.qkv.ptr(), ln1_in, w[block::ATTN_W], w[block::ATTN_B], bt, c, 3 * c)?;
                 self.attention_fwd(gpu, i, b, t)?;
                 let a = &self.blocks[i];
-                self.linear_fwd(gpu, a.x2.ptr(), a.atty.ptr(), w[block::PROJ_W], w[block::PROJ_B], bt, c, c)?;
+                if p == Precision::Bf16 {
+                    gpu.to_bf16(s, a.atty16.ptr(), a.atty.ptr(), bt * c)?;
+                }
+                self.linear_fwd(gpu, a.x2.ptr(), atty_in, w[block::PROJ_W], w[block::PROJ_B], bt, c, c)?;
                 gpu.add_inplace(s, a.x2.ptr(), x, bt * c)?;
                 self.mark(gpu, "residual add")?;
                 gpu.layernorm_fwd(
                     s,
-                    a.ln2.ptr(),
+                    ln2_out,
                     a.ln2_mean.ptr(),
                     a.ln2_rstd.ptr(),
                     a.x2.ptr(),
@@ -449,10 +497,10 @@ impl GpuWorkspace {
                     c,
                 )?;
                 self.mark(gpu, "layernorm")?;
-                self.linear_fwd(gpu, a.fch.ptr(), a.ln2.ptr(), w[block::FC_W], w[block::FC_B], bt, c, 4 * c)?;
-                gpu.gelu_fwd(s, a.fch_gelu.ptr(), a.fch.ptr(), bt * 4 * c)?;
+                self.linear_fwd(gpu, a.fch.ptr(), ln2_in, w[block::FC_W], w[block::FC_B], bt, c, 4 * c)?;
+                gpu.gelu_fwd(s, gelu_out, a.fch.ptr(), bt * 4 * c)?;
                 self.mark(gpu, "gelu")?;
-                self.linear_fwd(gpu, out, a.fch_gelu.ptr(), w[block::FCPROJ_W], w[block::FCPROJ_B], bt, 4 * c, c)?;
+                self.linear_fwd(gpu, out, gelu_in, w[block::FCPROJ_W], w[block::FCPROJ_B], bt, 4 * c, c)?;
                 gpu.add_inplace(s, out, a.x2.ptr(), bt * c)?;
                 self.mark(gpu, "residual add")
             }
@@ -548,7 +596,7 @@ impl GpuWorkspace {
         let s = &gpu.compute;
         let x = self.residual[spec.config.n_layer].ptr();
         let lnf = self.lnf.ptr();
-        gpu.layernorm_fwd(s, lnf, self.lnf_mean.ptr(), self.lnf_rstd.ptr(), x, w[0], w[1], bt, c)?;
+        gpu.layernorm_fwd(s, (lnf, 0), self.lnf_mean.ptr(), self.lnf_rstd.ptr(), x, w[0], w[1], bt, c)?;
         self.mark(gpu, "layernorm")?;
         let bf = self.precision == Precision::Bf16;
         let wte = w[2];
@@ -667,6 +715,7 @@ impl GpuWorkspace {
                 assert_eq!(grads.len(), block::COUNT);
                 let x = self.residual[i].ptr();
                 let a = &self.blocks[i];
+                let [ln1_in, atty_in, ln2_in, gelu_in] = a.inputs(self.precision);
                 let g = grads;
                 let (dfch, dln, datty) = (self.dfch.ptr(), self.dln.ptr(), self.datty.ptr());
                 self.linear_bwd(
@@ -675,7 +724,7 @@ impl GpuWorkspace {
                     g[block::FCPROJ_W],
                     g[block::FCPROJ_B],
                     dres,
-                    a.fch_gelu.ptr(),
+                    gelu_in,
                     w[block::FCPROJ_W],
                     bt,
                     4 * c,
@@ -683,18 +732,7 @@ impl GpuWorkspace {
                 )?;
                 gpu.gelu_bwd(s, dfch, a.fch.ptr(), bt * 4 * c)?;
                 self.mark(gpu, "gelu")?;
-                self.linear_bwd(
-                    gpu,
-                    dln,
-                    g[block::FC_W],
-                    g[block::FC_B],
-                    dfch,
-                    a.ln2.ptr(),
-                    w[block::FC_W],
-                    bt,
-                    c,
-                    4 * c,
-                )?;
+                self.linear_bwd(gpu, dln, g[block::FC_W], g[block::FC_B], dfch, ln2_in, w[block::FC_W], bt, c, 4 * c)?;
                 let p = self.partial.ptr();
                 let (m2, r2) = (a.ln2_mean.ptr(), a.ln2_rstd.ptr());
                 gpu.layernorm_bwd(
@@ -718,7 +756,7 @@ impl GpuWorkspace {
                     g[block::PROJ_W],
                     g[block::PROJ_B],
                     dres,
-                    a.atty.ptr(),
+                    atty_in,
                     w[block::PROJ_W],
                     bt,
                     c,
@@ -733,7 +771,7 @@ impl GpuWorkspace {
                     g[block::ATTN_W],
                     g[block::ATTN_B],
                     dqkv,
-                    a.ln1.ptr(),
+                    ln1_in,
                     w[block::ATTN_W],
                     bt,
                     c,

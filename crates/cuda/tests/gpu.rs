@@ -121,6 +121,16 @@ fn embedding_matches_cpu() {
     assert_scaled_close("embedding dwpe", &down(&gpu, &d_gwpe), &gwpe, 1e-5);
 }
 
+/// The bf16 output a kernel wrote beside its fp32 one is that output rounded
+/// as the CPU rounds (bit for bit).
+fn assert_rounds_to_bf16(what: &str, gpu: &Gpu, out16: &ws_cuda::DevBuf<u16>, out: &[f32]) {
+    let mut bits = vec![0u16; out.len()];
+    gpu.download(&mut bits, out16.ptr(), &gpu.compute).unwrap();
+    for (i, (&g, &v)) in bits.iter().zip(out).enumerate() {
+        assert_eq!(g, ws_kernels::bf16::to_bf16(v), "{what}: bf16 copy of [{i}] = {v}");
+    }
+}
+
 #[test]
 fn layernorm_matches_cpu() {
     let Some(gpu) = gpu_for_tests() else { return };
@@ -133,8 +143,11 @@ fn layernorm_matches_cpu() {
     let (dx, dw, db) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &bias));
     let (dout, dmean, drstd) =
         (gpu.alloc::<f32>(n * c).unwrap(), gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<f32>(n).unwrap());
-    gpu.layernorm_fwd(&gpu.compute, dout.ptr(), dmean.ptr(), drstd.ptr(), dx.ptr(), dw.ptr(), db.ptr(), n, c).unwrap();
+    let out16 = gpu.alloc::<u16>(n * c).unwrap();
+    let outs = (dout.ptr(), out16.ptr());
+    gpu.layernorm_fwd(&gpu.compute, outs, dmean.ptr(), drstd.ptr(), dx.ptr(), dw.ptr(), db.ptr(), n, c).unwrap();
     assert_scaled_close("layernorm out", &down(&gpu, &dout), &out, 1e-5);
+    assert_rounds_to_bf16("layernorm out", &gpu, &out16, &down(&gpu, &dout));
     assert_scaled_close("layernorm mean", &down(&gpu, &dmean), &mean, 1e-5);
     assert_scaled_close("layernorm rstd", &down(&gpu, &drstd), &rstd, 1e-5);
 
@@ -174,8 +187,10 @@ fn gelu_bias_and_bf16_match_cpu() {
     ws_kernels::gelu::gelu_forward(&mut out, &x);
     let dx = up(&gpu, &x);
     let dout = gpu.alloc::<f32>(n).unwrap();
-    gpu.gelu_fwd(&gpu.compute, dout.ptr(), dx.ptr(), n).unwrap();
+    let out16 = gpu.alloc::<u16>(n).unwrap();
+    gpu.gelu_fwd(&gpu.compute, (dout.ptr(), out16.ptr()), dx.ptr(), n).unwrap();
     assert_scaled_close("gelu forward", &down(&gpu, &dout), &out, 1e-5);
+    assert_rounds_to_bf16("gelu forward", &gpu, &out16, &down(&gpu, &dout));
     let mut d = random(&mut rng, n, 1.0);
     let dd = up(&gpu, &d);
     ws_kernels::gelu::gelu_backward_inplace(&mut d, &x);

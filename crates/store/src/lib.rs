@@ -8,9 +8,13 @@
 //!   layer and is read from there for the head). A slab is cut into pages of
 //!   at most `page_params` parameters; a page holds four regions: weights,
 //!   gradient accumulator, first and second moments of its parameters.
-//! - The flash tier holds every slab: a file each, pages back to back, so a
-//!   layer is one sequential read; pages are read and written with
-//!   positioned I/O on 4 KiB-aligned buffers. The DRAM tier holds the pages
+//! - The flash tier is a file per slab, pages back to back, so a layer is
+//!   one sequential read; pages are read and written with positioned I/O on
+//!   4 KiB-aligned buffers. It holds every page not in DRAM: a new store
+//!   keeps the pages that fit the budget in DRAM (in page order) and writes
+//!   the rest; an evicted page is written back if DRAM changed it. A budget
+//!   that holds the whole model never writes flash (until a checkpoint),
+//!   so the disk need not be as large as the model. The DRAM tier holds the pages
 //!   that fit the budget; the unit of residency is the page, so the budget
 //!   need only hold one page, whatever the size of a layer. The order of
 //!   accesses is known (the schedule), so eviction is Belady's: the page
@@ -195,6 +199,15 @@ pub struct StoreConfig {
     pub micro_batches: usize,
 }
 
+/// Fills a new page of a slab: `(p0, p1, page)`, as in [`Store::create_with`].
+type PageFill<'a> = dyn FnMut(usize, usize, &mut [f32]) -> Result<()> + 'a;
+
+/// Where a new page went: kept in DRAM, or written to flash (its regions' CRC32).
+enum Placed {
+    Dram(AlignedBuf),
+    Flash([u32; 4]),
+}
+
 /// An update recorded at the end of a step, applied to each page before
 /// its next use.
 #[derive(Clone, Copy, Debug)]
@@ -286,8 +299,9 @@ impl Store {
 
     /// A store whose pages `fill(slab, p0, p1, page)` writes, page by page
     /// in order (slabs ascending, pages ascending), so creating a model larger
-    /// than memory takes one page of memory. The page buffer is zeroed and
-    /// laid out weights | gradient | m | v, `p1 - p0` parameters each.
+    /// than memory takes one page of memory beyond the DRAM budget. The page
+    /// buffer is zeroed and laid out weights | gradient | m | v, `p1 - p0`
+    /// parameters each.
     pub fn create_with(
         spec: &ModelSpec,
         version: u64,
@@ -295,6 +309,47 @@ impl Store {
         config: StoreConfig,
         mut fill: impl FnMut(usize, usize, usize, &mut [f32]) -> Result<()>,
     ) -> Result<Store> {
+        let mut store = Store::empty(spec, version, dir, config)?;
+        let keep = store.initial_residency();
+        for (s, keep) in keep.iter().enumerate() {
+            let placed = store.fill_slab(s, keep, &mut |p0, p1, page| fill(s, p0, p1, page))?;
+            store.place(s, placed);
+        }
+        Ok(store)
+    }
+
+    /// [`Store::create_with`] with the slabs filled in parallel (a slab's
+    /// pages in order): `slab_fill(slab)` makes the filler of one slab's
+    /// pages, `(p0, p1, page)`. For a model of billions of parameters, whose
+    /// initial draw would take minutes on one core.
+    pub fn create_parallel<F>(
+        spec: &ModelSpec,
+        version: u64,
+        dir: &Path,
+        config: StoreConfig,
+        slab_fill: impl Fn(usize) -> F + Sync,
+    ) -> Result<Store>
+    where
+        F: FnMut(usize, usize, &mut [f32]) -> Result<()>,
+    {
+        use rayon::prelude::*;
+        let mut store = Store::empty(spec, version, dir, config)?;
+        let keep = store.initial_residency();
+        let placed = {
+            let store = &store;
+            (0..spec.layer_count())
+                .into_par_iter()
+                .map(|s| store.fill_slab(s, &keep[s], &mut slab_fill(s)))
+                .collect::<Result<Vec<_>>>()?
+        };
+        for (s, placed) in placed.into_iter().enumerate() {
+            store.place(s, placed);
+        }
+        Ok(store)
+    }
+
+    /// A store with no pages filled yet: its slab files created empty.
+    fn empty(spec: &ModelSpec, version: u64, dir: &Path, config: StoreConfig) -> Result<Store> {
         let layout = Layout::new(spec, config.page_params);
         let needed = layout.min_dram_bytes();
         if config.dram_budget < needed {
@@ -328,7 +383,7 @@ impl Store {
                     .collect()
             })
             .collect();
-        let mut store = Store {
+        Ok(Store {
             spec: spec.clone(),
             layout,
             dir: dir.to_path_buf(),
@@ -344,17 +399,74 @@ impl Store {
             cursor: 0,
             current: None,
             masks: Masks::dense(spec),
-        };
-        // Every page goes to flash first: the flash tier holds everything.
-        for s in 0..spec.layer_count() {
-            let bounds = store.layout.pages[s].clone();
-            for (i, w) in bounds.windows(2).enumerate() {
-                let mut page = AlignedBuf::zeroed(4 * (w[1] - w[0]));
-                fill(s, w[0], w[1], &mut page)?;
-                store.write_page(s, i, &page)?;
+        })
+    }
+
+    /// Which pages a new store keeps in DRAM: in page order while the
+    /// budget has room. The rest start on flash. With a budget that holds
+    /// the whole model, flash is not touched until a checkpoint.
+    fn initial_residency(&self) -> Vec<Vec<bool>> {
+        let mut used = 0u64;
+        self.layout
+            .pages
+            .iter()
+            .map(|b| {
+                b.windows(2)
+                    .map(|w| {
+                        let bytes = 16 * (w[1] - w[0]) as u64;
+                        let keep = used + bytes <= self.config.dram_budget;
+                        used += if keep { bytes } else { 0 };
+                        keep
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Fills slab `s`'s pages in order; each is kept for DRAM (`keep`) or
+    /// written to flash at once, with its regions' checksums.
+    fn fill_slab(&self, s: usize, keep: &[bool], fill: &mut PageFill) -> Result<Vec<Placed>> {
+        let bounds = &self.layout.pages[s];
+        let mut placed = Vec::with_capacity(keep.len());
+        for (i, w) in bounds.windows(2).enumerate() {
+            let (p0, p1) = (w[0], w[1]);
+            let mut page = AlignedBuf::zeroed(4 * (p1 - p0));
+            fill(p0, p1, &mut page)?;
+            if keep[i] {
+                placed.push(Placed::Dram(page));
+                continue;
+            }
+            let region = 4 * (p1 - p0);
+            let mut crc = [0; 4];
+            for (r, c) in crc.iter_mut().enumerate() {
+                let bytes = &page.as_bytes()[r * region..(r + 1) * region];
+                let at = (16 * p0 + r * region) as u64;
+                self.files[s].write_all_at(bytes, at).map_err(io("cannot write slab file", &self.slab_path(s)))?;
+                *c = crc32fast::hash(bytes);
+            }
+            placed.push(Placed::Flash(crc));
+        }
+        Ok(placed)
+    }
+
+    /// Records where slab `s`'s new pages went.
+    fn place(&mut self, s: usize, placed: Vec<Placed>) {
+        for (i, p) in placed.into_iter().enumerate() {
+            let (p0, p1) = self.page_range(s, i);
+            let page = &mut self.pages[s][i];
+            match p {
+                Placed::Dram(buf) => {
+                    // Flash has never seen it: every region is dirty.
+                    (page.dram, page.valid, page.dirty) = (Some(buf), ALL, ALL);
+                    self.stats.dram_bytes += 16 * (p1 - p0) as u64;
+                    self.stats.dram_bytes_peak = self.stats.dram_bytes_peak.max(self.stats.dram_bytes);
+                }
+                Placed::Flash(crc) => {
+                    page.crc = crc;
+                    self.stats.flash_write_bytes += 16 * (p1 - p0) as u64;
+                }
             }
         }
-        Ok(store)
     }
 
     /// The patterns of the sparse tensors.
@@ -509,10 +621,6 @@ impl Store {
 
     fn page_range(&self, s: usize, i: usize) -> (usize, usize) {
         (self.layout.pages[s][i], self.layout.pages[s][i + 1])
-    }
-
-    fn write_page(&mut self, s: usize, i: usize, buf: &AlignedBuf) -> Result<()> {
-        self.write_regions(s, i, buf, ALL)
     }
 
     /// Writes back the `dirty` regions of page (s, i) (one positioned write
@@ -1041,6 +1149,64 @@ mod tests {
         assert!(read <= 20 * params_bytes + twice, "read {read} bytes, over 20 per parameter");
         assert!(written <= 16 * params_bytes + twice, "wrote {written} bytes, over 16 per parameter");
         let _ = std::fs::remove_dir_all(tmp("zero-grad"));
+    }
+
+    #[test]
+    fn a_budget_that_holds_the_model_never_touches_flash_until_a_checkpoint() {
+        // The whole state stays in DRAM: the disk need not hold the model.
+        let spec = spec();
+        let params = random_params(&spec, 1);
+        let total = 16 * Layout::new(&spec, 256).slab_params.iter().sum::<usize>() as u64;
+        let dir = tmp("all-dram");
+        let mut store = Store::create(&spec, &params, None, 0, &dir, cfg(total)).unwrap();
+        let mut reference = Store::create(&spec, &params, None, 0, &tmp("all-dram-ref"), cfg(total / 3)).unwrap();
+        for seed in 2..5 {
+            let grads = random_params(&spec, seed);
+            assert_eq!(one_step(&mut store, &spec, &grads, 0.01), one_step(&mut reference, &spec, &grads, 0.01));
+        }
+        let st = store.stats();
+        assert_eq!((st.flash_read_bytes, st.flash_write_bytes), (0, 0), "{st:?}");
+        assert!(reference.stats().flash_write_bytes > 0, "a third of the state must spill");
+        let on_disk: u64 = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        assert_eq!(on_disk, 0, "no slab file was written");
+        assert_eq!(store.snapshot().unwrap(), reference.snapshot().unwrap());
+        let ckpt = tmp("all-dram-ckpt");
+        store.checkpoint(&ckpt, "").unwrap();
+        let (mut restored, _) = Store::restore(&spec, &ckpt, &tmp("all-dram-back"), cfg(total)).unwrap();
+        assert_eq!(restored.snapshot().unwrap(), store.snapshot().unwrap());
+        for name in ["all-dram", "all-dram-ref", "all-dram-ckpt", "all-dram-back"] {
+            let _ = std::fs::remove_dir_all(tmp(name));
+        }
+    }
+
+    #[test]
+    fn slabs_filled_in_parallel_equal_slabs_filled_in_order() {
+        // Each parameter's value is a function of its place, so any order of
+        // filling gives the same store; half the pages go to flash.
+        let spec = spec();
+        let total = 16 * Layout::new(&spec, 256).slab_params.iter().sum::<usize>() as u64;
+        let value = |s: usize, p: usize, region: usize| (s * 100_000 + p * 4 + region) as f32;
+        let fill = |s: usize, p0: usize, p1: usize, page: &mut [f32]| {
+            let len = p1 - p0;
+            for (j, x) in page.iter_mut().enumerate() {
+                if j / len != 1 {
+                    *x = value(s, p0 + j % len, j / len);
+                }
+            }
+            Ok(())
+        };
+        let mut ordered = Store::create_with(&spec, 0, &tmp("fill-ordered"), cfg(total / 2), fill).unwrap();
+        let mut parallel = Store::create_parallel(&spec, 0, &tmp("fill-parallel"), cfg(total / 2), |s| {
+            move |p0, p1, page: &mut [f32]| fill(s, p0, p1, page)
+        })
+        .unwrap();
+        assert_eq!(ordered.stats(), parallel.stats());
+        assert!(parallel.stats().flash_write_bytes > 0 && parallel.stats().dram_bytes > 0);
+        assert_eq!(ordered.snapshot().unwrap(), parallel.snapshot().unwrap());
+        assert_eq!(parallel.snapshot().unwrap().0.tensors[0][3], value(0, 3, 0));
+        for name in ["fill-ordered", "fill-parallel"] {
+            let _ = std::fs::remove_dir_all(tmp(name));
+        }
     }
 
     #[test]

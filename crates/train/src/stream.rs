@@ -919,17 +919,20 @@ pub fn create_store(
         return Ok(store);
     }
     let layout = Layout::new(spec, sc.page_params);
-    // Each tensor's initial values are drawn in order, page by page.
-    let mut init: Option<(usize, ws_model::params::TensorInit)> = None;
-    let mut store = Store::create_with(spec, 0, dir, sc, |s, p0, p1, page| {
-        for (t, off, lo, hi) in layout.tensors_in(spec, s, p0, p1) {
-            if init.as_ref().is_none_or(|(it, _)| *it != t) {
-                assert_eq!(lo, off, "a tensor's first page comes first");
-                init = Some((t, ws_model::params::TensorInit::new(spec, t, config.train.seed)));
+    // Each tensor's initial values are drawn in order, page by page; a
+    // tensor lives in one slab, so the slabs are drawn in parallel.
+    let mut store = Store::create_parallel(spec, 0, dir, sc, |s| {
+        let (layout, mut init) = (&layout, None::<(usize, ws_model::params::TensorInit)>);
+        move |p0, p1, page: &mut [f32]| {
+            for (t, off, lo, hi) in layout.tensors_in(spec, s, p0, p1) {
+                if init.as_ref().is_none_or(|(it, _)| *it != t) {
+                    assert_eq!(lo, off, "a tensor's first page comes first");
+                    init = Some((t, ws_model::params::TensorInit::new(spec, t, config.train.seed)));
+                }
+                init.as_mut().expect("set above").1.fill_next(&mut page[lo - p0..hi - p0]);
             }
-            init.as_mut().expect("set above").1.fill_next(&mut page[lo - p0..hi - p0]);
+            Ok(())
         }
-        Ok(())
     })
     .map_err(err)?;
     if spec.is_sparse() {
