@@ -28,30 +28,53 @@ timeout 100 device/train-gpu --test-threads=1 --nocapture > "$OUT/test-train.log
 train_rc=$?
 grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
 
-# Each benchmark: a label, then `weightstream bench cuda` arguments; run
-# while the call's budget (DEVICE_BUDGET_S, seconds) lasts, with
-# WS_CUDA_ATTENTION from the label's suffix (":materialized" compares the
-# attention kept as a T x T matrix with the fused kernels).
+# Each benchmark: a label, then `weightstream bench cuda` arguments, which
+# may start with VAR=value settings for the run (WS_CUDA_ATTENTION=materialized
+# keeps attention as a T x T matrix, WS_CUDA_GEMM=cublas leaves cuBLASLt
+# out: comparisons in one sitting). Runs while the call's budget
+# (DEVICE_BUDGET_S, seconds) lasts.
 BENCHES=${BENCHES:-"small:--what all --model small --batch 16 --seq 1024 --steps 5
+small-cublas:WS_CUDA_GEMM=cublas --what train --model small --batch 16 --seq 1024 --steps 5
 1b:--what train --model 1b --batch 8 --seq 1024 --steps 3
 small-b64:--what streaming --model small --batch 64 --micro-batch 32 --seq 1024 --steps 3
-large:--what large --batch 4 --seq 1024 --steps 4 --data device/shakespeare.bin
-1b-b32:--what streaming --model 1b --batch 32 --micro-batch 8 --seq 1024 --steps 3
-small:materialized:--what train --model small --batch 16 --seq 1024 --steps 5"}
+large:--what large --batch 4 --seq 1024 --steps 8 --data device/shakespeare.bin"}
 bench_rc=0
 while IFS= read -r line; do
   [ -z "$line" ] && continue
-  label=${line%%:*}; rest=${line#*:}; attention=fused
-  case "$rest" in materialized:*) attention=materialized; rest=${rest#materialized:} ;; esac
+  label=${line%%:*}; rest=${line#*:}; settings=""
+  while [[ "$rest" =~ ^([A-Z_]+=[^ ]+)\ (.*)$ ]]; do
+    settings="$settings ${BASH_REMATCH[1]}"; rest=${BASH_REMATCH[2]}
+  done
+  settings=${settings# }
   left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
-  if [ "$left" -lt 45 ]; then log "skipped ($left s left): $label $attention $rest"; continue; fi
-  log "bench $label ($attention attention): $rest"
+  if [ "$left" -lt 45 ]; then log "skipped ($left s left): $label $settings $rest"; continue; fi
+  log "bench $label ${settings:+($settings) }$rest"
   # shellcheck disable=SC2086
-  WS_CUDA_ATTENTION=$attention timeout "$left" device/weightstream bench cuda $rest \
-    2>> "$OUT/bench.err" | sed "s/^{/{\"label\": \"$label\", \"attention\": \"$attention\", /" >> "$OUT/bench.jsonl"
+  env $settings timeout "$left" device/weightstream bench cuda $rest \
+    2>> "$OUT/bench.err" | sed "s/^{/{\"label\": \"$label\", \"settings\": \"$settings\", /" >> "$OUT/bench.jsonl"
   rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && bench_rc=$rc
   tail -n 3 "$OUT/bench.jsonl"; tail -n 2 "$OUT/bench.err"
 done <<< "$BENCHES"
+# Training runs on the bundled corpus (device/shakespeare.bin): a label, then
+# `weightstream train` arguments; each run's metrics land in $OUT/train-LABEL/.
+TRAINS=${TRAINS:-""}
+while IFS= read -r line; do
+  [ -z "$line" ] && continue
+  label=${line%%:*}; rest=${line#*:}
+  left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
+  if [ "$left" -lt 30 ]; then log "skipped ($left s left): train $label"; continue; fi
+  log "train $label: $rest"
+  rm -rf "/tmp/ws-train-$label"
+  # shellcheck disable=SC2086
+  timeout "$left" device/weightstream train --set train.device=cuda --set data.path=device/shakespeare.bin \
+    --set data.cache_dir= --set run_dir=/tmp/ws-train-$label $rest > "$OUT/train-$label.log" 2>&1
+  echo "exit $?" >> "$OUT/train-$label.log"
+  mkdir -p "$OUT/train-$label"; cp /tmp/ws-train-$label/metrics.jsonl /tmp/ws-train-$label/config.toml "$OUT/train-$label/" 2>/dev/null
+  rm -rf "/tmp/ws-train-$label"
+  python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.strip()]; print(sys.argv[2], [round(x['train_loss'],2) for x in r if 'train_loss' in x])" \
+    "$OUT/train-$label/metrics.jsonl" "$label" 2>/dev/null | tee -a "$OUT/progress.log"
+  tail -n 2 "$OUT/train-$label.log"
+done <<< "$TRAINS"
 python3 - "$OUT" "$cuda_rc" "$train_rc" "$bench_rc" <<'PY'
 import json, sys, re, os
 out, cuda_rc, train_rc, bench_rc = sys.argv[1:]

@@ -234,7 +234,7 @@ pub enum Arg {
 
 /// How the fp32 products run: exact fp32 or TF32 tensor cores; bf16 takes
 /// bf16 operands with fp32 accumulation and output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GemmType {
     F32,
     Tf32,
@@ -280,6 +280,9 @@ pub struct Gpu {
     pub upload: Stream,
     pub download: Stream,
     blas: cb::cublasHandle_t,
+    /// cuBLASLt, for products with a bias; `None` where libcublasLt is
+    /// missing or `WS_CUDA_GEMM=cublas` asks for cuBLAS alone (comparisons).
+    lt: Option<crate::lt::Lt>,
     pub(crate) kernels: crate::kernels::Kernels,
     ledger: Arc<AtomicUsize>,
 }
@@ -327,7 +330,7 @@ impl Gpu {
             let kernels = crate::kernels::Kernels::load((major, minor), max_shared_optin)?;
             let mut blas = std::ptr::null_mut();
             check_blas(cb::cublasCreate_v2(&mut blas), "cublasCreate")?;
-            Ok(Gpu {
+            let mut gpu = Gpu {
                 name,
                 compute_capability: (major, minor),
                 multiprocessors,
@@ -338,10 +341,48 @@ impl Gpu {
                 upload: Stream::new()?,
                 download: Stream::new()?,
                 blas,
+                lt: None,
                 kernels,
                 ledger: Arc::new(AtomicUsize::new(0)),
-            })
+            };
+            let wanted = std::env::var("WS_CUDA_GEMM").map_or(true, |v| v != "cublas");
+            if wanted && crate::lt::present() {
+                let workspace = gpu.alloc::<u8>(crate::lt::WORKSPACE_BYTES)?;
+                gpu.lt = Some(crate::lt::Lt::new(workspace)?);
+            }
+            Ok(gpu)
         }
+    }
+
+    /// Whether products with a bias run through cuBLASLt's epilogue.
+    pub fn uses_cublaslt(&self) -> bool {
+        self.lt.is_some()
+    }
+
+    /// Row-major `C[M,N] = op(A)[M,K] op(B)[K,N] + bias[N]` (the bias on
+    /// every row), fp32 output, on the compute stream. bf16 and TF32 go
+    /// through cuBLASLt's bias epilogue (one pass over C) where it is
+    /// loaded and the bias is 16-byte aligned; otherwise, and for exact
+    /// fp32, the bias is written into C and the product added to it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bias(
+        &self,
+        ty: GemmType,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand,
+        b: Operand,
+        bias: u64,
+        c: Operand,
+    ) -> Result<()> {
+        if let Some(lt) = self.lt.as_ref().filter(|_| ty != GemmType::F32 && bias.is_multiple_of(16) && c.ld == n) {
+            if lt.matmul(self.compute.0, ty, m, n, k, a, b, Some(bias), c)? {
+                return Ok(());
+            }
+        }
+        self.bias_fill(&self.compute, c.ptr, bias, m, n)?;
+        self.gemm(ty, m, n, k, 1.0, a, b, 1.0, c, None)
     }
 
     /// Bytes of device memory this process holds through [`DevBuf`]s.
@@ -600,6 +641,7 @@ impl Gpu {
 impl Drop for Gpu {
     fn drop(&mut self) {
         let _ = self.synchronize();
+        self.lt = None;
         // SAFETY: our handle; the primary context stays until exit.
         unsafe {
             cb::cublasDestroy_v2(self.blas);

@@ -4,16 +4,19 @@
 //! dynamic loading), so this crate builds and its tests run on machines
 //! without CUDA: there [`Gpu::new`] returns a clear error and the GPU tests
 //! skip with a message. Our kernels are CUDA C (`kernels.cu`) compiled by
-//! NVRTC for the device at start-up; products go through cuBLAS.
+//! NVRTC for the device at start-up; products go through cuBLAS, and those
+//! with a bias through cuBLASLt's bias epilogue where the library is present.
 //!
 //! - [`driver`]: the GPU, its streams and events, device and pinned memory,
 //!   launches and products;
 //! - [`kernels`]: the CUDA C kernels' launchers, one per CPU kernel;
+//! - [`lt`]: products with a bias through cuBLASLt;
 //! - [`workspace`]: activations and the per-layer forward and backward, the
 //!   device twin of `ws_model::Workspace`.
 
 pub mod driver;
 pub mod kernels;
+pub mod lt;
 pub mod params;
 pub mod workspace;
 

@@ -337,24 +337,15 @@ impl GpuWorkspace {
         n: usize,
     ) -> Result<()> {
         let s = &gpu.compute;
-        gpu.bias_fill(s, out, bias, bt, n)?;
         match self.precision {
-            Precision::Fp32 => gpu.gemm(
-                GemmType::F32,
-                bt,
-                n,
-                k,
-                1.0,
-                Operand::n(inp, k),
-                Operand::n(w, n),
-                1.0,
-                Operand::n(out, n),
-                None,
-            ),
+            Precision::Fp32 => {
+                let (a, b) = (Operand::n(inp, k), Operand::n(w, n));
+                gpu.gemm_bias(GemmType::F32, bt, n, k, a, b, bias, Operand::n(out, n))
+            }
             Precision::Bf16 => {
                 gpu.to_bf16(s, self.b16.ptr(), w, k * n)?;
                 let (a, b) = (Operand::n(inp, k), Operand::n(self.b16.ptr(), n));
-                gpu.gemm(GemmType::Bf16, bt, n, k, 1.0, a, b, 1.0, Operand::n(out, n), None)
+                gpu.gemm_bias(GemmType::Bf16, bt, n, k, a, b, bias, Operand::n(out, n))
             }
         }?;
         self.mark(gpu, "linear fwd")

@@ -11,7 +11,7 @@
 
 use safetensors::SafeTensors;
 use ws_cuda::kernels::{self, token_buckets};
-use ws_cuda::{gpu_for_tests, DeviceParams, Gpu, GpuWorkspace};
+use ws_cuda::{gpu_for_tests, DeviceParams, GemmType, Gpu, GpuWorkspace, Operand};
 use ws_kernels::adamw::{adamw_update, AdamWStep};
 use ws_kernels::{Precision, Rng};
 use ws_model::{Gpt2Config, ModelSpec, Params, Workspace};
@@ -317,6 +317,60 @@ fn model_bf16_matches_cpu_fp32_within_bf16_tolerance() {
 fn model_bf16_with_fused_attention_matches_cpu_fp32() {
     // Head size 64: attention runs through the fused kernels (sm_80 on).
     model_matches_cpu(Precision::Bf16, 2, 2e-3);
+}
+
+#[test]
+fn products_with_a_bias_match_cpu() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    eprintln!("bias epilogue through cuBLASLt: {}", gpu.uses_cublaslt());
+    let mut rng = Rng::new(9);
+    let (m, k, n) = (300, 136, 200);
+    let (a, b) = (random(&mut rng, m * k, 1.0), random(&mut rng, k * n, 1.0));
+    // Room for the bias at a 16-byte boundary and one float past it (the fallback).
+    let bias_room = random(&mut rng, n + 4, 1.0);
+    let bias_dev = up(&gpu, &bias_room);
+    for ty in [GemmType::Bf16, GemmType::Tf32, GemmType::F32] {
+        for transposed_a in [false, true] {
+            for skew in [0usize, 1] {
+                let bias = &bias_room[skew..skew + n];
+                // bf16 takes inputs rounded to bf16; both sides then see the same values.
+                let (ar, br) =
+                    if ty == GemmType::Bf16 { (bf16_round(&a), bf16_round(&b)) } else { (a.clone(), b.clone()) };
+                let mut expected = vec![0f32; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        let dot: f64 = (0..k)
+                            .map(|p| ar[i * k + p] as f64 * br[p * n + j] as f64)
+                            .sum();
+                        expected[i * n + j] = (dot + bias[j] as f64) as f32;
+                    }
+                }
+                // A as stored: [M, K], or [K, M] read transposed.
+                let a_stored: Vec<f32> =
+                    if transposed_a { (0..k * m).map(|x| a[(x % m) * k + x / m]).collect() } else { a.clone() };
+                let (da, db) = (up(&gpu, &a_stored), up(&gpu, &b));
+                let (a16, b16) = (gpu.alloc::<u16>(m * k).unwrap(), gpu.alloc::<u16>(k * n).unwrap());
+                let (pa, pb) = if ty == GemmType::Bf16 {
+                    gpu.to_bf16(&gpu.compute, a16.ptr(), da.ptr(), m * k).unwrap();
+                    gpu.to_bf16(&gpu.compute, b16.ptr(), db.ptr(), k * n).unwrap();
+                    (a16.ptr(), b16.ptr())
+                } else {
+                    (da.ptr(), db.ptr())
+                };
+                let aop = if transposed_a { Operand::t(pa, m) } else { Operand::n(pa, k) };
+                let c = gpu.alloc::<f32>(m * n).unwrap();
+                let bias_ptr = bias_dev.ptr() + 4 * skew as u64;
+                gpu.gemm_bias(ty, m, n, k, aop, Operand::n(pb, n), bias_ptr, Operand::n(c.ptr(), n)).unwrap();
+                let tol = match ty {
+                    GemmType::Bf16 => 1e-4,
+                    GemmType::Tf32 => 3e-3,
+                    GemmType::F32 => 1e-5,
+                };
+                let what = format!("{ty:?} product + bias (A transposed: {transposed_a}, bias at +{skew} floats)");
+                assert_scaled_close(&what, &down(&gpu, &c), &expected, tol);
+            }
+        }
+    }
 }
 
 /// `x` rounded to bf16 and back: inputs both sides see exactly.
