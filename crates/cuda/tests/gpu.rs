@@ -339,9 +339,7 @@ fn products_with_a_bias_match_cpu() {
                 let mut expected = vec![0f32; m * n];
                 for i in 0..m {
                     for j in 0..n {
-                        let dot: f64 = (0..k)
-                            .map(|p| ar[i * k + p] as f64 * br[p * n + j] as f64)
-                            .sum();
+                        let dot: f64 = (0..k).map(|p| ar[i * k + p] as f64 * br[p * n + j] as f64).sum();
                         expected[i * n + j] = (dot + bias[j] as f64) as f32;
                     }
                 }

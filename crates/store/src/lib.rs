@@ -436,14 +436,8 @@ impl Store {
                 placed.push(Placed::Dram(page));
                 continue;
             }
-            let region = 4 * (p1 - p0);
             let mut crc = [0; 4];
-            for (r, c) in crc.iter_mut().enumerate() {
-                let bytes = &page.as_bytes()[r * region..(r + 1) * region];
-                let at = (16 * p0 + r * region) as u64;
-                self.files[s].write_all_at(bytes, at).map_err(io("cannot write slab file", &self.slab_path(s)))?;
-                *c = crc32fast::hash(bytes);
-            }
+            self.write_span(s, p0, p1, &page, ALL, &mut crc)?;
             placed.push(Placed::Flash(crc));
         }
         Ok(placed)
@@ -627,16 +621,36 @@ impl Store {
     /// each) and records their checksums; a zero gradient stays unwritten.
     fn write_regions(&mut self, s: usize, i: usize, buf: &AlignedBuf, dirty: u8) -> Result<()> {
         let (p0, p1) = self.page_range(s, i);
-        let region = 4 * (p1 - p0);
         let dirty = if self.pages[s][i].grad_zero { dirty & !GRADIENT } else { dirty };
-        for r in (0..4).filter(|r| dirty & (1 << r) != 0) {
+        let mut crc = self.pages[s][i].crc;
+        let written = self.write_span(s, p0, p1, buf, dirty, &mut crc)?;
+        self.pages[s][i].crc = crc;
+        self.stats.flash_write_bytes += written;
+        Ok(())
+    }
+
+    /// Writes the regions `mask` of the page holding parameters p0..p1 of
+    /// slab `s` (one positioned write each) and sets their CRC32s in `crc`;
+    /// returns the bytes written. Needs no `&mut`: new slabs are written in parallel.
+    fn write_span(
+        &self,
+        s: usize,
+        p0: usize,
+        p1: usize,
+        buf: &AlignedBuf,
+        mask: u8,
+        crc: &mut [u32; 4],
+    ) -> Result<u64> {
+        let region = 4 * (p1 - p0);
+        let mut written = 0;
+        for r in (0..4).filter(|r| mask & (1 << r) != 0) {
             let bytes = &buf.as_bytes()[r * region..(r + 1) * region];
             let at = (16 * p0 + r * region) as u64;
             self.files[s].write_all_at(bytes, at).map_err(io("cannot write slab file", &self.slab_path(s)))?;
-            self.pages[s][i].crc[r] = crc32fast::hash(bytes);
-            self.stats.flash_write_bytes += bytes.len() as u64;
+            crc[r] = crc32fast::hash(bytes);
+            written += bytes.len() as u64;
         }
-        Ok(())
+        Ok(written)
     }
 
     fn read_page(&mut self, s: usize, i: usize) -> Result<AlignedBuf> {
