@@ -57,24 +57,30 @@ while IFS= read -r line; do
   tail -n 3 "$OUT/bench.jsonl"; tail -n 2 "$OUT/bench.err"
 done <<< "$BENCHES"
 # Training runs on the bundled corpus (device/shakespeare.bin): a label, then
-# `weightstream train` arguments; each run's metrics land in $OUT/train-LABEL/.
-TRAINS=${TRAINS:-""}
+# `weightstream train` arguments. Their output goes to $OUT/train.log and
+# their per-step metrics, tagged with the label, to $OUT/train-metrics.jsonl
+# (the device tool returns at most 8 files).
+m1b="--set model.n_layer=20 --set model.n_head=16 --set model.n_embd=2048 --set model.block_size=1024 --set train.seq_len=1024 --set train.batch_size=8 --set train.steps=40 --set train.warmup_steps=10 --set train.lr=2e-4 --set train.min_lr=2e-5 --set train.precision=bf16 --set train.eval_batches=2 --set train.export_hf=false"
+TRAINS=${TRAINS:-"1b-resident:$m1b --set stream.mode=resident
+1b-streamed:$m1b --set stream.mode=streaming --set stream.dtype=bf16"}
 while IFS= read -r line; do
   [ -z "$line" ] && continue
   label=${line%%:*}; rest=${line#*:}
   left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
   if [ "$left" -lt 30 ]; then log "skipped ($left s left): train $label"; continue; fi
   log "train $label: $rest"
-  rm -rf "/tmp/ws-train-$label"
+  dir=/tmp/ws-train-$label
+  rm -rf "$dir"
+  echo "== $label" >> "$OUT/train.log"
   # shellcheck disable=SC2086
   timeout "$left" device/weightstream train --set train.device=cuda --set data.path=device/shakespeare.bin \
-    --set data.cache_dir= --set run_dir=/tmp/ws-train-$label $rest > "$OUT/train-$label.log" 2>&1
-  echo "exit $?" >> "$OUT/train-$label.log"
-  mkdir -p "$OUT/train-$label"; cp /tmp/ws-train-$label/metrics.jsonl /tmp/ws-train-$label/config.toml "$OUT/train-$label/" 2>/dev/null
-  rm -rf "/tmp/ws-train-$label"
-  python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.strip()]; print(sys.argv[2], [round(x['train_loss'],2) for x in r if 'train_loss' in x])" \
-    "$OUT/train-$label/metrics.jsonl" "$label" 2>/dev/null | tee -a "$OUT/progress.log"
-  tail -n 2 "$OUT/train-$label.log"
+    --set data.cache_dir= --set run_dir=$dir $rest >> "$OUT/train.log" 2>&1
+  echo "exit $?" >> "$OUT/train.log"
+  [ -f "$dir/metrics.jsonl" ] && sed "s/^{/{\"label\": \"$label\", /" "$dir/metrics.jsonl" >> "$OUT/train-metrics.jsonl"
+  rm -rf "$dir"
+  python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.strip()]; print(sys.argv[2], [round(x['train_loss'],4) for x in r if x.get('label')==sys.argv[2] and 'train_loss' in x])" \
+    "$OUT/train-metrics.jsonl" "$label" 2>/dev/null | tee -a "$OUT/progress.log"
+  tail -n 2 "$OUT/train.log"
 done <<< "$TRAINS"
 python3 - "$OUT" "$cuda_rc" "$train_rc" "$bench_rc" <<'PY'
 import json, sys, re, os
