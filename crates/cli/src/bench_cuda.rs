@@ -387,7 +387,8 @@ pub fn bench_large(shape: Shape, steps: usize, data: &str, gpu_memory: u64, ceil
     let times = run();
     let _ = std::fs::remove_dir_all(&dir);
     let times = times?;
-    // The first step also pins buffers and warms up; the rest are the rate.
+    // Steps 1 and 2 also touch fresh memory (the gradient accumulators, then
+    // the moments) and pin buffers; the median of the rest is the rate.
     let step_s = median(if times.len() > 1 { times[1..].to_vec() } else { times.clone() });
     let tokens_per_s = (shape.batch * shape.seq) as f64 / step_s;
     let tflops = c.model.train_flops_per_token(shape.seq) * tokens_per_s / 1e12;
@@ -404,6 +405,10 @@ pub fn bench_large(shape: Shape, steps: usize, data: &str, gpu_memory: u64, ceil
 
 /// `bench cuda`: everything, in an order that puts the ceilings first.
 pub fn run(what: &str, model: &str, shape: Shape, steps: usize, dtype: &str, data: &str) -> Result<()> {
+    const WHAT: [&str; 6] = ["all", "gemm", "copy", "train", "streaming", "large"];
+    if !WHAT.contains(&what) {
+        return Err(TrainError::Config(format!("bench cuda --what `{what}` is not one of {}", WHAT.join(", "))));
+    }
     let gpu = Gpu::new(0).map_err(|e| TrainError::Config(format!("bench cuda: {e}")))?;
     println!(
         "{}",
