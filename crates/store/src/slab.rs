@@ -37,6 +37,12 @@ impl AlignedBuf {
             )
         };
         assert!(ptr != libc::MAP_FAILED, "out of memory mapping a {bytes}-byte page");
+        // Huge pages where the kernel offers them for the asking (THP
+        // "madvise"): a page buffer is tens of MB, touched region by region,
+        // and 4 KiB faults were 30% of all the faults of a streamed run at a
+        // quarter of the state. SAFETY: advice on the mapping just made;
+        // failure (no THP) changes nothing.
+        unsafe { libc::madvise(ptr, bytes, libc::MADV_HUGEPAGE) };
         AlignedBuf { ptr: ptr as *mut f32, len, bytes }
     }
 
