@@ -311,11 +311,9 @@ fn meminfo(field: &str) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-/// This process's peak resident memory in bytes (VmHWM).
-fn peak_rss() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+/// This process's peak resident memory in GB (10^9 bytes).
+fn peak_rss_gb() -> f64 {
+    round(crate::bench::peak_rss_mb() * 1048576.0 / 1e9)
 }
 
 /// GPT-2 shapes with 4096 channels and 32 heads of 128, and layers added
@@ -368,7 +366,7 @@ pub fn bench_large(shape: Shape, steps: usize, data: &str, gpu_memory: u64, ceil
         println!(
             "{}",
             serde_json::json!({"bench": "cuda_large_setup", "setup_s": round(setup_s),
-            "peak_rss_gb": peak_rss().map(|b| round(b as f64 / 1e9))})
+            "peak_rss_gb": peak_rss_gb()})
         );
         let mut times = Vec::new();
         for step in 1..=steps {
@@ -379,7 +377,7 @@ pub fn bench_large(shape: Shape, steps: usize, data: &str, gpu_memory: u64, ceil
             println!(
                 "{}",
                 serde_json::json!({"bench": "cuda_large_step", "step": step, "loss": st.loss,
-                "grad_norm": st.grad_norm, "step_s": round(s), "peak_rss_gb": peak_rss().map(|b| round(b as f64 / 1e9))})
+                "grad_norm": st.grad_norm, "step_s": round(s), "peak_rss_gb": peak_rss_gb()})
             );
         }
         Ok(times)
@@ -398,7 +396,7 @@ pub fn bench_large(shape: Shape, steps: usize, data: &str, gpu_memory: u64, ceil
             "batch": shape.batch, "seq": shape.seq, "steps": steps, "step_s": round(step_s),
             "tokens_per_s": round(tokens_per_s), "model_tflops": round(tflops),
             "mfu": round(tflops / ceiling_tflops * 1e4) / 1e4, "gemm_ceiling_tflops": round(ceiling_tflops),
-            "peak_rss_gb": peak_rss().map(|b| round(b as f64 / 1e9)), "total_s": round(t0.elapsed().as_secs_f64())})
+            "peak_rss_gb": peak_rss_gb(), "total_s": round(t0.elapsed().as_secs_f64())})
     );
     Ok(())
 }
