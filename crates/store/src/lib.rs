@@ -20,7 +20,9 @@
 //!   accesses is known (the schedule), so eviction is Belady's: the page
 //!   needed furthest in the future goes, never one the current access still
 //!   needs. Every page read from flash is checked against the CRC32 of what
-//!   was written.
+//!   was written. An evicted page's buffer stays in the tier (and in its
+//!   budget) for the next page read: memory is mapped and first touched
+//!   once, not at every read.
 //! - A step's gradient contributions are added in arrival order, which the
 //!   schedule fixes; when a tensor has all its contributions its sum of
 //!   squares is taken; when the step is complete the global norm gives the
@@ -246,6 +248,9 @@ pub struct StoreStats {
     pub flash_write_bytes: u64,
     /// Page reads from flash (a cold start reads each page once).
     pub flash_reads: u64,
+    /// Page buffers mapped (new memory): once the tier is full, evicted
+    /// pages' buffers serve the next reads and this stops growing.
+    pub buffers_mapped: u64,
 }
 
 pub struct Store {
@@ -268,6 +273,14 @@ pub struct Store {
     cursor: usize,
     /// The access in progress: its layer, and the pages it has finished with.
     current: Option<(usize, Vec<(usize, usize)>)>,
+    /// Buffers of evicted pages, kept (and counted in the DRAM tier) for the
+    /// next pages to read: memory touched once is not given back and faulted
+    /// in again at every page read.
+    spares: Vec<AlignedBuf>,
+    /// Floats a buffer for a large page is given when the tier cycles (its
+    /// budget is short of the model): the largest page's, so that every
+    /// such buffer fits every large page. 0 when the model fits.
+    cycle_floats: usize,
     /// Where the nonzeros of the sparse tensors are (their slabs hold only those).
     masks: Masks,
 }
@@ -383,6 +396,8 @@ impl Store {
                     .collect()
             })
             .collect();
+        let state_bytes: u64 = layout.slab_params.iter().map(|&n| 16 * n as u64).sum();
+        let cycle_floats = if config.dram_budget < state_bytes { (layout.min_dram_bytes() / 4) as usize } else { 0 };
         Ok(Store {
             spec: spec.clone(),
             layout,
@@ -398,6 +413,8 @@ impl Store {
             sequence: Vec::new(),
             cursor: 0,
             current: None,
+            spares: Vec::new(),
+            cycle_floats,
             masks: Masks::dense(spec),
         })
     }
@@ -431,6 +448,12 @@ impl Store {
         for (i, w) in bounds.windows(2).enumerate() {
             let (p0, p1) = (w[0], w[1]);
             let mut page = AlignedBuf::zeroed(4 * (p1 - p0));
+            if keep[i] {
+                // Its gradient and moments are written only at the first
+                // step; their memory is touched here, where the slabs are
+                // filled in parallel, not then, when the worker waits.
+                page.populate();
+            }
             fill(p0, p1, &mut page)?;
             if keep[i] {
                 placed.push(Placed::Dram(page));
@@ -451,8 +474,9 @@ impl Store {
             match p {
                 Placed::Dram(buf) => {
                     // Flash has never seen it: every region is dirty.
+                    self.stats.dram_bytes += 4 * buf.capacity() as u64;
+                    self.stats.buffers_mapped += 1;
                     (page.dram, page.valid, page.dirty) = (Some(buf), ALL, ALL);
-                    self.stats.dram_bytes += 16 * (p1 - p0) as u64;
                     self.stats.dram_bytes_peak = self.stats.dram_bytes_peak.max(self.stats.dram_bytes);
                 }
                 Placed::Flash(crc) => {
@@ -714,32 +738,69 @@ impl Store {
             return Ok(());
         }
         let (p0, p1) = self.page_range(s, i);
-        let need = 16 * (p1 - p0) as u64;
-        // A victim's buffer of the same size is reused: no fresh allocation
-        // (page faults, zeroing) per page read.
-        let mut reuse = None;
-        while self.stats.dram_bytes + need > self.config.dram_budget {
-            let victim = (0..self.pages.len())
-                .flat_map(|vs| (0..self.pages[vs].len()).map(move |vi| (vs, vi)))
-                .filter(|&(vs, vi)| self.pages[vs][vi].dram.is_some() && (vs, vi) != (s, i))
-                .max_by_key(|&(vs, vi)| (self.next_use(vs, vi), vs, vi))
-                .expect("the budget holds the largest page (checked at creation)");
-            let freed = self.evict(victim.0, victim.1)?;
-            if reuse.is_none() && freed.len() == 4 * (p1 - p0) {
-                reuse = Some(freed);
-            }
-        }
-        let mut buf = reuse.unwrap_or_else(|| AlignedBuf::zeroed(4 * (p1 - p0)));
+        let mut buf = self.page_buffer(s, i, 4 * (p1 - p0))?;
         self.read_regions_into(s, i, &mut buf, need_regions)?;
         self.pages[s][i].valid = need_regions;
         self.pages[s][i].dram = Some(buf);
         self.pages[s][i].dirty = 0;
-        self.stats.dram_bytes += need;
-        self.stats.dram_bytes_peak = self.stats.dram_bytes_peak.max(self.stats.dram_bytes);
         Ok(())
     }
 
-    /// Drops page (s, i) from DRAM, writing it behind if dirty; returns its buffer.
+    /// A buffer for `floats` floats of page (s, i), within the budget: a
+    /// spare that holds it, else new memory where the budget has room,
+    /// else the spare of a page evicted for it (the one needed furthest
+    /// ahead, never one the current access still needs). Spares too small
+    /// for any page to come are given back only when nothing is left to
+    /// evict.
+    fn page_buffer(&mut self, s: usize, i: usize, floats: usize) -> Result<AlignedBuf> {
+        let budget = self.config.dram_budget;
+        // A large page gets the largest page's room when the tier cycles,
+        // so its buffer serves any large page after it.
+        let capacity = if 2 * floats > self.cycle_floats { floats.max(self.cycle_floats) } else { floats };
+        loop {
+            // The tightest spare that holds the page; a small page takes a
+            // large spare only when the budget has no room for its own.
+            let fits = |b: &AlignedBuf| b.capacity() >= floats;
+            let tight = |b: &AlignedBuf| fits(b) && b.capacity() <= capacity.max(2 * floats);
+            let room = self.stats.dram_bytes + 4 * capacity as u64 <= budget;
+            let pick = |ok: &dyn Fn(&AlignedBuf) -> bool| {
+                self.spares.iter().enumerate().filter(|(_, b)| ok(b)).min_by_key(|(_, b)| b.capacity()).map(|(k, _)| k)
+            };
+            if let Some(k) = pick(&tight).or_else(|| if room { None } else { pick(&fits) }) {
+                let mut b = self.spares.swap_remove(k);
+                b.set_len(floats);
+                return Ok(b);
+            }
+            if room {
+                self.stats.dram_bytes += 4 * capacity as u64;
+                self.stats.dram_bytes_peak = self.stats.dram_bytes_peak.max(self.stats.dram_bytes);
+                self.stats.buffers_mapped += 1;
+                let mut b = AlignedBuf::with_capacity(capacity, floats);
+                if self.cycle_floats > 0 {
+                    // It will hold page after page: all its memory is touched once, now.
+                    b.populate();
+                }
+                return Ok(b);
+            }
+            let victim = (0..self.pages.len())
+                .flat_map(|vs| (0..self.pages[vs].len()).map(move |vi| (vs, vi)))
+                .filter(|&(vs, vi)| self.pages[vs][vi].dram.is_some() && (vs, vi) != (s, i))
+                .max_by_key(|&(vs, vi)| (self.next_use(vs, vi), vs, vi));
+            match victim {
+                Some((vs, vi)) => {
+                    let b = self.evict(vs, vi)?;
+                    self.spares.push(b);
+                }
+                None => {
+                    let b = self.spares.pop().expect("the budget holds the largest page (checked at creation)");
+                    self.stats.dram_bytes -= 4 * b.capacity() as u64;
+                }
+            }
+        }
+    }
+
+    /// Drops page (s, i) from DRAM, writing it behind if dirty; returns its
+    /// buffer (still counted in the tier).
     fn evict(&mut self, s: usize, i: usize) -> Result<AlignedBuf> {
         let buf = self.pages[s][i].dram.take().expect("evicting a resident page");
         let dirty = self.pages[s][i].dirty;
@@ -748,8 +809,6 @@ impl Store {
             self.write_regions(s, i, &buf, dirty)?;
             self.pages[s][i].dirty = 0;
         }
-        let (p0, p1) = self.page_range(s, i);
-        self.stats.dram_bytes -= 16 * (p1 - p0) as u64;
         Ok(buf)
     }
 
@@ -1163,6 +1222,42 @@ mod tests {
         assert!(read <= 20 * params_bytes + twice, "read {read} bytes, over 20 per parameter");
         assert!(written <= 16 * params_bytes + twice, "wrote {written} bytes, over 16 per parameter");
         let _ = std::fs::remove_dir_all(tmp("zero-grad"));
+    }
+
+    #[test]
+    fn a_short_tier_reuses_evicted_buffers_instead_of_mapping_new_ones() {
+        // Slabs of 13 or 14 pages of 256 parameters, the last one shorter,
+        // and a tier of a few pages: every step moves pages in and out. Once
+        // the tier is full, the buffers of evicted pages serve the reads
+        // that follow (a large page takes the largest page's room), so no
+        // new memory is mapped and faulted in at each read.
+        let spec = spec();
+        let params = random_params(&spec, 1);
+        let min = Layout::new(&spec, 256).min_dram_bytes();
+        let budget = 5 * min + min / 2;
+        let dir = tmp("reuse");
+        let mut store = Store::create(&spec, &params, None, 0, &dir, cfg(budget)).unwrap();
+        let n = spec.layer_count();
+        let seq: Vec<usize> = (0..n).chain((0..n).rev()).collect();
+        store.set_access_sequence(&seq);
+        let step = |store: &mut Store, seed: u64| {
+            let grads = random_params(&spec, seed);
+            for l in (0..n).chain((0..n).rev()) {
+                let mut w = vec![0f32; store.layout().layer_params(&spec, l)];
+                store.read_layer(l, &mut w).unwrap();
+            }
+            one_step(store, &spec, &grads, 0.01);
+        };
+        step(&mut store, 2);
+        let warm = store.stats();
+        for seed in 3..6 {
+            step(&mut store, seed);
+        }
+        let after = store.stats();
+        assert!(after.flash_reads - warm.flash_reads > 100, "the tier must cycle: {after:?}");
+        assert_eq!(after.buffers_mapped, warm.buffers_mapped, "buffers mapped after the first step");
+        assert!(after.dram_bytes_peak <= budget, "DRAM peak {} over budget {budget}", after.dram_bytes_peak);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
