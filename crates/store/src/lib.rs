@@ -396,7 +396,7 @@ impl Store {
                     .collect()
             })
             .collect();
-        let state_bytes: u64 = layout.slab_params.iter().map(|&n| 16 * n as u64).sum();
+        let state_bytes: u64 = (0..layout.slab_params.len()).map(|s| layout.slab_bytes(s)).sum();
         let cycle_floats = if config.dram_budget < state_bytes { (layout.min_dram_bytes() / 4) as usize } else { 0 };
         Ok(Store {
             spec: spec.clone(),
