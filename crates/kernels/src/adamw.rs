@@ -76,20 +76,23 @@ pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
         });
 }
 
-/// [`adamw_update`] that also clears the gradient as it reads it (the
-/// store's update: one pass over the four arrays instead of two).
-pub fn adamw_update_clear(param: &mut [f32], grad: &mut [f32], m: &mut [f32], v: &mut [f32], s: AdamWStep) {
+/// [`adamw_update`] that also writes each new weight rounded to bf16 (as
+/// [`crate::bf16::to_bf16`]) into `out`: the store's update at a bf16 read,
+/// one pass instead of an update and a second read of the weights.
+pub fn adamw_update_bf16(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: AdamWStep, out: &mut [u16]) {
     let n = param.len();
-    assert!(grad.len() == n && m.len() == n && v.len() == n);
+    assert!(grad.len() == n && m.len() == n && v.len() == n && out.len() == n);
     let c = Scalars::new(s);
     param
         .par_chunks_mut(CHUNK)
-        .zip(grad.par_chunks_mut(CHUNK))
+        .zip(grad.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
-        .for_each(|(((p, g), m), v)| {
+        .zip(out.par_chunks_mut(CHUNK))
+        .for_each(|((((p, g), m), v), o)| {
             for i in 0..p.len() {
-                c.update(&mut p[i], std::mem::take(&mut g[i]), &mut m[i], &mut v[i]);
+                c.update(&mut p[i], g[i], &mut m[i], &mut v[i]);
+                o[i] = crate::bf16::to_bf16(p[i]);
             }
         });
 }
@@ -119,7 +122,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn clearing_update_equals_update_then_clear() {
+    fn the_bf16_update_equals_update_then_rounding() {
         let mut rng = crate::Rng::new(8);
         let n = 40_000;
         let mut a: Vec<Vec<f32>> = (0..4)
@@ -141,12 +144,17 @@ mod tests {
         let (p2, rest) = b.split_at_mut(1);
         let (g2, rest) = rest.split_at_mut(1);
         let (m2, v2) = rest.split_at_mut(1);
-        adamw_update_clear(&mut p2[0], &mut g2[0], &mut m2[0], &mut v2[0], s);
-        assert!(g2[0].iter().all(|&x| x == 0.0));
-        for (x, y) in [(&p[0], &p2[0]), (&m[0], &m2[0]), (&v[0], &v2[0])] {
+        let mut out = vec![0u16; n];
+        adamw_update_bf16(&mut p2[0], &g2[0], &mut m2[0], &mut v2[0], s, &mut out);
+        for (x, y) in [(&p[0], &p2[0]), (&m[0], &m2[0]), (&v[0], &v2[0]), (&g[0], &g2[0])] {
             assert!(x.iter().zip(y.iter()).all(|(a, b)| a.to_bits() == b.to_bits()));
         }
+        let mut want = vec![0u16; n];
+        crate::bf16::to_bf16_into(&mut want, &p[0]);
+        assert_eq!(out, want);
+        assert!(out.iter().any(|&x| x != 0));
     }
+
     use crate::matmul::tests::{assert_close, random};
     use crate::Rng;
 

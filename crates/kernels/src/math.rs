@@ -174,13 +174,22 @@ impl SumSq {
 
     /// `g += x`, then [`Self::feed`] of the sums, in one pass over `g`: a
     /// gradient's last contribution and its sum of squares together.
-    pub fn add_and_feed(&mut self, mut g: &mut [f32], mut x: &[f32]) {
-        assert_eq!(g.len(), x.len());
+    pub fn add_and_feed(&mut self, g: &mut [f32], x: &[f32]) {
         fn add(g: &mut [f32], x: &[f32]) {
             for (a, b) in g.iter_mut().zip(x) {
                 *a += b;
             }
         }
+        self.merge_and_feed(g, x, add);
+    }
+
+    /// `g = x`, then [`Self::feed`]: a gradient's only contribution.
+    pub fn copy_and_feed(&mut self, g: &mut [f32], x: &[f32]) {
+        self.merge_and_feed(g, x, <[f32]>::copy_from_slice);
+    }
+
+    fn merge_and_feed(&mut self, mut g: &mut [f32], mut x: &[f32], add: fn(&mut [f32], &[f32])) {
+        assert_eq!(g.len(), x.len());
         let into = self.pos % SUMSQ_CHUNK;
         if into != 0 {
             let take = (SUMSQ_CHUNK - into).min(g.len());
@@ -260,6 +269,14 @@ mod tests {
         }
         assert_eq!(s.value().to_bits(), want.to_bits());
         assert!(g.iter().zip(summed.iter_mut()).all(|(a, b)| a.to_bits() == b.to_bits()));
+        // Copied and fed in parts: the same as feeding the copy.
+        let mut g = vec![f32::NAN; n];
+        let mut s = SumSq::default();
+        for (lo, hi) in [(0, 5), (5, 2 * SUMSQ_CHUNK + 1), (2 * SUMSQ_CHUNK + 1, n)] {
+            s.copy_and_feed(&mut g[lo..hi], &y[lo..hi]);
+        }
+        assert_eq!(s.value().to_bits(), tensor_sum_of_squares(&y).to_bits());
+        assert!(g.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()));
         let f64_exact: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
         assert!((whole - f64_exact).abs() <= 1e-12 * f64_exact);
     }

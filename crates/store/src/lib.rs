@@ -42,7 +42,7 @@ pub use ws_kernels::math::sum_of_squares_f64;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use ws_kernels::adamw::{adamw_update_clear, AdamWStep};
+use ws_kernels::adamw::{adamw_update, adamw_update_bf16, AdamWStep};
 use ws_kernels::sparse::SparsePattern;
 use ws_model::sparsity::{remap, Masks};
 use ws_model::{ModelSpec, Params};
@@ -231,12 +231,12 @@ struct Page {
     /// CRC32 of each region on flash as last written.
     crc: [u32; 4],
     pending: Option<PendingUpdate>,
-    /// The gradient is all zeros (AdamW has just cleared it), whatever its
-    /// region on flash holds: it is then neither written back nor read,
-    /// only filled with zeros where DRAM needs it. Between an update and
-    /// the backward pass that follows, this saves 8 of the 44 bytes per
-    /// parameter a step would move when the DRAM tier is short.
-    grad_zero: bool,
+    /// The gradient region holds nothing of the open step (AdamW has just
+    /// used it, and each tensor's first contribution overwrites its range,
+    /// [`Store::accumulate`]): it is neither written back nor read. Between
+    /// an update and the backward pass that follows, this saves 8 of the
+    /// 44 bytes per parameter a step would move when the DRAM tier is short.
+    grad_unset: bool,
 }
 
 /// Measured use of the DRAM tier and traffic to flash, for tests and benchmarks.
@@ -392,7 +392,7 @@ impl Store {
             .iter()
             .map(|b| {
                 (0..b.len() - 1)
-                    .map(|_| Page { dram: None, dirty: 0, valid: 0, crc: [0; 4], pending: None, grad_zero: false })
+                    .map(|_| Page { dram: None, dirty: 0, valid: 0, crc: [0; 4], pending: None, grad_unset: false })
                     .collect()
             })
             .collect();
@@ -603,8 +603,8 @@ impl Store {
         let parts: Vec<_> = self.layout.pages_over(s, off..off + self.spec.tensors[t].len()).collect();
         for (i, p0, lo, hi) in parts {
             let len = self.layout.pages[s][i + 1] - p0;
-            let buf = self.page(s, i, ALL)?;
-            f(buf, len, lo - p0..hi - p0);
+            self.page(s, i, ALL, None)?;
+            f(self.pages[s][i].dram.as_mut().expect("resident"), len, lo - p0..hi - p0);
             self.pages[s][i].dirty = ALL;
         }
         Ok(())
@@ -626,7 +626,8 @@ impl Store {
         self.config
     }
 
-    /// The layers one step touches, in order (forward, head, backward uses);
+    /// The layers one step reads, in order (forward, head, backward uses:
+    /// gradients added are not counted, they follow their use's read);
     /// eviction keeps what comes next.
     pub fn set_access_sequence(&mut self, layers: &[usize]) {
         self.sequence = layers.to_vec();
@@ -642,10 +643,10 @@ impl Store {
     }
 
     /// Writes back the `dirty` regions of page (s, i) (one positioned write
-    /// each) and records their checksums; a zero gradient stays unwritten.
+    /// each) and records their checksums; an unset gradient stays unwritten.
     fn write_regions(&mut self, s: usize, i: usize, buf: &AlignedBuf, dirty: u8) -> Result<()> {
         let (p0, p1) = self.page_range(s, i);
-        let dirty = if self.pages[s][i].grad_zero { dirty & !GRADIENT } else { dirty };
+        let dirty = if self.pages[s][i].grad_unset { dirty & !GRADIENT } else { dirty };
         let mut crc = self.pages[s][i].crc;
         let written = self.write_span(s, p0, p1, buf, dirty, &mut crc)?;
         self.pages[s][i].crc = crc;
@@ -685,18 +686,13 @@ impl Store {
     }
 
     /// Reads the regions `mask` of page (s, i) from flash into `buf` (of
-    /// the page's size), each verified against its checksum; a zero
-    /// gradient is filled in, not read.
+    /// the page's size), each verified against its checksum; an unset
+    /// gradient is not read (its region keeps what the buffer held).
     fn read_regions_into(&mut self, s: usize, i: usize, buf: &mut AlignedBuf, mask: u8) -> Result<()> {
         let (p0, p1) = self.page_range(s, i);
         assert_eq!(buf.len(), 4 * (p1 - p0));
         let region = 4 * (p1 - p0);
-        let mask = if self.pages[s][i].grad_zero && mask & GRADIENT != 0 {
-            buf.as_bytes_mut()[region..2 * region].fill(0);
-            mask & !GRADIENT
-        } else {
-            mask
-        };
+        let mask = if self.pages[s][i].grad_unset { mask & !GRADIENT } else { mask };
         for r in (0..4).filter(|r| mask & (1 << r) != 0) {
             let bytes = &mut buf.as_bytes_mut()[r * region..(r + 1) * region];
             let at = (16 * p0 + r * region) as u64;
@@ -813,45 +809,70 @@ impl Store {
     }
 
     /// Makes regions `need` of page (s, i) resident and up to date (a
-    /// pending update needs all four); returns its buffer.
-    fn page(&mut self, s: usize, i: usize, need: u8) -> Result<&mut AlignedBuf> {
+    /// pending update needs all four). With `emit` (a range of the page's
+    /// parameters within one tensor, and room for it), a pending update
+    /// also writes that range's new weights in bf16 there; returns whether
+    /// it did.
+    fn page(
+        &mut self,
+        s: usize,
+        i: usize,
+        need: u8,
+        emit: Option<(std::ops::Range<usize>, &mut [u16])>,
+    ) -> Result<bool> {
         let need = if self.pages[s][i].pending.is_some() { ALL } else { need };
         self.ensure_resident(s, i, need)?;
-        if let Some(p) = self.pages[s][i].pending.take() {
-            let (p0, p1) = self.page_range(s, i);
-            let len = p1 - p0;
-            let opt = self.config.optimizer;
-            let buf = self.pages[s][i].dram.as_mut().expect("resident");
-            let (w, rest) = buf.split_at_mut(len);
-            let (g, rest) = rest.split_at_mut(len);
-            let (m, v) = rest.split_at_mut(len);
-            for (t, _, lo, hi) in self.layout.tensors_in(&self.spec, s, p0, p1) {
-                let r = lo - p0..hi - p0;
-                let step = AdamWStep {
-                    lr: p.lr,
-                    beta1: opt.beta1,
-                    beta2: opt.beta2,
-                    eps: opt.eps,
-                    weight_decay: if self.spec.tensors[t].decay { opt.weight_decay } else { 0.0 },
-                    t: p.t,
-                    grad_scale: p.grad_scale,
-                };
-                adamw_update_clear(&mut w[r.clone()], &mut g[r.clone()], &mut m[r.clone()], &mut v[r], step);
+        let Some(p) = self.pages[s][i].pending.take() else { return Ok(false) };
+        let (p0, p1) = self.page_range(s, i);
+        let len = p1 - p0;
+        let opt = self.config.optimizer;
+        let buf = self.pages[s][i].dram.as_mut().expect("resident");
+        let (w, rest) = buf.split_at_mut(len);
+        let (g, rest) = rest.split_at_mut(len);
+        let (m, v) = rest.split_at_mut(len);
+        let (e, mut out) = match emit {
+            Some((e, out)) => (e, Some(out)),
+            None => (0..0, None),
+        };
+        for (t, _, lo, hi) in self.layout.tensors_in(&self.spec, s, p0, p1) {
+            let step = AdamWStep {
+                lr: p.lr,
+                beta1: opt.beta1,
+                beta2: opt.beta2,
+                eps: opt.eps,
+                weight_decay: if self.spec.tensors[t].decay { opt.weight_decay } else { 0.0 },
+                t: p.t,
+                grad_scale: p.grad_scale,
+            };
+            let r = lo - p0..hi - p0;
+            // The emitted range lies in one tensor: split that tensor's range around it.
+            let (a, b) =
+                if e.start >= r.start && e.end <= r.end && !e.is_empty() { (e.start, e.end) } else { (r.end, r.end) };
+            for part in [r.start..a, b..r.end] {
+                adamw_update(&mut w[part.clone()], &g[part.clone()], &mut m[part.clone()], &mut v[part.clone()], step);
             }
-            // Gradients outside the tensors (page padding) are never written: all of g is zero now.
-            self.pages[s][i].dirty = ALL;
-            self.pages[s][i].grad_zero = true;
+            if a < b {
+                let out = out.take().expect("one tensor holds the emitted range");
+                adamw_update_bf16(&mut w[a..b], &g[a..b], &mut m[a..b], &mut v[a..b], step, out);
+            }
         }
-        Ok(self.pages[s][i].dram.as_mut().expect("resident"))
+        assert!(out.is_none() || e.is_empty(), "the emitted range {e:?} is not within one tensor of page ({s}, {i})");
+        // The gradient was used: the next step's contributions overwrite it.
+        self.pages[s][i].dirty = ALL;
+        self.pages[s][i].grad_unset = true;
+        Ok(!e.is_empty())
     }
 
     /// Visits layer `layer`'s tensors page by page in layer order:
     /// `f(store, tensor, slab, page, page length, overlap in page
-    /// coordinates, offset of the overlap within the layer's concatenated tensors)`.
+    /// coordinates, offset of the overlap within the layer's concatenated
+    /// tensors)`; or with `bf16`, writes the layer's weights there in bf16
+    /// (a pending update writes them as it goes) and calls no `f`.
     fn for_layer_pages(
         &mut self,
         layer: usize,
         need: u8,
+        mut bf16: Option<&mut [u16]>,
         mut f: impl FnMut(&mut Store, usize, usize, usize, usize, std::ops::Range<usize>, usize),
     ) -> Result<()> {
         self.current = Some((layer, Vec::new()));
@@ -862,8 +883,17 @@ impl Store {
             let parts: Vec<_> = self.layout.pages_over(s, off..off + len).collect();
             for (i, p0, lo, hi) in parts {
                 let page_len = self.layout.pages[s][i + 1] - p0;
-                self.page(s, i, need)?;
-                f(self, t, s, i, page_len, lo - p0..hi - p0, o + lo - off);
+                let (r, at) = (lo - p0..hi - p0, o + lo - off);
+                let emit = bf16.as_deref_mut().map(|b| (r.clone(), &mut b[at..at + r.len()]));
+                if !self.page(s, i, need, emit)? {
+                    match bf16.as_deref_mut() {
+                        Some(b) => {
+                            let w = &self.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
+                            ws_kernels::bf16::to_bf16_into(&mut b[at..at + r.len()], w);
+                        }
+                        None => f(self, t, s, i, page_len, r, at),
+                    }
+                }
                 if let Some((_, done)) = &mut self.current {
                     done.push((s, i));
                 }
@@ -871,53 +901,65 @@ impl Store {
             o += len;
         }
         self.current = None;
+        Ok(())
+    }
+
+    /// One read of the access sequence done (gradients added to a layer
+    /// are not in the sequence: they follow the read of the same use).
+    fn advance(&mut self) {
         if !self.sequence.is_empty() {
             self.cursor = (self.cursor + 1) % self.sequence.len();
         }
-        Ok(())
     }
 
     /// Copies the weights of `layer` (its tensors in layer order) into `out`.
     pub fn read_layer(&mut self, layer: usize, out: &mut [f32]) -> Result<()> {
         assert_eq!(out.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong buffer size");
-        self.for_layer_pages(layer, WEIGHTS, |st, _t, s, i, _len, r, o| {
+        self.for_layer_pages(layer, WEIGHTS, None, |st, _t, s, i, _len, r, o| {
             let w = &st.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
             ws_kernels::parallel::copy(&mut out[o..o + r.len()], w);
-        })
+        })?;
+        self.advance();
+        Ok(())
     }
 
-    /// The weights of `layer` rounded to bf16 (as [`ws_kernels::bf16::to_bf16`]), straight from the pages.
+    /// The weights of `layer` rounded to bf16 (as [`ws_kernels::bf16::to_bf16`]),
+    /// straight from the pages, or from the pending update as it writes them.
     pub fn read_layer_bf16(&mut self, layer: usize, out: &mut [u16]) -> Result<()> {
         assert_eq!(out.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong buffer size");
-        self.for_layer_pages(layer, WEIGHTS, |st, _t, s, i, _len, r, o| {
-            let w = &st.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
-            ws_kernels::bf16::to_bf16_into(&mut out[o..o + r.len()], w);
-        })
+        self.for_layer_pages(layer, WEIGHTS, Some(out), |_, _, _, _, _, _, _| unreachable!("bf16 reads call no f"))?;
+        self.advance();
+        Ok(())
     }
 
     /// Adds one contribution to the gradients of `layer` (its tensors in
-    /// layer order, as the worker computed them). A tensor's last
-    /// contribution of the step also takes its sum of squares, element by
-    /// piece by piece as [`ws_kernels::math::SumSq`] defines it.
+    /// layer order, as the worker computed them). A tensor's first
+    /// contribution of the step overwrites its gradient (nothing is read:
+    /// the last step's is stale); its last also takes its sum of squares,
+    /// element by piece by piece as [`ws_kernels::math::SumSq`] defines it.
     pub fn accumulate(&mut self, layer: usize, grads: &[f32]) -> Result<()> {
         assert_eq!(grads.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong gradient size");
         let tensors = self.spec.layers[layer].tensors.clone();
+        let mut first = vec![false; self.spec.tensors.len()];
         for &t in &tensors {
             assert!(self.contributions_left[t] > 0, "more contributions to tensor {t} than the schedule sends");
+            first[t] = self.contributions_left[t] == self.contributions_per_step[t];
             self.contributions_left[t] -= 1;
             if self.contributions_left[t] == 0 {
                 self.grad_sq[t] = Default::default();
             }
         }
-        self.for_layer_pages(layer, GRADIENT, |st, t, s, i, len, r, o| {
+        self.for_layer_pages(layer, GRADIENT, None, |st, t, s, i, len, r, o| {
             let g = &mut st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end];
-            if st.contributions_left[t] == 0 {
-                st.grad_sq[t].add_and_feed(g, &grads[o..o + r.len()]);
-            } else {
-                ws_kernels::parallel::add_inplace(g, &grads[o..o + r.len()]);
+            let x = &grads[o..o + r.len()];
+            match (first[t], st.contributions_left[t] == 0) {
+                (true, true) => st.grad_sq[t].copy_and_feed(g, x),
+                (false, true) => st.grad_sq[t].add_and_feed(g, x),
+                (true, false) => ws_kernels::parallel::copy(g, x),
+                (false, false) => ws_kernels::parallel::add_inplace(g, x),
             }
             st.pages[s][i].dirty |= GRADIENT;
-            st.pages[s][i].grad_zero = false;
+            st.pages[s][i].grad_unset = false;
         })
     }
 
@@ -950,7 +992,7 @@ impl Store {
             })
             .collect();
         for layer in touched {
-            self.for_layer_pages(layer, GRADIENT, |st, _t, s, i, len, r, _o| {
+            self.for_layer_pages(layer, GRADIENT, None, |st, _t, s, i, len, r, _o| {
                 st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end].fill(0.0);
                 st.pages[s][i].dirty |= GRADIENT;
             })?;
@@ -982,7 +1024,7 @@ impl Store {
         for s in 0..self.pages.len() {
             for i in 0..self.pages[s].len() {
                 if self.pages[s][i].pending.is_some() {
-                    self.page(s, i, ALL)?;
+                    self.page(s, i, ALL, None)?;
                 }
             }
         }
@@ -1113,6 +1155,36 @@ mod tests {
         store.finish_step(lr)
     }
 
+    /// The eviction policy's place in the access sequence moves with the
+    /// reads only: a step's gradients, added after the reads of their uses,
+    /// must not shift it, or every later step evicts by the wrong distances.
+    #[test]
+    fn the_access_cursor_counts_reads_not_gradients() {
+        let spec = spec();
+        let params = random_params(&spec, 1);
+        let budget = Layout::new(&spec, 256).min_dram_bytes();
+        let mut store = Store::create(&spec, &params, None, 0, &tmp("cursor"), cfg(budget)).unwrap();
+        let (layers, head) = (spec.layer_count(), spec.layer_count() - 1);
+        let seq: Vec<usize> = (0..layers).chain((0..head).rev()).collect();
+        store.set_access_sequence(&seq);
+        let grads = random_params(&spec, 2);
+        for step in 0..2 {
+            for (j, &l) in seq.iter().enumerate() {
+                assert_eq!(store.cursor, j, "step {step}: before the read of use {j}");
+                let mut w = vec![0f32; store.layout().layer_params(&spec, l)];
+                store.read_layer(l, &mut w).unwrap();
+                if j >= head {
+                    let flat: Vec<f32> =
+                        spec.layers[l].tensors.iter().flat_map(|&t| grads.tensors[t].clone()).collect();
+                    store.accumulate(l, &flat).unwrap();
+                }
+            }
+            assert_eq!(store.cursor, 0, "a whole step brings the cursor round");
+            store.finish_step(0.01);
+        }
+        let _ = std::fs::remove_dir_all(tmp("cursor"));
+    }
+
     #[test]
     fn the_tied_embedding_lives_in_the_embedding_slab() {
         let spec = spec();
@@ -1143,7 +1215,7 @@ mod tests {
                 let mut g = grads.clone();
                 ws_kernels::parallel::add_inplace(&mut g.tensors[0], &grads.tensors[0]);
                 let want_norm = g.sum_of_squares().sqrt();
-                assert_eq!(norm, want_norm);
+                assert_eq!(norm, want_norm, "budget {budget} step {step}");
                 let scale = clip_factor(want_norm, 1.0);
                 for (i, ts) in spec.tensors.iter().enumerate() {
                     let s = AdamWStep {
@@ -1176,13 +1248,13 @@ mod tests {
     }
 
     #[test]
-    fn a_cleared_gradient_is_neither_written_back_nor_read() {
+    fn an_unset_gradient_is_neither_written_back_nor_read() {
         // Whole steps as a worker drives them (forward reads, backward reads
         // then gradients) with the DRAM tier holding one layer: each page
         // leaves DRAM between its uses. Per parameter and step, the forward
         // reads all four regions (16 bytes) and writes back weights and
-        // moments (12, the gradient just cleared stays unwritten); the
-        // backward reads the weights (4, the zero gradient is filled in)
+        // moments (12, the gradient just used stays unwritten); the
+        // backward reads the weights (4, the unset gradient is not read)
         // and writes the gradient (4).
         let spec = spec();
         let params = random_params(&spec, 1);
@@ -1222,6 +1294,48 @@ mod tests {
         assert!(read <= 20 * params_bytes + twice, "read {read} bytes, over 20 per parameter");
         assert!(written <= 16 * params_bytes + twice, "wrote {written} bytes, over 16 per parameter");
         let _ = std::fs::remove_dir_all(tmp("zero-grad"));
+    }
+
+    /// bf16 reads take the weights from the update as it writes them where
+    /// one is pending (a read's first page of a tensor, split around it when
+    /// the page holds others), else convert them: either way they must be
+    /// the fp32 read rounded, and the stores must stay equal.
+    #[test]
+    fn bf16_reads_equal_fp32_reads_rounded_with_or_without_a_pending_update() {
+        let spec = spec();
+        let params = random_params(&spec, 1);
+        let total = 16 * spec.parameter_count() as u64;
+        for (page, budget) in [(256, total), (100, total), (256, Layout::new(&spec, 256).min_dram_bytes())] {
+            let c = StoreConfig { page_params: page, ..cfg(budget) };
+            let mut a = Store::create(&spec, &params, None, 0, &tmp(&format!("bf16-a{page}-{budget}")), c).unwrap();
+            let mut b = Store::create(&spec, &params, None, 0, &tmp(&format!("bf16-b{page}-{budget}")), c).unwrap();
+            let n = spec.layer_count();
+            // Forward reads of every layer, then backward reads and gradients.
+            let uses: Vec<(usize, bool)> = (0..n).map(|l| (l, false)).chain((0..n).rev().map(|l| (l, true))).collect();
+            for step in 0..3 {
+                let grads = random_params(&spec, 20 + step);
+                for &(l, backward) in &uses {
+                    let len = a.layout().layer_params(&spec, l);
+                    let mut got = vec![0u16; len];
+                    a.read_layer_bf16(l, &mut got).unwrap();
+                    let mut w = vec![0f32; len];
+                    b.read_layer(l, &mut w).unwrap();
+                    let mut want = vec![0u16; len];
+                    ws_kernels::bf16::to_bf16_into(&mut want, &w);
+                    assert!(got == want, "page {page} budget {budget} step {step} layer {l}");
+                    if backward {
+                        let flat: Vec<f32> =
+                            spec.layers[l].tensors.iter().flat_map(|&t| grads.tensors[t].clone()).collect();
+                        a.accumulate(l, &flat).unwrap();
+                        b.accumulate(l, &flat).unwrap();
+                    }
+                }
+                assert_eq!(a.finish_step(0.01), b.finish_step(0.01));
+            }
+            assert!(a.snapshot().unwrap() == b.snapshot().unwrap());
+            let _ = std::fs::remove_dir_all(tmp(&format!("bf16-a{page}-{budget}")));
+            let _ = std::fs::remove_dir_all(tmp(&format!("bf16-b{page}-{budget}")));
+        }
     }
 
     #[test]
