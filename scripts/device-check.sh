@@ -33,7 +33,7 @@ grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
 # keeps attention as a T x T matrix, WS_CUDA_GEMM=cublas leaves cuBLASLt
 # out: comparisons in one sitting). Runs while the call's budget
 # (DEVICE_BUDGET_S, seconds) lasts.
-BENCHES=${BENCHES:-"small:--what all --model small --batch 16 --seq 1024 --steps 5
+BENCHES=${BENCHES-"small:--what all --model small --batch 16 --seq 1024 --steps 5
 small-cublas:WS_CUDA_GEMM=cublas --what train --model small --batch 16 --seq 1024 --steps 5
 1b:--what train --model 1b --batch 8 --seq 1024 --steps 3
 small-b64:--what streaming --model small --batch 64 --micro-batch 32 --seq 1024 --steps 3
@@ -61,7 +61,7 @@ done <<< "$BENCHES"
 # their per-step metrics, tagged with the label, to $OUT/train-metrics.jsonl
 # (the device tool returns at most 8 files).
 m1b="--set model.n_layer=20 --set model.n_head=16 --set model.n_embd=2048 --set model.block_size=1024 --set train.seq_len=1024 --set train.batch_size=8 --set train.steps=40 --set train.warmup_steps=10 --set train.lr=2e-4 --set train.min_lr=2e-5 --set train.precision=bf16 --set train.eval_batches=2 --set train.export_hf=false"
-TRAINS=${TRAINS:-"1b-resident:$m1b --set stream.mode=resident
+TRAINS=${TRAINS-"1b-resident:$m1b --set stream.mode=resident
 1b-streamed:$m1b --set stream.mode=streaming --set stream.dtype=bf16"}
 while IFS= read -r line; do
   [ -z "$line" ] && continue

@@ -402,11 +402,13 @@ fn bench_streaming(preset: &str, steps: usize, fraction: f64, k: usize, dtype: &
     use ws_train::Engine;
     Engine::train_step(&mut resident, &data)?;
     streamed.train_step(&data)?;
+    streamed.take_weight_waits();
     let (mut resident_times, mut streamed_times) = (Vec::new(), Vec::new());
     for _ in 0..steps {
         resident_times.push(Engine::train_step(&mut resident, &data)?.seconds);
         streamed_times.push(streamed.train_step(&data)?.seconds);
     }
+    let waits = streamed.take_weight_waits().unwrap_or_default();
     drop(resident);
     let (resident_s, streamed_s) = (median(resident_times), median(streamed_times));
     let stats = streamed.into_store().stats();
@@ -419,6 +421,8 @@ fn bench_streaming(preset: &str, steps: usize, fraction: f64, k: usize, dtype: &
             "resident_tokens_per_s": round((b * t) as f64 / resident_s),
             "streamed_tokens_per_s": round((b * t) as f64 / streamed_s),
             "efficiency": ratio(resident_s / streamed_s),
+            "weight_wait_ms_per_step": round(waits.total_s / steps as f64 * 1e3),
+            "first_weight_wait_ms_per_step": round(waits.first_s / steps as f64 * 1e3),
             "store_dram_peak_bytes": stats.dram_bytes_peak,
             "flash_read_bytes": stats.flash_read_bytes, "flash_write_bytes": stats.flash_write_bytes,
             "threads": pool_threads(), "peak_rss_mb": round(peak_rss_mb()),

@@ -199,8 +199,9 @@ fn tokens(n: usize, vocab: usize) -> Vec<u16> {
     (0..n).map(|_| rng.below(vocab as u64) as u16).collect()
 }
 
-/// Median seconds per step after `warmup` steps.
-fn time_steps(e: &mut dyn Engine, data: &[u16], warmup: usize, steps: usize) -> Result<(f64, f64)> {
+/// Median seconds per step after `warmup` steps, the last loss, and every
+/// step's milliseconds (the spread, on a shared machine).
+fn time_steps(e: &mut dyn Engine, data: &[u16], warmup: usize, steps: usize) -> Result<(f64, f64, Vec<f64>)> {
     let mut loss = 0.0;
     for _ in 0..warmup {
         loss = e.train_step(data)?.loss;
@@ -211,7 +212,8 @@ fn time_steps(e: &mut dyn Engine, data: &[u16], warmup: usize, steps: usize) -> 
         loss = e.train_step(data)?.loss;
         ts.push(t0.elapsed().as_secs_f64());
     }
-    Ok((median(ts), loss))
+    let all = ts.iter().map(|s| round(s * 1e3)).collect();
+    Ok((median(ts), loss, all))
 }
 
 pub fn bench_train(model: &str, shape: Shape, steps: usize, precision: &str, ceiling_tflops: f64) -> Result<f64> {
@@ -222,7 +224,7 @@ pub fn bench_train(model: &str, shape: Shape, steps: usize, precision: &str, cei
     let t0 = Instant::now();
     let mut e = GpuResident::new(c.clone(), &Params::init(&spec, 1))?;
     let setup_s = t0.elapsed().as_secs_f64();
-    let (step_s, loss) = time_steps(&mut e, &data, 2, steps)?;
+    let (step_s, loss, all_ms) = time_steps(&mut e, &data, 2, steps)?;
     let tokens_per_s = (batch * seq) as f64 / step_s;
     let tflops = c.model.train_flops_per_token(seq) * tokens_per_s / 1e12;
     // Where one step's time goes (events between phases; the sum is the step's GPU time).
@@ -245,7 +247,7 @@ pub fn bench_train(model: &str, shape: Shape, steps: usize, precision: &str, cei
         "{}",
         serde_json::json!({"bench": "cuda_train", "gpu": e.gpu().name, "mode": "resident", "model": model,
             "params": spec.parameter_count(), "precision": precision, "batch": batch, "micro_batch": micro_batch,
-            "seq": seq, "steps": steps, "step_ms": round(step_s * 1e3), "tokens_per_s": round(tokens_per_s), "model_tflops": round(tflops),
+            "seq": seq, "steps": steps, "step_ms": round(step_s * 1e3), "step_ms_all": all_ms, "tokens_per_s": round(tokens_per_s), "model_tflops": round(tflops),
             "gemm_ceiling_tflops": round(ceiling_tflops), "mfu": round(tflops / ceiling_tflops * 1e4) / 1e4,
             "setup_s": round(setup_s), "last_loss": loss, "fused_attention": e.fused_attention(),
             "gpu_allocated_gb": round(e.gpu().allocated() as f64 / 1e9)})
@@ -253,7 +255,10 @@ pub fn bench_train(model: &str, shape: Shape, steps: usize, precision: &str, cei
     Ok(tokens_per_s)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Streamed over resident tokens/s at the same batch, twice in one sitting:
+/// the worker fetching every use and sending every micro-batch's gradient
+/// (`per_use`), and holding what its memory allows (`planned`: the step's
+/// weights kept, the micro-batches' gradients summed; [`ws_train::gpu::plan_worker`]).
 pub fn bench_streaming(
     model: &str,
     shape: Shape,
@@ -264,43 +269,55 @@ pub fn bench_streaming(
     pcie: (f64, f64),
 ) -> Result<()> {
     let (batch, seq) = (shape.batch, shape.seq);
-    let mut c = bench_config(model, shape, precision)?;
-    c.stream.mode = "streaming".into();
-    c.stream.dtype = dtype.into();
-    c.stream.prefetch_depth = 2;
-    c.validate()?;
-    let spec = ModelSpec::new(c.model);
-    let dir = std::env::temp_dir().join(format!("ws-bench-cuda-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io("cannot create", &dir, e))?;
-    let data = tokens(batch * seq * 8, c.model.vocab_size);
-    let t0 = Instant::now();
-    let mut e = start_gpu_engine(&c, &dir, None)?;
-    let setup_s = t0.elapsed().as_secs_f64();
-    let (step_s, loss) = time_steps(e.as_mut(), &data, 1, steps)?;
-    drop(e);
-    let _ = std::fs::remove_dir_all(&dir);
-    let tokens_per_s = (batch * seq) as f64 / step_s;
-    // Per block and step: weights down twice (forward, backward), the gradient up once.
-    let wbytes = if dtype == "bf16" { 2.0 } else { 4.0 };
-    let (h2d, d2h) = pcie;
-    let transfer_s_per_param = (2.0 * wbytes / (h2d * 1e9)).max(4.0 / (d2h * 1e9));
-    // Compute per parameter and token at the resident rate: 6 FLOP per parameter-token.
-    let flops_rate = c.model.train_flops_per_token(seq) * resident_tokens_per_s;
-    let compute_s_per_param_token = 6.0 / flops_rate;
-    let min_tokens = transfer_s_per_param / compute_s_per_param_token;
-    println!(
-        "{}",
-        serde_json::json!({"bench": "cuda_streaming", "mode": "streamed", "model": model,
-            "params": spec.parameter_count(), "precision": precision, "dtype": dtype, "batch": batch,
-            "micro_batch": c.train.micro_batch, "seq": seq,
-            "steps": steps, "step_ms": round(step_s * 1e3), "tokens_per_s": round(tokens_per_s),
-            "resident_tokens_per_s": round(resident_tokens_per_s),
-            "efficiency": round(tokens_per_s / resident_tokens_per_s * 1e4) / 1e4,
-            "h2d_gbps": round(h2d), "d2h_gbps": round(d2h),
-            "tokens_per_micro_batch_for_compute_over_transfer": min_tokens.ceil(),
-            "setup_s": round(setup_s), "last_loss": loss})
-    );
+    for (variant, hold) in [("per_use", false), ("planned", true)] {
+        let mut c = bench_config(model, shape, precision)?;
+        c.stream.mode = "streaming".into();
+        c.stream.dtype = dtype.into();
+        c.stream.prefetch_depth = 2;
+        c.stream.keep_weights = hold;
+        c.stream.sum_gradients = hold;
+        c.validate()?;
+        let spec = ModelSpec::new(c.model);
+        let (_, plan) = ws_train::gpu::stream_plan(&c, &spec, &ws_train::gpu::open_gpu()?)?;
+        let dir = std::env::temp_dir().join(format!("ws-bench-cuda-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io("cannot create", &dir, e))?;
+        let data = tokens(batch * seq * 8, c.model.vocab_size);
+        let t0 = Instant::now();
+        let mut e = start_gpu_engine(&c, &dir, None)?;
+        let setup_s = t0.elapsed().as_secs_f64();
+        e.train_step(&data)?;
+        e.take_weight_waits();
+        let (step_s, loss, all_ms) = time_steps(e.as_mut(), &data, 0, steps)?;
+        let waits = e.take_weight_waits().unwrap_or_default();
+        drop(e);
+        let _ = std::fs::remove_dir_all(&dir);
+        let tokens_per_s = (batch * seq) as f64 / step_s;
+        // Per block and step: weights down twice (forward, backward), the gradient up once.
+        let wbytes = if dtype == "bf16" { 2.0 } else { 4.0 };
+        let (h2d, d2h) = pcie;
+        let transfer_s_per_param = (2.0 * wbytes / (h2d * 1e9)).max(4.0 / (d2h * 1e9));
+        // Compute per parameter and token at the resident rate: 6 FLOP per parameter-token.
+        let flops_rate = c.model.train_flops_per_token(seq) * resident_tokens_per_s;
+        let compute_s_per_param_token = 6.0 / flops_rate;
+        let min_tokens = transfer_s_per_param / compute_s_per_param_token;
+        let per_step = |s: f64| round(s / steps as f64 * 1e3);
+        println!(
+            "{}",
+            serde_json::json!({"bench": "cuda_streaming", "mode": "streamed", "variant": variant, "model": model,
+                "params": spec.parameter_count(), "precision": precision, "dtype": dtype, "batch": batch,
+                "micro_batch": c.train.micro_batch, "seq": seq,
+                "keep_weights": plan.keep_weights, "sum_gradients": plan.sum_gradients,
+                "steps": steps, "step_ms": round(step_s * 1e3), "step_ms_all": all_ms, "tokens_per_s": round(tokens_per_s),
+                "resident_tokens_per_s": round(resident_tokens_per_s),
+                "efficiency": round(tokens_per_s / resident_tokens_per_s * 1e4) / 1e4,
+                "weight_wait_ms_per_step": per_step(waits.total_s),
+                "first_weight_wait_ms_per_step": per_step(waits.first_s),
+                "h2d_gbps": round(h2d), "d2h_gbps": round(d2h),
+                "tokens_per_micro_batch_for_compute_over_transfer": min_tokens.ceil(),
+                "setup_s": round(setup_s), "last_loss": loss})
+        );
+    }
     Ok(())
 }
 

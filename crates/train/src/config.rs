@@ -113,6 +113,19 @@ pub struct StreamSection {
     pub prefetch_depth: usize,
     /// Streamed weights: "fp32" or "bf16" (master weights stay fp32).
     pub dtype: String,
+    /// A GPU worker with memory to spare after its micro-batch's need keeps
+    /// each layer's weights from their first fetch of a step to its end: the
+    /// store sends every layer once a step instead of once per use.
+    #[serde(default = "yes")]
+    pub keep_weights: bool,
+    /// A GPU worker with memory to spare sums the micro-batches' gradients
+    /// and sends each layer's sum once a step instead of once per micro-batch.
+    #[serde(default = "yes")]
+    pub sum_gradients: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -257,7 +270,13 @@ impl RunConfig {
             model,
             train,
             data,
-            stream: StreamSection { mode: "streaming".into(), prefetch_depth: 2, dtype: "fp32".into() },
+            stream: StreamSection {
+                mode: "streaming".into(),
+                prefetch_depth: 2,
+                dtype: "fp32".into(),
+                keep_weights: true,
+                sum_gradients: true,
+            },
             store: StoreSection { dram_bytes: 0, dram_fraction: 1.0, page_bytes: 64 << 20, threads: 0 },
             worker: WorkerSection { memory_bytes: 0 },
             fabric: FabricSection {

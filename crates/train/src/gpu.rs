@@ -16,7 +16,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::optim::{learning_rate, AdamW};
 use crate::schedule::{Pass, Schedule};
-use crate::stream::{max_layer_params, recv_weights, Down, ToStore, WeightMsg, Weights};
+use crate::stream::{max_layer_params, Down, ToStore, WeightMsg, WeightWaits, Weights};
 use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
 use crossbeam_channel::{Receiver, Sender};
@@ -52,6 +52,38 @@ pub fn stream_worker_bytes(
     let max_layer = max_layer_params(spec) as u64;
     let slots = (k as u64 + 1) * max_layer * if dtype == Precision::Bf16 { 6 } else { 4 };
     slots + 2 * 4 * max_layer + GpuWorkspace::bytes_for(spec, mb, t, precision, fused) as u64
+}
+
+/// Device memory of one fp32 copy of every layer, laid out layer after
+/// layer (the tied embedding twice: the embedding layer's and the head's):
+/// what keeping a step's weights, or summing its gradients, costs.
+pub fn layers_bytes(spec: &ModelSpec) -> u64 {
+    4 * (0..spec.layer_count()).map(|l| layer_numel(spec, l) as u64).sum::<u64>()
+}
+
+fn layer_numel(spec: &ModelSpec, l: usize) -> usize {
+    spec.layers[l].tensors.iter().map(|&t| spec.tensors[t].numel()).sum()
+}
+
+/// What the streaming worker holds beyond its micro-batch's need ([`crate::schedule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerPlan {
+    pub keep_weights: bool,
+    pub sum_gradients: bool,
+}
+
+/// Each layer's weights kept, or gradients summed, where the GPU budget
+/// has room for them after the micro-batch's `need` (sums first: with
+/// several micro-batches they save the most host work) and the
+/// configuration allows.
+pub fn plan_worker(config: &RunConfig, spec: &ModelSpec, budget: u64, need: u64, micro_batches: usize) -> WorkerPlan {
+    let copy = layers_bytes(spec);
+    let mut left = budget.saturating_sub(need);
+    let sum_gradients = config.stream.sum_gradients && micro_batches > 1 && left >= copy;
+    if sum_gradients {
+        left -= copy;
+    }
+    WorkerPlan { keep_weights: config.stream.keep_weights && left >= copy, sum_gradients }
 }
 
 /// Device memory of the resident GPU engine: four copies of the model and the workspace.
@@ -309,6 +341,28 @@ struct PendingGrad {
     len: usize,
 }
 
+/// One fp32 copy of every layer, layer after layer ([`layers_bytes`]).
+struct LayerCopies {
+    buf: DevBuf<f32>,
+    start: Vec<usize>,
+}
+
+impl LayerCopies {
+    fn new(gpu: &Gpu, spec: &ModelSpec) -> ws_cuda::Result<LayerCopies> {
+        let mut start = Vec::with_capacity(spec.layer_count());
+        let mut n = 0;
+        for l in 0..spec.layer_count() {
+            start.push(n);
+            n += layer_numel(spec, l);
+        }
+        Ok(LayerCopies { buf: gpu.zeros(n)?, start })
+    }
+
+    fn base(&self, l: usize) -> u64 {
+        self.buf.at(self.start[l])
+    }
+}
+
 /// The streaming worker's GPU side (see the module docs).
 pub struct GpuStreamWorker {
     pub gpu: Gpu,
@@ -324,15 +378,25 @@ pub struct GpuStreamWorker {
     grad_uses: usize,
     pinned: HashSet<usize>,
     pin_failed: bool,
+    /// The step's weights, kept from each layer's first fetch (schedules with `keep_weights`).
+    kept: Option<LayerCopies>,
+    /// The step's gradient sums (schedules with `sum_gradients`).
+    sums: Option<LayerCopies>,
+    /// The end of the last pass on the compute stream: kept weights are
+    /// overwritten only after it.
+    pass_done: Event,
+    pub waits: WeightWaits,
 }
 
 impl GpuStreamWorker {
+    /// A worker for micro-batch `mb`, holding what `train` asks of it.
     pub fn new(
         gpu: Gpu,
         spec: &ModelSpec,
         mb: usize,
         t: usize,
         config: &RunConfig,
+        train: &Schedule,
     ) -> Result<GpuStreamWorker, TrainError> {
         let precision = Precision::parse(&config.train.precision).expect("validated");
         let dtype = Precision::parse(&config.stream.dtype).expect("validated");
@@ -361,6 +425,10 @@ impl GpuStreamWorker {
             grad_uses: 0,
             pinned: HashSet::new(),
             pin_failed: false,
+            kept: if train.keep_weights { Some(LayerCopies::new(&gpu, spec).map_err(e)?) } else { None },
+            sums: if train.sum_gradients { Some(LayerCopies::new(&gpu, spec).map_err(e)?) } else { None },
+            pass_done: Event::new(false).map_err(e)?,
+            waits: WeightWaits::default(),
             gpu,
         })
     }
@@ -395,6 +463,13 @@ impl GpuStreamWorker {
     }
 
     /// One pass of `sched` (see [`crate::stream::StreamingTrainer`]); returns the loss sum.
+    ///
+    /// Fetched weights land in slot `f % (k+1)` (f counts the pass's
+    /// fetches), or with `keep_weights` in the layer's kept copy (bf16
+    /// weights land in a slot first and are widened there). Gradients go to
+    /// a gradient slot and straight back to the host, or with
+    /// `sum_gradients` into the layer's sum, which goes back after the last
+    /// micro-batch's use.
     #[allow(clippy::too_many_arguments)]
     pub fn run_pass(
         &mut self,
@@ -413,59 +488,87 @@ impl GpuStreamWorker {
         let stopped = || PassError::StoreStopped;
         let n = sched.uses.len();
         let depth = self.slots.len();
+        let fetches = sched.fetch_uses();
+        let keep = sched.keep_weights;
+        let sum = sched.sum_gradients;
+        assert!(!keep || self.kept.is_some(), "a schedule that keeps weights on a worker without room for them");
+        assert!(!sum || self.sums.is_some(), "a schedule that sums gradients on a worker without room for them");
         let mut inflight = std::collections::VecDeque::new();
         let mut next = 0;
         let mut micro = usize::MAX;
         self.ws.take_loss_sum(&self.gpu).map_err(pe)?;
+        if keep {
+            // The last pass may still read the copies about to be overwritten.
+            self.gpu.upload.wait(&self.pass_done).map_err(pe)?;
+        }
+        if let Some(sums) = self.sums.as_ref().filter(|_| sum) {
+            // The last pass's sums went back to the host before it returned.
+            self.gpu.memset_zero(sums.buf.ptr(), sums.buf.bytes(), &self.gpu.compute).map_err(pe)?;
+        }
         for j in 0..n {
-            // Keep uses j..j+k on their way to the GPU.
-            while next < n && next < j + depth {
-                let msg = recv_weights(weights).ok_or_else(stopped)?;
-                let u = sched.uses[next];
+            // Keep the fetches of uses j..j+k on their way to the GPU.
+            while next < fetches.len() && fetches[next] < j + depth {
+                let msg = self.waits.recv(weights, next == 0).ok_or_else(stopped)?;
+                let f = fetches[next];
+                let u = sched.uses[f];
                 assert!(
-                    msg.step == step && msg.use_index == next && msg.layer == u.layer,
-                    "weights out of schedule: got step {} use {} layer {}, expected step {step} use {next} layer {}",
+                    msg.step == step && msg.use_index == f && msg.layer == u.layer,
+                    "weights out of schedule: got step {} use {} layer {}, expected step {step} use {f} layer {}",
                     msg.step,
                     msg.use_index,
                     msg.layer,
                     u.layer
                 );
                 let s = next % depth;
-                if next >= depth {
-                    self.gpu.upload.wait(&self.used[s]).map_err(pe)?;
-                }
+                let dst = match &self.kept {
+                    Some(kept) if keep => kept.base(u.layer),
+                    _ => {
+                        if next >= depth {
+                            self.gpu.upload.wait(&self.used[s]).map_err(pe)?;
+                        }
+                        self.slots[s].ptr()
+                    }
+                };
                 match &msg.data {
                     Weights::F32(v) => {
                         self.pin(v.as_ptr() as *const u8, v.len() * 4);
-                        let up = &self.gpu.upload;
-                        self.gpu.upload(self.slots[s].ptr(), &v[..msg.len], up).map_err(pe)?;
+                        self.gpu.upload(dst, &v[..msg.len], &self.gpu.upload).map_err(pe)?;
                     }
                     Weights::Bf16(v) => {
+                        // The landing slot's last widening is earlier on this stream.
                         self.pin(v.as_ptr() as *const u8, v.len() * 2);
                         let up = &self.gpu.upload;
                         self.gpu.upload(self.slots16[s].ptr(), &v[..msg.len], up).map_err(pe)?;
-                        self.gpu.from_bf16(up, self.slots[s].ptr(), self.slots16[s].ptr(), msg.len).map_err(pe)?;
+                        self.gpu.from_bf16(up, dst, self.slots16[s].ptr(), msg.len).map_err(pe)?;
                     }
                 }
                 self.copied[s].record(&self.gpu.upload).map_err(pe)?;
-                inflight.push_back(msg);
+                inflight.push_back((msg, s));
                 next += 1;
             }
-            let msg: WeightMsg = inflight.pop_front().expect("use j is in flight");
             let u = sched.uses[j];
-            let s = j % depth;
-            self.gpu.compute.wait(&self.copied[s]).map_err(pe)?;
-            // The store's buffer is free once its copy is done.
-            self.copied[s].synchronize().map_err(pe)?;
-            let len = msg.len;
-            to_store.send(ToStore::Release(msg.data)).map_err(|_| stopped())?;
+            let mut slot = None;
+            if inflight.front().is_some_and(|(m, _): &(WeightMsg, usize)| m.use_index == j) {
+                let (msg, s) = inflight.pop_front().expect("checked");
+                self.gpu.compute.wait(&self.copied[s]).map_err(pe)?;
+                // The store's buffer is free once its copy is done.
+                self.copied[s].synchronize().map_err(pe)?;
+                to_store.send(ToStore::Release(msg.data)).map_err(|_| stopped())?;
+                slot = Some(s);
+            }
             if u.micro != micro {
                 let r = u.micro * mb * t..(u.micro + 1) * mb * t;
                 let y = if targets.is_empty() { &targets[..0] } else { &targets[r.clone()] };
                 self.ws.set_batch(&self.gpu, &inputs[r], y, mb, t).map_err(pe)?;
                 micro = u.micro;
             }
-            let w = layer_ptrs(spec, u.layer, self.slots[s].ptr());
+            let base = match (&self.kept, slot) {
+                (Some(kept), _) if keep => kept.base(u.layer),
+                (_, Some(s)) => self.slots[s].ptr(),
+                _ => unreachable!("use {j} neither fetched nor kept"),
+            };
+            let w = layer_ptrs(spec, u.layer, base);
+            let len = layer_numel(spec, u.layer);
             let training = sched.training;
             match u.pass {
                 Pass::Forward => self.ws.forward(&self.gpu, spec, u.layer, &w).map_err(pe)?,
@@ -474,41 +577,72 @@ impl GpuStreamWorker {
                 }
                 Pass::Head | Pass::Backward => {
                     let g = self.grad_uses % 2;
-                    self.flush(g, step, to_store)?;
-                    let gptr = self.gslots[g].ptr();
-                    self.gpu.memset_zero(gptr, len * 4, &self.gpu.compute).map_err(pe)?;
+                    let gptr = match &self.sums {
+                        Some(sums) if sum => sums.base(u.layer),
+                        _ => {
+                            // The slot's last gradient must be on the host before it is reused.
+                            self.flush(g, step, to_store)?;
+                            let gptr = self.gslots[g].ptr();
+                            self.gpu.memset_zero(gptr, len * 4, &self.gpu.compute).map_err(pe)?;
+                            gptr
+                        }
+                    };
                     let gw = layer_ptrs(spec, u.layer, gptr);
                     if u.pass == Pass::Head {
                         self.ws.head(&self.gpu, spec, &w, Some(&gw), dloss_scale).map_err(pe)?;
                     } else {
                         self.ws.backward(&self.gpu, spec, u.layer, &w, &gw).map_err(pe)?;
                     }
-                    self.gcomputed[g].record(&self.gpu.compute).map_err(pe)?;
-                    // With one host gradient buffer (depth 0) it may be the
-                    // one in flight in the other slot: hand that one over first.
-                    let mut host = match grad_pool.try_recv() {
-                        Ok(h) => h,
-                        Err(_) => {
-                            self.flush(1 - g, step, to_store)?;
-                            grad_pool.recv().map_err(|_| stopped())?
-                        }
-                    };
-                    self.pin(host.as_ptr() as *const u8, host.len() * 4);
-                    self.gpu.download.wait(&self.gcomputed[g]).map_err(pe)?;
-                    // SAFETY: `host` moves into `pending` (its heap buffer stays
-                    // put) and is touched again only after `gdone[g]`.
-                    unsafe { self.gpu.download_async(&mut host[..len], gptr, &self.gpu.download) }.map_err(pe)?;
-                    self.gdone[g].record(&self.gpu.download).map_err(pe)?;
-                    self.pending[g] = Some(PendingGrad { host, use_index: j, layer: u.layer, len });
-                    self.grad_uses += 1;
+                    if sched.sends(j) {
+                        self.send_gradient(g, gptr, j, u.layer, len, step, to_store, grad_pool)?;
+                    }
                 }
             }
-            self.used[s].record(&self.gpu.compute).map_err(pe)?;
+            if let Some(s) = slot.filter(|_| !keep) {
+                self.used[s].record(&self.gpu.compute).map_err(pe)?;
+            }
         }
         let g = self.grad_uses % 2;
         self.flush(g, step, to_store)?;
         self.flush(1 - g, step, to_store)?;
+        self.pass_done.record(&self.gpu.compute).map_err(pe)?;
         self.ws.take_loss_sum(&self.gpu).map_err(pe)
+    }
+
+    /// Copies the gradient just computed at `gptr` (slot `g`'s turn) back to
+    /// a host buffer on the download stream; [`Self::flush`] hands it over.
+    #[allow(clippy::too_many_arguments)]
+    fn send_gradient(
+        &mut self,
+        g: usize,
+        gptr: u64,
+        use_index: usize,
+        layer: usize,
+        len: usize,
+        step: u64,
+        to_store: &Sender<ToStore>,
+        grad_pool: &Receiver<Vec<f32>>,
+    ) -> Result<(), PassError> {
+        self.flush(g, step, to_store)?;
+        self.gcomputed[g].record(&self.gpu.compute).map_err(pe)?;
+        // With one host gradient buffer (depth 0) it may be the one in
+        // flight in the other slot: hand that one over first.
+        let mut host = match grad_pool.try_recv() {
+            Ok(h) => h,
+            Err(_) => {
+                self.flush(1 - g, step, to_store)?;
+                grad_pool.recv().map_err(|_| PassError::StoreStopped)?
+            }
+        };
+        self.pin(host.as_ptr() as *const u8, host.len() * 4);
+        self.gpu.download.wait(&self.gcomputed[g]).map_err(pe)?;
+        // SAFETY: `host` moves into `pending` (its heap buffer stays put) and
+        // is touched again only after `gdone[g]`.
+        unsafe { self.gpu.download_async(&mut host[..len], gptr, &self.gpu.download) }.map_err(pe)?;
+        self.gdone[g].record(&self.gpu.download).map_err(pe)?;
+        self.pending[g] = Some(PendingGrad { host, use_index, layer, len });
+        self.grad_uses += 1;
+        Ok(())
     }
 }
 
@@ -536,6 +670,18 @@ fn layer_ptrs(spec: &ModelSpec, l: usize, base: u64) -> Vec<u64> {
         .collect()
 }
 
+/// The streaming worker's micro-batch on `gpu`, and what it holds beyond it.
+pub fn stream_plan(config: &RunConfig, spec: &ModelSpec, gpu: &Gpu) -> Result<(usize, WorkerPlan), TrainError> {
+    let precision = Precision::parse(&config.train.precision).expect("validated");
+    let dtype = Precision::parse(&config.stream.dtype).expect("validated");
+    let (t, k) = (config.seq_len(), config.stream.prefetch_depth);
+    let budget = gpu_budget(config, gpu)?;
+    let fused = GpuWorkspace::fused_on(gpu, spec, precision);
+    let need = |mb| stream_worker_bytes(spec, mb, t, k, dtype, precision, fused);
+    let mb = choose_gpu_micro_batch(config, budget, need)?;
+    Ok((mb, plan_worker(config, spec, budget, need(mb), config.train.batch_size / mb)))
+}
+
 /// The engine for `train.device = "cuda"`: [`GpuResident`] for
 /// `stream.mode = "resident"`, else a store on the host streaming onto the GPU.
 pub fn start_gpu_engine(
@@ -555,14 +701,13 @@ pub fn start_gpu_engine(
         return Ok(Box::new(GpuResident::new(config.clone(), &params)?));
     }
     let gpu = open_gpu()?;
-    let precision = Precision::parse(&config.train.precision).expect("validated");
-    let dtype = Precision::parse(&config.stream.dtype).expect("validated");
-    let (t, k) = (config.seq_len(), config.stream.prefetch_depth);
-    let budget = gpu_budget(config, &gpu)?;
-    let fused = GpuWorkspace::fused_on(&gpu, &spec, precision);
-    let need = |mb| stream_worker_bytes(&spec, mb, t, k, dtype, precision, fused);
-    let mb = choose_gpu_micro_batch(config, budget, need)?;
+    let (mb, plan) = stream_plan(config, &spec, &gpu)?;
     let micro_batches = config.train.batch_size / mb;
+    tracing::info!(
+        "GPU worker: micro-batch {mb} ({micro_batches} a step), weights kept for the step: {}, gradients summed: {}",
+        plan.keep_weights,
+        plan.sum_gradients
+    );
     let store_dir = run_dir.join("store");
     let store = match resume {
         None => crate::stream::create_store(config, &spec, &store_dir, micro_batches)?,
@@ -571,7 +716,7 @@ pub fn start_gpu_engine(
             ws_store::Store::restore(&spec, ckpt, &store_dir, sc).map_err(|e| TrainError::Config(e.to_string()))?.0
         }
     };
-    Ok(Box::new(crate::stream::StreamingTrainer::start_on_gpu(config.clone(), store, mb, gpu)?))
+    Ok(Box::new(crate::stream::StreamingTrainer::start_on_gpu(config.clone(), store, mb, gpu, plan)?))
 }
 
 #[cfg(test)]
@@ -596,6 +741,27 @@ mod tests {
         assert!(e.contains("needs 110 bytes of GPU memory") && e.contains("budget of 109") && !e.contains('\n'), "{e}");
         let e = choose_gpu_micro_batch(&config(12, 4), 120, need).unwrap_err().to_string();
         assert!(e.starts_with("train.micro_batch = 4 needs 140 bytes"), "{e}");
+    }
+
+    #[test]
+    fn the_worker_keeps_and_sums_only_with_room_and_leave() {
+        let c = config(8, 2);
+        let spec = ModelSpec::new(c.model);
+        let copy = layers_bytes(&spec);
+        let tied = 4 * spec.tensors[0].numel() as u64;
+        assert_eq!(copy, 4 * spec.parameter_count() as u64 + tied, "the tied embedding twice");
+        let plan = |c: &RunConfig, room: u64, micro| plan_worker(c, &spec, 1000 + room, 1000, micro);
+        let both = WorkerPlan { keep_weights: true, sum_gradients: true };
+        assert_eq!(plan(&c, 2 * copy, 4), both);
+        assert_eq!(plan(&c, 2 * copy - 1, 4), WorkerPlan { keep_weights: false, sum_gradients: true });
+        assert_eq!(plan(&c, 2 * copy, 1), WorkerPlan { keep_weights: true, sum_gradients: false }, "one micro-batch");
+        assert_eq!(plan(&c, copy - 1, 4), WorkerPlan { keep_weights: false, sum_gradients: false });
+        assert_eq!(plan_worker(&c, &spec, 10, 1000, 4), WorkerPlan { keep_weights: false, sum_gradients: false });
+        let mut off = c.clone();
+        off.stream.sum_gradients = false;
+        assert_eq!(plan(&off, 2 * copy, 4), WorkerPlan { keep_weights: true, sum_gradients: false });
+        off.stream.keep_weights = false;
+        assert_eq!(plan(&off, 2 * copy, 4), WorkerPlan { keep_weights: false, sum_gradients: false });
     }
 
     #[test]

@@ -11,6 +11,14 @@
 //!
 //! With prefetch depth k the worker holds at most k+1 layers of weights: the
 //! weights of use j are fetched once use j-k-1 has released its own.
+//!
+//! A worker with memory to spare (a GPU holding a model that fits) may ask
+//! for less traffic, in two independent ways:
+//! - it keeps a layer's weights from their first fetch of the step to the
+//!   step's end: only each layer's first use fetches ([`Schedule::fetches`]);
+//! - it sums the micro-batches' gradients itself: only the last
+//!   micro-batch's gradient uses send ([`Schedule::sends`]), one message per
+//!   layer and step, and the store counts one contribution per listing.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
@@ -40,6 +48,10 @@ pub struct Schedule {
     pub micro_batches: usize,
     pub training: bool,
     pub uses: Vec<Use>,
+    /// The worker keeps each layer's weights for the whole pass.
+    pub keep_weights: bool,
+    /// The worker sums the micro-batches' gradients.
+    pub sum_gradients: bool,
 }
 
 impl Schedule {
@@ -55,12 +67,45 @@ impl Schedule {
                 uses.extend((0..head).rev().map(|layer| Use { layer, micro, pass: Pass::Backward }));
             }
         }
-        Schedule { layers, micro_batches, training, uses }
+        Schedule { layers, micro_batches, training, uses, keep_weights: false, sum_gradients: false }
+    }
+
+    /// The same uses for a worker that keeps the weights and/or sums the
+    /// gradients (see the module docs).
+    pub fn for_worker(mut self, keep_weights: bool, sum_gradients: bool) -> Schedule {
+        self.keep_weights = keep_weights;
+        self.sum_gradients = sum_gradients && self.training;
+        self
+    }
+
+    /// The uses that fetch weights from the store, in order: every use, or
+    /// each layer's first when the worker keeps them.
+    pub fn fetch_uses(&self) -> Vec<usize> {
+        let mut seen = vec![false; self.layers];
+        (0..self.uses.len())
+            .filter(|&j| !self.keep_weights || !std::mem::replace(&mut seen[self.uses[j].layer], true))
+            .collect()
+    }
+
+    /// Whether use `j` sends gradients to the store.
+    pub fn sends(&self, j: usize) -> bool {
+        let u = self.uses[j];
+        u.sends_gradients(self.training) && (!self.sum_gradients || u.micro + 1 == self.micro_batches)
+    }
+
+    /// Gradient contributions the store receives per listing of a tensor in
+    /// a layer, per step.
+    pub fn contributions(&self) -> usize {
+        if self.sum_gradients {
+            1
+        } else {
+            self.micro_batches
+        }
     }
 
     /// Gradient messages one step sends up.
     pub fn gradient_messages(&self) -> usize {
-        self.uses.iter().filter(|u| u.sends_gradients(self.training)).count()
+        (0..self.uses.len()).filter(|&j| self.sends(j)).count()
     }
 
     /// The use after whose release the fetch for use `j` may start with
@@ -69,9 +114,9 @@ impl Schedule {
         j.checked_sub(k + 1)
     }
 
-    /// The layers in access order (for the store's eviction policy).
+    /// The layers in the order the store reads them (for its eviction policy).
     pub fn layer_sequence(&self) -> Vec<usize> {
-        self.uses.iter().map(|u| u.layer).collect()
+        self.fetch_uses().into_iter().map(|j| self.uses[j].layer).collect()
     }
 }
 
@@ -91,6 +136,27 @@ mod tests {
         let e = Schedule::new(4, 1, false);
         assert_eq!(e.uses.len(), 4);
         assert_eq!(e.gradient_messages(), 0);
+    }
+
+    #[test]
+    fn a_worker_that_keeps_weights_fetches_each_layer_once_and_one_that_sums_sends_once() {
+        let plain = Schedule::new(4, 3, true);
+        assert_eq!(plain.fetch_uses(), (0..21).collect::<Vec<_>>());
+        assert_eq!(plain.contributions(), 3);
+        let keep = Schedule::new(4, 3, true).for_worker(true, false);
+        assert_eq!(keep.uses, plain.uses);
+        assert_eq!(keep.fetch_uses(), vec![0, 1, 2, 3], "layers 0..2 forward, then the head");
+        assert_eq!(keep.layer_sequence(), vec![0, 1, 2, 3]);
+        assert_eq!(keep.gradient_messages(), 3 * 4);
+        let sum = Schedule::new(4, 3, true).for_worker(false, true);
+        let senders: Vec<usize> = (0..21).filter(|&j| sum.sends(j)).collect();
+        assert_eq!(senders, vec![17, 18, 19, 20], "the last micro-batch's head and backward uses");
+        assert_eq!(sum.gradient_messages(), 4);
+        assert_eq!(sum.contributions(), 1);
+        assert_eq!(sum.fetch_uses().len(), 21);
+        // An evaluation sends nothing, and keeps a layer it uses once.
+        let eval = Schedule::new(4, 1, false).for_worker(true, true);
+        assert_eq!((eval.fetch_uses().len(), eval.gradient_messages(), eval.sum_gradients), (4, 0, false));
     }
 
     /// Replays the schedule with depth k: fetch j starts when use j-k-1 has

@@ -68,6 +68,32 @@ pub fn recv_weights(rx: &Receiver<Down>) -> Option<WeightMsg> {
     }
 }
 
+/// Time a streaming worker spent waiting for weights, since last taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WeightWaits {
+    /// At the passes' first fetches: the store applying the last step's
+    /// update to the first layer, while the worker has nothing to do.
+    pub first_s: f64,
+    /// In all, the first fetches included.
+    pub total_s: f64,
+    pub passes: u64,
+}
+
+impl WeightWaits {
+    /// [`recv_weights`], timed; `first`: a pass's first fetch.
+    pub fn recv(&mut self, rx: &Receiver<Down>, first: bool) -> Option<WeightMsg> {
+        let t0 = Instant::now();
+        let m = recv_weights(rx);
+        let s = t0.elapsed().as_secs_f64();
+        self.total_s += s;
+        if first {
+            self.first_s += s;
+            self.passes += 1;
+        }
+        m
+    }
+}
+
 /// The start of the next pass (`None`: the store stopped), taking new
 /// patterns into `workspace` and their counts into `spec` on the way.
 pub(crate) fn recv_begin(
@@ -309,10 +335,7 @@ impl StoreThread {
             ToStore::Release(w) => self.free.push(w),
             ToStore::Grads { step: s, use_index, layer, len, data } => {
                 let u = sched.uses[use_index];
-                assert!(
-                    s == step && u.layer == layer && u.sends_gradients(sched.training),
-                    "gradients out of schedule"
-                );
+                assert!(s == step && u.layer == layer && sched.sends(use_index), "gradients out of schedule");
                 self.store.accumulate(layer, &data[..len]).map_err(|e| PassEnd::Failed(e.to_string()))?;
                 *grads_left -= 1;
                 let _ = self.grad_return.send(data);
@@ -342,7 +365,8 @@ impl StoreThread {
         self.to_worker.send(Down::Begin(PassStart { training, index })).map_err(|_| "worker stopped".to_string())?;
         let dense_grads = training && self.dynamic.is_some_and(|d| d.needs_dense_grads(step));
         let mut grads_left = sched.gradient_messages();
-        for (j, u) in sched.uses.iter().enumerate() {
+        for j in sched.fetch_uses() {
+            let u = sched.uses[j];
             let mut buf = loop {
                 if let Some(b) = self.free.pop() {
                     break b;
@@ -542,16 +566,24 @@ impl StreamingTrainer {
     /// Starts the store thread over `store` (fresh, or restored at `store.version`).
     pub fn start(config: RunConfig, store: Store) -> Result<StreamingTrainer, TrainError> {
         let micro_batch = choose_micro_batch(&config, store.spec())?;
-        StreamingTrainer::start_with(config, store, micro_batch)
+        let train = Schedule::new(store.spec().layer_count(), config.train.batch_size / micro_batch, true);
+        StreamingTrainer::start_with(config, store, micro_batch, train)
     }
 
-    /// [`Self::start`] with the micro-batch chosen by the caller.
-    pub fn start_with(config: RunConfig, mut store: Store, micro_batch: usize) -> Result<StreamingTrainer, TrainError> {
+    /// [`Self::start`] with the micro-batch and the training schedule chosen
+    /// by the caller (the store counts the schedule's contributions).
+    pub fn start_with(
+        config: RunConfig,
+        mut store: Store,
+        micro_batch: usize,
+        train: Schedule,
+    ) -> Result<StreamingTrainer, TrainError> {
         config.validate()?;
         let spec = store.spec().clone();
         let layers = spec.layer_count();
-        let train = Schedule::new(layers, config.train.batch_size / micro_batch, true);
+        assert_eq!(train.micro_batches * micro_batch, config.train.batch_size, "the schedule covers the batch");
         let eval = Schedule::new(layers, 1, false);
+        store.set_micro_batches(train.contributions());
         store.set_access_sequence(&train.layer_sequence());
         let version = store.version;
         let StoreEnds { control, reply, weights, to_store, grad_pool, handle, .. } =
@@ -590,10 +622,14 @@ impl StreamingTrainer {
         store: Store,
         micro_batch: usize,
         gpu: ws_cuda::Gpu,
+        plan: crate::gpu::WorkerPlan,
     ) -> Result<StreamingTrainer, TrainError> {
         let (t, spec) = (config.seq_len(), store.spec().clone());
-        let worker = crate::gpu::GpuStreamWorker::new(gpu, &spec, micro_batch, t, &config)?;
-        let mut trainer = StreamingTrainer::start_with(config, store, micro_batch)?;
+        let micro_batches = config.train.batch_size / micro_batch;
+        let train =
+            Schedule::new(spec.layer_count(), micro_batches, true).for_worker(plan.keep_weights, plan.sum_gradients);
+        let worker = crate::gpu::GpuStreamWorker::new(gpu, &spec, micro_batch, t, &config, &train)?;
+        let mut trainer = StreamingTrainer::start_with(config, store, micro_batch, train)?;
         trainer.gpu = Some(worker);
         Ok(trainer)
     }
@@ -686,6 +722,7 @@ pub(crate) struct CpuWorker {
     pub workspace: Workspace,
     decoded: Vec<f32>,
     dynamic: Option<Dynamic>,
+    pub waits: WeightWaits,
 }
 
 impl CpuWorker {
@@ -694,13 +731,18 @@ impl CpuWorker {
         workspace.set_precision(Precision::parse(&config.train.precision).expect("validated"));
         let bf16 = Precision::parse(&config.stream.dtype).expect("validated") == Precision::Bf16;
         let decoded = if bf16 { vec![0f32; max_layer_params(spec)] } else { Vec::new() };
-        CpuWorker { workspace, decoded, dynamic: Dynamic::new(config, spec) }
+        CpuWorker { workspace, decoded, dynamic: Dynamic::new(config, spec), waits: WeightWaits::default() }
     }
 
     /// A placeholder for engines that compute elsewhere (the GPU worker):
     /// a one-token fp32 workspace, never run.
     pub fn idle(spec: &ModelSpec) -> CpuWorker {
-        CpuWorker { workspace: Workspace::new(spec, 1, 1), decoded: Vec::new(), dynamic: None }
+        CpuWorker {
+            workspace: Workspace::new(spec, 1, 1),
+            decoded: Vec::new(),
+            dynamic: None,
+            waits: WeightWaits::default(),
+        }
     }
 
     /// The worker's side of one pass (after its `Begin`): takes each use's
@@ -719,6 +761,10 @@ impl CpuWorker {
         dloss_scale: f32,
         io: &PassIo,
     ) -> Result<f64, StoreStopped> {
+        assert!(
+            !sched.keep_weights && !sched.sum_gradients,
+            "the CPU worker fetches every use and sends every gradient"
+        );
         let training = sched.training;
         let last_head = sched.uses.iter().rposition(|u| u.pass == Pass::Head).expect("a pass has a head");
         let mut loss = 0f64;
@@ -727,7 +773,7 @@ impl CpuWorker {
             self.workspace.capture_dense_grads(spec);
         }
         for (j, u) in sched.uses.iter().enumerate() {
-            let msg = recv_weights(io.weights).ok_or(StoreStopped)?;
+            let msg = self.waits.recv(io.weights, j == 0).ok_or(StoreStopped)?;
             assert!(
                 msg.step == step && msg.use_index == j && msg.layer == u.layer,
                 "weights out of schedule: got step {} use {} layer {}, expected step {step} use {j} layer {}",
@@ -841,6 +887,14 @@ impl Engine for StreamingTrainer {
             self.spec = self.config.model_spec_at(self.step)?;
         }
         Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens: b * t, seconds: start.elapsed().as_secs_f64() })
+    }
+
+    fn take_weight_waits(&mut self) -> Option<WeightWaits> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.gpu.as_mut() {
+            return Some(std::mem::take(&mut g.waits));
+        }
+        Some(std::mem::take(&mut self.cpu.waits))
     }
 
     fn evaluate(&mut self, tokens: &[u16], batches: usize) -> Result<f64, TrainError> {

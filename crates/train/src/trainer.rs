@@ -55,6 +55,10 @@ pub trait Engine {
     fn params(&mut self) -> Result<Params, TrainError>;
     /// The sparse tensors' patterns.
     fn masks(&mut self) -> Result<Masks, TrainError>;
+    /// A streaming engine's waits for weights since last asked.
+    fn take_weight_waits(&mut self) -> Option<crate::stream::WeightWaits> {
+        None
+    }
 }
 
 pub struct Trainer {

@@ -1,5 +1,6 @@
 //! The CUDA worker: streamed training on the GPU (weights from the host
-//! store, prefetch depths 0, 1 and 2, DRAM budgets 100% and 25%) against
+//! store, prefetch depths 0, 1 and 2, DRAM budgets 100% and 25%, the worker
+//! keeping the step's weights and summing its gradients or not) against
 //! resident training on the GPU and against the CPU, after several steps.
 //! Without a GPU the tests print "CUDA tests skipped: <reason>" and pass;
 //! without the `cuda` feature they are not built.
@@ -20,7 +21,8 @@ mod common;
 
 use common::assert_updates_close;
 use ws_model::{Gpt2Config, ModelSpec, Params};
-use ws_train::gpu::{start_gpu_engine, GpuResident};
+use ws_train::gpu::{open_gpu, start_gpu_engine, GpuResident, WorkerPlan};
+use ws_train::stream::{create_store, StreamingTrainer};
 use ws_train::{Engine, RunConfig, Trainer};
 
 fn config(prefetch_depth: usize, dram_fraction: f64, mode: &str) -> RunConfig {
@@ -80,21 +82,39 @@ fn gpu_streamed_equals_gpu_resident_and_cpu() {
     }
     assert_updates_close("gpu resident vs cpu", &init, &want_params, &cpu.params, &c, steps, 1e-3);
 
-    for (k, fraction) in [(0, 1.0), (1, 0.25), (2, 1.0), (2, 0.25)] {
+    // Depth, DRAM fraction, and what the worker holds beyond its micro-batch:
+    // nothing (every use fetches, every micro-batch's gradient goes to the
+    // store), the step's weights, the gradient sums, or both.
+    let plan = |keep_weights, sum_gradients| WorkerPlan { keep_weights, sum_gradients };
+    let runs = [
+        (0, 1.0, plan(false, false)),
+        (1, 0.25, plan(false, false)),
+        (2, 1.0, plan(false, false)),
+        (2, 0.25, plan(false, false)),
+        (0, 1.0, plan(true, false)),
+        (2, 0.25, plan(true, false)),
+        (1, 0.25, plan(false, true)),
+        (0, 1.0, plan(true, true)),
+        (2, 0.25, plan(true, true)),
+    ];
+    for (k, fraction, p) in runs {
         let c = config(k, fraction, "streaming");
-        let dir = tmp(&format!("s{k}-{fraction}"));
-        let mut e = start_gpu_engine(&c, &dir, None).unwrap();
+        let dir = tmp(&format!("s{k}-{fraction}-{}-{}", p.keep_weights, p.sum_gradients));
+        let spec = c.model_spec().unwrap();
+        let mb = c.train.micro_batch;
+        let store = create_store(&c, &spec, &dir.join("store"), c.train.batch_size / mb).unwrap();
+        let mut e = StreamingTrainer::start_on_gpu(c.clone(), store, mb, open_gpu().unwrap(), p).unwrap();
         for (i, &w) in want.iter().enumerate() {
             let s = e.train_step(&data).unwrap();
             assert!(
                 (s.loss - w).abs() <= 1e-5 * w,
-                "depth {k} dram {fraction} step {i}: loss {} vs resident {w}",
+                "depth {k} dram {fraction} {p:?} step {i}: loss {} vs resident {w}",
                 s.loss
             );
         }
         let got = e.params().unwrap();
         assert_updates_close(
-            &format!("streamed depth {k} dram {fraction}"),
+            &format!("streamed depth {k} dram {fraction} {p:?}"),
             &init,
             &got,
             &want_params,
