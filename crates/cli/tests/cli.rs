@@ -1,7 +1,7 @@
 //! The `weightstream` binary end to end: the main job's run directory,
 //! `eval` against `transformers`, `generate`, and one-line errors for bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
@@ -26,11 +26,9 @@ fn weightstream(args: &[&str]) -> Out {
     }
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ws-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh directory for one test, removed when dropped (a failing test too).
+fn tmp(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("ws-cli-{name}-")).tempdir().unwrap()
 }
 
 fn fixture(name: &str) -> String {
@@ -97,8 +95,9 @@ fn eval_of_a_transformers_checkpoint_matches_transformers() {
 
 #[test]
 fn train_writes_a_run_directory_that_eval_and_generate_read() {
-    let dir = tmp("train");
-    let args = train_args(&small_run_sets(&dir));
+    let dir_tmp = tmp("train");
+    let dir = dir_tmp.path();
+    let args = train_args(&small_run_sets(dir));
     let out = weightstream(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.code, 0, "{}", out.stderr);
     let run = dir.join("run");
@@ -150,7 +149,8 @@ fn assert_one_line_error(args: &[&str], needle: &str) {
 
 #[test]
 fn bad_input_gets_a_one_line_error_and_exit_status_1() {
-    let dir = tmp("bad");
+    let dir_tmp = tmp("bad");
+    let dir = dir_tmp.path();
     let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
 
     assert_one_line_error(
@@ -190,7 +190,7 @@ fn bad_input_gets_a_one_line_error_and_exit_status_1() {
         "at least",
     );
     std::fs::write(p("file"), "not a directory").unwrap();
-    let mut sets = small_run_sets(&dir);
+    let mut sets = small_run_sets(dir);
     sets.push(format!("run_dir={}/run", p("file")));
     let args = train_args(&sets);
     assert_one_line_error(&args.iter().map(String::as_str).collect::<Vec<_>>(), "run directory");
@@ -241,7 +241,8 @@ fn tiny_preset_loss_falls_on_the_bundled_corpus() {
         eprintln!("skipped: {} is absent (../shared is not beside the checkout)", corpus.display());
         return;
     }
-    let dir = tmp("tiny");
+    let dir_tmp = tmp("tiny");
+    let dir = dir_tmp.path();
     let run = dir.join("run");
     let out = weightstream(&[
         "train",
@@ -266,8 +267,9 @@ fn tiny_preset_loss_falls_on_the_bundled_corpus() {
 
 #[test]
 fn two_workers_through_the_fabric_train_checkpoint_and_resume() {
-    let dir = tmp("workers");
-    let mut sets = small_run_sets(&dir);
+    let dir_tmp = tmp("workers");
+    let dir = dir_tmp.path();
+    let mut sets = small_run_sets(dir);
     sets.push("fabric.transport=tcp".into());
     let mut args = train_args(&sets);
     args.extend(["--workers", "2", "--fanout", "2"].map(String::from));
@@ -294,8 +296,9 @@ fn two_workers_through_the_fabric_train_checkpoint_and_resume() {
 #[test]
 fn a_multi_process_cluster_equals_the_same_run_in_one_process() {
     let export = |name: &str, cmd: &str, extra: &[&str]| {
-        let dir = tmp(name);
-        let mut sets = small_run_sets(&dir);
+        let dir_tmp = tmp(name);
+        let dir = dir_tmp.path();
+        let mut sets = small_run_sets(dir);
         sets.push("train.batch_size=6".into());
         sets.extend(extra.iter().map(|s| s.to_string()));
         let mut args = train_args(&sets);
@@ -319,11 +322,12 @@ fn a_multi_process_cluster_equals_the_same_run_in_one_process() {
 #[test]
 fn a_worker_without_the_cluster_secret_is_refused() {
     // A store waiting for one worker; a worker with another secret.
-    let dir = tmp("secret");
+    let dir_tmp = tmp("secret");
+    let dir = dir_tmp.path();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut store = std::process::Command::new(env!("CARGO_BIN_EXE_weightstream"))
         .args(["store", "--listen", &format!("127.0.0.1:{port}"), "--set", "fabric.join_timeout_s=20"])
-        .args(train_args(&small_run_sets(&dir)).iter().skip(1))
+        .args(train_args(&small_run_sets(dir)).iter().skip(1))
         .env("WEIGHTSTREAM_SECRET", "the-right-cluster-secret-0123456789")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -345,8 +349,9 @@ fn a_worker_without_the_cluster_secret_is_refused() {
 /// `cluster` stops every process it started on Ctrl-C (SIGINT) and says so.
 #[test]
 fn ctrl_c_stops_the_whole_cluster() {
-    let dir = tmp("ctrl-c");
-    let mut sets = small_run_sets(&dir);
+    let dir_tmp = tmp("ctrl-c");
+    let dir = dir_tmp.path();
+    let mut sets = small_run_sets(dir);
     sets.push("train.steps=100000".into());
     let mut args = train_args(&sets);
     args[0] = "cluster".into();

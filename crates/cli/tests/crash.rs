@@ -19,9 +19,8 @@ fn bin() -> Command {
 
 #[test]
 fn sigkill_at_random_points_always_leaves_a_verifiable_checkpoint() {
-    let dir = std::env::temp_dir().join(format!("ws-crash-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir_tmp = tempfile::Builder::new().prefix("ws-crash-").tempdir().unwrap();
+    let dir = dir_tmp.path();
     let run = dir.join("run");
     let sets = [
         "model.n_layer=4".to_string(),

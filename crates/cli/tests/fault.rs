@@ -10,17 +10,15 @@
 //! joining after the crash, the tree forms again with three, and the run
 //! equals one that never lost a worker.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 const SECRET: &str = "fault-test-cluster-secret-0123456789";
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ws-fault-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh directory for one test, removed when dropped (a failing test too).
+fn tmp(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("ws-fault-{name}-")).tempdir().unwrap()
 }
 
 fn bin() -> Command {
@@ -75,28 +73,32 @@ fn weights_at(dir: &Path, step: u64) -> Vec<u8> {
 #[test]
 fn a_worker_killed_mid_step_costs_the_step_not_the_run() {
     // The reference: three workers for two steps, then two.
-    let reference = tmp("reference");
+    let reference_tmp = tmp("reference");
+    let reference = reference_tmp.path();
     let mut c = bin();
     c.args(["train", "--workers", "3", "--fanout", "2"]);
-    with_sets(&mut c, &sets(&reference, 2));
+    with_sets(&mut c, &sets(reference, 2));
     run_ok(c);
     let mut c = bin();
     c.args(["train", "--resume", reference.join("run").to_str().unwrap(), "--workers", "2"]);
     c.args(["--set", "train.steps=4"]);
     run_ok(c);
 
-    let faulty = tmp("faulty");
-    let stderr = run_with_a_crash(&faulty, Fault::Crash);
+    let faulty_tmp = tmp("faulty");
+
+    let faulty = faulty_tmp.path();
+    let stderr = run_with_a_crash(faulty, Fault::Crash);
     assert!(stderr.contains("step 2 aborted"), "{stderr}");
     assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
-    assert!(final_weights(&faulty) == final_weights(&reference), "the recovered run differs from the reference");
+    assert!(final_weights(faulty) == final_weights(reference), "the recovered run differs from the reference");
 
     // A worker that stops answering instead: the step timeout catches it.
-    let hung = tmp("hung");
-    let stderr = run_with_a_crash(&hung, Fault::Hang);
+    let hung_tmp = tmp("hung");
+    let hung = hung_tmp.path();
+    let stderr = run_with_a_crash(hung, Fault::Hang);
     assert!(stderr.contains("step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3"), "{stderr}");
     assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
-    assert!(final_weights(&hung) == final_weights(&reference), "the run that timed out differs from the reference");
+    assert!(final_weights(hung) == final_weights(reference), "the run that timed out differs from the reference");
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -111,15 +113,17 @@ enum Fault {
 
 #[test]
 fn a_replacement_worker_takes_the_lost_ones_place() {
-    let reference = tmp("uninterrupted");
+    let reference_tmp = tmp("uninterrupted");
+    let reference = reference_tmp.path();
     let mut c = bin();
     c.args(["train", "--workers", "3", "--fanout", "2"]);
-    with_sets(&mut c, &sets(&reference, 4));
+    with_sets(&mut c, &sets(reference, 4));
     run_ok(c);
-    let replaced = tmp("replaced");
-    let stderr = run_with_a_crash(&replaced, Fault::CrashAndReplace);
+    let replaced_tmp = tmp("replaced");
+    let replaced = replaced_tmp.path();
+    let stderr = run_with_a_crash(replaced, Fault::CrashAndReplace);
     assert!(stderr.contains("the tree formed again with 3 workers (was 3)"), "{stderr}");
-    assert!(final_weights(&replaced) == final_weights(&reference), "the run with a replacement differs");
+    assert!(final_weights(replaced) == final_weights(reference), "the run with a replacement differs");
 }
 
 /// A store, two nodes and three workers, one of which fails after step 2's
@@ -175,18 +179,21 @@ fn run_with_a_crash(faulty: &Path, fault: Fault) -> String {
 #[test]
 fn a_lost_fabric_node_is_taken_over_by_the_store() {
     const STEPS: u64 = 30;
-    let reference = tmp("node-reference");
+    let reference_tmp = tmp("node-reference");
+    let reference = reference_tmp.path();
     let mut c = bin();
     c.args(["train", "--workers", "3", "--fanout", "2"]);
-    with_sets(&mut c, &sets(&reference, STEPS));
+    with_sets(&mut c, &sets(reference, STEPS));
     run_ok(c);
 
-    let dir = tmp("node-lost");
+    let dir_tmp = tmp("node-lost");
+
+    let dir = dir_tmp.path();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let store_addr = format!("127.0.0.1:{port}");
     let mut store = bin();
     store.args(["store", "--listen", &store_addr, "--workers", "3", "--fanout", "2"]);
-    with_sets(&mut store, &sets(&dir, STEPS));
+    with_sets(&mut store, &sets(dir, STEPS));
     store.args(["--set", "fabric.step_timeout_s=5"]);
     let store = store.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let spawn = |role: &str| {
@@ -212,5 +219,5 @@ fn a_lost_fabric_node_is_taken_over_by_the_store() {
     }
     assert!(out.status.success(), "the store failed:\n{stderr}");
     assert!(stderr.contains("the tree formed again with 3 workers (was 3)"), "{stderr}");
-    assert!(weights_at(&dir, STEPS) == weights_at(&reference, STEPS), "the run that lost a node differs");
+    assert!(weights_at(dir, STEPS) == weights_at(reference, STEPS), "the run that lost a node differs");
 }

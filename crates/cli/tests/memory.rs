@@ -18,8 +18,8 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn a_streaming_run_stays_within_the_store_and_worker_budgets() {
-    let dir = std::env::temp_dir().join(format!("ws-memory-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir_tmp = tempfile::Builder::new().prefix("ws-memory-").tempdir().unwrap();
+    let dir = dir_tmp.path();
     let (store, worker, allowance) = (48 * MIB, 160 * MIB, 128 * MIB);
     // 8 layers of 256 channels and the GPT-2 vocabulary: 19.3 M parameters,
     // 309 MB of model state, more than six times the store's budget.
