@@ -37,7 +37,8 @@ BENCHES=${BENCHES-"small:--what all --model small --batch 16 --seq 1024 --steps 
 small-cublas:WS_CUDA_GEMM=cublas --what train --model small --batch 16 --seq 1024 --steps 5
 1b:--what train --model 1b --batch 8 --seq 1024 --steps 3
 small-b64:--what streaming --model small --batch 64 --micro-batch 32 --seq 1024 --steps 3
-small-b128:--what streaming --model small --batch 128 --micro-batch 32 --seq 1024 --steps 3
+small-b128:--what streaming --model small --batch 128 --seq 1024 --steps 4
+1b-b64:--what streaming --model 1b --batch 64 --seq 1024 --steps 3
 large:--what large --batch 4 --seq 1024 --steps 10 --data device/shakespeare.bin"}
 bench_rc=0
 while IFS= read -r line; do
