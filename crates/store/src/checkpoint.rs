@@ -69,6 +69,15 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
+/// The little-endian bytes of `x` (the checkpoint format's), which on the
+/// targets the store supports are its bytes in memory.
+fn le_bytes(x: &[f32]) -> &[u8] {
+    const _: () = assert!(cfg!(target_endian = "little"), "checkpoints are written as little-endian memory");
+    // SAFETY: f32 has no padding and any byte is a valid u8; the length
+    // covers exactly the slice's memory.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
 impl Store {
     /// Writes a checkpoint of the current version into `dir` (see the
     /// module header). Applies pending updates first.
@@ -86,20 +95,17 @@ impl Store {
             let f = std::fs::File::create(&path).map_err(io("cannot create", &path))?;
             files.push((f, path, file, crc32fast::Hasher::new(), 0));
         }
-        let mut bytes = Vec::new();
         self.for_each_page(|s, _i, buf| {
-            // Weights, first and second moments; the gradient is zero at a step boundary.
+            // Weights, first and second moments (the gradient holds nothing
+            // at a step boundary), straight from the page: no staging copy.
             let len = buf.len() / 4;
-            bytes.clear();
-            for region in [0, 2, 3] {
-                for x in &buf[region * len..(region + 1) * len] {
-                    bytes.extend_from_slice(&x.to_le_bytes());
-                }
-            }
             let (f, path, _, crc, n) = &mut files[s];
-            f.write_all(&bytes).map_err(io("cannot write", path))?;
-            crc.update(&bytes);
-            *n += bytes.len() as u64;
+            for region in [0, 2, 3] {
+                let bytes = le_bytes(&buf[region * len..(region + 1) * len]);
+                f.write_all(bytes).map_err(io("cannot write", path))?;
+                crc.update(bytes);
+                *n += bytes.len() as u64;
+            }
             Ok(())
         })?;
         let mut slabs = Vec::new();
