@@ -1092,9 +1092,7 @@ fn read_crc(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<u3
         .enumerate()
         .map(|(k, c)| {
             file.read_exact_at(c, at + (k * IO_CHUNK) as u64)?;
-            let mut h = crc32fast::Hasher::new();
-            h.update(c);
-            Ok(h)
+            Ok(hasher_of(c))
         })
         .collect::<std::io::Result<Vec<_>>>()?;
     Ok(crc_of(parts))
@@ -1108,12 +1106,17 @@ fn write_crc(file: &std::fs::File, buf: &[u8], at: u64) -> std::io::Result<u32> 
         .enumerate()
         .map(|(k, c)| {
             file.write_all_at(c, at + (k * IO_CHUNK) as u64)?;
-            let mut h = crc32fast::Hasher::new();
-            h.update(c);
-            Ok(h)
+            Ok(hasher_of(c))
         })
         .collect::<std::io::Result<Vec<_>>>()?;
     Ok(crc_of(parts))
+}
+
+/// A CRC32 hasher that has taken `bytes`.
+fn hasher_of(bytes: &[u8]) -> crc32fast::Hasher {
+    let mut h = crc32fast::Hasher::new();
+    h.update(bytes);
+    h
 }
 
 /// The CRC32 of consecutive pieces from their hashers, in order.
