@@ -69,14 +69,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
-/// The little-endian bytes of `x` (the checkpoint format's), which on the
-/// targets the store supports are its bytes in memory.
-fn le_bytes(x: &[f32]) -> &[u8] {
-    const _: () = assert!(cfg!(target_endian = "little"), "checkpoints are written as little-endian memory");
-    // SAFETY: f32 has no padding and any byte is a valid u8; the length
-    // covers exactly the slice's memory.
-    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
-}
+// A page's bytes in memory are the checkpoint format's little-endian floats.
+const _: () = assert!(cfg!(target_endian = "little"), "checkpoints are written as little-endian memory");
 
 impl Store {
     /// Writes a checkpoint of the current version into `dir` (see the
@@ -98,10 +92,10 @@ impl Store {
         self.for_each_page(|s, _i, buf| {
             // Weights, first and second moments (the gradient holds nothing
             // at a step boundary), straight from the page: no staging copy.
-            let len = buf.len() / 4;
+            let region_bytes = 4 * (buf.len() / 4);
             let (f, path, _, crc, n) = &mut files[s];
             for region in [0, 2, 3] {
-                let bytes = le_bytes(&buf[region * len..(region + 1) * len]);
+                let bytes = &buf.as_bytes()[region * region_bytes..(region + 1) * region_bytes];
                 f.write_all(bytes).map_err(io("cannot write", path))?;
                 crc.update(bytes);
                 *n += bytes.len() as u64;

@@ -1038,7 +1038,7 @@ impl Store {
     /// Calls `f(slab, page, page buffer)` for every page in order, after
     /// applying pending updates; pages not in DRAM are read from flash
     /// without entering the tier.
-    fn for_each_page(&mut self, mut f: impl FnMut(usize, usize, &[f32]) -> Result<()>) -> Result<()> {
+    fn for_each_page(&mut self, mut f: impl FnMut(usize, usize, &AlignedBuf) -> Result<()>) -> Result<()> {
         self.flush()?;
         for s in 0..self.pages.len() {
             for i in 0..self.pages[s].len() {
