@@ -31,8 +31,9 @@ grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
 # Each benchmark: a label, then `weightstream bench cuda` arguments, which
 # may start with VAR=value settings for the run (WS_CUDA_ATTENTION=materialized
 # keeps attention as a T x T matrix, WS_CUDA_GEMM=cublas leaves cuBLASLt
-# out: comparisons in one sitting). Runs while the call's budget
-# (DEVICE_BUDGET_S, seconds) lasts.
+# out; BIN=path runs another weightstream binary, e.g. the last commit's
+# built beside this one: comparisons in one sitting). Runs while the call's
+# budget (DEVICE_BUDGET_S, seconds) lasts.
 BENCHES=${BENCHES-"small:--what all --model small --batch 16 --seq 1024 --steps 5
 small-cublas:WS_CUDA_GEMM=cublas --what train --model small --batch 16 --seq 1024 --steps 5
 1b:--what train --model 1b --batch 8 --seq 1024 --steps 3
@@ -48,12 +49,16 @@ while IFS= read -r line; do
     settings="$settings ${BASH_REMATCH[1]}"; rest=${BASH_REMATCH[2]}
   done
   settings=${settings# }
+  bin=device/weightstream
+  if [[ " $settings " =~ \ BIN=([^ ]+)\  ]]; then
+    bin=${BASH_REMATCH[1]}; settings=$(echo " $settings " | sed "s| BIN=[^ ]* | |; s|^ *||; s| *$||")
+  fi
   left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
   if [ "$left" -lt 45 ]; then log "skipped ($left s left): $label $settings $rest"; continue; fi
-  log "bench $label ${settings:+($settings) }$rest"
+  log "bench $label ${settings:+($settings) }[$bin] $rest"
   # shellcheck disable=SC2086
-  env $settings timeout "$left" device/weightstream bench cuda $rest \
-    2>> "$OUT/bench.err" | sed "s/^{/{\"label\": \"$label\", \"settings\": \"$settings\", /" >> "$OUT/bench.jsonl"
+  env $settings timeout "$left" "$bin" bench cuda $rest \
+    2>> "$OUT/bench.err" | sed "s|^{|{\"label\": \"$label\", \"settings\": \"$settings\", \"bin\": \"$bin\", |" >> "$OUT/bench.jsonl"
   rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && bench_rc=$rc
   tail -n 3 "$OUT/bench.jsonl"; tail -n 2 "$OUT/bench.err"
 done <<< "$BENCHES"

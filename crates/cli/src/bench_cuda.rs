@@ -107,7 +107,8 @@ pub fn bench_gemm(gpu: &Gpu) -> Result<f64> {
         gpu.to_bf16(&gpu.compute, a16.ptr(), a32.ptr(), m * k).map_err(err)?;
         gpu.to_bf16(&gpu.compute, b16.ptr(), b32.ptr(), k * n).map_err(err)?;
         let (a, b, co) = (Operand::n(a16.ptr(), k), Operand::n(b16.ptr(), n), Operand::n(c.ptr(), n));
-        let fused = time_ms(gpu, 10, || gpu.gemm_bias(GemmType::Bf16, m, n, k, a, b, bias.ptr(), co)).map_err(err)?;
+        let fused =
+            time_ms(gpu, 10, || gpu.gemm_bias(GemmType::Bf16, m, n, k, a, b, bias.ptr(), None, co)).map_err(err)?;
         let apart = time_ms(gpu, 10, || {
             gpu.bias_fill(&gpu.compute, c.ptr(), bias.ptr(), m, n)?;
             gpu.gemm(GemmType::Bf16, m, n, k, 1.0, a, b, 1.0, co, None)

@@ -359,11 +359,13 @@ impl Gpu {
         self.lt.is_some()
     }
 
-    /// Row-major `C[M,N] = op(A)[M,K] op(B)[K,N] + bias[N]` (the bias on
-    /// every row), fp32 output, on the compute stream. bf16 and TF32 go
-    /// through cuBLASLt's bias epilogue (one pass over C) where it is
-    /// loaded and the bias is 16-byte aligned; otherwise, and for exact
-    /// fp32, the bias is written into C and the product added to it.
+    /// Row-major `C[M,N] = op(A)[M,K] op(B)[K,N] + bias[N] (+ add[M,N])`
+    /// (the bias on every row; `add` another matrix with C's layout, e.g. a
+    /// residual), fp32 output, on the compute stream. bf16 and TF32 go
+    /// through cuBLASLt's epilogue (one pass over C, reading `add` there)
+    /// where it is loaded and the bias is 16-byte aligned; otherwise, and for
+    /// exact fp32, the bias is written into C, the product added to it, and
+    /// then `add`.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_bias(
         &self,
@@ -374,15 +376,21 @@ impl Gpu {
         a: Operand,
         b: Operand,
         bias: u64,
+        add: Option<u64>,
         c: Operand,
     ) -> Result<()> {
+        assert!(add.is_none() || c.ld == n, "an added matrix is dense, as C");
         if let Some(lt) = self.lt.as_ref().filter(|_| ty != GemmType::F32 && bias.is_multiple_of(16) && c.ld == n) {
-            if lt.matmul(self.compute.0, ty, m, n, k, a, b, Some(bias), c)? {
+            if lt.matmul(self.compute.0, ty, m, n, k, a, b, Some(bias), add, c)? {
                 return Ok(());
             }
         }
         self.bias_fill(&self.compute, c.ptr, bias, m, n)?;
-        self.gemm(ty, m, n, k, 1.0, a, b, 1.0, c, None)
+        self.gemm(ty, m, n, k, 1.0, a, b, 1.0, c, None)?;
+        match add {
+            Some(x) => self.add_inplace(&self.compute, c.ptr, x, m * n),
+            None => Ok(()),
+        }
     }
 
     /// Bytes of device memory this process holds through [`DevBuf`]s.

@@ -21,6 +21,12 @@ __device__ __forceinline__ bf16_t bf16_rne(float x) {
     return (bf16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
+// Two floats rounded to bf16 in one 32-bit word, the first in the low half
+// (its lower address).
+__device__ __forceinline__ unsigned int bf16_pair(float a, float b) {
+    return (unsigned int)bf16_rne(a) | ((unsigned int)bf16_rne(b) << 16);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -71,6 +77,13 @@ __device__ float block_max(float v, float* sh) {
 }
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// The derivative of GELU's tanh approximation (sigmoid form) at x, as the CPU kernel.
+__device__ __forceinline__ float gelu_grad(float v) {
+    float u = 0.7978846f * (v + 0.044715f * v * v * v);
+    float s = sigmoidf_(2.0f * u);
+    return s + v * 2.0f * s * (1.0f - s) * 0.7978846f * (1.0f + 3.0f * 0.044715f * v * v);
+}
 
 // ---------------------------------------------------------------- embedding
 
@@ -195,14 +208,25 @@ extern "C" __global__ void layernorm_param_partial(float* part, const float* dou
     }
 }
 
-// Column partial sums of dout[N,C] (a bias gradient). Block (32, 8); grid (ceil(C/32), R).
-extern "C" __global__ void column_partial(float* part, const float* dout, int n, int c, int chunk) {
+// Column partial sums over chunks of rows of g[N,C] (a bias gradient),
+// where g = dout, or g = dout * gelu'(x) when x is not null (the gradient
+// through GELU, whose input was x). With out16, g also goes out rounded to
+// bf16, the operand of the products that follow. Block (32, 8); grid
+// (ceil(C/32), R).
+extern "C" __global__ void column_partial(float* part, bf16_t* out16, const float* dout, const float* x, int n, int c,
+                                          int chunk) {
     __shared__ float s[8][33];
     int col = blockIdx.x * 32 + threadIdx.x;
     int r0 = blockIdx.y * chunk, r1 = min(n, r0 + chunk);
     float a = 0.0f;
     if (col < c)
-        for (int r = r0 + threadIdx.y; r < r1; r += 8) a += dout[(i64)r * c + col];
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+            i64 at = (i64)r * c + col;
+            float g = dout[at];
+            if (x) g *= gelu_grad(x[at]);
+            if (out16) out16[at] = bf16_rne(g);
+            a += g;
+        }
     s[threadIdx.y][threadIdx.x] = a;
     __syncthreads();
     if (threadIdx.y == 0 && col < c) {
@@ -239,10 +263,7 @@ extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, const float* x, i
 extern "C" __global__ void gelu_bwd(float* d, const float* x, i64 n) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float v = x[i];
-    float u = 0.7978846f * (v + 0.044715f * v * v * v);
-    float s = sigmoidf_(2.0f * u);
-    d[i] *= s + v * 2.0f * s * (1.0f - s) * 0.7978846f * (1.0f + 3.0f * 0.044715f * v * v);
+    d[i] *= gelu_grad(x[i]);
 }
 
 // a += b
@@ -550,7 +571,7 @@ __device__ __forceinline__ const bf16_t* fa_next_kv(bf16_t* skv, const bf16_t* b
 // y = softmax(scale * q k^T, causal) v; lse[(b*NH + h)*T + i] in log2 units.
 // Grid (ceil(T/64), B*NH), the longest query tiles first.
 template <int D>
-__device__ void flash_fwd(float* y, float* lse, const bf16_t* qkv, int t, int nh, float scale_log2) {
+__device__ void flash_fwd(float* y, bf16_t* y16, float* lse, const bf16_t* qkv, int t, int nh, float scale_log2) {
     const int LD = FaSmem<D>::LD, TILE = FaSmem<D>::TILE, NT = FA_TILE / 8, ND = D / 8;
     bf16_t* sq = reinterpret_cast<bf16_t*>(fa_smem);
     bf16_t* skv = sq + TILE;  // buffer i: k at skv + 2*i*TILE, v after it
@@ -623,6 +644,12 @@ __device__ void flash_fwd(float* y, float* lse, const bf16_t* qkv, int t, int nh
         int col = d * 8 + q;
         if (row_a < t) *reinterpret_cast<float2*>(yb + (i64)row_a * c + col) = make_float2(o[d][0] * inv_a, o[d][1] * inv_a);
         if (row_b < t) *reinterpret_cast<float2*>(yb + (i64)row_b * c + col) = make_float2(o[d][2] * inv_b, o[d][3] * inv_b);
+        if (y16) {
+            unsigned int* ya = reinterpret_cast<unsigned int*>(y16 + (i64)bb * t * c + h * D + (i64)row_a * c + col);
+            unsigned int* yb16 = reinterpret_cast<unsigned int*>(y16 + (i64)bb * t * c + h * D + (i64)row_b * c + col);
+            if (row_a < t) *ya = bf16_pair(o[d][0] * inv_a, o[d][1] * inv_a);
+            if (row_b < t) *yb16 = bf16_pair(o[d][2] * inv_b, o[d][3] * inv_b);
+        }
     }
     if (q == 0) {
         if (row_a < t) lse[(i64)bh * t + row_a] = m[0] + log2f(l[0]);
@@ -631,14 +658,20 @@ __device__ void flash_fwd(float* y, float* lse, const bf16_t* qkv, int t, int nh
 }
 
 // dvec[(b*NH + h)*T + i] = sum_d dy[b,i,h*HS + d] * y[b,i,h*HS + d]; one warp per row.
-extern "C" __global__ void flash_bwd_dvec(float* dvec, const float* dy, const float* y, int b, int t, int nh, int hs) {
+// dy also goes out rounded to bf16 (dy16), the operand of the fused backward.
+extern "C" __global__ void flash_bwd_dvec(float* dvec, bf16_t* dy16, const float* dy, const float* y, int b, int t, int nh,
+                                          int hs) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
     if (row >= b * nh * t) return;
     int i = row % t, bh = row / t, bb = bh / nh, h = bh % nh;
     i64 off = ((i64)bb * t + i) * nh * hs + h * hs;
     float s = 0.0f;
-    for (int d = lane; d < hs; d += 32) s += dy[off + d] * y[off + d];
+    for (int d = lane; d < hs; d += 32) {
+        float g = dy[off + d];
+        dy16[off + d] = bf16_rne(g);
+        s += g * y[off + d];
+    }
     s = warp_sum(s);
     if (lane == 0) dvec[row] = s;
 }
@@ -781,11 +814,13 @@ __device__ void flash_dkdv(float* dqkv, const bf16_t* qkv, const bf16_t* dy, con
     }
 }
 
-extern "C" __global__ void flash_fwd_64(float* y, float* lse, const bf16_t* qkv, int t, int nh, float scale_log2) {
-    flash_fwd<64>(y, lse, qkv, t, nh, scale_log2);
+extern "C" __global__ void flash_fwd_64(float* y, bf16_t* y16, float* lse, const bf16_t* qkv, int t, int nh,
+                                        float scale_log2) {
+    flash_fwd<64>(y, y16, lse, qkv, t, nh, scale_log2);
 }
-extern "C" __global__ void flash_fwd_128(float* y, float* lse, const bf16_t* qkv, int t, int nh, float scale_log2) {
-    flash_fwd<128>(y, lse, qkv, t, nh, scale_log2);
+extern "C" __global__ void flash_fwd_128(float* y, bf16_t* y16, float* lse, const bf16_t* qkv, int t, int nh,
+                                         float scale_log2) {
+    flash_fwd<128>(y, y16, lse, qkv, t, nh, scale_log2);
 }
 extern "C" __global__ void flash_dq_64(float* dqkv, const bf16_t* qkv, const bf16_t* dy, const float* lse,
                                        const float* dvec, int t, int nh, float scale_log2, float scale) {
@@ -807,30 +842,44 @@ extern "C" __global__ void flash_dkdv_128(float* dqkv, const bf16_t* qkv, const 
 // ---------------------------------------------------------------- cross-entropy
 
 // One block per row of logits[R,V] (rows `stride` apart, V <= stride).
-// losses[r] = logsumexp - logit[target]; with `grad`, logits become
-// (softmax - onehot) * scale.
-extern "C" __global__ void crossentropy(float* losses, float* logits, const int* targets, int v, int stride, float scale,
-                                        int grad) {
+// losses[r] = logsumexp - logit[target]; the max and the sum of
+// exponentials come from one read of the row (the sum rescaled whenever the
+// max grows). With `grad`, the gradient (softmax - onehot) * scale over the
+// row's `stride` columns: in place, or rounded to bf16 into out16 (same
+// strides; the logits are left as they are) when out16 is not null.
+extern "C" __global__ void crossentropy(float* losses, float* logits, bf16_t* out16, const int* targets, int v,
+                                        int stride, float scale, int grad) {
     __shared__ float sh[32];
     int r = blockIdx.x;
     float* x = logits + (i64)r * stride;
     int target = targets[r];
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, x[j]);
-    m = block_max(m, sh);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(x[j] - m);
-    s = block_sum(s, sh);
+    float m = NEG_INF, s = 0.0f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        float xj = x[j];
+        if (xj > m) {
+            s = s * expf(m - xj) + 1.0f;
+            m = xj;
+        } else {
+            s += expf(xj - m);
+        }
+    }
+    float mx = block_max(m, sh);
+    s = block_sum(m == NEG_INF ? 0.0f : s * expf(m - mx), sh);
+    m = mx;
     if (threadIdx.x == 0) losses[r] = logf(s) - (x[target] - m);
     __syncthreads();
     if (grad) {
         // The padding columns (v..stride) become 0: products over the padded
         // width then add nothing.
         float inv = scale / s;
+        bf16_t* o16 = out16 ? out16 + (i64)r * stride : nullptr;
         for (int j = threadIdx.x; j < stride; j += blockDim.x) {
             float g = j < v ? expf(x[j] - m) * inv : 0.0f;
             if (j == target) g -= scale;
-            x[j] = g;
+            if (o16)
+                o16[j] = bf16_rne(g);
+            else
+                x[j] = g;
         }
     }
 }

@@ -317,6 +317,24 @@ impl Gpu {
 
     /// dbias[C] += column sums of dout[N,C].
     pub fn bias_bwd(&self, s: &Stream, dbias: u64, partial: u64, dout: u64, n: usize, c: usize) -> Result<()> {
+        self.bias_bwd_cast(s, dbias, partial, (0, 0), dout, n, c)
+    }
+
+    /// dbias[C] += column sums of g[N,C], where g = dout, or dout * gelu'(x)
+    /// when `gelu_x` is not 0 (dout is then the gradient of GELU's output and
+    /// x its input); g also goes out rounded to bf16 into `out16` when that
+    /// is not 0. `(gelu_x, out16)` = (0, 0) is [`Self::bias_bwd`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn bias_bwd_cast(
+        &self,
+        s: &Stream,
+        dbias: u64,
+        partial: u64,
+        (gelu_x, out16): (u64, u64),
+        dout: u64,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
         let chunk = column_chunk(n);
         let r = n.div_ceil(chunk);
         let k = self.kernels.column_partial;
@@ -325,7 +343,7 @@ impl Gpu {
             (c.div_ceil(32) as u32, r as u32),
             (32, 8),
             s,
-            &[Arg::P(partial), Arg::P(dout), i(n), i(c), i(chunk)],
+            &[Arg::P(partial), Arg::P(out16), Arg::P(dout), Arg::P(gelu_x), i(n), i(c), i(chunk)],
         )?;
         let k = self.kernels.sum_partials;
         self.launch(k, (blocks(c), 1), (THREADS, 1), s, &[Arg::P(dbias), Arg::P(partial), i(r), i(c), i(c)])
@@ -436,14 +454,15 @@ impl Gpu {
     }
 
     /// Causal attention of `qkv[B,T,3C]` into `y[B,T,C]` without the T x T
-    /// matrix (bf16 products, fp32 softmax); `lse[B*NH*T]` keeps each row's
-    /// log-sum-exp for [`Self::fused_attention_bwd`]. `qkv16` is scratch for
-    /// qkv in bf16 (B*T*3C).
+    /// matrix (bf16 products, fp32 softmax), `y` also rounded to bf16 into
+    /// `y16` where that is not 0; `lse[B*NH*T]` keeps each row's
+    /// log-sum-exp for [`Self::fused_attention_bwd`]. `qkv` is rounded to
+    /// bf16 into `qkv16` (B*T*3C), which the backward reads.
     #[allow(clippy::too_many_arguments)]
     pub fn fused_attention_fwd(
         &self,
         s: &Stream,
-        y: u64,
+        (y, y16): (u64, u64),
         lse: u64,
         qkv: u64,
         qkv16: u64,
@@ -455,35 +474,33 @@ impl Gpu {
         let (f, grid) = self.fused_launch(b, t, nh, hs);
         self.to_bf16(s, qkv16, qkv, b * t * 3 * nh * hs)?;
         let scale = 1.0 / (hs as f32).sqrt();
-        let args = [Arg::P(y), Arg::P(lse), Arg::P(qkv16), i(t), i(nh), Arg::F(scale * std::f32::consts::LOG2_E)];
+        let scale_log2 = Arg::F(scale * std::f32::consts::LOG2_E);
+        let args = [Arg::P(y), Arg::P(y16), Arg::P(lse), Arg::P(qkv16), i(t), i(nh), scale_log2];
         self.launch_shared(f.fwd, grid, (FUSED_THREADS, 1), f.smem.fwd, s, &args)
     }
 
     /// The gradient of [`Self::fused_attention_fwd`]: `dqkv[B,T,3C]`
-    /// (overwritten) from `dy[B,T,C]`, the forward's `y` and `lse`. Scratch:
-    /// `dvec` (B*NH*T floats), `qkv16` and `dy16` (qkv and dy in bf16).
+    /// (overwritten) from `dy[B,T,C]`, the forward's `qkv16`, `y` and `lse`.
+    /// Scratch: `dvec` (B*NH*T floats) and `dy16` (dy in bf16).
     #[allow(clippy::too_many_arguments)]
     pub fn fused_attention_bwd(
         &self,
         s: &Stream,
         dqkv: u64,
-        qkv: u64,
+        qkv16: u64,
         y: u64,
         dy: u64,
         lse: u64,
-        scratch: (u64, u64, u64),
+        (dvec, dy16): (u64, u64),
         b: usize,
         t: usize,
         nh: usize,
         hs: usize,
     ) -> Result<()> {
         let (f, grid) = self.fused_launch(b, t, nh, hs);
-        let (dvec, qkv16, dy16) = scratch;
-        self.to_bf16(s, qkv16, qkv, b * t * 3 * nh * hs)?;
-        self.to_bf16(s, dy16, dy, b * t * nh * hs)?;
         let rows = b * nh * t;
         let warps = u32::try_from(rows.div_ceil((THREADS / 32) as usize)).expect("grid fits");
-        let args = [Arg::P(dvec), Arg::P(dy), Arg::P(y), i(b), i(t), i(nh), i(hs)];
+        let args = [Arg::P(dvec), Arg::P(dy16), Arg::P(dy), Arg::P(y), i(b), i(t), i(nh), i(hs)];
         self.launch(self.kernels.flash_bwd_dvec, (warps, 1), (THREADS, 1), s, &args)?;
         let scale = 1.0 / (hs as f32).sqrt();
         let args = [
@@ -513,13 +530,16 @@ impl Gpu {
     }
 
     /// Losses of `rows` rows of `v` logits, `stride` apart; with `scale`,
-    /// the logits become their gradient.
+    /// also their gradient over the `stride` columns (zero past `v`): in
+    /// place where `out16` is 0, else rounded to bf16 into `out16` (same
+    /// strides) with the logits left as they are.
     #[allow(clippy::too_many_arguments)]
     pub fn crossentropy(
         &self,
         s: &Stream,
         losses: u64,
         logits: u64,
+        out16: u64,
         targets: u64,
         rows: usize,
         v: usize,
@@ -530,6 +550,7 @@ impl Gpu {
         let args = [
             Arg::P(losses),
             Arg::P(logits),
+            Arg::P(out16),
             Arg::P(targets),
             i(v),
             i(stride),

@@ -53,8 +53,10 @@ struct Key {
     ldb: usize,
     ldc: usize,
     bias: bool,
-    /// Alignments of A, B, C (= D) and the bias.
-    align: [u32; 4],
+    /// Whether C is a separate matrix added to the product (beta = 1).
+    add: bool,
+    /// Alignments of A, B, D, the bias and C.
+    align: [u32; 5],
 }
 
 struct Plan {
@@ -119,9 +121,10 @@ impl Lt {
         Ok(Lt { handle, workspace, plans: RefCell::new(HashMap::new()) })
     }
 
-    /// Row-major `C[M,N] = op(A)[M,K] op(B)[K,N] (+ bias[N] on every row)`,
-    /// fp32 output, beta = 0, on `stream`. `Ok(false)`: cuBLASLt has no
-    /// algorithm for this case, nothing was queued.
+    /// Row-major `C[M,N] = op(A)[M,K] op(B)[K,N] (+ bias[N] on every row)
+    /// (+ add[M,N])`, fp32 output, on `stream`; `add` is another matrix with
+    /// C's layout (a residual), read by the epilogue. `Ok(false)`: cuBLASLt
+    /// has no algorithm for this case, nothing was queued.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
@@ -133,6 +136,7 @@ impl Lt {
         a: Operand,
         b: Operand,
         bias: Option<u64>,
+        add: Option<u64>,
         c: Operand,
     ) -> Result<bool> {
         assert!(ty != GemmType::F32, "exact fp32 products stay on cublasGemmEx");
@@ -148,7 +152,14 @@ impl Lt {
             ldb: b.ld,
             ldc: c.ld,
             bias: bias.is_some(),
-            align: [alignment(a.ptr), alignment(b.ptr), alignment(c.ptr), alignment(bias.unwrap_or(0))],
+            add: add.is_some(),
+            align: [
+                alignment(a.ptr),
+                alignment(b.ptr),
+                alignment(c.ptr),
+                alignment(bias.unwrap_or(0)),
+                alignment(add.unwrap_or(0)),
+            ],
         };
         let mut plans = self.plans.borrow_mut();
         let plan = match plans.entry(key) {
@@ -157,7 +168,8 @@ impl Lt {
             std::collections::hash_map::Entry::Vacant(e) => e.insert(unsafe { self.plan(&key)? }),
         };
         let Some(plan) = plan.as_ref() else { return Ok(false) };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, if add.is_some() { 1.0f32 } else { 0.0 });
+        let c_in = add.unwrap_or(c.ptr);
         // SAFETY: the operands are live device ranges of the sizes given
         // (the caller's contract, as for `Gpu::gemm`); the descriptor is ours.
         unsafe {
@@ -175,7 +187,7 @@ impl Lt {
                     a.ptr as *const c_void,
                     plan.layouts[1],
                     &beta as *const f32 as *const c_void,
-                    c.ptr as *const c_void,
+                    c_in as *const c_void,
                     plan.layouts[2],
                     c.ptr as *mut c_void,
                     plan.layouts[2],
@@ -229,11 +241,12 @@ impl Lt {
         check(lt::cublasLtMatmulPreferenceCreate(&mut pref), "cublasLtMatmulPreferenceCreate")?;
         let found = (|| -> Result<i32> {
             set_pref(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &(WORKSPACE_BYTES as u64))?;
-            let [a, b, c, _] = key.align;
+            let [a, b, d, _, c] = key.align;
+            let c = if key.add { c } else { d };
             set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &b)?;
             set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &a)?;
             set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c)?;
-            set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &c)?;
+            set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d)?;
             let mut result: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
             let mut count = 0;
             let r = lt::cublasLtMatmulAlgoGetHeuristic(

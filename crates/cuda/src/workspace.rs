@@ -23,7 +23,10 @@ struct BlockActs {
     ln1: DevBuf<f32>,
     ln1_mean: DevBuf<f32>,
     ln1_rstd: DevBuf<f32>,
+    /// q, k, v in fp32 for the T x T path; empty with fused attention,
+    /// which keeps them in bf16 only (`qkv16`).
     qkv: DevBuf<f32>,
+    qkv16: DevBuf<u16>,
     /// The probabilities [B,NH,T,T]; with fused attention each row's
     /// log-sum-exp [B,NH,T] instead.
     att: DevBuf<f32>,
@@ -114,6 +117,16 @@ pub struct GpuWorkspace {
     profile: std::cell::RefCell<Option<Vec<(&'static str, Event)>>>,
 }
 
+/// The output gradient a linear layer's backward starts from (fp32).
+#[derive(Clone, Copy)]
+enum OutGrad {
+    /// Of the product's output.
+    Output(u64),
+    /// Of GELU's output, where GELU's input `x` is the product's output:
+    /// GELU's derivative is applied first (in the same pass in bf16).
+    ThroughGelu { d: u64, x: u64 },
+}
+
 fn head_rows_for(bt: usize) -> usize {
     bt.min(8192)
 }
@@ -151,10 +164,12 @@ impl GpuWorkspace {
         let (att, head) = Self::attention_lens(nh, b, t, c, fused);
         // Per token: ln1, qkv, atty, x2, ln2, fch, gelu (15 C floats) and
         // four statistics; bf16 keeps ln1, ln2 and gelu (6 C) as bf16 only,
-        // with a bf16 copy of atty (7 C halves in all).
-        let block = match precision {
-            Precision::Fp32 => 4 * (bt * (15 * c + 4) + att),
-            Precision::Bf16 => 4 * (bt * (9 * c + 4) + att) + 2 * bt * 7 * c,
+        // with a bf16 copy of atty (7 C halves in all), and with fused
+        // attention qkv (3 C) as bf16 only too.
+        let block = match (precision, fused) {
+            (Precision::Fp32, _) => 4 * (bt * (15 * c + 4) + att),
+            (Precision::Bf16, false) => 4 * (bt * (9 * c + 4) + att) + 2 * bt * 7 * c,
+            (Precision::Bf16, true) => 4 * (bt * (6 * c + 4) + att) + 2 * bt * 10 * c,
         };
         let rows = head_rows_for(bt);
         let other = (cfg.n_layer + 1) * bt * c + bt * c + 2 * bt + rows * padded_vocab(v) + 2 * bt;
@@ -197,7 +212,8 @@ impl GpuWorkspace {
                 ln1: f32_only(bt * c)?,
                 ln1_mean: f(bt)?,
                 ln1_rstd: f(bt)?,
-                qkv: f(bt * 3 * c)?,
+                qkv: f(if fused { 0 } else { bt * 3 * c })?,
+                qkv16: gpu.zeros::<u16>(if fused { bt * 3 * c } else { 0 })?,
                 att: f(att)?,
                 atty: f(bt * c)?,
                 x2: f(bt * c)?,
@@ -322,8 +338,9 @@ impl GpuWorkspace {
         Ok(())
     }
 
-    /// `out[bt,n] = inp[bt,k] @ w[k,n] + bias`; `inp` in the products'
-    /// precision (bf16 already rounded, see [`BlockActs`]).
+    /// `out[bt,n] = inp[bt,k] @ w[k,n] + bias (+ residual[bt,n])`; `inp` in
+    /// the products' precision (bf16 already rounded, see [`BlockActs`]).
+    /// The residual is added in the product's epilogue where cuBLASLt runs it.
     #[allow(clippy::too_many_arguments)]
     fn linear_fwd(
         &self,
@@ -332,20 +349,22 @@ impl GpuWorkspace {
         inp: u64,
         w: u64,
         bias: u64,
+        residual: Option<u64>,
         bt: usize,
         k: usize,
         n: usize,
     ) -> Result<()> {
         let s = &gpu.compute;
+        let o = Operand::n(out, n);
         match self.precision {
             Precision::Fp32 => {
                 let (a, b) = (Operand::n(inp, k), Operand::n(w, n));
-                gpu.gemm_bias(GemmType::F32, bt, n, k, a, b, bias, Operand::n(out, n))
+                gpu.gemm_bias(GemmType::F32, bt, n, k, a, b, bias, residual, o)
             }
             Precision::Bf16 => {
                 gpu.to_bf16(s, self.b16.ptr(), w, k * n)?;
                 let (a, b) = (Operand::n(inp, k), Operand::n(self.b16.ptr(), n));
-                gpu.gemm_bias(GemmType::Bf16, bt, n, k, a, b, bias, Operand::n(out, n))
+                gpu.gemm_bias(GemmType::Bf16, bt, n, k, a, b, bias, residual, o)
             }
         }?;
         self.mark(gpu, "linear fwd")
@@ -360,7 +379,7 @@ impl GpuWorkspace {
         dinp: u64,
         dw: u64,
         dbias: u64,
-        dout: u64,
+        dout: OutGrad,
         inp: u64,
         w: u64,
         bt: usize,
@@ -368,7 +387,29 @@ impl GpuWorkspace {
         n: usize,
     ) -> Result<()> {
         let s = &gpu.compute;
-        gpu.bias_bwd(s, dbias, self.partial.ptr(), dout, bt, n)?;
+        let partial = self.partial.ptr();
+        let dout = match (dout, self.precision) {
+            (OutGrad::Output(d), Precision::Fp32) => {
+                gpu.bias_bwd(s, dbias, partial, d, bt, n)?;
+                d
+            }
+            (OutGrad::ThroughGelu { d, x }, Precision::Fp32) => {
+                gpu.gelu_bwd(s, d, x, bt * n)?;
+                self.mark(gpu, "gelu")?;
+                gpu.bias_bwd(s, dbias, partial, d, bt, n)?;
+                d
+            }
+            // bf16: one pass makes the bias gradient and the products'
+            // bf16 operand (a16), through GELU's derivative where asked.
+            (OutGrad::Output(d), Precision::Bf16) => {
+                gpu.bias_bwd_cast(s, dbias, partial, (0, self.a16.ptr()), d, bt, n)?;
+                d
+            }
+            (OutGrad::ThroughGelu { d, x }, Precision::Bf16) => {
+                gpu.bias_bwd_cast(s, dbias, partial, (x, self.a16.ptr()), d, bt, n)?;
+                d
+            }
+        };
         match self.precision {
             Precision::Fp32 => {
                 gpu.gemm(
@@ -398,7 +439,6 @@ impl GpuWorkspace {
             }
             Precision::Bf16 => {
                 let (a16, b16) = (self.a16.ptr(), self.b16.ptr());
-                gpu.to_bf16(s, a16, dout, bt * n)?;
                 gpu.to_bf16(s, b16, w, k * n)?;
                 gpu.gemm(
                     GemmType::Bf16,
@@ -467,15 +507,17 @@ impl GpuWorkspace {
                 )?;
                 self.mark(gpu, "layernorm")?;
                 let [ln1_in, atty_in, ln2_in, gelu_in] = a.inputs(p);
-                self.linear_fwd(gpu, a.qkv.ptr(), ln1_in, w[block::ATTN_W], w[block::ATTN_B], bt, c, 3 * c)?;
-                self.attention_fwd(gpu, i, b, t)?;
+                // Fused attention keeps q, k, v in bf16 only: the product's
+                // fp32 output goes to scratch (dqkv, free in the forward).
+                let qkv = if self.fused { self.dqkv.ptr() } else { a.qkv.ptr() };
+                self.linear_fwd(gpu, qkv, ln1_in, w[block::ATTN_W], w[block::ATTN_B], None, bt, c, 3 * c)?;
+                self.attention_fwd(gpu, i, qkv, b, t)?;
                 let a = &self.blocks[i];
-                if p == Precision::Bf16 {
+                if p == Precision::Bf16 && !self.fused {
                     gpu.to_bf16(s, a.atty16.ptr(), a.atty.ptr(), bt * c)?;
                 }
-                self.linear_fwd(gpu, a.x2.ptr(), atty_in, w[block::PROJ_W], w[block::PROJ_B], bt, c, c)?;
-                gpu.add_inplace(s, a.x2.ptr(), x, bt * c)?;
-                self.mark(gpu, "residual add")?;
+                let (pw, pb) = (w[block::PROJ_W], w[block::PROJ_B]);
+                self.linear_fwd(gpu, a.x2.ptr(), atty_in, pw, pb, Some(x), bt, c, c)?;
                 gpu.layernorm_fwd(
                     s,
                     ln2_out,
@@ -488,12 +530,11 @@ impl GpuWorkspace {
                     c,
                 )?;
                 self.mark(gpu, "layernorm")?;
-                self.linear_fwd(gpu, a.fch.ptr(), ln2_in, w[block::FC_W], w[block::FC_B], bt, c, 4 * c)?;
+                self.linear_fwd(gpu, a.fch.ptr(), ln2_in, w[block::FC_W], w[block::FC_B], None, bt, c, 4 * c)?;
                 gpu.gelu_fwd(s, gelu_out, a.fch.ptr(), bt * 4 * c)?;
                 self.mark(gpu, "gelu")?;
-                self.linear_fwd(gpu, out, gelu_in, w[block::FCPROJ_W], w[block::FCPROJ_B], bt, 4 * c, c)?;
-                gpu.add_inplace(s, out, a.x2.ptr(), bt * c)?;
-                self.mark(gpu, "residual add")
+                let (pw, pb) = (w[block::FCPROJ_W], w[block::FCPROJ_B]);
+                self.linear_fwd(gpu, out, gelu_in, pw, pb, Some(a.x2.ptr()), bt, 4 * c, c)
             }
             LayerKind::Head => panic!("the head runs through GpuWorkspace::head"),
         }
@@ -504,20 +545,22 @@ impl GpuWorkspace {
         self.fused
     }
 
-    fn attention_fwd(&self, gpu: &Gpu, i: usize, b: usize, t: usize) -> Result<()> {
+    /// Attention of block `i` over `qkv` (fp32, the product's output); fused,
+    /// it writes the block's atty and its bf16 copy, and keeps qkv in bf16.
+    fn attention_fwd(&self, gpu: &Gpu, i: usize, qkv: u64, b: usize, t: usize) -> Result<()> {
         let (c, nh) = (self.c, self.nh);
         let hs = c / nh;
         let s = &gpu.compute;
         let a = &self.blocks[i];
         if self.fused {
-            let qkv16 = self.a16.ptr();
-            gpu.fused_attention_fwd(s, a.atty.ptr(), a.att.ptr(), a.qkv.ptr(), qkv16, b, t, nh, hs)?;
+            let y = (a.atty.ptr(), a.atty16.ptr());
+            gpu.fused_attention_fwd(s, y, a.att.ptr(), qkv, a.qkv16.ptr(), b, t, nh, hs)?;
             return self.mark(gpu, "attention fwd");
         }
         let (q, k, v, yh) = (self.q.ptr(), self.k.ptr(), self.vv.ptr(), self.yh.ptr());
-        gpu.split_heads(s, q, a.qkv.ptr(), b, t, nh, hs, 3 * c, 0)?;
-        gpu.split_heads(s, k, a.qkv.ptr(), b, t, nh, hs, 3 * c, c)?;
-        gpu.split_heads(s, v, a.qkv.ptr(), b, t, nh, hs, 3 * c, 2 * c)?;
+        gpu.split_heads(s, q, qkv, b, t, nh, hs, 3 * c, 0)?;
+        gpu.split_heads(s, k, qkv, b, t, nh, hs, 3 * c, c)?;
+        gpu.split_heads(s, v, qkv, b, t, nh, hs, 3 * c, 2 * c)?;
         let z = b * nh;
         let ty = self.attn_gemm_type();
         let att = a.att.ptr();
@@ -539,8 +582,8 @@ impl GpuWorkspace {
         let a = &self.blocks[i];
         if self.fused {
             let (dqkv, dy) = (self.dqkv.ptr(), self.datty.ptr());
-            let scratch = (self.datt.ptr(), self.a16.ptr(), self.b16.ptr());
-            gpu.fused_attention_bwd(s, dqkv, a.qkv.ptr(), a.atty.ptr(), dy, a.att.ptr(), scratch, b, t, nh, hs)?;
+            let scratch = (self.datt.ptr(), self.b16.ptr());
+            gpu.fused_attention_bwd(s, dqkv, a.qkv16.ptr(), a.atty.ptr(), dy, a.att.ptr(), scratch, b, t, nh, hs)?;
             return self.mark(gpu, "attention bwd");
         }
         let (q, k, v, dyh) = (self.q.ptr(), self.k.ptr(), self.vv.ptr(), self.yh.ptr());
@@ -615,15 +658,17 @@ impl GpuWorkspace {
             gpu.gemm(ty, rows, n_out, c, 1.0, xo, wo, 0.0, lo, None)?;
             self.mark(gpu, "head products")?;
             let scale = grads.map(|_| dloss_scale);
-            gpu.crossentropy(s, self.losses.at(r0), logits, self.targets.at(r0), rows, v, vp, scale)?;
+            // bf16: the cross-entropy writes dlogits in bf16 into a16 (the
+            // rows' bf16 copy there is no longer needed).
+            let d16 = if bf && grads.is_some() { self.a16.ptr() } else { 0 };
+            let (losses, targets) = (self.losses.at(r0), self.targets.at(r0));
+            gpu.crossentropy(s, losses, logits, d16, targets, rows, v, vp, scale)?;
             self.mark(gpu, "cross-entropy")?;
             if let Some(g) = grads {
                 let dx_rows = self.dln.at(r0 * c);
                 if bf {
                     // a16: dlogits in bf16; b16: the rows in bf16; dwte over
                     // the padded rows into dwte_pad, added to the gradient below.
-                    let d16 = self.a16.ptr();
-                    gpu.to_bf16(s, d16, logits, rows * vp)?;
                     let (dl, w16, dx) = (Operand::n(d16, vp), Operand::n(wte_op, c), Operand::n(dx_rows, c));
                     gpu.gemm(ty, rows, c, vp, 1.0, dl, w16, 0.0, dx, None)?;
                     self.mark(gpu, "head products")?;
@@ -714,16 +759,15 @@ impl GpuWorkspace {
                     dfch,
                     g[block::FCPROJ_W],
                     g[block::FCPROJ_B],
-                    dres,
+                    OutGrad::Output(dres),
                     gelu_in,
                     w[block::FCPROJ_W],
                     bt,
                     4 * c,
                     c,
                 )?;
-                gpu.gelu_bwd(s, dfch, a.fch.ptr(), bt * 4 * c)?;
-                self.mark(gpu, "gelu")?;
-                self.linear_bwd(gpu, dln, g[block::FC_W], g[block::FC_B], dfch, ln2_in, w[block::FC_W], bt, c, 4 * c)?;
+                let dgelu = OutGrad::ThroughGelu { d: dfch, x: a.fch.ptr() };
+                self.linear_bwd(gpu, dln, g[block::FC_W], g[block::FC_B], dgelu, ln2_in, w[block::FC_W], bt, c, 4 * c)?;
                 let p = self.partial.ptr();
                 let (m2, r2) = (a.ln2_mean.ptr(), a.ln2_rstd.ptr());
                 gpu.layernorm_bwd(
@@ -746,7 +790,7 @@ impl GpuWorkspace {
                     datty,
                     g[block::PROJ_W],
                     g[block::PROJ_B],
-                    dres,
+                    OutGrad::Output(dres),
                     atty_in,
                     w[block::PROJ_W],
                     bt,
@@ -761,7 +805,7 @@ impl GpuWorkspace {
                     dln,
                     g[block::ATTN_W],
                     g[block::ATTN_B],
-                    dqkv,
+                    OutGrad::Output(dqkv),
                     ln1_in,
                     w[block::ATTN_W],
                     bt,

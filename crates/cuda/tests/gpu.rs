@@ -206,6 +206,27 @@ fn gelu_bias_and_bf16_match_cpu() {
     gpu.bias_bwd(&gpu.compute, d_dbias.ptr(), partial.ptr(), d_g.ptr(), rows, c).unwrap();
     assert_scaled_close("bias backward", &down(&gpu, &d_dbias), &dbias, 1e-5);
 
+    // Through GELU with a bf16 copy, in one pass: the bias gradient of
+    // gelu'(x) * g against the CPU, and the copy equal to the GPU's
+    // separate GELU backward rounded.
+    let gx = random(&mut rng, rows * c, 3.0);
+    let mut through = g.clone();
+    ws_kernels::gelu::gelu_backward_inplace(&mut through, &gx);
+    let mut dbias2 = random(&mut rng, c, 1.0);
+    let d_dbias2 = up(&gpu, &dbias2);
+    ws_kernels::matmul::bias_backward(&mut dbias2, &through, rows, c);
+    let (d_gx, g16) = (up(&gpu, &gx), gpu.alloc::<u16>(rows * c).unwrap());
+    gpu.bias_bwd_cast(&gpu.compute, d_dbias2.ptr(), partial.ptr(), (d_gx.ptr(), g16.ptr()), d_g.ptr(), rows, c)
+        .unwrap();
+    assert_scaled_close("bias backward through gelu", &down(&gpu, &d_dbias2), &dbias2, 1e-5);
+    gpu.gelu_bwd(&gpu.compute, d_g.ptr(), d_gx.ptr(), rows * c).unwrap();
+    let through_gpu = down(&gpu, &d_g);
+    assert_scaled_close("gelu backward (bias test)", &through_gpu, &through, 1e-5);
+    assert_rounds_to_bf16("bias backward's bf16 copy through gelu", &gpu, &g16, &through_gpu);
+    // And without GELU: the copy is the input rounded.
+    gpu.bias_bwd_cast(&gpu.compute, d_dbias2.ptr(), partial.ptr(), (0, g16.ptr()), d_g.ptr(), rows, c).unwrap();
+    assert_rounds_to_bf16("bias backward's bf16 copy", &gpu, &g16, &through_gpu);
+
     let h = gpu.alloc::<u16>(n).unwrap();
     gpu.to_bf16(&gpu.compute, h.ptr(), dx.ptr(), n).unwrap();
     let mut bits = vec![0u16; n];
@@ -228,15 +249,25 @@ fn crossentropy_adamw_and_sumsq_match_cpu() {
     let mut logits = random(&mut rng, rows * v, 3.0);
     let targets: Vec<u32> = (0..rows).map(|_| rng.below(v as u64) as u32).collect();
     let dl = up(&gpu, &logits);
+    let dl_kept = up(&gpu, &logits);
     let tg: Vec<i32> = targets.iter().map(|&x| x as i32).collect();
     let dt = up_i32(&gpu, &tg);
     let dloss = gpu.alloc::<f32>(rows).unwrap();
     let mut losses = vec![0f32; rows];
     let scale = 1.0 / 300.0;
     ws_kernels::crossentropy::crossentropy_forward_backward(&mut losses, &mut logits, &targets, v, Some(scale));
-    gpu.crossentropy(&gpu.compute, dloss.ptr(), dl.ptr(), dt.ptr(), rows, v, v, Some(scale)).unwrap();
+    gpu.crossentropy(&gpu.compute, dloss.ptr(), dl.ptr(), 0, dt.ptr(), rows, v, v, Some(scale)).unwrap();
     assert_scaled_close("cross-entropy losses", &down(&gpu, &dloss), &losses, 1e-5);
-    assert_scaled_close("cross-entropy dlogits", &down(&gpu, &dl), &logits, 1e-5);
+    let dlogits = down(&gpu, &dl);
+    assert_scaled_close("cross-entropy dlogits", &dlogits, &logits, 1e-5);
+    // With a bf16 output: the same gradient rounded, the logits untouched.
+    let before = down(&gpu, &dl_kept);
+    let d16 = gpu.alloc::<u16>(rows * v).unwrap();
+    let dloss16 = gpu.alloc::<f32>(rows).unwrap();
+    gpu.crossentropy(&gpu.compute, dloss16.ptr(), dl_kept.ptr(), d16.ptr(), dt.ptr(), rows, v, v, Some(scale)).unwrap();
+    assert_eq!(down(&gpu, &dloss16), down(&gpu, &dloss), "cross-entropy losses with a bf16 gradient");
+    assert_rounds_to_bf16("cross-entropy bf16 dlogits", &gpu, &d16, &dlogits);
+    assert!(down(&gpu, &dl_kept) == before, "a bf16 gradient leaves the logits as they were");
 
     let n = 70_001;
     let (mut p, g) = (random(&mut rng, n, 0.02), random(&mut rng, n, 1.0));
@@ -329,44 +360,55 @@ fn products_with_a_bias_match_cpu() {
     // Room for the bias at a 16-byte boundary and one float past it (the fallback).
     let bias_room = random(&mut rng, n + 4, 1.0);
     let bias_dev = up(&gpu, &bias_room);
+    // A residual added to the output (`add`), as the blocks' projections do.
+    let residual = random(&mut rng, m * n, 1.0);
+    let residual_dev = up(&gpu, &residual);
     for ty in [GemmType::Bf16, GemmType::Tf32, GemmType::F32] {
-        for transposed_a in [false, true] {
-            for skew in [0usize, 1] {
-                let bias = &bias_room[skew..skew + n];
-                // bf16 takes inputs rounded to bf16; both sides then see the same values.
-                let (ar, br) =
-                    if ty == GemmType::Bf16 { (bf16_round(&a), bf16_round(&b)) } else { (a.clone(), b.clone()) };
-                let mut expected = vec![0f32; m * n];
-                for i in 0..m {
-                    for j in 0..n {
-                        let dot: f64 = (0..k).map(|p| ar[i * k + p] as f64 * br[p * n + j] as f64).sum();
-                        expected[i * n + j] = (dot + bias[j] as f64) as f32;
-                    }
+        for (transposed_a, skew, add) in [
+            (false, 0usize, false),
+            (false, 1, false),
+            (true, 0, false),
+            (true, 1, false),
+            (false, 0, true),
+            (true, 1, true),
+        ] {
+            let bias = &bias_room[skew..skew + n];
+            // bf16 takes inputs rounded to bf16; both sides then see the same values.
+            let (ar, br) = if ty == GemmType::Bf16 { (bf16_round(&a), bf16_round(&b)) } else { (a.clone(), b.clone()) };
+            let mut expected = vec![0f32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k).map(|p| ar[i * k + p] as f64 * br[p * n + j] as f64).sum();
+                    let r = if add { residual[i * n + j] as f64 } else { 0.0 };
+                    expected[i * n + j] = (dot + bias[j] as f64 + r) as f32;
                 }
-                // A as stored: [M, K], or [K, M] read transposed.
-                let a_stored: Vec<f32> =
-                    if transposed_a { (0..k * m).map(|x| a[(x % m) * k + x / m]).collect() } else { a.clone() };
-                let (da, db) = (up(&gpu, &a_stored), up(&gpu, &b));
-                let (a16, b16) = (gpu.alloc::<u16>(m * k).unwrap(), gpu.alloc::<u16>(k * n).unwrap());
-                let (pa, pb) = if ty == GemmType::Bf16 {
-                    gpu.to_bf16(&gpu.compute, a16.ptr(), da.ptr(), m * k).unwrap();
-                    gpu.to_bf16(&gpu.compute, b16.ptr(), db.ptr(), k * n).unwrap();
-                    (a16.ptr(), b16.ptr())
-                } else {
-                    (da.ptr(), db.ptr())
-                };
-                let aop = if transposed_a { Operand::t(pa, m) } else { Operand::n(pa, k) };
-                let c = gpu.alloc::<f32>(m * n).unwrap();
-                let bias_ptr = bias_dev.ptr() + 4 * skew as u64;
-                gpu.gemm_bias(ty, m, n, k, aop, Operand::n(pb, n), bias_ptr, Operand::n(c.ptr(), n)).unwrap();
-                let tol = match ty {
-                    GemmType::Bf16 => 1e-4,
-                    GemmType::Tf32 => 3e-3,
-                    GemmType::F32 => 1e-5,
-                };
-                let what = format!("{ty:?} product + bias (A transposed: {transposed_a}, bias at +{skew} floats)");
-                assert_scaled_close(&what, &down(&gpu, &c), &expected, tol);
             }
+            // A as stored: [M, K], or [K, M] read transposed.
+            let a_stored: Vec<f32> =
+                if transposed_a { (0..k * m).map(|x| a[(x % m) * k + x / m]).collect() } else { a.clone() };
+            let (da, db) = (up(&gpu, &a_stored), up(&gpu, &b));
+            let (a16, b16) = (gpu.alloc::<u16>(m * k).unwrap(), gpu.alloc::<u16>(k * n).unwrap());
+            let (pa, pb) = if ty == GemmType::Bf16 {
+                gpu.to_bf16(&gpu.compute, a16.ptr(), da.ptr(), m * k).unwrap();
+                gpu.to_bf16(&gpu.compute, b16.ptr(), db.ptr(), k * n).unwrap();
+                (a16.ptr(), b16.ptr())
+            } else {
+                (da.ptr(), db.ptr())
+            };
+            let aop = if transposed_a { Operand::t(pa, m) } else { Operand::n(pa, k) };
+            let c = gpu.alloc::<f32>(m * n).unwrap();
+            let bias_ptr = bias_dev.ptr() + 4 * skew as u64;
+            let add_ptr = add.then(|| residual_dev.ptr());
+            gpu.gemm_bias(ty, m, n, k, aop, Operand::n(pb, n), bias_ptr, add_ptr, Operand::n(c.ptr(), n)).unwrap();
+            let tol = match ty {
+                GemmType::Bf16 => 1e-4,
+                GemmType::Tf32 => 3e-3,
+                GemmType::F32 => 1e-5,
+            };
+            let what = format!(
+                "{ty:?} product + bias (A transposed: {transposed_a}, bias at +{skew} floats, residual: {add})"
+            );
+            assert_scaled_close(&what, &down(&gpu, &c), &expected, tol);
         }
     }
 }
@@ -403,15 +445,18 @@ fn fused_attention_matches_cpu() {
         let d_dqkv = gpu.zeros::<f32>(b * t * 3 * c).unwrap();
         let (qkv16, dy16) = (gpu.zeros::<u16>(b * t * 3 * c).unwrap(), gpu.zeros::<u16>(b * t * c).unwrap());
         let s = &gpu.compute;
-        gpu.fused_attention_fwd(s, d_y.ptr(), lse.ptr(), d_qkv.ptr(), qkv16.ptr(), b, t, nh, hs).unwrap();
+        let y16 = gpu.zeros::<u16>(b * t * c).unwrap();
+        gpu.fused_attention_fwd(s, (d_y.ptr(), y16.ptr()), lse.ptr(), d_qkv.ptr(), qkv16.ptr(), b, t, nh, hs).unwrap();
         let what = format!("fused attention b{b} t{t} nh{nh} hs{hs}");
-        assert_scaled_close(&format!("{what} forward"), &down(&gpu, &d_y), &y, 1e-2);
+        let y_gpu = down(&gpu, &d_y);
+        assert_scaled_close(&format!("{what} forward"), &y_gpu, &y, 1e-2);
+        assert_rounds_to_bf16(&format!("{what} forward's bf16 copy"), &gpu, &y16, &y_gpu);
         let run_bwd = || {
-            let scratch = (dvec.ptr(), qkv16.ptr(), dy16.ptr());
+            let scratch = (dvec.ptr(), dy16.ptr());
             gpu.fused_attention_bwd(
                 s,
                 d_dqkv.ptr(),
-                d_qkv.ptr(),
+                qkv16.ptr(),
                 d_y.ptr(),
                 d_dy.ptr(),
                 lse.ptr(),
@@ -425,6 +470,8 @@ fn fused_attention_matches_cpu() {
             down(&gpu, &d_dqkv)
         };
         let got = run_bwd();
+        let dy_gpu = down(&gpu, &d_dy);
+        assert_rounds_to_bf16(&format!("{what} dy's bf16 copy"), &gpu, &dy16, &dy_gpu);
         for (part, name) in ["dq", "dk", "dv"].iter().enumerate() {
             let pick = |x: &[f32]| -> Vec<f32> {
                 x.chunks(3 * c).flat_map(|row| row[part * c..(part + 1) * c].to_vec()).collect()
