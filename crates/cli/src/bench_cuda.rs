@@ -251,6 +251,7 @@ pub fn bench_train(model: &str, shape: Shape, steps: usize, precision: &str, cei
             "seq": seq, "steps": steps, "step_ms": round(step_s * 1e3), "step_ms_all": all_ms, "tokens_per_s": round(tokens_per_s), "model_tflops": round(tflops),
             "gemm_ceiling_tflops": round(ceiling_tflops), "mfu": round(tflops / ceiling_tflops * 1e4) / 1e4,
             "setup_s": round(setup_s), "last_loss": loss, "fused_attention": e.fused_attention(),
+            "cublaslt_missing": e.gpu().cublaslt_missing(),
             "gpu_allocated_gb": round(e.gpu().allocated() as f64 / 1e9)})
     );
     Ok(tokens_per_s)

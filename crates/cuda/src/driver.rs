@@ -9,6 +9,7 @@
 //! gradients going back; they order themselves with events, never with
 //! device-wide synchronisation.
 
+use crate::lt::Epilogue;
 use cudarc::cublas::sys as cb;
 use cudarc::driver::sys as cu;
 use std::ffi::{c_void, CStr, CString};
@@ -359,6 +360,19 @@ impl Gpu {
         self.lt.is_some()
     }
 
+    /// Turns cuBLASLt off for this GPU handle: every product then runs on
+    /// cuBLAS with our kernels around it (the fallbacks, for tests).
+    pub fn without_cublaslt(mut self) -> Gpu {
+        self.lt = None;
+        self
+    }
+
+    /// The products cuBLASLt had no algorithm for (they ran as separate
+    /// passes instead), one line each; empty without cuBLASLt.
+    pub fn cublaslt_missing(&self) -> Vec<String> {
+        self.lt.as_ref().map_or_else(Vec::new, |lt| lt.missing())
+    }
+
     /// Row-major `C[M,N] = op(A)[M,K] op(B)[K,N] + bias[N] (+ add[M,N])`
     /// (the bias on every row; `add` another matrix with C's layout, e.g. a
     /// residual), fp32 output, on the compute stream. bf16 and TF32 go
@@ -381,7 +395,7 @@ impl Gpu {
     ) -> Result<()> {
         assert!(add.is_none() || c.ld == n, "an added matrix is dense, as C");
         if let Some(lt) = self.lt.as_ref().filter(|_| ty != GemmType::F32 && bias.is_multiple_of(16) && c.ld == n) {
-            if lt.matmul(self.compute.0, ty, m, n, k, a, b, Some(bias), add, c)? {
+            if lt.matmul(self.compute.0, ty, m, n, k, a, b, Epilogue::Bias { bias, add }, c)? {
                 return Ok(());
             }
         }
@@ -391,6 +405,75 @@ impl Gpu {
             Some(x) => self.add_inplace(&self.compute, c.ptr, x, m * n),
             None => Ok(()),
         }
+    }
+
+    /// bf16 products with GELU after them: row-major `out16[M,N] =
+    /// gelu(op(A) op(B) + bias)` and `pre16 = op(A) op(B) + bias` (GELU's
+    /// input, for [`Self::gemm_dgelu`]), both bf16. cuBLASLt's GELU epilogue
+    /// where it has one, with the bias in fp32, else rounded to bf16 into
+    /// `bias16` (N); else the product into `scratch` (fp32, M*N) and our
+    /// GELU kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bias_gelu(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand,
+        b: Operand,
+        (bias, bias16): (u64, u64),
+        (out16, pre16): (u64, u64),
+        scratch: u64,
+    ) -> Result<()> {
+        if let Some(lt) = self.lt.as_ref().filter(|_| bias.is_multiple_of(16)) {
+            let (s, o) = (self.compute.0, Operand::n(out16, n));
+            let epi = Epilogue::GeluAux { bias, bias16: false, aux: pre16 };
+            if lt.matmul(s, GemmType::Bf16, m, n, k, a, b, epi, o)? {
+                return Ok(());
+            }
+            let epi = Epilogue::GeluAux { bias: bias16, bias16: true, aux: pre16 };
+            if lt.has_plan(GemmType::Bf16, m, n, k, a, b, epi, o)? {
+                self.to_bf16(&self.compute, bias16, bias, n)?;
+                lt.matmul(s, GemmType::Bf16, m, n, k, a, b, epi, o)?;
+                return Ok(());
+            }
+        }
+        self.gemm_bias(GemmType::Bf16, m, n, k, a, b, bias, None, Operand::n(scratch, n))?;
+        self.gelu_fwd(&self.compute, (0, out16, pre16), scratch, m * n)
+    }
+
+    /// GELU's backward inside the bf16 product that makes its output's
+    /// gradient: row-major `out16[M,N] = (op(A) op(B)) * gelu'(pre16)` in
+    /// bf16, and `dbias[N] +=` its column sums. cuBLASLt's epilogue where it
+    /// has one (with the sums, into `partial` then added; or without, then
+    /// summed from the bf16 output); else the product into `scratch` (fp32,
+    /// M*N) and one pass of our kernel. `partial` holds
+    /// [`crate::kernels::partial_len`] floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_dgelu(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand,
+        b: Operand,
+        pre16: u64,
+        (dbias, partial): (u64, u64),
+        out16: u64,
+        scratch: u64,
+    ) -> Result<()> {
+        if let Some(lt) = self.lt.as_ref() {
+            let (s, o) = (self.compute.0, Operand::n(out16, n));
+            let epi = Epilogue::DGeluBGrad { aux: pre16, dbias: partial };
+            if lt.matmul(s, GemmType::Bf16, m, n, k, a, b, epi, o)? {
+                return self.add_inplace(&self.compute, dbias, partial, n);
+            }
+            if lt.matmul(s, GemmType::Bf16, m, n, k, a, b, Epilogue::DGelu { aux: pre16 }, o)? {
+                return self.bias_bwd16(&self.compute, dbias, partial, out16, m, n);
+            }
+        }
+        self.gemm(GemmType::Bf16, m, n, k, 1.0, a, b, 0.0, Operand::n(scratch, n), None)?;
+        self.bias_bwd_cast(&self.compute, dbias, partial, (pre16, out16), scratch, m, n)
     }
 
     /// Bytes of device memory this process holds through [`DevBuf`]s.

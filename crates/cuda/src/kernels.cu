@@ -21,6 +21,8 @@ __device__ __forceinline__ bf16_t bf16_rne(float x) {
     return (bf16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
+__device__ __forceinline__ float bf16_to_f32(bf16_t x) { return __uint_as_float(((unsigned int)x) << 16); }
+
 // Two floats rounded to bf16 in one 32-bit word, the first in the low half
 // (its lower address).
 __device__ __forceinline__ unsigned int bf16_pair(float a, float b) {
@@ -209,12 +211,12 @@ extern "C" __global__ void layernorm_param_partial(float* part, const float* dou
 }
 
 // Column partial sums over chunks of rows of g[N,C] (a bias gradient),
-// where g = dout, or g = dout * gelu'(x) when x is not null (the gradient
-// through GELU, whose input was x). With out16, g also goes out rounded to
-// bf16, the operand of the products that follow. Block (32, 8); grid
-// (ceil(C/32), R).
-extern "C" __global__ void column_partial(float* part, bf16_t* out16, const float* dout, const float* x, int n, int c,
-                                          int chunk) {
+// where g = dout (fp32, or bf16 in dout16 when dout is null), or g = dout *
+// gelu'(x) when x16 is not null (the gradient through GELU, whose input x
+// was kept in bf16). With out16, g also goes out rounded to bf16, the
+// operand of the products that follow. Block (32, 8); grid (ceil(C/32), R).
+extern "C" __global__ void column_partial(float* part, bf16_t* out16, const float* dout, const bf16_t* dout16,
+                                          const bf16_t* x16, int n, int c, int chunk) {
     __shared__ float s[8][33];
     int col = blockIdx.x * 32 + threadIdx.x;
     int r0 = blockIdx.y * chunk, r1 = min(n, r0 + chunk);
@@ -222,8 +224,8 @@ extern "C" __global__ void column_partial(float* part, bf16_t* out16, const floa
     if (col < c)
         for (int r = r0 + threadIdx.y; r < r1; r += 8) {
             i64 at = (i64)r * c + col;
-            float g = dout[at];
-            if (x) g *= gelu_grad(x[at]);
+            float g = dout ? dout[at] : bf16_to_f32(dout16[at]);
+            if (x16) g *= gelu_grad(bf16_to_f32(x16[at]));
             if (out16) out16[at] = bf16_rne(g);
             a += g;
         }
@@ -248,11 +250,13 @@ extern "C" __global__ void sum_partials(float* out, const float* part, int r, in
 // ---------------------------------------------------------------- elementwise
 
 // GELU, tanh approximation in its sigmoid form (as the CPU kernel).
-// The output in fp32 (out) and/or rounded to bf16 (out16); either may be null.
-extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, const float* x, i64 n) {
+// The output in fp32 (out) and/or rounded to bf16 (out16), and the input
+// rounded to bf16 (x16, kept for the backward); any may be null.
+extern "C" __global__ void gelu_fwd(float* out, bf16_t* out16, bf16_t* x16, const float* x, i64 n) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float v = x[i];
+    if (x16) x16[i] = bf16_rne(v);
     float u = 0.7978846f * (v + 0.044715f * v * v * v);
     float y = v * sigmoidf_(2.0f * u);
     if (out) out[i] = y;
@@ -287,7 +291,7 @@ extern "C" __global__ void to_bf16(bf16_t* out, const float* x, i64 n) {
 
 extern "C" __global__ void from_bf16(float* out, const bf16_t* x, i64 n) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = __uint_as_float(((unsigned int)x[i]) << 16);
+    if (i < n) out[i] = bf16_to_f32(x[i]);
 }
 
 // ---------------------------------------------------------------- attention

@@ -321,17 +321,38 @@ impl Gpu {
     }
 
     /// dbias[C] += column sums of g[N,C], where g = dout, or dout * gelu'(x)
-    /// when `gelu_x` is not 0 (dout is then the gradient of GELU's output and
-    /// x its input); g also goes out rounded to bf16 into `out16` when that
-    /// is not 0. `(gelu_x, out16)` = (0, 0) is [`Self::bias_bwd`].
+    /// when `gelu_x16` is not 0 (dout is then the gradient of GELU's output
+    /// and x its input, kept in bf16); g also goes out rounded to bf16 into
+    /// `out16` when that is not 0. `(0, 0)` is [`Self::bias_bwd`].
     #[allow(clippy::too_many_arguments)]
     pub fn bias_bwd_cast(
         &self,
         s: &Stream,
         dbias: u64,
         partial: u64,
-        (gelu_x, out16): (u64, u64),
+        (gelu_x16, out16): (u64, u64),
         dout: u64,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        self.column_sums(s, dbias, partial, (gelu_x16, out16), (dout, 0), n, c)
+    }
+
+    /// dbias[C] += column sums of the bf16 matrix dout16[N,C].
+    pub fn bias_bwd16(&self, s: &Stream, dbias: u64, partial: u64, dout16: u64, n: usize, c: usize) -> Result<()> {
+        self.column_sums(s, dbias, partial, (0, 0), (0, dout16), n, c)
+    }
+
+    /// The `column_partial` kernel and the sum of its partials; `dout` is
+    /// (fp32, 0) or (0, bf16).
+    #[allow(clippy::too_many_arguments)]
+    fn column_sums(
+        &self,
+        s: &Stream,
+        dbias: u64,
+        partial: u64,
+        (gelu_x16, out16): (u64, u64),
+        (dout, dout16): (u64, u64),
         n: usize,
         c: usize,
     ) -> Result<()> {
@@ -343,15 +364,16 @@ impl Gpu {
             (c.div_ceil(32) as u32, r as u32),
             (32, 8),
             s,
-            &[Arg::P(partial), Arg::P(out16), Arg::P(dout), Arg::P(gelu_x), i(n), i(c), i(chunk)],
+            &[Arg::P(partial), Arg::P(out16), Arg::P(dout), Arg::P(dout16), Arg::P(gelu_x16), i(n), i(c), i(chunk)],
         )?;
         let k = self.kernels.sum_partials;
         self.launch(k, (blocks(c), 1), (THREADS, 1), s, &[Arg::P(dbias), Arg::P(partial), i(r), i(c), i(c)])
     }
 
-    /// GELU: the output in fp32 (`out`) and/or rounded to bf16 (`out16`); 0 skips either.
-    pub fn gelu_fwd(&self, s: &Stream, (out, out16): (u64, u64), x: u64, n: usize) -> Result<()> {
-        let args = [Arg::P(out), Arg::P(out16), Arg::P(x), l(n)];
+    /// GELU: the output in fp32 (`out`) and/or rounded to bf16 (`out16`),
+    /// and the input rounded to bf16 (`x16`); 0 skips any.
+    pub fn gelu_fwd(&self, s: &Stream, (out, out16, x16): (u64, u64, u64), x: u64, n: usize) -> Result<()> {
+        let args = [Arg::P(out), Arg::P(out16), Arg::P(x16), Arg::P(x), l(n)];
         self.launch(self.kernels.gelu_fwd, (blocks(n), 1), (THREADS, 1), s, &args)
     }
 

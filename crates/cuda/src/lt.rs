@@ -1,8 +1,11 @@
-//! Products through cuBLASLt, for the bias epilogue: `D = op(A) op(B) +
-//! bias` in one kernel, where cuBLAS would need the bias written into the
-//! output first and read back by a product with beta = 1 (two passes over
-//! the output). A plan (descriptors, layouts and the heuristic's algorithm)
-//! is made once per shape, transposes and pointer alignments, and reused.
+//! Products through cuBLASLt, for its epilogues: `D = op(A) op(B) + bias
+//! (+ a residual)` in one kernel, where cuBLAS would need the bias written
+//! into the output first and read back by a product with beta = 1 (two
+//! passes over the output); and GELU with its input kept, forward, and
+//! GELU's derivative with the bias gradient, backward, both with bf16
+//! outputs. A plan (descriptors, layouts and the heuristic's algorithm) is
+//! made once per shape, transposes, epilogue and pointer alignments, and
+//! reused.
 //!
 //! Only bf16 and TF32 products come here; exact fp32 stays on
 //! `cublasGemmEx`, the reference the CPU parity tests hold to.
@@ -41,6 +44,58 @@ fn alignment(ptr: u64) -> u32 {
     }
 }
 
+/// What a product's epilogue does with `op(A) op(B)` (row-major [M,N]).
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue {
+    /// fp32 `D = AB + bias[N] (+ add[M,N])`; `add` has D's layout.
+    Bias { bias: u64, add: Option<u64> },
+    /// bf16 `D = gelu(AB + bias)`, and `aux = AB + bias` in bf16 (GELU's
+    /// input, for the backward), with D's layout; the bias in fp32, or in
+    /// bf16 where `bias16`.
+    GeluAux { bias: u64, bias16: bool, aux: u64 },
+    /// bf16 `D = AB * gelu'(aux)` (aux as [`Epilogue::GeluAux`] kept it),
+    /// and `dbias[N]` = the column sums of D in fp32 (overwritten).
+    DGeluBGrad { aux: u64, dbias: u64 },
+    /// bf16 `D = AB * gelu'(aux)` alone.
+    DGelu { aux: u64 },
+}
+
+impl Epilogue {
+    fn kind(&self) -> EpiKind {
+        match *self {
+            Epilogue::Bias { add, .. } => EpiKind::Bias { add: add.is_some() },
+            Epilogue::GeluAux { bias16, .. } => EpiKind::GeluAux { bias16 },
+            Epilogue::DGeluBGrad { .. } => EpiKind::DGeluBGrad,
+            Epilogue::DGelu { .. } => EpiKind::DGelu,
+        }
+    }
+
+    /// The bias (or bias gradient), the added matrix, the aux matrix (0: none).
+    fn pointers(&self) -> (u64, u64, u64) {
+        match *self {
+            Epilogue::Bias { bias, add } => (bias, add.unwrap_or(0), 0),
+            Epilogue::GeluAux { bias, aux, .. } => (bias, 0, aux),
+            Epilogue::DGeluBGrad { aux, dbias } => (dbias, 0, aux),
+            Epilogue::DGelu { aux } => (0, 0, aux),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum EpiKind {
+    Bias { add: bool },
+    GeluAux { bias16: bool },
+    DGeluBGrad,
+    DGelu,
+}
+
+impl EpiKind {
+    /// Whether D (and C) are bf16; else fp32.
+    fn bf16_out(self) -> bool {
+        !matches!(self, EpiKind::Bias { .. })
+    }
+}
+
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 struct Key {
     ty: GemmType,
@@ -52,11 +107,9 @@ struct Key {
     lda: usize,
     ldb: usize,
     ldc: usize,
-    bias: bool,
-    /// Whether C is a separate matrix added to the product (beta = 1).
-    add: bool,
-    /// Alignments of A, B, D, the bias and C.
-    align: [u32; 5],
+    epi: EpiKind,
+    /// Alignments of A, B, D, the bias, the added C and aux.
+    align: [u32; 6],
 }
 
 struct Plan {
@@ -121,10 +174,68 @@ impl Lt {
         Ok(Lt { handle, workspace, plans: RefCell::new(HashMap::new()) })
     }
 
-    /// Row-major `C[M,N] = op(A)[M,K] op(B)[K,N] (+ bias[N] on every row)
-    /// (+ add[M,N])`, fp32 output, on `stream`; `add` is another matrix with
-    /// C's layout (a residual), read by the epilogue. `Ok(false)`: cuBLASLt
-    /// has no algorithm for this case, nothing was queued.
+    /// The cases (shape, epilogue, ...) cuBLASLt had no algorithm for, which
+    /// fell back to separate passes.
+    pub fn missing(&self) -> Vec<String> {
+        let plans = self.plans.borrow();
+        let mut v: Vec<String> = plans.iter().filter(|(_, p)| p.is_none()).map(|(k, _)| format!("{k:?}")).collect();
+        v.sort();
+        v
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn key(ty: GemmType, m: usize, n: usize, k: usize, a: Operand, b: Operand, epi: Epilogue, c: Operand) -> Key {
+        assert!(ty != GemmType::F32, "exact fp32 products stay on cublasGemmEx");
+        assert!(!c.trans, "the output is not transposed");
+        let (bias, add, aux) = epi.pointers();
+        Key {
+            ty,
+            m,
+            n,
+            k,
+            ta: a.trans,
+            tb: b.trans,
+            lda: a.ld,
+            ldb: b.ld,
+            ldc: c.ld,
+            epi: epi.kind(),
+            align: [
+                alignment(a.ptr),
+                alignment(b.ptr),
+                alignment(c.ptr),
+                alignment(bias),
+                alignment(add),
+                alignment(aux),
+            ],
+        }
+    }
+
+    /// Whether [`Self::matmul`] would run this case (it has an algorithm);
+    /// queues nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn has_plan(
+        &self,
+        ty: GemmType,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand,
+        b: Operand,
+        epi: Epilogue,
+        c: Operand,
+    ) -> Result<bool> {
+        let key = Self::key(ty, m, n, k, a, b, epi, c);
+        let mut plans = self.plans.borrow_mut();
+        if let std::collections::hash_map::Entry::Vacant(e) = plans.entry(key) {
+            // SAFETY: descriptor calls on objects `plan` creates.
+            e.insert(unsafe { self.plan(&key)? });
+        }
+        Ok(plans[&key].is_some())
+    }
+
+    /// Row-major `C[M,N] = op(A)[M,K] op(B)[K,N]` through `epi` (which says
+    /// whether C is fp32 or bf16), on `stream`. `Ok(false)`: cuBLASLt has no
+    /// algorithm for this case, nothing was queued.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
@@ -135,32 +246,10 @@ impl Lt {
         k: usize,
         a: Operand,
         b: Operand,
-        bias: Option<u64>,
-        add: Option<u64>,
+        epi: Epilogue,
         c: Operand,
     ) -> Result<bool> {
-        assert!(ty != GemmType::F32, "exact fp32 products stay on cublasGemmEx");
-        assert!(!c.trans, "the output is not transposed");
-        let key = Key {
-            ty,
-            m,
-            n,
-            k,
-            ta: a.trans,
-            tb: b.trans,
-            lda: a.ld,
-            ldb: b.ld,
-            ldc: c.ld,
-            bias: bias.is_some(),
-            add: add.is_some(),
-            align: [
-                alignment(a.ptr),
-                alignment(b.ptr),
-                alignment(c.ptr),
-                alignment(bias.unwrap_or(0)),
-                alignment(add.unwrap_or(0)),
-            ],
-        };
+        let key = Self::key(ty, m, n, k, a, b, epi, c);
         let mut plans = self.plans.borrow_mut();
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -168,13 +257,18 @@ impl Lt {
             std::collections::hash_map::Entry::Vacant(e) => e.insert(unsafe { self.plan(&key)? }),
         };
         let Some(plan) = plan.as_ref() else { return Ok(false) };
-        let (alpha, beta) = (1.0f32, if add.is_some() { 1.0f32 } else { 0.0 });
-        let c_in = add.unwrap_or(c.ptr);
+        let (bias, add, aux) = epi.pointers();
+        let (alpha, beta) = (1.0f32, if add != 0 { 1.0f32 } else { 0.0 });
+        let c_in = if add != 0 { add } else { c.ptr };
         // SAFETY: the operands are live device ranges of the sizes given
         // (the caller's contract, as for `Gpu::gemm`); the descriptor is ours.
         unsafe {
-            if let Some(p) = bias {
-                set_desc(plan.desc, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)?;
+            use lt::cublasLtMatmulDescAttributes_t as D;
+            if bias != 0 {
+                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+            }
+            if aux != 0 {
+                set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux)?;
             }
             // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
             check(
@@ -221,15 +315,33 @@ impl Lt {
         // cuBLASLt's A is our B and its B our A (see `matmul`).
         set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &op(key.tb))?;
         set_desc(desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &op(key.ta))?;
-        if key.bias {
-            set_desc(desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS)?;
+        use lt::cublasLtEpilogue_t as E;
+        let epilogue = match key.epi {
+            EpiKind::Bias { .. } => E::CUBLASLT_EPILOGUE_BIAS,
+            EpiKind::GeluAux { .. } => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+            EpiKind::DGeluBGrad => E::CUBLASLT_EPILOGUE_DGELU_BGRAD,
+            EpiKind::DGelu => E::CUBLASLT_EPILOGUE_DGELU,
+        };
+        set_desc(desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+        if key.epi.bf16_out() {
+            // Beside a bf16 output the bias (gradient) is fp32 unless asked
+            // for in bf16; aux has D's type (bf16) and layout.
+            let bias_ty = match key.epi {
+                EpiKind::GeluAux { bias16: true } => lt::cudaDataType::CUDA_R_16BF,
+                _ => lt::cudaDataType::CUDA_R_32F,
+            };
+            if key.epi != EpiKind::DGelu {
+                set_desc(desc, D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &(bias_ty as i32))?;
+            }
+            set_desc(desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &(key.ldc as i64))?;
         }
         // Stored shapes (rows, columns) before the transposes, column-major.
         let (n, m, k) = (key.n as u64, key.m as u64, key.k as u64);
+        let out_ty = if key.epi.bf16_out() { lt::cudaDataType::CUDA_R_16BF } else { lt::cudaDataType::CUDA_R_32F };
         let shapes = [
             (in_ty, if key.tb { (k, n) } else { (n, k) }, key.ldb),
             (in_ty, if key.ta { (m, k) } else { (k, m) }, key.lda),
-            (lt::cudaDataType::CUDA_R_32F, (n, m), key.ldc),
+            (out_ty, (n, m), key.ldc),
         ];
         for (i, (ty, (rows, cols), ld)) in shapes.into_iter().enumerate() {
             check(
@@ -241,8 +353,8 @@ impl Lt {
         check(lt::cublasLtMatmulPreferenceCreate(&mut pref), "cublasLtMatmulPreferenceCreate")?;
         let found = (|| -> Result<i32> {
             set_pref(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &(WORKSPACE_BYTES as u64))?;
-            let [a, b, d, _, c] = key.align;
-            let c = if key.add { c } else { d };
+            let [a, b, d, _, c, _] = key.align;
+            let c = if key.epi == (EpiKind::Bias { add: true }) { c } else { d };
             set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &b)?;
             set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &a)?;
             set_pref(pref, P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &c)?;

@@ -35,7 +35,9 @@ struct BlockActs {
     ln2: DevBuf<f32>,
     ln2_mean: DevBuf<f32>,
     ln2_rstd: DevBuf<f32>,
+    /// GELU's input: fp32, or bf16 (`fch16`) with bf16 products.
     fch: DevBuf<f32>,
+    fch16: DevBuf<u16>,
     fch_gelu: DevBuf<f32>,
     ln1_16: DevBuf<u16>,
     atty16: DevBuf<u16>,
@@ -97,6 +99,10 @@ pub struct GpuWorkspace {
     datty: DevBuf<f32>,
     dqkv: DevBuf<f32>,
     dfch: DevBuf<f32>,
+    /// bf16: the gradient of GELU's input, the FC product's operand.
+    dfch16: DevBuf<u16>,
+    /// bf16: the FC bias rounded, where cuBLASLt's GELU epilogue needs it so.
+    bias16: DevBuf<u16>,
     q: DevBuf<f32>,
     k: DevBuf<f32>,
     vv: DevBuf<f32>,
@@ -117,14 +123,27 @@ pub struct GpuWorkspace {
     profile: std::cell::RefCell<Option<Vec<(&'static str, Event)>>>,
 }
 
-/// The output gradient a linear layer's backward starts from (fp32).
-#[derive(Clone, Copy)]
+/// The output gradient a linear layer's backward starts from.
+#[derive(Clone, Copy, Debug)]
 enum OutGrad {
-    /// Of the product's output.
+    /// Of the product's output, fp32.
     Output(u64),
-    /// Of GELU's output, where GELU's input `x` is the product's output:
-    /// GELU's derivative is applied first (in the same pass in bf16).
+    /// fp32: of GELU's output, where GELU's input `x` is the product's
+    /// output; GELU's derivative is applied first.
     ThroughGelu { d: u64, x: u64 },
+    /// bf16: the products' operand, made with the bias gradient by the
+    /// layer above (through GELU, [`GpuWorkspace::linear_bwd`]).
+    Ready16(u64),
+}
+
+/// For a product whose input came out of GELU: GELU's input (`pre`, fp32 in
+/// fp32, bf16 in bf16), and in bf16 the bias gradient of the product below
+/// and where the gradient of GELU's input goes (bf16).
+#[derive(Clone, Copy, Debug)]
+struct GeluBelow {
+    pre: u64,
+    dbias: u64,
+    out16: u64,
 }
 
 fn head_rows_for(bt: usize) -> usize {
@@ -163,13 +182,13 @@ impl GpuWorkspace {
         let (c, nh, v, bt) = (cfg.n_embd, cfg.n_head, cfg.vocab_size, b * t);
         let (att, head) = Self::attention_lens(nh, b, t, c, fused);
         // Per token: ln1, qkv, atty, x2, ln2, fch, gelu (15 C floats) and
-        // four statistics; bf16 keeps ln1, ln2 and gelu (6 C) as bf16 only,
-        // with a bf16 copy of atty (7 C halves in all), and with fused
-        // attention qkv (3 C) as bf16 only too.
+        // four statistics; bf16 keeps ln1, ln2, fch and gelu (10 C) as bf16
+        // only, with a bf16 copy of atty (11 C halves in all), and with
+        // fused attention qkv (3 C) as bf16 only too.
         let block = match (precision, fused) {
             (Precision::Fp32, _) => 4 * (bt * (15 * c + 4) + att),
-            (Precision::Bf16, false) => 4 * (bt * (9 * c + 4) + att) + 2 * bt * 7 * c,
-            (Precision::Bf16, true) => 4 * (bt * (6 * c + 4) + att) + 2 * bt * 10 * c,
+            (Precision::Bf16, false) => 4 * (bt * (5 * c + 4) + att) + 2 * bt * 11 * c,
+            (Precision::Bf16, true) => 4 * (bt * (2 * c + 4) + att) + 2 * bt * 14 * c,
         };
         let rows = head_rows_for(bt);
         let other = (cfg.n_layer + 1) * bt * c + bt * c + 2 * bt + rows * padded_vocab(v) + 2 * bt;
@@ -178,7 +197,10 @@ impl GpuWorkspace {
         let ints = 4 * bt + 1;
         let bf = match precision {
             Precision::Fp32 => 0,
-            Precision::Bf16 => Self::bf16_lens(spec, bt).0 + Self::bf16_lens(spec, bt).1 + padded_vocab(v) * c,
+            // a16, b16, wte16, dfch16 and bias16.
+            Precision::Bf16 => {
+                Self::bf16_lens(spec, bt).0 + Self::bf16_lens(spec, bt).1 + padded_vocab(v) * c + (bt + 1) * 4 * c
+            }
         };
         let dwte_pad = if precision == Precision::Bf16 { padded_vocab(v) * c } else { 0 };
         cfg.n_layer * block + 4 * (other + scratch + ints + dwte_pad) + 2 * bf
@@ -220,7 +242,8 @@ impl GpuWorkspace {
                 ln2: f32_only(bt * c)?,
                 ln2_mean: f(bt)?,
                 ln2_rstd: f(bt)?,
-                fch: f(bt * 4 * c)?,
+                fch: f32_only(bt * 4 * c)?,
+                fch16: bf16_only(bt * 4 * c)?,
                 fch_gelu: f32_only(bt * 4 * c)?,
                 ln1_16: bf16_only(bt * c)?,
                 atty16: bf16_only(bt * c)?,
@@ -263,6 +286,8 @@ impl GpuWorkspace {
             datty: f(bt * c)?,
             dqkv: f(bt * 3 * c)?,
             dfch: f(bt * 4 * c)?,
+            dfch16: gpu.zeros(if precision == Precision::Bf16 { bt * 4 * c } else { 0 })?,
+            bias16: gpu.zeros(if precision == Precision::Bf16 { 4 * c } else { 0 })?,
             q: f(head)?,
             k: f(head)?,
             vv: f(head)?,
@@ -372,6 +397,9 @@ impl GpuWorkspace {
 
     /// `dinp = dout @ w^T` (overwrites), `dw += inp^T @ dout`, `dbias +=
     /// colsum(dout)`; `inp` in the products' precision, as in [`Self::linear_fwd`].
+    /// With `gelu` (bf16), the product's input came out of GELU: `dinp` is
+    /// then the gradient of GELU's input, in bf16 at `gelu.out16`, with its
+    /// bias gradient, and what the layer below starts from is returned.
     #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
@@ -385,7 +413,8 @@ impl GpuWorkspace {
         bt: usize,
         k: usize,
         n: usize,
-    ) -> Result<()> {
+        gelu: Option<GeluBelow>,
+    ) -> Result<OutGrad> {
         let s = &gpu.compute;
         let partial = self.partial.ptr();
         let dout = match (dout, self.precision) {
@@ -400,17 +429,16 @@ impl GpuWorkspace {
                 d
             }
             // bf16: one pass makes the bias gradient and the products'
-            // bf16 operand (a16), through GELU's derivative where asked.
+            // bf16 operand (a16).
             (OutGrad::Output(d), Precision::Bf16) => {
                 gpu.bias_bwd_cast(s, dbias, partial, (0, self.a16.ptr()), d, bt, n)?;
-                d
+                self.a16.ptr()
             }
-            (OutGrad::ThroughGelu { d, x }, Precision::Bf16) => {
-                gpu.bias_bwd_cast(s, dbias, partial, (x, self.a16.ptr()), d, bt, n)?;
-                d
-            }
+            // Made by the layer above's product, bias gradient included.
+            (OutGrad::Ready16(d16), Precision::Bf16) => d16,
+            (dout, p) => unreachable!("{dout:?} in {}", p.name()),
         };
-        match self.precision {
+        let next = match self.precision {
             Precision::Fp32 => {
                 gpu.gemm(
                     GemmType::F32,
@@ -435,38 +463,32 @@ impl GpuWorkspace {
                     1.0,
                     Operand::n(dw, n),
                     None,
-                )
+                )?;
+                match gelu {
+                    Some(g) => OutGrad::ThroughGelu { d: dinp, x: g.pre },
+                    None => OutGrad::Output(dinp),
+                }
             }
             Precision::Bf16 => {
-                let (a16, b16) = (self.a16.ptr(), self.b16.ptr());
+                let b16 = self.b16.ptr();
                 gpu.to_bf16(s, b16, w, k * n)?;
-                gpu.gemm(
-                    GemmType::Bf16,
-                    bt,
-                    k,
-                    n,
-                    1.0,
-                    Operand::n(a16, n),
-                    Operand::t(b16, n),
-                    0.0,
-                    Operand::n(dinp, k),
-                    None,
-                )?;
-                gpu.gemm(
-                    GemmType::Bf16,
-                    k,
-                    n,
-                    bt,
-                    1.0,
-                    Operand::t(inp, k),
-                    Operand::n(a16, n),
-                    1.0,
-                    Operand::n(dw, n),
-                    None,
-                )
+                let (d, wt) = (Operand::n(dout, n), Operand::t(b16, n));
+                let next = match gelu {
+                    Some(g) => {
+                        gpu.gemm_dgelu(bt, k, n, d, wt, g.pre, (g.dbias, partial), g.out16, dinp)?;
+                        OutGrad::Ready16(g.out16)
+                    }
+                    None => {
+                        gpu.gemm(GemmType::Bf16, bt, k, n, 1.0, d, wt, 0.0, Operand::n(dinp, k), None)?;
+                        OutGrad::Output(dinp)
+                    }
+                };
+                gpu.gemm(GemmType::Bf16, k, n, bt, 1.0, Operand::t(inp, k), d, 1.0, Operand::n(dw, n), None)?;
+                next
             }
-        }?;
-        self.mark(gpu, "linear bwd")
+        };
+        self.mark(gpu, "linear bwd")?;
+        Ok(next)
     }
 
     fn attn_gemm_type(&self) -> GemmType {
@@ -530,9 +552,25 @@ impl GpuWorkspace {
                     c,
                 )?;
                 self.mark(gpu, "layernorm")?;
-                self.linear_fwd(gpu, a.fch.ptr(), ln2_in, w[block::FC_W], w[block::FC_B], None, bt, c, 4 * c)?;
-                gpu.gelu_fwd(s, gelu_out, a.fch.ptr(), bt * 4 * c)?;
-                self.mark(gpu, "gelu")?;
+                let (fw, fb) = (w[block::FC_W], w[block::FC_B]);
+                match p {
+                    Precision::Fp32 => {
+                        self.linear_fwd(gpu, a.fch.ptr(), ln2_in, fw, fb, None, bt, c, 4 * c)?;
+                        gpu.gelu_fwd(s, (gelu_out.0, gelu_out.1, 0), a.fch.ptr(), bt * 4 * c)?;
+                        self.mark(gpu, "gelu")?;
+                    }
+                    // GELU in the product's epilogue, its input kept in bf16
+                    // (the fp32 scratch only where cuBLASLt cannot).
+                    Precision::Bf16 => {
+                        let b16 = self.b16.ptr();
+                        gpu.to_bf16(s, b16, fw, c * 4 * c)?;
+                        let (x, wo) = (Operand::n(ln2_in, c), Operand::n(b16, 4 * c));
+                        let out = (a.gelu16.ptr(), a.fch16.ptr());
+                        let bias = (fb, self.bias16.ptr());
+                        gpu.gemm_bias_gelu(bt, 4 * c, c, x, wo, bias, out, self.dfch.ptr())?;
+                        self.mark(gpu, "linear fwd")?;
+                    }
+                }
                 let (pw, pb) = (w[block::FCPROJ_W], w[block::FCPROJ_B]);
                 self.linear_fwd(gpu, out, gelu_in, pw, pb, Some(a.x2.ptr()), bt, 4 * c, c)
             }
@@ -754,7 +792,12 @@ impl GpuWorkspace {
                 let [ln1_in, atty_in, ln2_in, gelu_in] = a.inputs(self.precision);
                 let g = grads;
                 let (dfch, dln, datty) = (self.dfch.ptr(), self.dln.ptr(), self.datty.ptr());
-                self.linear_bwd(
+                let pre = match self.precision {
+                    Precision::Fp32 => a.fch.ptr(),
+                    Precision::Bf16 => a.fch16.ptr(),
+                };
+                let below = GeluBelow { pre, dbias: g[block::FC_B], out16: self.dfch16.ptr() };
+                let dgelu = self.linear_bwd(
                     gpu,
                     dfch,
                     g[block::FCPROJ_W],
@@ -765,9 +808,10 @@ impl GpuWorkspace {
                     bt,
                     4 * c,
                     c,
+                    Some(below),
                 )?;
-                let dgelu = OutGrad::ThroughGelu { d: dfch, x: a.fch.ptr() };
-                self.linear_bwd(gpu, dln, g[block::FC_W], g[block::FC_B], dgelu, ln2_in, w[block::FC_W], bt, c, 4 * c)?;
+                let (fw, fb) = (g[block::FC_W], g[block::FC_B]);
+                self.linear_bwd(gpu, dln, fw, fb, dgelu, ln2_in, w[block::FC_W], bt, c, 4 * c, None)?;
                 let p = self.partial.ptr();
                 let (m2, r2) = (a.ln2_mean.ptr(), a.ln2_rstd.ptr());
                 gpu.layernorm_bwd(
@@ -796,6 +840,7 @@ impl GpuWorkspace {
                     bt,
                     c,
                     c,
+                    None,
                 )?;
                 self.attention_bwd(gpu, i, b, t)?;
                 let a = &self.blocks[i];
@@ -811,6 +856,7 @@ impl GpuWorkspace {
                     bt,
                     c,
                     3 * c,
+                    None,
                 )?;
                 let (m1, r1) = (a.ln1_mean.ptr(), a.ln1_rstd.ptr());
                 gpu.layernorm_bwd(

@@ -188,9 +188,11 @@ fn gelu_bias_and_bf16_match_cpu() {
     let dx = up(&gpu, &x);
     let dout = gpu.alloc::<f32>(n).unwrap();
     let out16 = gpu.alloc::<u16>(n).unwrap();
-    gpu.gelu_fwd(&gpu.compute, (dout.ptr(), out16.ptr()), dx.ptr(), n).unwrap();
+    let x16 = gpu.alloc::<u16>(n).unwrap();
+    gpu.gelu_fwd(&gpu.compute, (dout.ptr(), out16.ptr(), x16.ptr()), dx.ptr(), n).unwrap();
     assert_scaled_close("gelu forward", &down(&gpu, &dout), &out, 1e-5);
     assert_rounds_to_bf16("gelu forward", &gpu, &out16, &down(&gpu, &dout));
+    assert_rounds_to_bf16("gelu forward's input", &gpu, &x16, &x);
     let mut d = random(&mut rng, n, 1.0);
     let dd = up(&gpu, &d);
     ws_kernels::gelu::gelu_backward_inplace(&mut d, &x);
@@ -206,17 +208,19 @@ fn gelu_bias_and_bf16_match_cpu() {
     gpu.bias_bwd(&gpu.compute, d_dbias.ptr(), partial.ptr(), d_g.ptr(), rows, c).unwrap();
     assert_scaled_close("bias backward", &down(&gpu, &d_dbias), &dbias, 1e-5);
 
-    // Through GELU with a bf16 copy, in one pass: the bias gradient of
-    // gelu'(x) * g against the CPU, and the copy equal to the GPU's
-    // separate GELU backward rounded.
-    let gx = random(&mut rng, rows * c, 3.0);
+    // Through GELU (its input kept in bf16) with a bf16 copy, in one pass:
+    // the bias gradient of gelu'(x) * g against the CPU, and the copy equal
+    // to the GPU's separate GELU backward rounded.
+    let gx = bf16_round(&random(&mut rng, rows * c, 3.0));
     let mut through = g.clone();
     ws_kernels::gelu::gelu_backward_inplace(&mut through, &gx);
     let mut dbias2 = random(&mut rng, c, 1.0);
     let d_dbias2 = up(&gpu, &dbias2);
     ws_kernels::matmul::bias_backward(&mut dbias2, &through, rows, c);
     let (d_gx, g16) = (up(&gpu, &gx), gpu.alloc::<u16>(rows * c).unwrap());
-    gpu.bias_bwd_cast(&gpu.compute, d_dbias2.ptr(), partial.ptr(), (d_gx.ptr(), g16.ptr()), d_g.ptr(), rows, c)
+    let gx16 = gpu.alloc::<u16>(rows * c).unwrap();
+    gpu.to_bf16(&gpu.compute, gx16.ptr(), d_gx.ptr(), rows * c).unwrap();
+    gpu.bias_bwd_cast(&gpu.compute, d_dbias2.ptr(), partial.ptr(), (gx16.ptr(), g16.ptr()), d_g.ptr(), rows, c)
         .unwrap();
     assert_scaled_close("bias backward through gelu", &down(&gpu, &d_dbias2), &dbias2, 1e-5);
     gpu.gelu_bwd(&gpu.compute, d_g.ptr(), d_gx.ptr(), rows * c).unwrap();
@@ -411,6 +415,84 @@ fn products_with_a_bias_match_cpu() {
             assert_scaled_close(&what, &down(&gpu, &c), &expected, tol);
         }
     }
+}
+
+fn down16(gpu: &Gpu, b: &ws_cuda::DevBuf<u16>) -> Vec<f32> {
+    let mut bits = vec![0u16; b.len()];
+    gpu.download(&mut bits, b.ptr(), &gpu.compute).unwrap();
+    bits.iter().map(|&h| ws_kernels::bf16::from_bf16(h)).collect()
+}
+
+/// GELU in the FC product (forward: GELU and its input kept, both bf16) and
+/// its derivative in the product that makes GELU's output gradient
+/// (backward: bf16 gradient and the bias gradient), against the CPU.
+/// Through cuBLASLt's epilogues where it has them, else our kernels.
+#[test]
+fn products_with_gelu_match_cpu() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let lt = gpu.uses_cublaslt();
+    eprintln!("through cuBLASLt: {lt}");
+    products_with_gelu_on(&gpu);
+    if lt {
+        eprintln!("without cuBLASLt");
+        products_with_gelu_on(&gpu.without_cublaslt());
+    }
+}
+
+fn products_with_gelu_on(gpu: &Gpu) {
+    let mut rng = Rng::new(11);
+    let (m, k, n) = (300, 136, 200);
+    let (a, b) = (bf16_round(&random(&mut rng, m * k, 1.0)), bf16_round(&random(&mut rng, k * n, 0.2)));
+    let bias = random(&mut rng, n, 0.5);
+    // A B in f64, rounded once.
+    let product = || -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
+                out[i * n + j] = dot as f32;
+            }
+        }
+        out
+    };
+    let to16 = |x: &ws_cuda::DevBuf<f32>| {
+        let h = gpu.alloc::<u16>(x.len()).unwrap();
+        gpu.to_bf16(&gpu.compute, h.ptr(), x.ptr(), x.len()).unwrap();
+        h
+    };
+    let (da, db, dbias) = (up(&gpu, &a), up(&gpu, &b), up(&gpu, &bias));
+    let (a16, b16) = (to16(&da), to16(&db));
+    let (out16, pre16) = (gpu.alloc::<u16>(m * n).unwrap(), gpu.alloc::<u16>(m * n).unwrap());
+    let scratch = gpu.alloc::<f32>(m * n).unwrap();
+    let (ao, bo) = (Operand::n(a16.ptr(), k), Operand::n(b16.ptr(), n));
+    let bias16 = gpu.alloc::<u16>(n).unwrap();
+    let biases = (dbias.ptr(), bias16.ptr());
+    gpu.gemm_bias_gelu(m, n, k, ao, bo, biases, (out16.ptr(), pre16.ptr()), scratch.ptr()).unwrap();
+    let pre: Vec<f32> = product().iter().enumerate().map(|(i, x)| x + bias[i % n]).collect();
+    let mut gelu = vec![0f32; m * n];
+    ws_kernels::gelu::gelu_forward(&mut gelu, &pre);
+    assert_scaled_close("product + bias, GELU's input kept", &down16(&gpu, &pre16), &pre, 1e-2);
+    assert_scaled_close("gelu(product + bias)", &down16(&gpu, &out16), &gelu, 1e-2);
+
+    // Backward, as the blocks run it (the output gradient times a weight
+    // read transposed): the same A B, with B stored [N, K] and read
+    // transposed; GELU's derivative at the input kept in bf16.
+    let pre_kept = down16(&gpu, &pre16);
+    let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+    let dbt = up(&gpu, &bt);
+    let bt16 = to16(&dbt);
+    let mut expected = product();
+    ws_kernels::gelu::gelu_backward_inplace(&mut expected, &pre_kept);
+    let mut dbias_ref = random(&mut rng, n, 1.0);
+    let d_dbias = up(&gpu, &dbias_ref);
+    ws_kernels::matmul::bias_backward(&mut dbias_ref, &expected, m, n);
+    let partial = gpu.alloc::<f32>(kernels::partial_len(m, n)).unwrap();
+    let d16 = gpu.alloc::<u16>(m * n).unwrap();
+    let bto = Operand::t(bt16.ptr(), k);
+    gpu.gemm_dgelu(m, n, k, ao, bto, pre16.ptr(), (d_dbias.ptr(), partial.ptr()), d16.ptr(), scratch.ptr()).unwrap();
+    assert_scaled_close("product * gelu'(kept input)", &down16(&gpu, &d16), &expected, 1e-2);
+    assert_scaled_close("its bias gradient", &down(&gpu, &d_dbias), &dbias_ref, 1e-2);
+    eprintln!("cuBLASLt without an algorithm for: {:?}", gpu.cublaslt_missing());
 }
 
 /// `x` rounded to bf16 and back: inputs both sides see exactly.
