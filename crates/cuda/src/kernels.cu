@@ -152,6 +152,166 @@ extern "C" __global__ void layernorm_fwd(float* out, bf16_t* out16, float* mean,
     }
 }
 
+// The same LayerNorm for C = 128 V (V float4 per lane): one warp per row,
+// the row read once into registers, 16-byte loads and stores. The launcher
+// picks these where C fits and the pointers are 16-byte aligned.
+template <int V>
+__device__ void layernorm_fwd_v(float* out, bf16_t* out16, float* mean, float* rstd, const float* x, const float* w,
+                                const float* b, int n) {
+    const int c = 128 * V;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= n) return;
+    const float4* xr = reinterpret_cast<const float4*>(x + (i64)row * c);
+    float4 v[V];
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+        v[j] = xr[lane + 32 * j];
+        s += (v[j].x + v[j].y) + (v[j].z + v[j].w);
+    }
+    float mu = warp_sum(s) / c;
+    float var = 0.0f;
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+        float a = v[j].x - mu, bb = v[j].y - mu, cc = v[j].z - mu, d = v[j].w - mu;
+        var += (a * a + bb * bb) + (cc * cc + d * d);
+    }
+    float rs = 1.0f / sqrtf(warp_sum(var) / c + 1e-5f);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    const float4* b4 = reinterpret_cast<const float4*>(b);
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+        int q = lane + 32 * j;
+        float4 ww = w4[q], bv = b4[q];
+        float4 y = make_float4((v[j].x - mu) * rs * ww.x + bv.x, (v[j].y - mu) * rs * ww.y + bv.y,
+                               (v[j].z - mu) * rs * ww.z + bv.z, (v[j].w - mu) * rs * ww.w + bv.w);
+        if (out) reinterpret_cast<float4*>(out + (i64)row * c)[q] = y;
+        if (out16) reinterpret_cast<uint2*>(out16 + (i64)row * c)[q] = make_uint2(bf16_pair(y.x, y.y), bf16_pair(y.z, y.w));
+    }
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
+
+// LayerNorm's backward for C = 128 V in one pass over dout and x: dx +=
+// the input gradient (one warp per row), and each block's column partial
+// sums of dout * norm and dout over its chunk of rows (part[blk][0..C] and
+// part[blk][C..2C], as layernorm_param_partial), kept per lane in registers
+// and added over the block's warps in a fixed order. Block 256; grid R.
+template <int V>
+__device__ void layernorm_bwd_v(float* dx, float* part, const float* dout, const float* x, const float* w,
+                                const float* mean, const float* rstd, int n, int chunk) {
+    const int c = 128 * V;
+    __shared__ float sh[8][128 * V];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r0 = blockIdx.x * chunk, r1 = min(n, r0 + chunk);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    float4 aw[V], ab[V];
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+        aw[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ab[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    for (int row = r0 + warp; row < r1; row += 8) {
+        const float4* gr = reinterpret_cast<const float4*>(dout + (i64)row * c);
+        const float4* xr = reinterpret_cast<const float4*>(x + (i64)row * c);
+        const float mu = mean[row], rs = rstd[row];
+        float4 g[V], nm[V];
+        float dm = 0.0f, dnm = 0.0f;
+#pragma unroll
+        for (int j = 0; j < V; j++) {
+            int q = lane + 32 * j;
+            g[j] = gr[q];
+            float4 xv = xr[q], ww = w4[q];
+            nm[j] = make_float4((xv.x - mu) * rs, (xv.y - mu) * rs, (xv.z - mu) * rs, (xv.w - mu) * rs);
+            float4 dn = make_float4(ww.x * g[j].x, ww.y * g[j].y, ww.z * g[j].z, ww.w * g[j].w);
+            dm += (dn.x + dn.y) + (dn.z + dn.w);
+            dnm += (dn.x * nm[j].x + dn.y * nm[j].y) + (dn.z * nm[j].z + dn.w * nm[j].w);
+            aw[j].x += g[j].x * nm[j].x;
+            aw[j].y += g[j].y * nm[j].y;
+            aw[j].z += g[j].z * nm[j].z;
+            aw[j].w += g[j].w * nm[j].w;
+            ab[j].x += g[j].x;
+            ab[j].y += g[j].y;
+            ab[j].z += g[j].z;
+            ab[j].w += g[j].w;
+        }
+        dm = warp_sum(dm) / c;
+        dnm = warp_sum(dnm) / c;
+        float4* d = reinterpret_cast<float4*>(dx + (i64)row * c);
+#pragma unroll
+        for (int j = 0; j < V; j++) {
+            int q = lane + 32 * j;
+            float4 ww = w4[q], o = d[q];
+            o.x += (ww.x * g[j].x - dm - nm[j].x * dnm) * rs;
+            o.y += (ww.y * g[j].y - dm - nm[j].y * dnm) * rs;
+            o.z += (ww.z * g[j].z - dm - nm[j].z * dnm) * rs;
+            o.w += (ww.w * g[j].w - dm - nm[j].w * dnm) * rs;
+            d[q] = o;
+        }
+    }
+    // Over the block's warps in order, dw then db.
+    for (int pass = 0; pass < 2; pass++) {
+#pragma unroll
+        for (int j = 0; j < V; j++) {
+            float4 a = pass == 0 ? aw[j] : ab[j];
+            reinterpret_cast<float4*>(sh[warp])[lane + 32 * j] = a;
+        }
+        __syncthreads();
+        for (int col = threadIdx.x; col < c; col += blockDim.x) {
+            float t = 0.0f;
+            for (int k = 0; k < 8; k++) t += sh[k][col];
+            part[(i64)blockIdx.x * 2 * c + pass * c + col] = t;
+        }
+        __syncthreads();
+    }
+}
+
+// The instances: C = 128, 256, 512, 768 (GPT-2 small), 1024. The backward's
+// registers fit two blocks an SM up to 768 without spilling (ptxas, sm_90).
+extern "C" __global__ void layernorm_fwd_1(float* out, bf16_t* out16, float* mean, float* rstd, const float* x,
+                                         const float* w, const float* b, int n) {
+    layernorm_fwd_v<1>(out, out16, mean, rstd, x, w, b, n);
+}
+extern "C" __launch_bounds__(256, 2) __global__ void layernorm_bwd_1(float* dx, float* part, const float* dout, const float* x, const float* w,
+                                         const float* mean, const float* rstd, int n, int chunk) {
+    layernorm_bwd_v<1>(dx, part, dout, x, w, mean, rstd, n, chunk);
+}
+extern "C" __global__ void layernorm_fwd_2(float* out, bf16_t* out16, float* mean, float* rstd, const float* x,
+                                         const float* w, const float* b, int n) {
+    layernorm_fwd_v<2>(out, out16, mean, rstd, x, w, b, n);
+}
+extern "C" __launch_bounds__(256, 2) __global__ void layernorm_bwd_2(float* dx, float* part, const float* dout, const float* x, const float* w,
+                                         const float* mean, const float* rstd, int n, int chunk) {
+    layernorm_bwd_v<2>(dx, part, dout, x, w, mean, rstd, n, chunk);
+}
+extern "C" __global__ void layernorm_fwd_4(float* out, bf16_t* out16, float* mean, float* rstd, const float* x,
+                                         const float* w, const float* b, int n) {
+    layernorm_fwd_v<4>(out, out16, mean, rstd, x, w, b, n);
+}
+extern "C" __launch_bounds__(256, 2) __global__ void layernorm_bwd_4(float* dx, float* part, const float* dout, const float* x, const float* w,
+                                         const float* mean, const float* rstd, int n, int chunk) {
+    layernorm_bwd_v<4>(dx, part, dout, x, w, mean, rstd, n, chunk);
+}
+extern "C" __global__ void layernorm_fwd_6(float* out, bf16_t* out16, float* mean, float* rstd, const float* x,
+                                         const float* w, const float* b, int n) {
+    layernorm_fwd_v<6>(out, out16, mean, rstd, x, w, b, n);
+}
+extern "C" __launch_bounds__(256, 2) __global__ void layernorm_bwd_6(float* dx, float* part, const float* dout, const float* x, const float* w,
+                                         const float* mean, const float* rstd, int n, int chunk) {
+    layernorm_bwd_v<6>(dx, part, dout, x, w, mean, rstd, n, chunk);
+}
+extern "C" __global__ void layernorm_fwd_8(float* out, bf16_t* out16, float* mean, float* rstd, const float* x,
+                                         const float* w, const float* b, int n) {
+    layernorm_fwd_v<8>(out, out16, mean, rstd, x, w, b, n);
+}
+extern "C" __global__ void layernorm_bwd_8(float* dx, float* part, const float* dout, const float* x, const float* w,
+                                         const float* mean, const float* rstd, int n, int chunk) {
+    layernorm_bwd_v<8>(dx, part, dout, x, w, mean, rstd, n, chunk);
+}
+
 // dx += layernorm input gradient; one warp per row.
 extern "C" __global__ void layernorm_bwd_dx(float* dx, const float* dout, const float* x, const float* w,
                                             const float* mean, const float* rstd, int n, int c) {
@@ -845,6 +1005,16 @@ extern "C" __global__ void flash_dkdv_128(float* dqkv, const bf16_t* qkv, const 
 
 // ---------------------------------------------------------------- cross-entropy
 
+// Adds x to a running (max m, sum s of exp(. - m)), rescaling s when m grows.
+__device__ __forceinline__ void online_max_sum(float x, float& m, float& s) {
+    if (x > m) {
+        s = s * expf(m - x) + 1.0f;
+        m = x;
+    } else {
+        s += expf(x - m);
+    }
+}
+
 // One block per row of logits[R,V] (rows `stride` apart, V <= stride).
 // losses[r] = logsumexp - logit[target]; the max and the sum of
 // exponentials come from one read of the row (the sum rescaled whenever the
@@ -858,14 +1028,21 @@ extern "C" __global__ void crossentropy(float* losses, float* logits, bf16_t* ou
     float* x = logits + (i64)r * stride;
     int target = targets[r];
     float m = NEG_INF, s = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        float xj = x[j];
-        if (xj > m) {
-            s = s * expf(m - xj) + 1.0f;
-            m = xj;
-        } else {
-            s += expf(xj - m);
+    // 16-byte loads where the rows allow them (stride a multiple of 4).
+    const bool vec = (stride & 3) == 0 && (reinterpret_cast<unsigned long long>(logits) & 15) == 0 &&
+                     (reinterpret_cast<unsigned long long>(out16) & 7) == 0;
+    if (vec) {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        for (int q = threadIdx.x; 4 * q < v; q += blockDim.x) {
+            float4 f = x4[q];
+            float e[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                if (4 * q + k < v) online_max_sum(e[k], m, s);
+            }
         }
+    } else {
+        for (int j = threadIdx.x; j < v; j += blockDim.x) online_max_sum(x[j], m, s);
     }
     float mx = block_max(m, sh);
     s = block_sum(m == NEG_INF ? 0.0f : s * expf(m - mx), sh);
@@ -877,13 +1054,31 @@ extern "C" __global__ void crossentropy(float* losses, float* logits, bf16_t* ou
         // width then add nothing.
         float inv = scale / s;
         bf16_t* o16 = out16 ? out16 + (i64)r * stride : nullptr;
-        for (int j = threadIdx.x; j < stride; j += blockDim.x) {
-            float g = j < v ? expf(x[j] - m) * inv : 0.0f;
-            if (j == target) g -= scale;
-            if (o16)
-                o16[j] = bf16_rne(g);
-            else
-                x[j] = g;
+        if (vec) {
+            float4* x4 = reinterpret_cast<float4*>(x);
+            for (int q = threadIdx.x; 4 * q < stride; q += blockDim.x) {
+                float4 f = x4[q];
+                float e[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    int j = 4 * q + k;
+                    e[k] = j < v ? expf(e[k] - m) * inv : 0.0f;
+                    if (j == target) e[k] -= scale;
+                }
+                if (o16)
+                    reinterpret_cast<uint2*>(o16)[q] = make_uint2(bf16_pair(e[0], e[1]), bf16_pair(e[2], e[3]));
+                else
+                    x4[q] = make_float4(e[0], e[1], e[2], e[3]);
+            }
+        } else {
+            for (int j = threadIdx.x; j < stride; j += blockDim.x) {
+                float g = j < v ? expf(x[j] - m) * inv : 0.0f;
+                if (j == target) g -= scale;
+                if (o16)
+                    o16[j] = bf16_rne(g);
+                else
+                    x[j] = g;
+            }
         }
     }
 }

@@ -48,6 +48,16 @@ kernels!(
     embedding_bwd_wte,
     embedding_bwd_wpe,
     layernorm_fwd,
+    layernorm_fwd_1,
+    layernorm_fwd_2,
+    layernorm_fwd_4,
+    layernorm_fwd_6,
+    layernorm_fwd_8,
+    layernorm_bwd_1,
+    layernorm_bwd_2,
+    layernorm_bwd_4,
+    layernorm_bwd_6,
+    layernorm_bwd_8,
     layernorm_bwd_dx,
     layernorm_param_partial,
     column_partial,
@@ -113,6 +123,22 @@ impl Kernels {
             }
         }
         Ok(k)
+    }
+
+    /// The LayerNorm kernels (forward, backward) for `c` channels read as
+    /// float4 per lane (`c` = 128 V), where there are some.
+    fn layernorm_vec(&self, c: usize) -> Option<(cu::CUfunction, cu::CUfunction)> {
+        if !c.is_multiple_of(128) {
+            return None;
+        }
+        Some(match c / 128 {
+            1 => (self.layernorm_fwd_1, self.layernorm_bwd_1),
+            2 => (self.layernorm_fwd_2, self.layernorm_bwd_2),
+            4 => (self.layernorm_fwd_4, self.layernorm_bwd_4),
+            6 => (self.layernorm_fwd_6, self.layernorm_bwd_6),
+            8 => (self.layernorm_fwd_8, self.layernorm_bwd_8),
+            _ => return None,
+        })
     }
 
     /// The fused attention kernels for head size `hs`, where there are some.
@@ -254,9 +280,14 @@ impl Gpu {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        let k = self.kernels.layernorm_fwd;
         let rows_per_block = (THREADS / 32) as usize;
         let grid = u32::try_from(n.div_ceil(rows_per_block)).expect("grid fits");
+        let aligned = [x, w, b, out].iter().all(|p| p % 16 == 0) && out16 % 8 == 0;
+        if let Some((k, _)) = self.kernels.layernorm_vec(c).filter(|_| aligned) {
+            let args = [Arg::P(out), Arg::P(out16), Arg::P(mean), Arg::P(rstd), Arg::P(x), Arg::P(w), Arg::P(b), i(n)];
+            return self.launch(k, (grid, 1), (THREADS, 1), s, &args);
+        }
+        let k = self.kernels.layernorm_fwd;
         self.launch(
             k,
             (grid, 1),
@@ -283,27 +314,44 @@ impl Gpu {
         n: usize,
         c: usize,
     ) -> Result<()> {
-        let rows_per_block = (THREADS / 32) as usize;
-        let grid = u32::try_from(n.div_ceil(rows_per_block)).expect("grid fits");
-        let k = self.kernels.layernorm_bwd_dx;
-        self.launch(
-            k,
-            (grid, 1),
-            (THREADS, 1),
-            s,
-            &[Arg::P(dx), Arg::P(dout), Arg::P(x), Arg::P(w), Arg::P(mean), Arg::P(rstd), i(n), i(c)],
-        )?;
         let chunk = column_chunk(n);
         let r = n.div_ceil(chunk);
-        let k = self.kernels.layernorm_param_partial;
-        let grid = (c.div_ceil(32) as u32, r as u32);
-        self.launch(
-            k,
-            grid,
-            (32, 8),
-            s,
-            &[Arg::P(partial), Arg::P(dout), Arg::P(x), Arg::P(mean), Arg::P(rstd), i(n), i(c), i(chunk)],
-        )?;
+        let aligned = [dx, dout, x, w].iter().all(|p| p % 16 == 0);
+        if let Some((_, k)) = self.kernels.layernorm_vec(c).filter(|_| aligned) {
+            // One pass: dx and the block's column partials.
+            let args = [
+                Arg::P(dx),
+                Arg::P(partial),
+                Arg::P(dout),
+                Arg::P(x),
+                Arg::P(w),
+                Arg::P(mean),
+                Arg::P(rstd),
+                i(n),
+                i(chunk),
+            ];
+            self.launch(k, (r as u32, 1), (THREADS, 1), s, &args)?;
+        } else {
+            let rows_per_block = (THREADS / 32) as usize;
+            let grid = u32::try_from(n.div_ceil(rows_per_block)).expect("grid fits");
+            let k = self.kernels.layernorm_bwd_dx;
+            self.launch(
+                k,
+                (grid, 1),
+                (THREADS, 1),
+                s,
+                &[Arg::P(dx), Arg::P(dout), Arg::P(x), Arg::P(w), Arg::P(mean), Arg::P(rstd), i(n), i(c)],
+            )?;
+            let k = self.kernels.layernorm_param_partial;
+            let grid = (c.div_ceil(32) as u32, r as u32);
+            self.launch(
+                k,
+                grid,
+                (32, 8),
+                s,
+                &[Arg::P(partial), Arg::P(dout), Arg::P(x), Arg::P(mean), Arg::P(rstd), i(n), i(c), i(chunk)],
+            )?;
+        }
         let k = self.kernels.sum_partials;
         self.launch(k, (blocks(c), 1), (THREADS, 1), s, &[Arg::P(dw), Arg::P(partial), i(r), i(c), i(2 * c)])?;
         self.launch(
@@ -638,18 +686,31 @@ pub const SUMSQ_BLOCKS: usize = 1024;
 /// positions token by token (ascending within a token), `starts[u]..starts[u+1]`
 /// is the u-th distinct token's range, `uniq[u]` that token.
 pub fn token_buckets(tokens: &[u32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
-    let mut idx: Vec<u32> = (0..tokens.len() as u32).collect();
-    idx.sort_by_key(|&p| (tokens[p as usize], p));
+    // A counting sort: stable, so positions stay ascending within a token
+    // (what sorting by (token, position) gives, in O(n + vocabulary)).
+    let values = tokens.iter().max().map_or(0, |&m| m as usize + 1);
+    let mut first = vec![0u32; values + 1];
+    for &t in tokens {
+        first[t as usize + 1] += 1;
+    }
+    for i in 1..=values {
+        first[i] += first[i - 1];
+    }
     let (mut starts, mut uniq) = (Vec::new(), Vec::new());
-    for (k, &p) in idx.iter().enumerate() {
-        let tok = tokens[p as usize];
-        if k == 0 || tokens[idx[k - 1] as usize] != tok {
-            starts.push(k as i32);
-            uniq.push(tok as i32);
+    for t in 0..values {
+        if first[t + 1] > first[t] {
+            starts.push(first[t] as i32);
+            uniq.push(t as i32);
         }
     }
-    starts.push(idx.len() as i32);
-    (idx.into_iter().map(|p| p as i32).collect(), starts, uniq)
+    starts.push(tokens.len() as i32);
+    let mut order = vec![0i32; tokens.len()];
+    for (p, &t) in tokens.iter().enumerate() {
+        let slot = &mut first[t as usize];
+        order[*slot as usize] = p as i32;
+        *slot += 1;
+    }
+    (order, starts, uniq)
 }
 
 #[cfg(test)]
@@ -662,6 +723,32 @@ mod tests {
         assert_eq!(uniq, vec![3, 5, 9]);
         assert_eq!(starts, vec![0, 2, 5, 6]);
         assert_eq!(order, vec![1, 4, 0, 2, 5, 3]);
+    }
+
+    /// The plain definition: positions sorted by (token, position), then
+    /// the runs of equal tokens.
+    fn token_buckets_by_sorting(tokens: &[u32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+        let mut idx: Vec<u32> = (0..tokens.len() as u32).collect();
+        idx.sort_by_key(|&p| (tokens[p as usize], p));
+        let (mut starts, mut uniq) = (Vec::new(), Vec::new());
+        for (k, &p) in idx.iter().enumerate() {
+            let tok = tokens[p as usize];
+            if k == 0 || tokens[idx[k - 1] as usize] != tok {
+                starts.push(k as i32);
+                uniq.push(tok as i32);
+            }
+        }
+        starts.push(idx.len() as i32);
+        (idx.into_iter().map(|p| p as i32).collect(), starts, uniq)
+    }
+
+    #[test]
+    fn buckets_equal_the_sorting_definition() {
+        let mut rng = ws_kernels::Rng::new(5);
+        for (n, vocab) in [(0usize, 10u64), (1, 1), (1000, 7), (65_536, 50_257)] {
+            let tokens: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+            assert_eq!(token_buckets(&tokens), token_buckets_by_sorting(&tokens), "{n} tokens of {vocab}");
+        }
     }
 
     #[test]
