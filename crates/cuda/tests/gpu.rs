@@ -147,21 +147,21 @@ fn layernorm_matches_cpu_at(gpu: &Gpu, n: usize, c: usize) {
     let (w, bias) = (random(&mut rng, c, 1.0), random(&mut rng, c, 1.0));
     let (mut out, mut mean, mut rstd) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
     ws_kernels::layernorm::layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &bias, n, c);
-    let (dx, dw, db) = (up(&gpu, &x), up(&gpu, &w), up(&gpu, &bias));
+    let (dx, dw, db) = (up(gpu, &x), up(gpu, &w), up(gpu, &bias));
     let (dout, dmean, drstd) =
         (gpu.alloc::<f32>(n * c).unwrap(), gpu.alloc::<f32>(n).unwrap(), gpu.alloc::<f32>(n).unwrap());
     let out16 = gpu.alloc::<u16>(n * c).unwrap();
     let outs = (dout.ptr(), out16.ptr());
     gpu.layernorm_fwd(&gpu.compute, outs, dmean.ptr(), drstd.ptr(), dx.ptr(), dw.ptr(), db.ptr(), n, c).unwrap();
-    assert_scaled_close("layernorm out", &down(&gpu, &dout), &out, 1e-5);
-    assert_rounds_to_bf16("layernorm out", &gpu, &out16, &down(&gpu, &dout));
-    assert_scaled_close("layernorm mean", &down(&gpu, &dmean), &mean, 1e-5);
-    assert_scaled_close("layernorm rstd", &down(&gpu, &drstd), &rstd, 1e-5);
+    assert_scaled_close("layernorm out", &down(gpu, &dout), &out, 1e-5);
+    assert_rounds_to_bf16("layernorm out", gpu, &out16, &down(gpu, &dout));
+    assert_scaled_close("layernorm mean", &down(gpu, &dmean), &mean, 1e-5);
+    assert_scaled_close("layernorm rstd", &down(gpu, &drstd), &rstd, 1e-5);
 
     let g = random(&mut rng, n * c, 1.0);
     let mut dinp = random(&mut rng, n * c, 1.0);
     let (mut gw, mut gb) = (random(&mut rng, c, 1.0), random(&mut rng, c, 1.0));
-    let (d_dinp, d_gw, d_gb, d_g) = (up(&gpu, &dinp), up(&gpu, &gw), up(&gpu, &gb), up(&gpu, &g));
+    let (d_dinp, d_gw, d_gb, d_g) = (up(gpu, &dinp), up(gpu, &gw), up(gpu, &gb), up(gpu, &g));
     ws_kernels::layernorm::layernorm_backward(&mut dinp, &mut gw, &mut gb, &g, &x, &w, &mean, &rstd, n, c);
     let partial = gpu.alloc::<f32>(kernels::partial_len(n, 2 * c)).unwrap();
     gpu.layernorm_bwd(
@@ -179,9 +179,9 @@ fn layernorm_matches_cpu_at(gpu: &Gpu, n: usize, c: usize) {
         c,
     )
     .unwrap();
-    assert_scaled_close("layernorm dinp", &down(&gpu, &d_dinp), &dinp, 1e-5);
-    assert_scaled_close("layernorm dweight", &down(&gpu, &d_gw), &gw, 1e-5);
-    assert_scaled_close("layernorm dbias", &down(&gpu, &d_gb), &gb, 1e-5);
+    assert_scaled_close("layernorm dinp", &down(gpu, &d_dinp), &dinp, 1e-5);
+    assert_scaled_close("layernorm dweight", &down(gpu, &d_gw), &gw, 1e-5);
+    assert_scaled_close("layernorm dbias", &down(gpu, &d_gb), &gb, 1e-5);
 }
 
 #[test]
@@ -467,7 +467,7 @@ fn products_with_gelu_on(gpu: &Gpu) {
         gpu.to_bf16(&gpu.compute, h.ptr(), x.ptr(), x.len()).unwrap();
         h
     };
-    let (da, db, dbias) = (up(&gpu, &a), up(&gpu, &b), up(&gpu, &bias));
+    let (da, db, dbias) = (up(gpu, &a), up(gpu, &b), up(gpu, &bias));
     let (a16, b16) = (to16(&da), to16(&db));
     let (out16, pre16) = (gpu.alloc::<u16>(m * n).unwrap(), gpu.alloc::<u16>(m * n).unwrap());
     let scratch = gpu.alloc::<f32>(m * n).unwrap();
@@ -478,27 +478,27 @@ fn products_with_gelu_on(gpu: &Gpu) {
     let pre: Vec<f32> = product().iter().enumerate().map(|(i, x)| x + bias[i % n]).collect();
     let mut gelu = vec![0f32; m * n];
     ws_kernels::gelu::gelu_forward(&mut gelu, &pre);
-    assert_scaled_close("product + bias, GELU's input kept", &down16(&gpu, &pre16), &pre, 1e-2);
-    assert_scaled_close("gelu(product + bias)", &down16(&gpu, &out16), &gelu, 1e-2);
+    assert_scaled_close("product + bias, GELU's input kept", &down16(gpu, &pre16), &pre, 1e-2);
+    assert_scaled_close("gelu(product + bias)", &down16(gpu, &out16), &gelu, 1e-2);
 
     // Backward, as the blocks run it (the output gradient times a weight
     // read transposed): the same A B, with B stored [N, K] and read
     // transposed; GELU's derivative at the input kept in bf16.
-    let pre_kept = down16(&gpu, &pre16);
+    let pre_kept = down16(gpu, &pre16);
     let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
-    let dbt = up(&gpu, &bt);
+    let dbt = up(gpu, &bt);
     let bt16 = to16(&dbt);
     let mut expected = product();
     ws_kernels::gelu::gelu_backward_inplace(&mut expected, &pre_kept);
     let mut dbias_ref = random(&mut rng, n, 1.0);
-    let d_dbias = up(&gpu, &dbias_ref);
+    let d_dbias = up(gpu, &dbias_ref);
     ws_kernels::matmul::bias_backward(&mut dbias_ref, &expected, m, n);
     let partial = gpu.alloc::<f32>(kernels::partial_len(m, n)).unwrap();
     let d16 = gpu.alloc::<u16>(m * n).unwrap();
     let bto = Operand::t(bt16.ptr(), k);
     gpu.gemm_dgelu(m, n, k, ao, bto, pre16.ptr(), (d_dbias.ptr(), partial.ptr()), d16.ptr(), scratch.ptr()).unwrap();
-    assert_scaled_close("product * gelu'(kept input)", &down16(&gpu, &d16), &expected, 1e-2);
-    assert_scaled_close("its bias gradient", &down(&gpu, &d_dbias), &dbias_ref, 1e-2);
+    assert_scaled_close("product * gelu'(kept input)", &down16(gpu, &d16), &expected, 1e-2);
+    assert_scaled_close("its bias gradient", &down(gpu, &d_dbias), &dbias_ref, 1e-2);
     eprintln!("cuBLASLt without an algorithm for: {:?}", gpu.cublaslt_missing());
 }
 
