@@ -34,6 +34,8 @@
 //! What is not here: transport (the caller moves the bytes), scheduling.
 
 mod checkpoint;
+#[doc(hidden)]
+pub mod scratch;
 mod slab;
 
 pub use checkpoint::{read_checkpoint_masks, read_checkpoint_weights, read_manifest, Manifest, SlabEntry, MANIFEST};
@@ -1155,9 +1157,7 @@ mod tests {
     }
 
     fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("ws-store-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+        crate::scratch::dir(&format!("store-{name}"))
     }
 
     fn random_params(spec: &ModelSpec, seed: u64) -> Params {

@@ -431,9 +431,7 @@ mod tests {
     use super::*;
 
     fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("ws-ckpt-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+        ws_store::scratch::dir(&format!("ckpt-{name}"))
     }
 
     fn small() -> ModelSpec {

@@ -743,7 +743,7 @@ mod tests {
 
     #[test]
     fn overrides_apply_in_order_over_the_file_and_preset() {
-        let dir = std::env::temp_dir().join(format!("ws-config-{}", std::process::id()));
+        let dir = ws_store::scratch::dir("config");
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("run.toml");
         std::fs::write(&file, "preset = \"small\"\n[train]\nlr = 1\nsteps = 7\n[model]\nn_layer = 2\n").unwrap();

@@ -48,9 +48,7 @@ fn tokens() -> Vec<u16> {
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("ws-fabric-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    ws_store::scratch::dir(&format!("fabric-{name}"))
 }
 
 struct Run {

@@ -48,8 +48,7 @@ fn tokens() -> Vec<u16> {
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("ws-gpu-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
+    let d = ws_store::scratch::dir(&format!("gpu-{name}"));
     std::fs::create_dir_all(&d).unwrap();
     d
 }

@@ -31,9 +31,7 @@ fn tokens() -> Vec<u16> {
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("ws-stream-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    ws_store::scratch::dir(&format!("stream-{name}"))
 }
 
 fn streaming(c: &RunConfig, name: &str) -> StreamingTrainer {
