@@ -224,7 +224,11 @@ impl Lt {
         epi: Epilogue,
         c: Operand,
     ) -> Result<bool> {
-        let key = Self::key(ty, m, n, k, a, b, epi, c);
+        self.ensure_plan(Self::key(ty, m, n, k, a, b, epi, c))
+    }
+
+    /// Makes the plan for `key` unless made already; whether it has an algorithm.
+    fn ensure_plan(&self, key: Key) -> Result<bool> {
         let mut plans = self.plans.borrow_mut();
         if let std::collections::hash_map::Entry::Vacant(e) = plans.entry(key) {
             // SAFETY: descriptor calls on objects `plan` creates.
@@ -250,13 +254,11 @@ impl Lt {
         c: Operand,
     ) -> Result<bool> {
         let key = Self::key(ty, m, n, k, a, b, epi, c);
-        let mut plans = self.plans.borrow_mut();
-        let plan = match plans.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            // SAFETY: descriptor calls on objects `plan` creates.
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(unsafe { self.plan(&key)? }),
-        };
-        let Some(plan) = plan.as_ref() else { return Ok(false) };
+        if !self.ensure_plan(key)? {
+            return Ok(false);
+        }
+        let plans = self.plans.borrow();
+        let plan = plans[&key].as_ref().expect("ensure_plan found an algorithm");
         let (bias, add, aux) = epi.pointers();
         let (alpha, beta) = (1.0f32, if add != 0 { 1.0f32 } else { 0.0 });
         let c_in = if add != 0 { add } else { c.ptr };
