@@ -50,6 +50,9 @@ pub enum BenchCommand {
         seq: Option<usize>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// The store's flash tier around the page cache (`store.direct_io`).
+        #[arg(long)]
+        direct_io: bool,
     },
     /// The store's AdamW update against memory bandwidth measured in the same run.
     Optimizer {
@@ -167,9 +170,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train { preset, steps, seq, batch, threads, precision } => {
             bench_train(&preset, steps, seq, batch, threads, &precision)
         }
-        BenchCommand::Streaming { preset, steps, dram_fraction, prefetch_depth, dtype, seq, threads } => {
+        BenchCommand::Streaming { preset, steps, dram_fraction, prefetch_depth, dtype, seq, threads, direct_io } => {
             set_threads(threads);
-            bench_streaming(&preset, steps, dram_fraction, prefetch_depth, &dtype, seq)
+            bench_streaming(&preset, steps, dram_fraction, prefetch_depth, &dtype, seq, direct_io)
         }
         BenchCommand::Optimizer { params, repeats, threads } => {
             set_threads(threads);
@@ -372,7 +375,15 @@ fn random_tokens(n: usize, vocab: usize) -> Vec<u16> {
     (0..n).map(|_| rng.below(vocab as u64) as u16).collect()
 }
 
-fn bench_streaming(preset: &str, steps: usize, fraction: f64, k: usize, dtype: &str, seq: Option<usize>) -> Result<()> {
+fn bench_streaming(
+    preset: &str,
+    steps: usize,
+    fraction: f64,
+    k: usize,
+    dtype: &str,
+    seq: Option<usize>,
+    direct_io: bool,
+) -> Result<()> {
     let mut config = RunConfig::preset(preset)?;
     if let Some(t) = seq {
         config.train.seq_len = t;
@@ -381,6 +392,7 @@ fn bench_streaming(preset: &str, steps: usize, fraction: f64, k: usize, dtype: &
     config.store.dram_fraction = fraction;
     config.stream.prefetch_depth = k;
     config.stream.dtype = dtype.to_string();
+    config.store.direct_io = direct_io;
     config.validate()?;
     if steps == 0 {
         return Err(TrainError::Config("--steps must be at least 1".into()));
@@ -425,6 +437,7 @@ fn bench_streaming(preset: &str, steps: usize, fraction: f64, k: usize, dtype: &
             "first_weight_wait_ms_per_step": round(waits.first_s / steps as f64 * 1e3),
             "store_dram_peak_bytes": stats.dram_bytes_peak,
             "flash_read_bytes": stats.flash_read_bytes, "flash_write_bytes": stats.flash_write_bytes,
+            "direct_io": direct_io, "flash_direct_bytes": stats.flash_direct_bytes,
             "threads": pool_threads(), "peak_rss_mb": round(peak_rss_mb()),
         })
     );

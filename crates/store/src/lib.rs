@@ -201,6 +201,12 @@ pub struct StoreConfig {
     pub optimizer: OptimizerConfig,
     /// Contributions each layer sends per step (micro-batches).
     pub micro_batches: usize,
+    /// Page I/O bypasses the kernel's page cache (`O_DIRECT`) where the
+    /// file system allows it and a piece is 4 KiB-aligned: no copy through
+    /// the cache on either side, and the DRAM budget is all the memory the
+    /// tiers use (buffered, the kernel caches what free memory allows of
+    /// the flash tier). Off, or where refused, the same I/O is buffered.
+    pub direct_io: bool,
 }
 
 /// Fills a new page of a slab: `(p0, p1, page)`, as in [`Store::create_with`].
@@ -253,13 +259,16 @@ pub struct StoreStats {
     /// Page buffers mapped (new memory): once the tier is full, evicted
     /// pages' buffers serve the next reads and this stops growing.
     pub buffers_mapped: u64,
+    /// Of the flash bytes read and written, those that went around the page
+    /// cache (`StoreConfig::direct_io`).
+    pub flash_direct_bytes: u64,
 }
 
 pub struct Store {
     spec: ModelSpec,
     layout: Layout,
     dir: PathBuf,
-    files: Vec<std::fs::File>,
+    files: Vec<SlabFile>,
     pages: Vec<Vec<Page>>,
     config: StoreConfig,
     stats: StoreStats,
@@ -380,14 +389,7 @@ impl Store {
         let mut files = Vec::new();
         for s in 0..spec.layer_count() {
             let path = dir.join(format!("slab-{s:05}.bin"));
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .read(true)
-                .write(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(io("cannot open slab file", &path))?;
-            files.push(f);
+            files.push(SlabFile::create(&path, config.direct_io).map_err(io("cannot open slab file", &path))?);
         }
         let pages = layout
             .pages
@@ -621,7 +623,8 @@ impl Store {
     }
 
     pub fn stats(&self) -> StoreStats {
-        self.stats
+        let direct = self.files.iter().map(|f| f.direct_bytes.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        StoreStats { flash_direct_bytes: direct, ..self.stats }
     }
 
     pub fn config(&self) -> StoreConfig {
@@ -1080,20 +1083,67 @@ impl Store {
     }
 }
 
+/// A slab's file, opened twice: buffered, and where asked and the file
+/// system allows it, with `O_DIRECT` for the pieces that are 4 KiB-aligned
+/// in memory, in the file and in length (every piece of a page but the short
+/// last page's). The two never share a 4 KiB block of the file: a region
+/// starts its pieces on its own offset, and only a region that starts
+/// aligned has aligned pieces.
+struct SlabFile {
+    file: std::fs::File,
+    direct: Option<std::fs::File>,
+    direct_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// The alignment `O_DIRECT` needs here (address, offset, length): a page,
+/// which covers the logical block size of any device.
+const DIRECT_ALIGN: usize = 4096;
+
+impl SlabFile {
+    /// Creates (truncates) the file at `path`.
+    fn create(path: &Path, direct_io: bool) -> std::io::Result<SlabFile> {
+        let file = std::fs::OpenOptions::new().create(true).read(true).write(true).truncate(true).open(path)?;
+        Ok(SlabFile { file, direct: if direct_io { Self::open_direct(path) } else { None }, direct_bytes: 0.into() })
+    }
+
+    /// The same file with `O_DIRECT`, or `None` where the file system
+    /// refuses it (tmpfs, some overlays).
+    fn open_direct(path: &Path) -> Option<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).ok()
+    }
+
+    /// The handle for a piece of `len` bytes at `ptr` and file offset `at`.
+    fn for_piece(&self, ptr: *const u8, len: usize, at: u64) -> &std::fs::File {
+        let aligned = (ptr as usize).is_multiple_of(DIRECT_ALIGN)
+            && len.is_multiple_of(DIRECT_ALIGN)
+            && at.is_multiple_of(DIRECT_ALIGN as u64);
+        match &self.direct {
+            Some(d) if aligned => {
+                self.direct_bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                d
+            }
+            _ => &self.file,
+        }
+    }
+}
+
 /// Bytes of one positioned read or write when a region is split over the
 /// store's threads: copies through the page cache run on every core, not
-/// one (a region is up to a quarter of a 64 MiB page).
+/// one (a region is up to a quarter of a 64 MiB page), and direct requests
+/// keep the device busy from several threads.
 const IO_CHUNK: usize = 2 << 20;
 
 /// Reads `buf` from `file` at `at`, in chunks over the pool; returns the CRC32
 /// of the bytes (the chunks' checksums combined in order).
-fn read_crc(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<u32> {
+fn read_crc(file: &SlabFile, buf: &mut [u8], at: u64) -> std::io::Result<u32> {
     use rayon::prelude::*;
     let parts = buf
         .par_chunks_mut(IO_CHUNK)
         .enumerate()
         .map(|(k, c)| {
-            file.read_exact_at(c, at + (k * IO_CHUNK) as u64)?;
+            let at = at + (k * IO_CHUNK) as u64;
+            file.for_piece(c.as_ptr(), c.len(), at).read_exact_at(c, at)?;
             Ok(hasher_of(c))
         })
         .collect::<std::io::Result<Vec<_>>>()?;
@@ -1101,13 +1151,14 @@ fn read_crc(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<u3
 }
 
 /// Writes `buf` to `file` at `at`, in chunks over the pool; returns its CRC32.
-fn write_crc(file: &std::fs::File, buf: &[u8], at: u64) -> std::io::Result<u32> {
+fn write_crc(file: &SlabFile, buf: &[u8], at: u64) -> std::io::Result<u32> {
     use rayon::prelude::*;
     let parts = buf
         .par_chunks(IO_CHUNK)
         .enumerate()
         .map(|(k, c)| {
-            file.write_all_at(c, at + (k * IO_CHUNK) as u64)?;
+            let at = at + (k * IO_CHUNK) as u64;
+            file.for_piece(c.as_ptr(), c.len(), at).write_all_at(c, at)?;
             Ok(hasher_of(c))
         })
         .collect::<std::io::Result<Vec<_>>>()?;
@@ -1153,7 +1204,7 @@ mod tests {
 
     /// Pages of 256 parameters: the test tensors span several.
     fn cfg(dram_budget: u64) -> StoreConfig {
-        StoreConfig { dram_budget, page_params: 256, optimizer: opt(), micro_batches: 1 }
+        StoreConfig { dram_budget, page_params: 256, optimizer: opt(), micro_batches: 1, direct_io: true }
     }
 
     fn tmp(name: &str) -> PathBuf {
@@ -1245,18 +1296,40 @@ mod tests {
     fn chunked_reads_and_writes_checksum_as_one_piece() {
         let dir = tmp("chunks");
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("f.bin");
-        let f = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-        for len in [0, 1, IO_CHUNK - 1, IO_CHUNK, 3 * IO_CHUNK + 5] {
-            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-            let crc = write_crc(&f, &data, 4096).unwrap();
-            assert_eq!(crc, crc32fast::hash(&data), "{len} bytes written");
-            let mut back = vec![0u8; len];
-            assert_eq!(read_crc(&f, &mut back, 4096).unwrap(), crc, "{len} bytes read");
-            assert!(back == data);
+        for direct_io in [false, true] {
+            let path = dir.join(format!("f-{direct_io}.bin"));
+            let f = SlabFile::create(&path, direct_io).unwrap();
+            // Lengths in floats of page-aligned buffers: whole 4 KiB blocks
+            // and chunks (direct where the file system allows it), and ragged
+            // ones (buffered).
+            for len in [0, 1, 1024, IO_CHUNK / 4 - 1, IO_CHUNK / 4, 3 * IO_CHUNK / 4 + 1024, 3 * IO_CHUNK / 4 + 5] {
+                let mut data = AlignedBuf::zeroed(len);
+                for (i, x) in data.iter_mut().enumerate() {
+                    *x = (i * 7 % 251) as f32;
+                }
+                let bytes = &data.as_bytes()[..4 * len];
+                for at in [4096u64, 8192 + 12] {
+                    let crc = write_crc(&f, bytes, at).unwrap();
+                    assert_eq!(crc, crc32fast::hash(bytes), "{len} floats written at {at}");
+                    let mut back = AlignedBuf::zeroed(len);
+                    assert_eq!(
+                        read_crc(&f, &mut back.as_bytes_mut()[..4 * len], at).unwrap(),
+                        crc,
+                        "{len} floats at {at}"
+                    );
+                    assert!(&back.as_bytes()[..4 * len] == bytes);
+                    // The buffered handle sees what went around the cache.
+                    let mut plain = vec![0u8; 4 * len];
+                    f.file.read_exact_at(&mut plain, at).unwrap();
+                    assert!(plain == bytes, "{len} floats at {at}, read buffered");
+                }
+            }
+            let direct = f.direct_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(direct > 0, direct_io && f.direct.is_some(), "direct bytes {direct}");
+            eprintln!("direct_io {direct_io}: O_DIRECT here: {}, {direct} bytes", f.direct.is_some());
+            let mut past_the_end = vec![0u8; 8];
+            assert!(read_crc(&f, &mut past_the_end, 1 << 30).is_err(), "a short read is an error");
         }
-        let mut past_the_end = vec![0u8; 8];
-        assert!(read_crc(&f, &mut past_the_end, 4096 + 3 * IO_CHUNK as u64).is_err(), "a short read is an error");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1272,12 +1345,27 @@ mod tests {
 
     #[test]
     fn updates_equal_resident_adamw_bit_for_bit_at_any_dram_budget() {
-        let spec = spec();
+        // Pages of 256 parameters (regions of 1 KiB: buffered I/O), and of
+        // 1024 on a wider model (whole 4 KiB regions: around the page cache
+        // where the file system allows it).
+        let wide = ModelSpec::new(Gpt2Config { n_layer: 2, n_head: 2, n_embd: 64, block_size: 8, vocab_size: 40 });
+        for (spec, page) in [(spec(), 256), (wide, 1024)] {
+            updates_equal_resident_adamw_at(&spec, page);
+        }
+    }
+
+    fn updates_equal_resident_adamw_at(spec: &ModelSpec, page: usize) {
+        let spec = spec.clone();
         let params = random_params(&spec, 1);
         let total = 16 * spec.parameter_count() as u64;
-        let min = Layout::new(&spec, 256).min_dram_bytes();
+        let min = Layout::new(&spec, page).min_dram_bytes();
+        let probe = tmp(&format!("probe{page}"));
+        std::fs::create_dir_all(&probe).unwrap();
+        let direct_here = SlabFile::create(&probe.join("f"), true).unwrap().direct.is_some();
         for budget in [total, total / 2, min] {
-            let mut store = Store::create(&spec, &params, None, 0, &tmp(&format!("eq{budget}")), cfg(budget)).unwrap();
+            let dir = tmp(&format!("eq{page}-{budget}"));
+            let c = StoreConfig { page_params: page, ..cfg(budget) };
+            let mut store = Store::create(&spec, &params, None, 0, &dir, c).unwrap();
             let seq: Vec<usize> = (0..spec.layer_count()).chain((0..spec.layer_count()).rev()).collect();
             store.set_access_sequence(&seq);
             // The reference: the same AdamW kernel per tensor, resident.
@@ -1318,6 +1406,8 @@ mod tests {
             assert!(st.dram_bytes_peak <= budget, "DRAM peak {} over budget {budget}", st.dram_bytes_peak);
             if budget < total {
                 assert!(st.flash_read_bytes > 0, "a partial budget must use the flash tier");
+                let want_direct = direct_here && page.is_multiple_of(1024);
+                assert_eq!(st.flash_direct_bytes > 0, want_direct, "pages of {page}, O_DIRECT here: {direct_here}");
             }
         }
     }

@@ -141,6 +141,13 @@ pub struct StoreSection {
     /// one per core. Its own pool, so that its work never queues behind the
     /// CPU worker's compute tasks.
     pub threads: usize,
+    /// Flash-tier page I/O around the kernel's page cache (`O_DIRECT`)
+    /// where the file system allows it; buffered otherwise. Off by default:
+    /// buffered, the kernel keeps what free memory it can of the flash tier
+    /// in its page cache (faster where the disk is slower than memory, see
+    /// BENCHMARKS.md); on, the tiers use no memory beyond the DRAM budget.
+    #[serde(default)]
+    pub direct_io: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -277,7 +284,13 @@ impl RunConfig {
                 keep_weights: true,
                 sum_gradients: true,
             },
-            store: StoreSection { dram_bytes: 0, dram_fraction: 1.0, page_bytes: 64 << 20, threads: 0 },
+            store: StoreSection {
+                dram_bytes: 0,
+                dram_fraction: 1.0,
+                page_bytes: 64 << 20,
+                threads: 0,
+                direct_io: false,
+            },
             worker: WorkerSection { memory_bytes: 0 },
             fabric: FabricSection {
                 workers: 1,

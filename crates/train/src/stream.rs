@@ -953,6 +953,7 @@ pub fn store_config(config: &RunConfig, spec: &ModelSpec, micro_batches: usize) 
         page_params: (config.store.page_bytes / 16).max(1) as usize,
         optimizer: optimizer_config(config),
         micro_batches,
+        direct_io: config.store.direct_io,
     }
 }
 
