@@ -279,8 +279,6 @@ pub fn bench_streaming(
         c.stream.keep_weights = hold;
         c.stream.sum_gradients = hold;
         c.validate()?;
-        let spec = ModelSpec::new(c.model);
-        let (_, plan) = ws_train::gpu::stream_plan(&c, &spec, &ws_train::gpu::open_gpu()?)?;
         let dir = std::env::temp_dir().join(format!("ws-bench-cuda-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io("cannot create", &dir, e))?;
@@ -292,6 +290,8 @@ pub fn bench_streaming(
         e.take_weight_waits();
         let (step_s, loss, all_ms) = time_steps(e.as_mut(), &data, 0, steps)?;
         let waits = e.take_weight_waits().unwrap_or_default();
+        let plan = e.worker_plan().expect("a streaming engine on the GPU has a plan");
+        let params = e.spec().parameter_count();
         drop(e);
         let _ = std::fs::remove_dir_all(&dir);
         let tokens_per_s = (batch * seq) as f64 / step_s;
@@ -307,7 +307,7 @@ pub fn bench_streaming(
         println!(
             "{}",
             serde_json::json!({"bench": "cuda_streaming", "mode": "streamed", "variant": variant, "model": model,
-                "params": spec.parameter_count(), "precision": precision, "dtype": dtype, "batch": batch,
+                "params": params, "precision": precision, "dtype": dtype, "batch": batch,
                 "micro_batch": c.train.micro_batch, "seq": seq,
                 "keep_weights": plan.keep_weights, "sum_gradients": plan.sum_gradients,
                 "steps": steps, "step_ms": round(step_s * 1e3), "step_ms_all": all_ms, "tokens_per_s": round(tokens_per_s),

@@ -889,6 +889,11 @@ impl Engine for StreamingTrainer {
         Ok(StepStats { step: self.step, loss, lr, grad_norm, tokens: b * t, seconds: start.elapsed().as_secs_f64() })
     }
 
+    #[cfg(feature = "cuda")]
+    fn worker_plan(&self) -> Option<crate::gpu::WorkerPlan> {
+        self.gpu.as_ref().map(|g| g.plan())
+    }
+
     fn take_weight_waits(&mut self) -> Option<WeightWaits> {
         #[cfg(feature = "cuda")]
         if let Some(g) = self.gpu.as_mut() {

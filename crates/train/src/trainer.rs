@@ -59,6 +59,12 @@ pub trait Engine {
     fn take_weight_waits(&mut self) -> Option<crate::stream::WeightWaits> {
         None
     }
+    /// A GPU streaming engine's plan: whether its worker keeps the step's
+    /// weights and sums the micro-batches' gradients on the GPU.
+    #[cfg(feature = "cuda")]
+    fn worker_plan(&self) -> Option<crate::gpu::WorkerPlan> {
+        None
+    }
 }
 
 pub struct Trainer {
