@@ -34,12 +34,12 @@ grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
 # out; BIN=path runs another weightstream binary, e.g. the last commit's
 # built beside this one: comparisons in one sitting). Runs while the call's
 # budget (DEVICE_BUDGET_S, seconds) lasts.
-BENCHES=${BENCHES-"small:--what all --model small --batch 16 --seq 1024 --steps 5
-small-cublas:WS_CUDA_GEMM=cublas --what train --model small --batch 16 --seq 1024 --steps 5
-1b:--what train --model 1b --batch 8 --seq 1024 --steps 3
-small-b64:--what streaming --model small --batch 64 --micro-batch 32 --seq 1024 --steps 3
-small-b128:--what streaming --model small --batch 128 --seq 1024 --steps 4
-1b-b64:--what streaming --model 1b --batch 64 --seq 1024 --steps 3
+BENCHES=${BENCHES-"small-b64:--what all --model small --batch 64 --micro-batch 64 --seq 1024 --steps 5
+small-b16:--what train --model small --batch 16 --seq 1024 --steps 5
+small-b64-stream:--what streaming --model small --batch 64 --micro-batch 64 --seq 1024 --steps 4
+small-b128-stream:--what streaming --model small --batch 128 --micro-batch 64 --seq 1024 --steps 3
+1b:--what train --model 1b --batch 16 --seq 1024 --steps 3
+1b-b64-stream:--what streaming --model 1b --batch 64 --micro-batch 32 --seq 1024 --steps 3
 large:--what large --batch 4 --seq 1024 --steps 10 --data device/shakespeare.bin"}
 bench_rc=0
 while IFS= read -r line; do
