@@ -34,9 +34,8 @@ grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
 # out; BIN=path runs another weightstream binary, e.g. the last commit's
 # built beside this one: comparisons in one sitting). Runs while the call's
 # budget (DEVICE_BUDGET_S, seconds) lasts.
-BENCHES=${BENCHES-"small-b64:--what all --model small --batch 64 --micro-batch 64 --seq 1024 --steps 5
+BENCHES=${BENCHES-"small-b64:--what all --model small --batch 64 --micro-batch 64 --seq 1024 --steps 4
 small-b16:--what train --model small --batch 16 --seq 1024 --steps 5
-small-b64-stream:--what streaming --model small --batch 64 --micro-batch 64 --seq 1024 --steps 4
 small-b128-stream:--what streaming --model small --batch 128 --micro-batch 64 --seq 1024 --steps 3
 1b:--what train --model 1b --batch 16 --seq 1024 --steps 3
 1b-b64-stream:--what streaming --model 1b --batch 64 --micro-batch 32 --seq 1024 --steps 3
