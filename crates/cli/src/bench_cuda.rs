@@ -290,7 +290,9 @@ pub fn bench_streaming(
         e.take_weight_waits();
         let (step_s, loss, all_ms) = time_steps(e.as_mut(), &data, 0, steps)?;
         let waits = e.take_weight_waits().unwrap_or_default();
-        let plan = e.worker_plan().expect("a streaming engine on the GPU has a plan");
+        let plan = e
+            .worker_plan()
+            .ok_or_else(|| TrainError::Config("bench cuda: the engine is not streaming onto the GPU".into()))?;
         let params = e.spec().parameter_count();
         drop(e);
         let _ = std::fs::remove_dir_all(&dir);

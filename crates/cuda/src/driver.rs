@@ -394,6 +394,7 @@ impl Gpu {
         c: Operand,
     ) -> Result<()> {
         assert!(add.is_none() || c.ld == n, "an added matrix is dense, as C");
+        assert!(bias != 0, "a product with a bias needs its address");
         if let Some(lt) = self.lt.as_ref().filter(|_| ty != GemmType::F32 && bias.is_multiple_of(16) && c.ld == n) {
             if lt.matmul(self.compute.0, ty, m, n, k, a, b, Epilogue::Bias { bias, add }, c)? {
                 return Ok(());

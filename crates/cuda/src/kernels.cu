@@ -1007,6 +1007,7 @@ extern "C" __global__ void flash_dkdv_128(float* dqkv, const bf16_t* qkv, const 
 
 // Adds x to a running (max m, sum s of exp(. - m)), rescaling s when m grows.
 __device__ __forceinline__ void online_max_sum(float x, float& m, float& s) {
+    if (x == NEG_INF) return;  // exp(-inf - m) adds 0; with m still -inf it would add NaN
     if (x > m) {
         s = s * expf(m - x) + 1.0f;
         m = x;

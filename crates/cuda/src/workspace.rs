@@ -194,12 +194,14 @@ impl GpuWorkspace {
         let other = (cfg.n_layer + 1) * bt * c + bt * c + 2 * bt + rows * padded_vocab(v) + 2 * bt;
         let scratch =
             bt * c * 3 + bt * 3 * c + bt * 4 * c + 7 * head + att + partial_len(bt, 4 * c).max(partial_len(bt, 2 * c));
-        let ints = 4 * bt + 1;
+        // tokens, targets, order, uniq (B*T each) and starts (B*T + 1).
+        let ints = 5 * bt + 1;
         let bf = match precision {
             Precision::Fp32 => 0,
             // a16, b16, wte16, dfch16 and bias16.
             Precision::Bf16 => {
-                Self::bf16_lens(spec, bt).0 + Self::bf16_lens(spec, bt).1 + padded_vocab(v) * c + (bt + 1) * 4 * c
+                let (a16, b16) = Self::bf16_lens(spec, bt);
+                a16 + b16 + padded_vocab(v) * c + (bt + 1) * 4 * c
             }
         };
         let dwte_pad = if precision == Precision::Bf16 { padded_vocab(v) * c } else { 0 };
@@ -286,8 +288,8 @@ impl GpuWorkspace {
             datty: f(bt * c)?,
             dqkv: f(bt * 3 * c)?,
             dfch: f(bt * 4 * c)?,
-            dfch16: gpu.zeros(if precision == Precision::Bf16 { bt * 4 * c } else { 0 })?,
-            bias16: gpu.zeros(if precision == Precision::Bf16 { 4 * c } else { 0 })?,
+            dfch16: bf16_only(bt * 4 * c)?,
+            bias16: bf16_only(4 * c)?,
             q: f(head)?,
             k: f(head)?,
             vv: f(head)?,

@@ -622,6 +622,12 @@ impl Store {
         &self.spec
     }
 
+    /// Whether the flash tier's aligned page I/O goes around the page cache
+    /// (`StoreConfig::direct_io` asked for it and the file system allows it).
+    pub fn direct_io_active(&self) -> bool {
+        self.files.iter().all(|f| f.direct_active())
+    }
+
     pub fn stats(&self) -> StoreStats {
         let direct = self.files.iter().map(|f| f.direct_bytes.load(std::sync::atomic::Ordering::Relaxed)).sum();
         StoreStats { flash_direct_bytes: direct, ..self.stats }
@@ -1084,26 +1090,36 @@ impl Store {
 }
 
 /// A slab's file, opened twice: buffered, and where asked and the file
-/// system allows it, with `O_DIRECT` for the pieces that are 4 KiB-aligned
-/// in memory, in the file and in length (every piece of a page but the short
-/// last page's). The two never share a 4 KiB block of the file: a region
-/// starts its pieces on its own offset, and only a region that starts
-/// aligned has aligned pieces.
+/// system allows it, with `O_DIRECT` for the pieces that are aligned to
+/// [`direct_align`] in memory, in the file and in length (every piece of a
+/// page but the short last page's). The two never share an aligned block of
+/// the file: a region starts its pieces on its own offset, and only a
+/// region that starts aligned has aligned pieces. A file system that takes
+/// the `O_DIRECT` open but refuses the I/O (`EINVAL`) gets buffered I/O from
+/// then on.
 struct SlabFile {
     file: std::fs::File,
     direct: Option<std::fs::File>,
+    direct_on: std::sync::atomic::AtomicBool,
     direct_bytes: std::sync::atomic::AtomicU64,
 }
 
-/// The alignment `O_DIRECT` needs here (address, offset, length): a page,
-/// which covers the logical block size of any device.
-const DIRECT_ALIGN: usize = 4096;
+/// The alignment `O_DIRECT` needs here (address, offset, length): the
+/// memory page (4 KiB, or 64 KiB on some ARM kernels), which covers the
+/// logical block size of any device and keeps direct and buffered pieces
+/// off each other's page-cache pages.
+fn direct_align() -> usize {
+    static ALIGN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf only reads a system constant.
+    *ALIGN.get_or_init(|| usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0).max(4096))
+}
 
 impl SlabFile {
     /// Creates (truncates) the file at `path`.
     fn create(path: &Path, direct_io: bool) -> std::io::Result<SlabFile> {
         let file = std::fs::OpenOptions::new().create(true).read(true).write(true).truncate(true).open(path)?;
-        Ok(SlabFile { file, direct: if direct_io { Self::open_direct(path) } else { None }, direct_bytes: 0.into() })
+        let direct = if direct_io { Self::open_direct(path) } else { None };
+        Ok(SlabFile { file, direct_on: direct.is_some().into(), direct, direct_bytes: 0.into() })
     }
 
     /// The same file with `O_DIRECT`, or `None` where the file system
@@ -1113,18 +1129,39 @@ impl SlabFile {
         std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).ok()
     }
 
-    /// The handle for a piece of `len` bytes at `ptr` and file offset `at`.
-    fn for_piece(&self, ptr: *const u8, len: usize, at: u64) -> &std::fs::File {
-        let aligned = (ptr as usize).is_multiple_of(DIRECT_ALIGN)
-            && len.is_multiple_of(DIRECT_ALIGN)
-            && at.is_multiple_of(DIRECT_ALIGN as u64);
-        match &self.direct {
-            Some(d) if aligned => {
-                self.direct_bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-                d
+    /// Whether page I/O goes around the page cache (where aligned).
+    fn direct_active(&self) -> bool {
+        self.direct.is_some() && self.direct_on.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The `O_DIRECT` handle for a piece of `len` bytes at `ptr` and file
+    /// offset `at`, if it may take it.
+    fn direct_for(&self, ptr: *const u8, len: usize, at: u64) -> Option<&std::fs::File> {
+        let a = direct_align();
+        let aligned = (ptr as usize).is_multiple_of(a) && len.is_multiple_of(a) && at.is_multiple_of(a as u64);
+        self.direct.as_ref().filter(|_| aligned && self.direct_active())
+    }
+
+    /// Runs `io` on the direct handle where the piece allows it (counting
+    /// its bytes), else, or where the file system refuses it, buffered.
+    fn piece(
+        &self,
+        (ptr, len, at): (*const u8, usize, u64),
+        mut io: impl FnMut(&std::fs::File) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        if let Some(d) = self.direct_for(ptr, len, at) {
+            match io(d) {
+                Ok(()) => {
+                    self.direct_bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_on.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
             }
-            _ => &self.file,
         }
+        io(&self.file)
     }
 }
 
@@ -1143,7 +1180,8 @@ fn read_crc(file: &SlabFile, buf: &mut [u8], at: u64) -> std::io::Result<u32> {
         .enumerate()
         .map(|(k, c)| {
             let at = at + (k * IO_CHUNK) as u64;
-            file.for_piece(c.as_ptr(), c.len(), at).read_exact_at(c, at)?;
+            let piece = (c.as_ptr(), c.len(), at);
+            file.piece(piece, |f| f.read_exact_at(c, at))?;
             Ok(hasher_of(c))
         })
         .collect::<std::io::Result<Vec<_>>>()?;
@@ -1158,7 +1196,7 @@ fn write_crc(file: &SlabFile, buf: &[u8], at: u64) -> std::io::Result<u32> {
         .enumerate()
         .map(|(k, c)| {
             let at = at + (k * IO_CHUNK) as u64;
-            file.for_piece(c.as_ptr(), c.len(), at).write_all_at(c, at)?;
+            file.piece((c.as_ptr(), c.len(), at), |f| f.write_all_at(c, at))?;
             Ok(hasher_of(c))
         })
         .collect::<std::io::Result<Vec<_>>>()?;
@@ -1330,6 +1368,44 @@ mod tests {
             let mut past_the_end = vec![0u8; 8];
             assert!(read_crc(&f, &mut past_the_end, 1 << 30).is_err(), "a short read is an error");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_refused_direct_piece_falls_back_to_buffered_for_good() {
+        use std::os::fd::AsRawFd;
+        let dir = tmp("einval");
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = SlabFile::create(&dir.join("f.bin"), true).unwrap();
+        let Some(direct) = f.direct.as_ref().map(|d| d.as_raw_fd()) else {
+            eprintln!("no O_DIRECT on this file system: nothing to fall back from");
+            return;
+        };
+        let buffered = f.file.as_raw_fd();
+        let buf = AlignedBuf::zeroed(direct_align() / 4);
+        let piece = (buf.as_bytes().as_ptr(), direct_align(), 0);
+        let mut seen = Vec::new();
+        // A file system that took the O_DIRECT open but refuses the I/O.
+        let refuse = |h: &std::fs::File, seen: &mut Vec<i32>| {
+            seen.push(h.as_raw_fd());
+            if h.as_raw_fd() == direct {
+                Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                Ok(())
+            }
+        };
+        f.piece(piece, |h| refuse(h, &mut seen)).unwrap();
+        assert_eq!(seen, vec![direct, buffered], "tried direct, then buffered");
+        assert!(!f.direct_active());
+        seen.clear();
+        f.piece(piece, |h| refuse(h, &mut seen)).unwrap();
+        assert_eq!(seen, vec![buffered], "buffered from then on");
+        assert_eq!(f.direct_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // Any other error is the caller's.
+        let g = SlabFile::create(&dir.join("g.bin"), true).unwrap();
+        let e = g.piece(piece, |_| Err(std::io::Error::from_raw_os_error(libc::EIO))).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(g.direct_active(), "an I/O error does not turn direct I/O off");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

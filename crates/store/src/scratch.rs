@@ -3,7 +3,8 @@
 //! process exits (the test harness ends through `exit`, which runs `atexit`
 //! handlers), so passing and failing tests alike leave nothing in the
 //! system's temp directory. A process killed by a signal leaves its one
-//! directory, named for its pid.
+//! directory, named for its pid; `WS_KEEP_TEST_DIRS=1` keeps it always (to
+//! look at what a failing test left).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -24,10 +25,12 @@ pub fn dir(name: &str) -> PathBuf {
         let root = std::env::temp_dir().join(format!("ws-tests-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("create the tests' scratch directory");
-        // SAFETY: registers a function that takes nothing and only removes
-        // the directory; `atexit` is safe to call from any thread.
-        unsafe {
-            libc::atexit(remove_root);
+        if std::env::var_os("WS_KEEP_TEST_DIRS").is_none() {
+            // SAFETY: registers a function that takes nothing and only
+            // removes the directory; `atexit` is safe from any thread.
+            unsafe {
+                libc::atexit(remove_root);
+            }
         }
         root
     });

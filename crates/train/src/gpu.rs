@@ -364,13 +364,6 @@ impl LayerCopies {
 }
 
 /// The streaming worker's GPU side (see the module docs).
-impl GpuStreamWorker {
-    /// What the worker holds beyond its micro-batch's need.
-    pub fn plan(&self) -> WorkerPlan {
-        WorkerPlan { keep_weights: self.kept.is_some(), sum_gradients: self.sums.is_some() }
-    }
-}
-
 pub struct GpuStreamWorker {
     pub gpu: Gpu,
     pub ws: GpuWorkspace,
@@ -396,6 +389,11 @@ pub struct GpuStreamWorker {
 }
 
 impl GpuStreamWorker {
+    /// What the worker holds beyond its micro-batch's need.
+    pub fn plan(&self) -> WorkerPlan {
+        WorkerPlan { keep_weights: self.kept.is_some(), sum_gradients: self.sums.is_some() }
+    }
+
     /// A worker for micro-batch `mb`, holding what `train` asks of it.
     pub fn new(
         gpu: Gpu,

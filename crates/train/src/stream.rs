@@ -579,6 +579,9 @@ impl StreamingTrainer {
         train: Schedule,
     ) -> Result<StreamingTrainer, TrainError> {
         config.validate()?;
+        if config.store.direct_io && !store.direct_io_active() {
+            tracing::warn!("store.direct_io: this file system refuses O_DIRECT; the flash tier's I/O is buffered");
+        }
         let spec = store.spec().clone();
         let layers = spec.layer_count();
         assert_eq!(train.micro_batches * micro_batch, config.train.batch_size, "the schedule covers the batch");
