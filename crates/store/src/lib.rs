@@ -34,6 +34,7 @@
 //! What is not here: transport (the caller moves the bytes), scheduling.
 
 mod checkpoint;
+#[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
 pub mod scratch;
 mod slab;

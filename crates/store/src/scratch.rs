@@ -1,5 +1,6 @@
 //! Scratch directories for the tests of the store and of the crates above
-//! it: all under one directory per process, which is removed when the
+//! it (feature `test-support`, which their dev-dependencies turn on; not in
+//! the binaries): all under one directory per process, which is removed when the
 //! process exits (the test harness ends through `exit`, which runs `atexit`
 //! handlers), so passing and failing tests alike leave nothing in the
 //! system's temp directory. A process killed by a signal leaves its one
