@@ -365,6 +365,13 @@ impl GpuWorkspace {
         Ok(())
     }
 
+    /// A layer's fp32 weight matrix (`len` floats at `w`) rounded to bf16
+    /// into `b16`, the products' operand; returns its address.
+    fn weights16(&self, gpu: &Gpu, w: u64, len: usize) -> Result<u64> {
+        gpu.to_bf16(&gpu.compute, self.b16.ptr(), w, len)?;
+        Ok(self.b16.ptr())
+    }
+
     /// `out[bt,n] = inp[bt,k] @ w[k,n] + bias (+ residual[bt,n])`; `inp` in
     /// the products' precision (bf16 already rounded, see [`BlockActs`]).
     /// The residual is added in the product's epilogue where cuBLASLt runs it.
@@ -381,7 +388,6 @@ impl GpuWorkspace {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let s = &gpu.compute;
         let o = Operand::n(out, n);
         match self.precision {
             Precision::Fp32 => {
@@ -389,8 +395,7 @@ impl GpuWorkspace {
                 gpu.gemm_bias(GemmType::F32, bt, n, k, a, b, bias, residual, o)
             }
             Precision::Bf16 => {
-                gpu.to_bf16(s, self.b16.ptr(), w, k * n)?;
-                let (a, b) = (Operand::n(inp, k), Operand::n(self.b16.ptr(), n));
+                let (a, b) = (Operand::n(inp, k), Operand::n(self.weights16(gpu, w, k * n)?, n));
                 gpu.gemm_bias(GemmType::Bf16, bt, n, k, a, b, bias, residual, o)
             }
         }?;
@@ -472,9 +477,7 @@ impl GpuWorkspace {
                 }
             }
             Precision::Bf16 => {
-                let b16 = self.b16.ptr();
-                gpu.to_bf16(s, b16, w, k * n)?;
-                let (d, wt) = (Operand::n(dout, n), Operand::t(b16, n));
+                let (d, wt) = (Operand::n(dout, n), Operand::t(self.weights16(gpu, w, k * n)?, n));
                 let next = match gelu {
                     Some(g) => {
                         gpu.gemm_dgelu(bt, k, n, d, wt, g.pre, (g.dbias, partial), g.out16, dinp)?;
@@ -564,9 +567,7 @@ impl GpuWorkspace {
                     // GELU in the product's epilogue, its input kept in bf16
                     // (the fp32 scratch only where cuBLASLt cannot).
                     Precision::Bf16 => {
-                        let b16 = self.b16.ptr();
-                        gpu.to_bf16(s, b16, fw, c * 4 * c)?;
-                        let (x, wo) = (Operand::n(ln2_in, c), Operand::n(b16, 4 * c));
+                        let (x, wo) = (Operand::n(ln2_in, c), Operand::n(self.weights16(gpu, fw, c * 4 * c)?, 4 * c));
                         let out = (a.gelu16.ptr(), a.fch16.ptr());
                         let bias = (fb, self.bias16.ptr());
                         gpu.gemm_bias_gelu(bt, 4 * c, c, x, wo, bias, out, self.dfch.ptr())?;
