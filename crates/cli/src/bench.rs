@@ -613,11 +613,17 @@ fn bench_sparsity(levels: &[f64], repeats: usize, bt: usize) {
                 ws_kernels::matmul::bias_backward(&mut db, &g, bt, n);
             });
             faster[li] &= sparse_ms < dense_ms;
+            // Each sparse kernel alone, for where the time goes.
+            let forward_ms = time(&mut || sparse::forward(&mut out, &x, &sw.pattern, &sw.values, Some(&bias), bt));
+            let input_ms = time(&mut || sparse::backward_input(&mut dinp, &g, &sw.pattern, &sw.values, bt));
+            let weight_ms = time(&mut || sparse::backward_weight(&mut dv, &x, &g, &sw.pattern, bt, &mut s));
             println!(
                 "{}",
                 serde_json::json!({"bench": "sparsity", "shape": name, "tokens": bt, "sparsity": sparsity,
                     "nnz": sw.nnz(), "dense_ms": round(dense_ms), "sparse_ms": round(sparse_ms),
-                    "speedup": round(dense_ms / sparse_ms), "threads": pool_threads()})
+                    "speedup": round(dense_ms / sparse_ms), "sparse_forward_ms": round(forward_ms),
+                    "sparse_input_ms": round(input_ms), "sparse_weight_ms": round(weight_ms),
+                    "threads": pool_threads()})
             );
         }
     }

@@ -6,13 +6,15 @@
 //! ascending, and values), plus the same pattern by input row k (for the
 //! input gradient), pointing into the one values array.
 //!
-//! The products take the tokens in blocks of 32, transposed in cache to
-//! feature-major order: then every nonzero (k, n, w) is two 16-lane FMAs
-//! `Y[n, block] += w * X[k, block]`, with 128 features of the block (16 KiB)
-//! in L1 while every output feature takes its nonzeros from them, and the
-//! 32 outputs in registers. The weight gradient is one dot product over the
-//! tokens per nonzero, on transposed activations, tokens in cache-sized
-//! blocks.
+//! The products take the tokens in blocks of 64, transposed in cache to
+//! feature-major order: then every nonzero (k, n, w) is four 16-lane FMAs
+//! `Y[n, block] += w * X[k, block]`, with 128 features of the block (32 KiB)
+//! in L1 while every output feature takes its nonzeros from them (read
+//! chunk-major, so in one sequential run), and the 64 outputs in registers.
+//! The weight gradient is one dot product over the tokens per nonzero, on
+//! transposed activations, tokens in cache-sized blocks. All scratch starts
+//! on a cache line: a 64-byte load that straddles two lines halves the
+//! products' speed.
 //!
 //! - [`forward`]: `out = inp @ W + bias`;
 //! - [`backward_input`]: `dinp = dout @ W^T` (overwrites);
@@ -317,23 +319,67 @@ const TOK: usize = 64;
 /// stays in L1 while every output feature takes its nonzeros from it.
 const KC: usize = 128;
 
-/// For each output feature o, where its nonzeros of each feature chunk start:
-/// `ptr[o * (chunks + 1) + c]`, with `chunks = ceil(features / KC)`.
-fn chunk_ptrs(start: &[u32], index: &[u32], features: usize) -> Vec<u32> {
-    let outs = start.len() - 1;
-    let chunks = features.div_ceil(KC);
-    let mut ptr = vec![0u32; outs * (chunks + 1)];
-    for o in 0..outs {
-        let (p0, p1) = (start[o] as usize, start[o + 1] as usize);
-        let mut p = p0;
-        for c in 0..=chunks {
-            while p < p1 && (index[p] as usize) < c * KC {
-                p += 1;
+/// A sparse matrix's nonzeros reordered chunk-major: by feature chunk
+/// ([`KC`] input features), then output feature, then input feature. A
+/// chunk's pass over every output then reads indices and values in one
+/// sequential run (by output feature they would be a short piece of every
+/// column, scattered over the whole matrix).
+struct ChunkMajor {
+    /// Output o's nonzeros in chunk c: `start[c * outs + o]..start[c * outs + o + 1]`.
+    start: Vec<u32>,
+    index: Vec<u32>,
+    value: Vec<f32>,
+}
+
+impl ChunkMajor {
+    /// From nonzeros given by output feature (`start`, `index`, `value(p)`),
+    /// indices ascending within each output feature.
+    fn new(start: &[u32], index: &[u32], value: &(impl Fn(usize) -> f32 + Sync), features: usize) -> ChunkMajor {
+        let outs = start.len() - 1;
+        let chunks = features.div_ceil(KC);
+        // Where output o's nonzeros of chunk c begin, by output: ptr[o * (chunks + 1) + c].
+        let mut ptr = vec![0u32; outs * (chunks + 1)];
+        for o in 0..outs {
+            let (mut p, p1) = (start[o] as usize, start[o + 1] as usize);
+            for c in 0..=chunks {
+                while p < p1 && (index[p] as usize) < c * KC {
+                    p += 1;
+                }
+                ptr[o * (chunks + 1) + c] = p as u32;
             }
-            ptr[o * (chunks + 1) + c] = p as u32;
         }
+        let at = |o: usize, c: usize| ptr[o * (chunks + 1) + c] as usize..ptr[o * (chunks + 1) + c + 1] as usize;
+        let mut cstart = Vec::with_capacity(chunks * outs + 1);
+        cstart.push(0u32);
+        for c in 0..chunks {
+            for o in 0..outs {
+                cstart.push(cstart[cstart.len() - 1] + at(o, c).len() as u32);
+            }
+        }
+        let nnz = index.len();
+        let (mut cindex, mut cvalue) = (vec![0u32; nnz], vec![0f32; nnz]);
+        // One task per chunk, each filling its own run of both arrays.
+        let mut runs = Vec::with_capacity(chunks);
+        let (mut ri, mut rv) = (&mut cindex[..], &mut cvalue[..]);
+        for c in 0..chunks {
+            let len = (cstart[(c + 1) * outs] - cstart[c * outs]) as usize;
+            let (i, i_rest) = std::mem::take(&mut ri).split_at_mut(len);
+            let (v, v_rest) = std::mem::take(&mut rv).split_at_mut(len);
+            (ri, rv) = (i_rest, v_rest);
+            runs.push((c, i, v));
+        }
+        runs.into_par_iter().for_each(|(c, ri, rv)| {
+            let mut q = 0;
+            for o in 0..outs {
+                for p in at(o, c) {
+                    ri[q] = index[p];
+                    rv[q] = value(p);
+                    q += 1;
+                }
+            }
+        });
+        ChunkMajor { start: cstart, index: cindex, value: cvalue }
     }
-    ptr
 }
 
 /// `out[BT,outs] = inp[BT,features] @ S + bias` for a sparse `S[features,outs]`
@@ -358,11 +404,12 @@ fn spmm(
     assert_eq!(out.len(), bt * outs);
     assert!(index.iter().all(|&j| (j as usize) < features), "an index beyond the features");
     let chunks = features.div_ceil(KC);
-    let ptr = chunk_ptrs(start, index, features);
+    let nz = ChunkMajor::new(start, index, &value, features);
     let simd = simd && simd::available();
     out.par_chunks_mut(TOK * outs.max(1)).enumerate().for_each_init(
-        || (vec![0f32; features * TOK], vec![0f32; outs * TOK]),
-        |(xb, yb), (blk, out_rows)| {
+        || (Vec::new(), Vec::new()),
+        |(xv, yv), (blk, out_rows)| {
+            let (xb, yb) = (sized(xv, features * TOK), sized(yv, outs * TOK));
             let t0 = blk * TOK;
             let nt = out_rows.len() / outs.max(1);
             // xb[f][i] = inp[t0 + i][f], zero past the last token.
@@ -371,21 +418,20 @@ fn spmm(
             }
             transpose_region(xb, TOK, &inp[t0 * features..], features, nt, features);
             for c in 0..chunks {
-                let ptrs = |o: usize| (ptr[o * (chunks + 1) + c] as usize, ptr[o * (chunks + 1) + c + 1] as usize);
+                let starts = &nz.start[c * outs..(c + 1) * outs + 1];
                 if simd {
                     // SAFETY: AVX-512F checked; every index < features (asserted above).
-                    unsafe { simd::chunk_sum(yb, xb, outs, c == 0, &ptrs, index, &value) };
+                    unsafe { simd::chunk_sum(yb, xb, c == 0, starts, &nz.index, &nz.value) };
                     continue;
                 }
                 for o in 0..outs {
-                    let (p0, p1) = ptrs(o);
                     let y = &mut yb[o * TOK..(o + 1) * TOK];
                     if c == 0 {
                         y.fill(0.0);
                     }
-                    for p in p0..p1 {
-                        let v = value(p);
-                        let x = &xb[index[p] as usize * TOK..(index[p] as usize + 1) * TOK];
+                    for p in starts[o] as usize..starts[o + 1] as usize {
+                        let v = nz.value[p];
+                        let x = &xb[nz.index[p] as usize * TOK..(nz.index[p] as usize + 1) * TOK];
                         for i in 0..TOK {
                             y[i] = v.mul_add(x[i], y[i]);
                         }
@@ -436,29 +482,25 @@ mod simd {
         *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
     }
 
-    /// For every output o: `yb[o] (+)= sum over its nonzeros p in this chunk
-    /// of value(p) * xb[index[p]]` (64 tokens each), two nonzeros at a time
-    /// into two accumulator sets (eight independent FMA chains).
+    /// For every output o < `starts.len() - 1`: `yb[o] (+)= sum over p in
+    /// starts[o]..starts[o + 1] of value[p] * xb[index[p]]` (64 tokens
+    /// each), two nonzeros at a time into two accumulator sets (eight
+    /// independent FMA chains).
     ///
     /// # Safety
     /// AVX-512F must be present; `(index[p] + 1) * TOK <= xb.len()` for
-    /// every p in the ranges `ptrs` gives; `yb` holds `outs * TOK`.
+    /// every p in those ranges, which lie inside `index` and `value`; `yb`
+    /// holds `outs * TOK`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn chunk_sum(
-        yb: &mut [f32],
-        xb: &[f32],
-        outs: usize,
-        first: bool,
-        ptrs: &impl Fn(usize) -> (usize, usize),
-        index: &[u32],
-        value: &impl Fn(usize) -> f32,
-    ) {
+    pub unsafe fn chunk_sum(yb: &mut [f32], xb: &[f32], first: bool, starts: &[u32], index: &[u32], value: &[f32]) {
         const _: () = assert!(TOK == 64);
-        assert!(yb.len() >= outs * TOK);
-        let x = xb.as_ptr();
+        let outs = starts.len() - 1;
+        assert!(yb.len() >= outs * TOK && index.len() == value.len());
+        assert!(starts[outs] as usize <= index.len());
+        let (x, ix, vl) = (xb.as_ptr(), index.as_ptr(), value.as_ptr());
         let z = _mm512_setzero_ps();
         for o in 0..outs {
-            let (p0, p1) = ptrs(o);
+            let (p0, p1) = (*starts.get_unchecked(o) as usize, *starts.get_unchecked(o + 1) as usize);
             let y = yb.as_mut_ptr().add(o * TOK);
             if p0 == p1 {
                 if first {
@@ -477,9 +519,9 @@ mod simd {
             }
             let mut p = p0;
             while p + 2 <= p1 {
-                let (v0, v1) = (_mm512_set1_ps(value(p)), _mm512_set1_ps(value(p + 1)));
-                let x0 = x.add(*index.get_unchecked(p) as usize * TOK);
-                let x1 = x.add(*index.get_unchecked(p + 1) as usize * TOK);
+                let (v0, v1) = (_mm512_set1_ps(*vl.add(p)), _mm512_set1_ps(*vl.add(p + 1)));
+                let x0 = x.add(*ix.add(p) as usize * TOK);
+                let x1 = x.add(*ix.add(p + 1) as usize * TOK);
                 for j in 0..4 {
                     a[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x0.add(16 * j)), a[j]);
                     b[j] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x1.add(16 * j)), b[j]);
@@ -487,8 +529,8 @@ mod simd {
                 p += 2;
             }
             if p < p1 {
-                let v = _mm512_set1_ps(value(p));
-                let x0 = x.add(*index.get_unchecked(p) as usize * TOK);
+                let v = _mm512_set1_ps(*vl.add(p));
+                let x0 = x.add(*ix.add(p) as usize * TOK);
                 for (j, a) in a.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(v, _mm512_loadu_ps(x0.add(16 * j)), *a);
                 }
@@ -643,15 +685,7 @@ mod simd {
     pub fn available() -> bool {
         false
     }
-    pub unsafe fn chunk_sum(
-        _: &mut [f32],
-        _: &[f32],
-        _: usize,
-        _: bool,
-        _: &impl Fn(usize) -> (usize, usize),
-        _: &[u32],
-        _: &impl Fn(usize) -> f32,
-    ) {
+    pub unsafe fn chunk_sum(_: &mut [f32], _: &[f32], _: bool, _: &[u32], _: &[u32], _: &[f32]) {
         unreachable!("no SIMD path on this architecture")
     }
     pub unsafe fn dot(_: &[f32], _: &[f32]) -> f32 {
@@ -672,11 +706,17 @@ pub struct Scratch {
     yt: Vec<f32>,
 }
 
+/// `n` floats of `v` (grown as needed) starting on a 64-byte boundary: the
+/// kernels' 64-byte loads of feature rows then never straddle two cache
+/// lines (on a misaligned buffer the products run at half the speed or less).
 fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if v.len() < n {
-        v.resize(n, 0.0);
+    const LINE_FLOATS: usize = 16;
+    if v.len() < n + LINE_FLOATS - 1 {
+        v.resize(n + LINE_FLOATS - 1, 0.0);
     }
-    &mut v[..n]
+    let at = v.as_ptr() as usize;
+    let skip = (64 - at % 64) % 64 / 4;
+    &mut v[skip..skip + n]
 }
 
 /// `out[BT,N] = inp[BT,K] @ W + bias`.
