@@ -42,9 +42,9 @@ pub struct SparseLinear {
 
 /// The density up to which the sparse kernels beat the dense GEMM for the
 /// GPT-2 small layer shapes on the development machine (`weightstream bench
-/// sparsity`, BENCHMARKS.md: at 75% sparsity, density 0.25, they run at
-/// 0.78-0.98 of dense; at 90% at 1.55-1.96 times).
-pub const SPARSE_CROSSOVER_DENSITY: f64 = 0.2;
+/// sparsity`, BENCHMARKS.md, session 10: at 75% sparsity, density 0.25, they
+/// ran at 1.13-2.54 times dense in three sittings, at 50% at 0.63-0.89).
+pub const SPARSE_CROSSOVER_DENSITY: f64 = 0.25;
 
 fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if v.len() < n {
