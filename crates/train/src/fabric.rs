@@ -87,16 +87,22 @@ impl Shards {
 /// How long a child may take to reach its parent while the tree forms.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Builds the tree's links and starts its nodes on `rt`: returns the store's
-/// link (to its one child) and each worker's link (to its parent).
 /// A simulated network in place of the configured transport (tests):
 /// every link delays each frame by a seeded amount below `max_delay_us`.
+/// While `drops` is above zero, one link of each tree (seeded) drops its
+/// connection after a seeded number of frames one way (1 to
+/// `drop_within`); the members, all threads of this process, come back,
+/// the tree forms again over new links, and the pass is redone.
 #[derive(Clone, Copy, Debug)]
 pub struct Simulated {
     pub seed: u64,
     pub max_delay_us: u64,
+    pub drops: u32,
+    pub drop_within: u64,
 }
 
+/// Builds the tree's links and starts its nodes on `rt`: returns the store's
+/// link (to its one child) and each worker's link (to its parent).
 pub fn build_tree(
     tree: &Tree,
     config: &RunConfig,
@@ -124,10 +130,18 @@ pub fn build_tree_on(
     let mut down: Vec<Vec<Link>> = (0..n).map(|_| Vec::new()).collect();
     if let Some(s) = sim {
         let _runtime = rt.enter();
+        // With drops left, the link above one position (not the store's)
+        // drops after some frames one way.
+        let cut = (s.drops > 0).then(|| {
+            let mut rng = ws_fabric::sim::Rng::new(s.seed ^ 0xD509);
+            let at = 1 + (rng.next_u64() % (n as u64 - 1)) as usize;
+            (at, (1 + rng.next_u64() % s.drop_within.max(1), rng.next_u64() & 1 == 1))
+        });
         for (p, pos) in tree.positions.iter().enumerate() {
             for &c in &pos.children {
                 let seed = s.seed.wrapping_mul(0x1_0000).wrapping_add(c as u64);
-                let (a, b) = ws_fabric::sim::sim_pair(f.chunks_in_flight, seed, s.max_delay_us);
+                let cut_after = cut.filter(|&(at, _)| at == c).map(|(_, after)| after);
+                let (a, b) = ws_fabric::sim::sim_pair_cut(f.chunks_in_flight, seed, s.max_delay_us, cut_after);
                 down[p].push(a);
                 up[c] = Some(b);
             }
@@ -260,6 +274,8 @@ pub fn fabric_error(e: FabricError) -> TrainError {
 
 /// How long the store waits, after a loss, for no further process to rejoin.
 const REJOIN_QUIET: Duration = Duration::from_secs(2);
+/// How long the threads of a tree that broke in this process may take to end.
+const OLD_TREE_ENDS: Duration = Duration::from_secs(30);
 /// Attempts at one step (or evaluation) before the run gives up.
 const STEP_ATTEMPTS_MAX: usize = 8;
 
@@ -713,6 +729,36 @@ fn spawn_worker(
     ])
 }
 
+/// The driver's ends of the workers inside this process: each one's shard
+/// sender, and all their threads.
+type InprocWorkers = (Vec<Sender<Shard>>, Vec<JoinHandle<()>>);
+
+/// Starts the workers of a tree inside this process, one per link, each
+/// fed its shards by the driver.
+fn spawn_inproc_workers(
+    links: Vec<Link>,
+    spec: &ModelSpec,
+    config: &RunConfig,
+    micro_batch: usize,
+    train: &Schedule,
+    eval: &Schedule,
+) -> Result<InprocWorkers, TrainError> {
+    let (mut shards, mut threads) = (Vec::with_capacity(links.len()), Vec::new());
+    for (w, link) in links.into_iter().enumerate() {
+        let (tx, rx) = unbounded();
+        shards.push(tx);
+        let setup = WorkerSetup {
+            spec: spec.clone(),
+            config: config.clone(),
+            micro_batch,
+            train: train.clone(),
+            eval: eval.clone(),
+        };
+        threads.extend(spawn_worker(w, link, setup, Shards::Dealt(rx), Arc::new(AtomicBool::new(false)))?);
+    }
+    Ok((shards, threads))
+}
+
 /// The store's end of the running tree.
 struct Root {
     down: JoinHandle<()>,
@@ -776,6 +822,8 @@ pub struct FabricTrainer {
     epoch: u64,
     /// The workers the run started with: a tree formed again has at most as many.
     workers_max: usize,
+    /// The simulated network the tree runs on (tests), with its drops left.
+    sim: Option<Simulated>,
     shards: Vec<Sender<Shard>>,
     threads: Vec<JoinHandle<()>>,
     store: Option<JoinHandle<Store>>,
@@ -843,20 +891,7 @@ impl FabricTrainer {
         let (stats_tx, stats) = unbounded();
         let side = StoreSide { spec: spec.clone(), weights, to_store, grad_pool, grad_return, stats: stats_tx };
         let root = start_root(root, &side, config.fabric.chunk_bytes, 0)?;
-        let mut threads = Vec::new();
-        let mut shards = Vec::with_capacity(n);
-        for (w, link) in worker_links.into_iter().enumerate() {
-            let (tx, rx) = unbounded();
-            shards.push(tx);
-            let setup = WorkerSetup {
-                spec: spec.clone(),
-                config: config.clone(),
-                micro_batch,
-                train: train.clone(),
-                eval: eval.clone(),
-            };
-            threads.extend(spawn_worker(w, link, setup, Shards::Dealt(rx), Arc::new(AtomicBool::new(false)))?);
-        }
+        let (shards, threads) = spawn_inproc_workers(worker_links, &spec, &config, micro_batch, &train, &eval)?;
         Ok(FabricTrainer {
             config,
             spec,
@@ -870,6 +905,7 @@ impl FabricTrainer {
             listener,
             epoch: 0,
             workers_max: n,
+            sim,
             shards,
             threads,
             store: Some(handle),
@@ -910,10 +946,10 @@ impl FabricTrainer {
     /// After a loss: retires the root, forms the tree again from the
     /// processes that rejoin, and tells the store its new shape.
     fn reform(&mut self, why: &str) -> Result<(), TrainError> {
-        let Some(listener) = self.listener.as_ref() else {
+        if self.listener.is_none() && self.sim.is_none() {
             // Threads of this process do not come back: the loss is a bug's.
             return Err(TrainError::Config(format!("fabric: {why}")));
-        };
+        }
         if let Some(root) = self.root.take() {
             root.state.store(ROOT_DETACHING, Ordering::SeqCst);
             let _ = root.stop.send(());
@@ -930,6 +966,10 @@ impl FabricTrainer {
             }
         }
         while self.stats.try_recv().is_ok() {}
+        if let Some(sim) = self.sim {
+            return self.reconnect(why, sim);
+        }
+        let listener = self.listener.as_ref().expect("checked above");
         let (b, mb) = (self.config.train.batch_size, self.micro_batch);
         let fits = |w: usize| b.is_multiple_of(w) && (b / w).is_multiple_of(mb);
         let deadline = Duration::from_secs(self.config.fabric.join_timeout_s);
@@ -960,6 +1000,45 @@ impl FabricTrainer {
         self.tree = tree;
         self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
         Ok(())
+    }
+
+    /// After the simulated network dropped a connection: every member is a
+    /// thread of this process and comes back, so the same tree forms again
+    /// over new links (the next seed, one drop fewer).
+    fn reconnect(&mut self, why: &str, sim: Simulated) -> Result<(), TrainError> {
+        // The old tree's workers end once their links close (the drop
+        // closes every link of the tree in turn) and their shards stop.
+        self.shards.clear();
+        let deadline = Instant::now() + OLD_TREE_ENDS;
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            if Instant::now() > deadline {
+                return Err(TrainError::Config(format!("fabric: {why}; the old tree's workers did not end")));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let next = Simulated { seed: sim.seed.wrapping_add(1), drops: sim.drops.saturating_sub(1), ..sim };
+        self.sim = Some(next);
+        let rt = self.runtime.as_ref().expect("running");
+        let (link, worker_links) = build_tree_on(&self.tree, &self.config, rt, Some(next))?;
+        let (b, mb) = (self.config.train.batch_size, self.micro_batch);
+        let micro_batches = b / self.tree.workers / mb;
+        let train = Schedule::new(self.spec.layer_count(), micro_batches, true);
+        let eval = Schedule::new(self.spec.layer_count(), 1, false);
+        (self.shards, self.threads) = spawn_inproc_workers(worker_links, &self.spec, &self.config, mb, &train, &eval)?;
+        self.epoch += 1;
+        self.store_control.send(Control::Reshape { train, micro_batches, epoch: self.epoch })?;
+        let Reply::Reshaped = self.store_control.recv_reply()? else { unreachable!("the store answers with Reshaped") };
+        eprintln!("fabric: {why}; the simulated network connected the same tree again");
+        self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
+        Ok(())
+    }
+
+    /// How many times the tree has formed again since the start.
+    pub fn formed_again(&self) -> u64 {
+        self.epoch
     }
 
     /// Sends each worker its share of `inputs`/`targets` (B*T each);

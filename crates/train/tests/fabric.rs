@@ -9,6 +9,10 @@
 //!   differs: the losses agree to 1e-6 relative and each tensor's update
 //!   to 1e-4 relative L2 (see tests/common for why updates, not elements).
 //! - Evaluation with N workers sees the batches one worker would.
+//! - Over the simulated network, connections that drop (a seeded link,
+//!   after a seeded number of frames, once or twice a run) and come back
+//!   cost a redone step or evaluation, and leave the weights, losses and
+//!   validation loss of the run without drops, bit for bit.
 
 mod common;
 
@@ -56,6 +60,8 @@ struct Run {
     norms: Vec<f64>,
     val: f64,
     params: Params,
+    /// How many times the tree formed again (a simulated connection dropped).
+    formed_again: u64,
 }
 
 fn fabric_run(c: &RunConfig, name: &str, sim: Option<Simulated>) -> Run {
@@ -75,9 +81,10 @@ fn fabric_run(c: &RunConfig, name: &str, sim: Option<Simulated>) -> Run {
     }
     let val = t.evaluate(&data, c.fabric.workers * 2).unwrap();
     let params = t.params().unwrap();
+    let formed_again = t.formed_again();
     drop(t);
     let _ = std::fs::remove_dir_all(tmp(name));
-    Run { losses, norms, val, params }
+    Run { losses, norms, val, params, formed_again }
 }
 
 fn resident_run(workers: usize) -> (Run, Params) {
@@ -94,7 +101,7 @@ fn resident_run(workers: usize) -> (Run, Params) {
         norms.push(s.grad_norm);
     }
     let val = r.evaluate(&data, workers * 2);
-    (Run { losses, norms, val, params: r.params.clone() }, init)
+    (Run { losses, norms, val, params: r.params.clone(), formed_again: 0 }, init)
 }
 
 fn assert_close(what: &str, a: f64, b: f64, tol: f64) {
@@ -110,7 +117,7 @@ fn n_workers_over_channels_and_tcp_agree_bit_for_bit_and_with_the_resident_run()
             let a = fabric_run(&config(workers, fanout, "inproc"), &format!("a{workers}-{fanout}"), None);
             let b = fabric_run(&config(workers, fanout, "inproc"), &format!("b{workers}-{fanout}"), None);
             let t = fabric_run(&config(workers, fanout, "tcp"), &format!("t{workers}-{fanout}"), None);
-            let sim = Simulated { seed: (workers * 10 + fanout) as u64, max_delay_us: 100 };
+            let sim = Simulated { seed: (workers * 10 + fanout) as u64, max_delay_us: 100, drops: 0, drop_within: 0 };
             let s = fabric_run(&config(workers, fanout, "inproc"), &format!("s{workers}-{fanout}"), Some(sim));
             for (name, other) in [("repeat", &b), ("tcp", &t), ("simulated network", &s)] {
                 assert_eq!(a.losses, other.losses, "{what} {name}: losses");
@@ -135,5 +142,31 @@ fn n_workers_over_channels_and_tcp_agree_bit_for_bit_and_with_the_resident_run()
                 assert!(a.params == want.params, "{what}: one worker differs from resident");
             }
         }
+    }
+}
+
+#[test]
+fn dropped_connections_that_come_back_leave_the_fault_free_weights() {
+    let seeds: u64 = std::env::var("WS_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    for (workers, fanout) in [(3, 2), (4, 4), (7, 2)] {
+        let c = config(workers, fanout, "inproc");
+        let want = fabric_run(&c, &format!("nodrop{workers}-{fanout}"), None);
+        let mut formed_again = 0;
+        for seed in 0..seeds {
+            // One or two drops; in the first 160 frames (training steps) or
+            // the first 600 (later steps).
+            let (drops, drop_within) = (1 + (seed % 2) as u32, [160, 160, 600][seed as usize % 3]);
+            let what = format!("N={workers} F={fanout} seed {seed} ({drops} drops within {drop_within} frames)");
+            let sim = Simulated { seed: 1000 + seed, max_delay_us: 50, drops, drop_within };
+            let got = fabric_run(&c, &format!("drop{workers}-{fanout}-{seed}"), Some(sim));
+            assert_eq!(want.losses, got.losses, "{what}: losses");
+            assert_eq!(want.norms, got.norms, "{what}: gradient norms");
+            assert_eq!(want.val, got.val, "{what}: validation loss");
+            assert!(want.params == got.params, "{what}: weights differ");
+            formed_again += got.formed_again;
+        }
+        // Most drops fall inside the run (one may also come after its last frame).
+        assert!(formed_again >= seeds, "N={workers} F={fanout}: only {formed_again} drops in {seeds} runs");
+        eprintln!("N={workers} F={fanout}: {seeds} seeds, the tree formed again {formed_again} times");
     }
 }
