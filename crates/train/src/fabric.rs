@@ -92,13 +92,17 @@ const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 /// While `drops` is above zero, one link of each tree (seeded) drops its
 /// connection after a seeded number of frames one way (1 to
 /// `drop_within`); the members, all threads of this process, come back,
-/// the tree forms again over new links, and the pass is redone.
+/// the tree forms again over new links, and the pass is redone. With
+/// `crash`, the first drop is a worker's link and that worker is lost for
+/// good: the tree forms again with the workers left (the largest count
+/// whose batch share divides evenly), as over TCP.
 #[derive(Clone, Copy, Debug)]
 pub struct Simulated {
     pub seed: u64,
     pub max_delay_us: u64,
     pub drops: u32,
     pub drop_within: u64,
+    pub crash: bool,
 }
 
 /// Builds the tree's links and starts its nodes on `rt`: returns the store's
@@ -134,7 +138,12 @@ pub fn build_tree_on(
         // drops after some frames one way.
         let cut = (s.drops > 0).then(|| {
             let mut rng = ws_fabric::sim::Rng::new(s.seed ^ 0xD509);
-            let at = 1 + (rng.next_u64() % (n as u64 - 1)) as usize;
+            let r = rng.next_u64();
+            let at = if s.crash {
+                tree.worker_position((r % tree.workers as u64) as usize)
+            } else {
+                1 + (r % (n as u64 - 1)) as usize
+            };
             (at, (1 + rng.next_u64() % s.drop_within.max(1), rng.next_u64() & 1 == 1))
         });
         for (p, pos) in tree.positions.iter().enumerate() {
@@ -824,6 +833,8 @@ pub struct FabricTrainer {
     workers_max: usize,
     /// The simulated network the tree runs on (tests), with its drops left.
     sim: Option<Simulated>,
+    /// See [`Self::shrunk`].
+    shrunk: Vec<(u64, usize)>,
     shards: Vec<Sender<Shard>>,
     threads: Vec<JoinHandle<()>>,
     store: Option<JoinHandle<Store>>,
@@ -906,6 +917,7 @@ impl FabricTrainer {
             epoch: 0,
             workers_max: n,
             sim,
+            shrunk: Vec::new(),
             shards,
             threads,
             store: Some(handle),
@@ -1019,11 +1031,24 @@ impl FabricTrainer {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let next = Simulated { seed: sim.seed.wrapping_add(1), drops: sim.drops.saturating_sub(1), ..sim };
+        let next =
+            Simulated { seed: sim.seed.wrapping_add(1), drops: sim.drops.saturating_sub(1), crash: false, ..sim };
         self.sim = Some(next);
+        let (b, mb) = (self.config.train.batch_size, self.micro_batch);
+        if sim.crash {
+            // A worker is gone for good: the largest tree of those left
+            // whose batch share divides evenly.
+            let fits = |w: usize| b.is_multiple_of(w) && (b / w).is_multiple_of(mb);
+            let fanout = self.config.fabric.fanout;
+            self.tree = (1..self.tree.workers)
+                .rev()
+                .find_map(|w| Tree::new(w, fanout).ok().filter(|_| fits(w)))
+                .ok_or_else(|| TrainError::Config(format!("fabric: {why}; no worker is left")))?;
+            self.config.fabric.workers = self.tree.workers;
+            self.shrunk.push((self.step, self.tree.workers));
+        }
         let rt = self.runtime.as_ref().expect("running");
         let (link, worker_links) = build_tree_on(&self.tree, &self.config, rt, Some(next))?;
-        let (b, mb) = (self.config.train.batch_size, self.micro_batch);
         let micro_batches = b / self.tree.workers / mb;
         let train = Schedule::new(self.spec.layer_count(), micro_batches, true);
         let eval = Schedule::new(self.spec.layer_count(), 1, false);
@@ -1031,7 +1056,7 @@ impl FabricTrainer {
         self.epoch += 1;
         self.store_control.send(Control::Reshape { train, micro_batches, epoch: self.epoch })?;
         let Reply::Reshaped = self.store_control.recv_reply()? else { unreachable!("the store answers with Reshaped") };
-        eprintln!("fabric: {why}; the simulated network connected the same tree again");
+        eprintln!("fabric: {why}; the simulated network connected the tree again ({} workers)", self.tree.workers);
         self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
         Ok(())
     }
@@ -1039,6 +1064,12 @@ impl FabricTrainer {
     /// How many times the tree has formed again since the start.
     pub fn formed_again(&self) -> u64 {
         self.epoch
+    }
+
+    /// Where the simulated network lost a worker for good: (the step then
+    /// redone, the workers from then on), in order.
+    pub fn shrunk(&self) -> &[(u64, usize)] {
+        &self.shrunk
     }
 
     /// Sends each worker its share of `inputs`/`targets` (B*T each);

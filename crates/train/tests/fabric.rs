@@ -13,6 +13,9 @@
 //!   after a seeded number of frames, once or twice a run) and come back
 //!   cost a redone step or evaluation, and leave the weights, losses and
 //!   validation loss of the run without drops, bit for bit.
+//! - A worker lost for good there (its link drops and it never comes back)
+//!   costs that step's pass: the weights are those of the run that ran
+//!   with N workers up to that step and the workers left from it on.
 
 mod common;
 
@@ -117,7 +120,13 @@ fn n_workers_over_channels_and_tcp_agree_bit_for_bit_and_with_the_resident_run()
             let a = fabric_run(&config(workers, fanout, "inproc"), &format!("a{workers}-{fanout}"), None);
             let b = fabric_run(&config(workers, fanout, "inproc"), &format!("b{workers}-{fanout}"), None);
             let t = fabric_run(&config(workers, fanout, "tcp"), &format!("t{workers}-{fanout}"), None);
-            let sim = Simulated { seed: (workers * 10 + fanout) as u64, max_delay_us: 100, drops: 0, drop_within: 0 };
+            let sim = Simulated {
+                seed: (workers * 10 + fanout) as u64,
+                max_delay_us: 100,
+                drops: 0,
+                drop_within: 0,
+                crash: false,
+            };
             let s = fabric_run(&config(workers, fanout, "inproc"), &format!("s{workers}-{fanout}"), Some(sim));
             for (name, other) in [("repeat", &b), ("tcp", &t), ("simulated network", &s)] {
                 assert_eq!(a.losses, other.losses, "{what} {name}: losses");
@@ -157,7 +166,7 @@ fn dropped_connections_that_come_back_leave_the_fault_free_weights() {
             // the first 600 (later steps).
             let (drops, drop_within) = (1 + (seed % 2) as u32, [160, 160, 600][seed as usize % 3]);
             let what = format!("N={workers} F={fanout} seed {seed} ({drops} drops within {drop_within} frames)");
-            let sim = Simulated { seed: 1000 + seed, max_delay_us: 50, drops, drop_within };
+            let sim = Simulated { seed: 1000 + seed, max_delay_us: 50, drops, drop_within, crash: false };
             let got = fabric_run(&c, &format!("drop{workers}-{fanout}-{seed}"), Some(sim));
             assert_eq!(want.losses, got.losses, "{what}: losses");
             assert_eq!(want.norms, got.norms, "{what}: gradient norms");
@@ -168,5 +177,81 @@ fn dropped_connections_that_come_back_leave_the_fault_free_weights() {
         // Most drops fall inside the run (one may also come after its last frame).
         assert!(formed_again >= seeds, "N={workers} F={fanout}: only {formed_again} drops in {seeds} runs");
         eprintln!("N={workers} F={fanout}: {seeds} seeds, the tree formed again {formed_again} times");
+    }
+}
+
+/// The run that loses workers where `shrunk` says: (step, workers from it
+/// on), by stopping the trainer there and starting one with fewer workers
+/// on the same store.
+fn staged_run(c: &RunConfig, name: &str, shrunk: &[(u64, usize)]) -> Run {
+    let spec = ModelSpec::new(c.model);
+    let mb = c.micro_batch();
+    let mut cfg = c.clone();
+    let store = create_store(&cfg, &spec, &tmp(name), cfg.train.batch_size / cfg.fabric.workers / mb).unwrap();
+    let mut t = FabricTrainer::start(cfg.clone(), store, mb).unwrap();
+    let data = tokens();
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
+    for i in 0..STEPS as u64 {
+        for &(_, w) in shrunk.iter().filter(|&&(s, _)| s == i) {
+            let mut store = t.into_store();
+            cfg.fabric.workers = w;
+            store.set_micro_batches(cfg.train.batch_size / w / mb);
+            t = FabricTrainer::start(cfg.clone(), store, mb).unwrap();
+        }
+        let s = t.train_step(&data).unwrap();
+        losses.push(s.loss);
+        norms.push(s.grad_norm);
+    }
+    let val = t.evaluate(&data, c.fabric.workers * 2).unwrap();
+    let params = t.params().unwrap();
+    drop(t);
+    let _ = std::fs::remove_dir_all(tmp(name));
+    Run { losses, norms, val, params, formed_again: 0 }
+}
+
+#[test]
+fn a_worker_lost_for_good_leaves_the_weights_of_the_run_without_it_from_that_step() {
+    let seeds: u64 = std::env::var("WS_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    // (N, F): the tree left has 2 workers each time (the largest count below
+    // N whose share of the batch of 2N sequences divides evenly).
+    for (workers, fanout) in [(3, 2), (4, 4), (5, 2)] {
+        let c = config(workers, fanout, "inproc");
+        let mut lost = 0;
+        for seed in 0..seeds {
+            let what = format!("N={workers} F={fanout} seed {seed}");
+            let sim = Simulated { seed: 2000 + seed, max_delay_us: 50, drops: 1, drop_within: 160, crash: true };
+            let (got, shrunk) = {
+                let spec = ModelSpec::new(c.model);
+                let mb = c.micro_batch();
+                let name = format!("crash{workers}-{fanout}-{seed}");
+                let store = create_store(&c, &spec, &tmp(&name), c.train.batch_size / workers / mb).unwrap();
+                let mut t = FabricTrainer::start_simulated(c.clone(), store, mb, sim).unwrap();
+                let data = tokens();
+                let (mut losses, mut norms) = (Vec::new(), Vec::new());
+                for _ in 0..STEPS {
+                    let s = t.train_step(&data).unwrap();
+                    losses.push(s.loss);
+                    norms.push(s.grad_norm);
+                }
+                let val = t.evaluate(&data, workers * 2).unwrap();
+                let (params, shrunk) = (t.params().unwrap(), t.shrunk().to_vec());
+                drop(t);
+                let _ = std::fs::remove_dir_all(tmp(&name));
+                (Run { losses, norms, val, params, formed_again: 0 }, shrunk)
+            };
+            let want = staged_run(&c, &format!("staged{workers}-{fanout}-{seed}"), &shrunk);
+            assert_eq!(want.losses, got.losses, "{what} (lost {shrunk:?}): losses");
+            assert_eq!(want.norms, got.norms, "{what}: gradient norms");
+            assert_eq!(want.val, got.val, "{what}: validation loss");
+            assert!(want.params == got.params, "{what}: weights differ");
+            if !shrunk.is_empty() {
+                lost += 1;
+                // Not the run that kept every worker.
+                let all = fabric_run(&c, &format!("all{workers}-{fanout}-{seed}"), None);
+                assert!(all.params != got.params, "{what}: losing a worker changed nothing");
+            }
+        }
+        assert!(lost >= seeds / 2, "N={workers} F={fanout}: a worker was lost in only {lost} of {seeds} runs");
+        eprintln!("N={workers} F={fanout}: {seeds} seeds, a worker lost in {lost}");
     }
 }
