@@ -983,7 +983,7 @@ impl FabricTrainer {
         }
         let listener = self.listener.as_ref().expect("checked above");
         let (b, mb) = (self.config.train.batch_size, self.micro_batch);
-        let fits = |w: usize| b.is_multiple_of(w) && (b / w).is_multiple_of(mb);
+        let fits = |w: usize| self.share_fits(w);
         let deadline = Duration::from_secs(self.config.fabric.join_timeout_s);
         let rt = self.runtime.as_ref().expect("running");
         let run = self.config.to_toml();
@@ -1038,11 +1038,10 @@ impl FabricTrainer {
         if sim.crash {
             // A worker is gone for good: the largest tree of those left
             // whose batch share divides evenly.
-            let fits = |w: usize| b.is_multiple_of(w) && (b / w).is_multiple_of(mb);
             let fanout = self.config.fabric.fanout;
             self.tree = (1..self.tree.workers)
                 .rev()
-                .find_map(|w| Tree::new(w, fanout).ok().filter(|_| fits(w)))
+                .find_map(|w| Tree::new(w, fanout).ok().filter(|_| self.share_fits(w)))
                 .ok_or_else(|| TrainError::Config(format!("fabric: {why}; no worker is left")))?;
             self.config.fabric.workers = self.tree.workers;
             self.shrunk.push((self.step, self.tree.workers));
@@ -1059,6 +1058,12 @@ impl FabricTrainer {
         eprintln!("fabric: {why}; the simulated network connected the tree again ({} workers)", self.tree.workers);
         self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
         Ok(())
+    }
+
+    /// Whether `w` workers divide the batch evenly, whole micro-batches each.
+    fn share_fits(&self, w: usize) -> bool {
+        let (b, mb) = (self.config.train.batch_size, self.micro_batch);
+        b.is_multiple_of(w) && (b / w).is_multiple_of(mb)
     }
 
     /// How many times the tree has formed again since the start.
