@@ -65,6 +65,8 @@ struct Run {
     params: Params,
     /// How many times the tree formed again (a simulated connection dropped).
     formed_again: u64,
+    /// Where a simulated crash lost a worker: (step, workers from then on).
+    shrunk: Vec<(u64, usize)>,
 }
 
 fn fabric_run(c: &RunConfig, name: &str, sim: Option<Simulated>) -> Run {
@@ -84,10 +86,10 @@ fn fabric_run(c: &RunConfig, name: &str, sim: Option<Simulated>) -> Run {
     }
     let val = t.evaluate(&data, c.fabric.workers * 2).unwrap();
     let params = t.params().unwrap();
-    let formed_again = t.formed_again();
+    let (formed_again, shrunk) = (t.formed_again(), t.shrunk().to_vec());
     drop(t);
     let _ = std::fs::remove_dir_all(tmp(name));
-    Run { losses, norms, val, params, formed_again }
+    Run { losses, norms, val, params, formed_again, shrunk }
 }
 
 fn resident_run(workers: usize) -> (Run, Params) {
@@ -104,7 +106,7 @@ fn resident_run(workers: usize) -> (Run, Params) {
         norms.push(s.grad_norm);
     }
     let val = r.evaluate(&data, workers * 2);
-    (Run { losses, norms, val, params: r.params.clone(), formed_again: 0 }, init)
+    (Run { losses, norms, val, params: r.params.clone(), formed_again: 0, shrunk: Vec::new() }, init)
 }
 
 fn assert_close(what: &str, a: f64, b: f64, tol: f64) {
@@ -206,7 +208,7 @@ fn staged_run(c: &RunConfig, name: &str, shrunk: &[(u64, usize)]) -> Run {
     let params = t.params().unwrap();
     drop(t);
     let _ = std::fs::remove_dir_all(tmp(name));
-    Run { losses, norms, val, params, formed_again: 0 }
+    Run { losses, norms, val, params, formed_again: 0, shrunk: Vec::new() }
 }
 
 #[test]
@@ -220,25 +222,8 @@ fn a_worker_lost_for_good_leaves_the_weights_of_the_run_without_it_from_that_ste
         for seed in 0..seeds {
             let what = format!("N={workers} F={fanout} seed {seed}");
             let sim = Simulated { seed: 2000 + seed, max_delay_us: 50, drops: 1, drop_within: 160, crash: true };
-            let (got, shrunk) = {
-                let spec = ModelSpec::new(c.model);
-                let mb = c.micro_batch();
-                let name = format!("crash{workers}-{fanout}-{seed}");
-                let store = create_store(&c, &spec, &tmp(&name), c.train.batch_size / workers / mb).unwrap();
-                let mut t = FabricTrainer::start_simulated(c.clone(), store, mb, sim).unwrap();
-                let data = tokens();
-                let (mut losses, mut norms) = (Vec::new(), Vec::new());
-                for _ in 0..STEPS {
-                    let s = t.train_step(&data).unwrap();
-                    losses.push(s.loss);
-                    norms.push(s.grad_norm);
-                }
-                let val = t.evaluate(&data, workers * 2).unwrap();
-                let (params, shrunk) = (t.params().unwrap(), t.shrunk().to_vec());
-                drop(t);
-                let _ = std::fs::remove_dir_all(tmp(&name));
-                (Run { losses, norms, val, params, formed_again: 0 }, shrunk)
-            };
+            let got = fabric_run(&c, &format!("crash{workers}-{fanout}-{seed}"), Some(sim));
+            let shrunk = got.shrunk.clone();
             let want = staged_run(&c, &format!("staged{workers}-{fanout}-{seed}"), &shrunk);
             assert_eq!(want.losses, got.losses, "{what} (lost {shrunk:?}): losses");
             assert_eq!(want.norms, got.norms, "{what}: gradient norms");
