@@ -87,6 +87,27 @@ while IFS= read -r line; do
     "$OUT/train-metrics.jsonl" "$label" 2>/dev/null | tee -a "$OUT/progress.log"
   tail -n 2 "$OUT/train.log"
 done <<< "$TRAINS"
+# The fabric on the device machine's 16 cores (issue 4): the tree on
+# loopback against raw TCP in the same run, where every edge's copies have
+# cores of their own (on the 2-core development VM they share two). A
+# label, then `weightstream bench fabric` arguments; JSON lines to
+# $OUT/fabric.jsonl. A few seconds each.
+FABRIC=${FABRIC-"f4x2:--workers 4 --fanout 2 --repeats 5
+f4x4-top:--workers 4 --fanout 4 --top-in-store --repeats 5
+f8x2:--workers 8 --fanout 2 --repeats 5
+f8x4-top:--workers 8 --fanout 4 --top-in-store --repeats 5
+f1:--workers 1 --fanout 2 --repeats 5
+latency:--workers 64 --fanout 4 --latency"}
+while IFS= read -r line; do
+  [ -z "$line" ] && continue
+  label=${line%%:*}; rest=${line#*:}
+  left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
+  if [ "$left" -lt 20 ]; then log "skipped ($left s left): fabric $label"; continue; fi
+  log "fabric $label: $rest"
+  # shellcheck disable=SC2086
+  timeout "$left" device/weightstream bench fabric $rest 2>> "$OUT/bench.err" \
+    | sed "s|^{|{\"label\": \"$label\", |" | tee -a "$OUT/fabric.jsonl" | cut -c1-220
+done <<< "$FABRIC"
 python3 - "$OUT" "$cuda_rc" "$train_rc" "$bench_rc" <<'PY'
 import json, sys, re, os
 out, cuda_rc, train_rc, bench_rc = sys.argv[1:]
@@ -105,7 +126,7 @@ def jsonl(path):
     return rows
 s = {"exit": {"cuda_tests": cuda_rc, "train_tests": train_rc, "bench": bench_rc},
      "cuda_tests": tests(f"{out}/test-cuda.log"), "train_tests": tests(f"{out}/test-train.log"),
-     "bench": jsonl(f"{out}/bench.jsonl")}
+     "bench": jsonl(f"{out}/bench.jsonl"), "fabric": jsonl(f"{out}/fabric.jsonl")}
 json.dump(s, open(f"{out}/summary.json", "w"), indent=1)
 print(json.dumps({k: s[k] for k in ("exit",)}), "cuda failed:", s["cuda_tests"]["failed"], "train failed:", s["train_tests"]["failed"])
 PY
