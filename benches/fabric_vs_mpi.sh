@@ -3,7 +3,8 @@
 # byte counts and worker counts: `weightstream bench fabric` (TCP tree,
 # with raw TCP between two processes) and MPI_Bcast / MPI_Reduce over TCP
 # loopback (btl tcp,self). Needs Debian's openmpi-bin and libopenmpi-dev.
-# Usage: benches/fabric_vs_mpi.sh [BYTES] [REPEATS] [FANOUT] [EXTRA bench flags, e.g. --top-in-store]
+# Usage: [NS="1 2 4"] benches/fabric_vs_mpi.sh [BYTES] [REPEATS] [FANOUT] [EXTRA bench flags, e.g. --top-in-store]
+# (NS: the worker counts, one fabric and one MPI run each.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BYTES=${1:-268435456}
@@ -16,7 +17,7 @@ BIN=target/release/weightstream
 OUT=$(mktemp -d /tmp/fabric-mpi.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 mpicc -O2 -o "$OUT/bcast_reduce" benches/mpi/bcast_reduce.c
-for n in 1 2 4; do
+for n in ${NS:-1 2 4}; do
     # shellcheck disable=SC2086
     "$BIN" bench fabric --workers "$n" --fanout "$FANOUT" --bytes "$BYTES" --repeats "$REPEATS" $EXTRA
     mpirun --allow-run-as-root --oversubscribe -np $((n + 1)) --mca btl tcp,self --mca btl_tcp_if_include lo \

@@ -87,6 +87,10 @@ fn decode_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
 }
 
+/// How long a node whose parent closed gives frames already received (a
+/// last `Shutdown`) to be taken before it counts the parent as lost.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Runs one node until the parent sends `Shutdown` and the children close
 /// (`Ok`), or until a neighbour is lost (`Err`; the node then drops every
 /// link, so the loss reaches the whole tree).
@@ -94,8 +98,8 @@ pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), 
     assert!(!children.is_empty(), "a node has children");
     let parent_gone = parent.rx.peer_gone();
     let Link { tx: up_tx, rx: mut down_rx } = parent;
-    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ended_down = ended.clone();
+    // Whether the parent's Shutdown has been taken: the run ended.
+    let (ended_down, mut ended) = tokio::sync::watch::channel(false);
     let lost_name = name.clone();
     let (child_tx, mut child_rx): (Vec<_>, Vec<_>) = children.into_iter().map(|l| (l.tx, l.rx)).unzip();
     let who = name.clone();
@@ -103,7 +107,9 @@ pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), 
         let mut shutdown = false;
         while let Some(f) = down_rx.recv().await {
             shutdown = f.kind == Kind::Shutdown;
-            ended_down.store(shutdown, std::sync::atomic::Ordering::SeqCst);
+            if shutdown {
+                let _ = ended_down.send(true);
+            }
             for c in &child_tx {
                 c.send(f.clone()).await?;
             }
@@ -141,10 +147,13 @@ pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), 
     };
     // The first loss ends both directions (and drops every link). A parent
     // that goes away before the end also ends them, even while the down
-    // direction waits on a child that stopped reading.
+    // direction waits on a child that stopped reading. A parent that closes
+    // right after its Shutdown is not lost: the Shutdown may still wait in
+    // the link to be taken, so the down direction has `SHUTDOWN_GRACE` to
+    // take it.
     let lost_parent = async move {
         parent_gone.await;
-        if ended.load(std::sync::atomic::Ordering::SeqCst) {
+        if tokio::time::timeout(SHUTDOWN_GRACE, ended.wait_for(|&e| e)).await.is_ok_and(|r| r.is_ok()) {
             std::future::pending::<()>().await;
         }
         FabricError::Closed(format!("{lost_name}: the parent went away before the end of the run"))

@@ -429,6 +429,43 @@ mod tests {
         assert_eq!(server.await.unwrap(), None, "the forged frame is never delivered");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parent_that_closes_right_after_its_shutdown_ends_the_node_cleanly() {
+        // The parent sends frames, Shutdown, and closes at once; the node's
+        // one child (in-process, room for one frame) reads nothing for 100
+        // ms, so the Shutdown still waits in the link when the connection's
+        // end is seen. The node must end the run, not report its parent lost.
+        let l = Listener::bind("127.0.0.1:0", opts(SECRET)).await.unwrap();
+        let addr = l.local_addr().to_string();
+        let parent = tokio::spawn(async move {
+            let (Link { tx, mut rx }, _, _) = l.accept().await.unwrap();
+            for i in 0..3 {
+                tx.send(chunk(i, 16)).await.unwrap();
+            }
+            tx.send(Frame::control(Kind::Shutdown)).await.unwrap();
+            // This side's sending half closes (the store's root thread ends
+            // so); its receiving half stays until the tree has drained.
+            drop(tx);
+            while rx.recv().await.is_some() {}
+        });
+        let up = connect(&addr, &opts(SECRET), Hello { role: 1, position: 1 }, Duration::from_secs(5)).await.unwrap();
+        let (child, mut leaf) = crate::link::inproc_pair(1, "node", "leaf");
+        let node = tokio::spawn(crate::node::run(up, vec![child], "node 1".into()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut kinds = Vec::new();
+        while let Some(f) = leaf.rx.recv().await {
+            kinds.push(f.kind);
+            if f.kind == Kind::Shutdown {
+                break;
+            }
+        }
+        assert_eq!(kinds.last(), Some(&Kind::Shutdown), "{kinds:?}");
+        // The leaf ends as a worker does, closing its link.
+        drop(leaf);
+        node.await.unwrap().expect("a clean end of the run");
+        parent.await.unwrap();
+    }
+
     #[tokio::test]
     async fn an_unreachable_parent_is_a_clear_error_after_the_deadline() {
         // A port nobody listens on: bind, note it, close.
