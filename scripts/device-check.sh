@@ -7,6 +7,13 @@ OUT=${OUT:-/tmp/ws-device-out}
 mkdir -p "$OUT"
 start=$(date +%s)
 log() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/progress.log"; }
+# take MIN KIND LINE: splits a list line into $label and $rest and sets $left
+# (seconds of the call's budget left); fails, saying so, under MIN seconds.
+take() {
+  label=${3%%:*}; rest=${3#*:}
+  left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
+  if [ "$left" -lt "$1" ]; then log "skipped ($left s left): $2 $label"; return 1; fi
+}
 
 # CUDA 13 libraries: the toolkit's, else the Python wheels'.
 for lib in libcublas.so.13 libnvrtc.so.13 libcublasLt.so.13; do
@@ -70,9 +77,7 @@ TRAINS=${TRAINS-"1b-resident:$m1b --set stream.mode=resident
 1b-streamed:$m1b --set stream.mode=streaming --set stream.dtype=bf16"}
 while IFS= read -r line; do
   [ -z "$line" ] && continue
-  label=${line%%:*}; rest=${line#*:}
-  left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
-  if [ "$left" -lt 30 ]; then log "skipped ($left s left): train $label"; continue; fi
+  take 30 train "$line" || continue
   log "train $label: $rest"
   dir=/tmp/ws-train-$label
   rm -rf "$dir"
@@ -100,9 +105,7 @@ f1:--workers 1 --fanout 2 --repeats 5
 latency:--workers 64 --fanout 4 --latency"}
 while IFS= read -r line; do
   [ -z "$line" ] && continue
-  label=${line%%:*}; rest=${line#*:}
-  left=$(( ${DEVICE_BUDGET_S:-420} - ($(date +%s) - start) ))
-  if [ "$left" -lt 20 ]; then log "skipped ($left s left): fabric $label"; continue; fi
+  take 20 fabric "$line" || continue
   log "fabric $label: $rest"
   # shellcheck disable=SC2086
   timeout "$left" device/weightstream bench fabric $rest 2>> "$OUT/bench.err" \
