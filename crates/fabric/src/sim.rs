@@ -46,29 +46,21 @@ fn wire(mut from: LinkRx, to: LinkTx, seed: u64, max_us: u64, cut_after: Option<
                 let _ = turn_on.send(true);
                 return;
             }
-            let f = tokio::select! {
-                biased;
-                _ = is_cut.wait_for(|&c| c) => return,
-                f = from.recv() => match f {
-                    Some(f) => f,
-                    None => return,
-                },
-            };
-            let delay = if max_us > 0 { rng.next_u64() % max_us } else { 0 };
-            let deliver = async {
-                if delay > 0 {
-                    tokio::time::sleep(Duration::from_micros(delay)).await;
+            let one = async {
+                let f = from.recv().await?;
+                if max_us > 0 {
+                    tokio::time::sleep(Duration::from_micros(rng.next_u64() % max_us)).await;
                 }
-                to.send(f).await
+                to.send(f).await.ok()
             };
-            // A cut also ends a frame waiting for its delay or for room.
-            let sent = tokio::select! {
+            // A cut ends the wire wherever it waits: for a frame, for its
+            // delay, or for room on the far side (that frame is lost).
+            tokio::select! {
                 biased;
                 _ = is_cut.wait_for(|&c| c) => return,
-                r = deliver => r,
-            };
-            if sent.is_err() {
-                return;
+                sent = one => if sent.is_none() {
+                    return;
+                },
             }
             crossed += 1;
         }
