@@ -982,7 +982,6 @@ impl FabricTrainer {
             return self.reconnect(why, sim);
         }
         let listener = self.listener.as_ref().expect("checked above");
-        let (b, mb) = (self.config.train.batch_size, self.micro_batch);
         let fits = |w: usize| self.share_fits(w);
         let deadline = Duration::from_secs(self.config.fabric.join_timeout_s);
         let rt = self.runtime.as_ref().expect("running");
@@ -999,17 +998,28 @@ impl FabricTrainer {
             deadline,
         );
         let (tree, link) = rt.block_on(admit).map_err(fabric_error)?;
-        self.epoch += 1;
-        let micro_batches = b / tree.workers / mb;
-        let train = Schedule::new(self.spec.layer_count(), micro_batches, true);
-        self.store_control.send(Control::Reshape { train, micro_batches, epoch: self.epoch })?;
-        let Reply::Reshaped = self.store_control.recv_reply()? else { unreachable!("the store answers with Reshaped") };
         eprintln!(
             "fabric: {why}; the tree formed again with {} workers (was {})",
             tree.workers, self.config.fabric.workers
         );
         self.config.fabric.workers = tree.workers;
         self.tree = tree;
+        self.start_new_tree(link)
+    }
+
+    /// One step's schedule on the current tree, and its micro-batches per worker.
+    fn train_schedule(&self) -> (Schedule, usize) {
+        let micro_batches = self.config.train.batch_size / self.tree.workers / self.micro_batch;
+        (Schedule::new(self.spec.layer_count(), micro_batches, true), micro_batches)
+    }
+
+    /// Tells the store the shape of the tree that formed again (a new
+    /// epoch) and starts the root on its link.
+    fn start_new_tree(&mut self, link: Link) -> Result<(), TrainError> {
+        self.epoch += 1;
+        let (train, micro_batches) = self.train_schedule();
+        self.store_control.send(Control::Reshape { train, micro_batches, epoch: self.epoch })?;
+        let Reply::Reshaped = self.store_control.recv_reply()? else { unreachable!("the store answers with Reshaped") };
         self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
         Ok(())
     }
@@ -1034,7 +1044,6 @@ impl FabricTrainer {
         let next =
             Simulated { seed: sim.seed.wrapping_add(1), drops: sim.drops.saturating_sub(1), crash: false, ..sim };
         self.sim = Some(next);
-        let (b, mb) = (self.config.train.batch_size, self.micro_batch);
         if sim.crash {
             // A worker is gone for good: the largest tree of those left
             // whose batch share divides evenly.
@@ -1048,16 +1057,12 @@ impl FabricTrainer {
         }
         let rt = self.runtime.as_ref().expect("running");
         let (link, worker_links) = build_tree_on(&self.tree, &self.config, rt, Some(next))?;
-        let micro_batches = b / self.tree.workers / mb;
-        let train = Schedule::new(self.spec.layer_count(), micro_batches, true);
+        let (train, _) = self.train_schedule();
         let eval = Schedule::new(self.spec.layer_count(), 1, false);
+        let mb = self.micro_batch;
         (self.shards, self.threads) = spawn_inproc_workers(worker_links, &self.spec, &self.config, mb, &train, &eval)?;
-        self.epoch += 1;
-        self.store_control.send(Control::Reshape { train, micro_batches, epoch: self.epoch })?;
-        let Reply::Reshaped = self.store_control.recv_reply()? else { unreachable!("the store answers with Reshaped") };
         eprintln!("fabric: {why}; the simulated network connected the tree again ({} workers)", self.tree.workers);
-        self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
-        Ok(())
+        self.start_new_tree(link)
     }
 
     /// Whether `w` workers divide the batch evenly, whole micro-batches each.
