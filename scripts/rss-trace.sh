@@ -3,7 +3,8 @@
 # its peak (VmRSS, VmHWM from /proc/PID/status), and every 20 s the
 # mappings by size from /proc/PID/smaps (allocator arenas of 900 MB and
 # more, 60-900 MB: the store's page buffers, the rest), all in MiB.
-# Usage: scripts/rss-trace.sh OUT_PREFIX command [args...]
+# Usage: scripts/rss-trace.sh OUT_PREFIX command [args...] (the command
+# itself: a wrapper such as /usr/bin/time would be the process traced)
 # Writes OUT_PREFIX.rss (seconds since start, VmRSS KiB, VmHWM KiB),
 # OUT_PREFIX.maps and OUT_PREFIX.log (the command's output, timestamped).
 set -uo pipefail
