@@ -53,6 +53,9 @@ pub enum BenchCommand {
         /// The store's flash tier around the page cache (`store.direct_io`).
         #[arg(long)]
         direct_io: bool,
+        /// Threads of the store's own pool (`store.threads`; 0: one per core).
+        #[arg(long, default_value_t = 0)]
+        store_threads: usize,
     },
     /// The store's AdamW update against memory bandwidth measured in the same run.
     Optimizer {
@@ -170,9 +173,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train { preset, steps, seq, batch, threads, precision } => {
             bench_train(&preset, steps, seq, batch, threads, &precision)
         }
-        BenchCommand::Streaming { preset, steps, dram_fraction, prefetch_depth, dtype, seq, threads, direct_io } => {
+        BenchCommand::Streaming {
+            preset,
+            steps,
+            dram_fraction,
+            prefetch_depth,
+            dtype,
+            seq,
+            threads,
+            direct_io,
+            store_threads,
+        } => {
             set_threads(threads);
-            bench_streaming(&preset, steps, dram_fraction, prefetch_depth, &dtype, seq, direct_io)
+            bench_streaming(&preset, steps, dram_fraction, prefetch_depth, &dtype, seq, direct_io, store_threads)
         }
         BenchCommand::Optimizer { params, repeats, threads } => {
             set_threads(threads);
@@ -383,6 +396,7 @@ fn bench_streaming(
     dtype: &str,
     seq: Option<usize>,
     direct_io: bool,
+    store_threads: usize,
 ) -> Result<()> {
     let mut config = RunConfig::preset(preset)?;
     if let Some(t) = seq {
@@ -393,6 +407,7 @@ fn bench_streaming(
     config.stream.prefetch_depth = k;
     config.stream.dtype = dtype.to_string();
     config.store.direct_io = direct_io;
+    config.store.threads = store_threads;
     config.validate()?;
     if steps == 0 {
         return Err(TrainError::Config("--steps must be at least 1".into()));
@@ -438,7 +453,7 @@ fn bench_streaming(
             "store_dram_peak_bytes": stats.dram_bytes_peak,
             "flash_read_bytes": stats.flash_read_bytes, "flash_write_bytes": stats.flash_write_bytes,
             "direct_io": direct_io, "flash_direct_bytes": stats.flash_direct_bytes,
-            "threads": pool_threads(), "peak_rss_mb": round(peak_rss_mb()),
+            "threads": pool_threads(), "store_threads": store_threads, "peak_rss_mb": round(peak_rss_mb()),
         })
     );
     Ok(())
@@ -617,12 +632,19 @@ fn bench_sparsity(levels: &[f64], repeats: usize, bt: usize) {
             let forward_ms = time(&mut || sparse::forward(&mut out, &x, &sw.pattern, &sw.values, Some(&bias), bt));
             let input_ms = time(&mut || sparse::backward_input(&mut dinp, &g, &sw.pattern, &sw.values, bt));
             let weight_ms = time(&mut || sparse::backward_weight(&mut dv, &x, &g, &sw.pattern, bt, &mut s));
+            // What the executor runs for this layer with the default
+            // crossover: the sparse kernels at or below it, else the dense
+            // kernel on the masked weights (the dense time of this run).
+            let sparse_kernels = sw.pattern.density() <= ws_model::workspace::SPARSE_CROSSOVER_DENSITY;
+            let executor_ms = if sparse_kernels { sparse_ms } else { dense_ms };
             println!(
                 "{}",
                 serde_json::json!({"bench": "sparsity", "shape": name, "tokens": bt, "sparsity": sparsity,
                     "nnz": sw.nnz(), "dense_ms": round(dense_ms), "sparse_ms": round(sparse_ms),
                     "speedup": round(dense_ms / sparse_ms), "sparse_forward_ms": round(forward_ms),
                     "sparse_input_ms": round(input_ms), "sparse_weight_ms": round(weight_ms),
+                    "executor_kernel": if sparse_kernels { "sparse" } else { "dense" },
+                    "executor_speedup": round(dense_ms / executor_ms),
                     "threads": pool_threads()})
             );
         }
