@@ -325,8 +325,8 @@ const TOK: usize = 64;
 /// sparsity, 256 at 90% (about 10% faster than 128), 512 at 95% and 1024 at
 /// 99%.
 fn chunk_features(features: usize, outs: usize, nnz: usize) -> usize {
-    let per_output_feature = nnz as f64 / (features.max(1) * outs.max(1)) as f64;
-    let want = (24.0 / per_output_feature.max(1e-9)).min(1024.0) as usize;
+    let density = nnz as f64 / (features.max(1) * outs.max(1)) as f64;
+    let want = (24.0 / density.max(1e-9)).min(1024.0) as usize;
     want.next_power_of_two().clamp(128, 1024)
 }
 
