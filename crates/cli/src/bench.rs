@@ -635,7 +635,8 @@ fn bench_sparsity(levels: &[f64], repeats: usize, bt: usize) {
             // What the executor runs for this layer with the default
             // crossover: the sparse kernels at or below it, else the dense
             // kernel on the masked weights (the dense time of this run).
-            let sparse_kernels = sw.pattern.density() <= ws_model::workspace::SPARSE_CROSSOVER_DENSITY;
+            use ws_model::workspace::{runs_sparse_kernels, SPARSE_CROSSOVER_DENSITY};
+            let sparse_kernels = runs_sparse_kernels(sw.pattern.density(), SPARSE_CROSSOVER_DENSITY);
             let executor_ms = if sparse_kernels { sparse_ms } else { dense_ms };
             println!(
                 "{}",

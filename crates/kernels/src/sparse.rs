@@ -330,10 +330,10 @@ fn chunk_features(features: usize, outs: usize, nnz: usize) -> usize {
     want.next_power_of_two().clamp(128, 1024)
 }
 
-/// A sparse matrix's nonzeros reordered chunk-major: by feature chunk
-/// (`kc` input features, [`chunk_features`]), then output feature, then input feature. A
-/// chunk's pass over every output then reads indices and values in one
-/// sequential run (by output feature they would be a short piece of every
+/// A sparse matrix's nonzeros reordered chunk-major: by feature chunk (`kc`
+/// input features, [`chunk_features`]), then output feature, then input
+/// feature. A chunk's pass over every output then reads indices and values
+/// in one sequential run (by output feature they would be a short piece of every
 /// column, scattered over the whole matrix).
 struct ChunkMajor {
     /// Features per chunk.

@@ -53,9 +53,15 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
+/// Whether a sparse tensor of `density` runs through the sparse kernels
+/// (else through the dense GEMM on its masked matrix).
+pub fn runs_sparse_kernels(density: f64, crossover: f64) -> bool {
+    density <= crossover
+}
+
 /// Which path tensor `t` takes: its pattern when the sparse kernels run.
 fn sparse_path(masks: &Masks, crossover: f64, t: usize) -> Option<&SparsePattern> {
-    masks.get(t).filter(|p| p.density() <= crossover)
+    masks.get(t).filter(|p| runs_sparse_kernels(p.density(), crossover))
 }
 
 /// `out[BT,N] = inp[BT,K] @ W + bias` for tensor `t` (its stored values `w`).
