@@ -36,11 +36,22 @@ impl Progress for Bar {
             c.preset,
             engine.spec().parameter_count() as f64 / 1e6,
             if engine.spec().is_sparse() || c.sparsity.ramp_steps > 0 {
-                let target = c.model_spec_at(u64::MAX).map(|s| s.stored_count()).unwrap_or(0);
+                let target = c.model_spec_at(u64::MAX).ok();
+                // At the target: how many sparse matrices are sparse enough
+                // for the sparse kernels (the rest run dense on their masks).
+                let (fast, sparse) = target.as_ref().map_or((0, 0), |s| {
+                    let sparse = s.tensors.iter().filter(|t| t.is_sparse());
+                    sparse.fold((0, 0), |(f, n), t| {
+                        let density = t.len() as f64 / t.numel().max(1) as f64;
+                        let runs = ws_model::workspace::runs_sparse_kernels(density, c.sparsity.kernel_density_max);
+                        (f + usize::from(runs), n + 1)
+                    })
+                });
                 format!(
-                    " ({:.1}M nonzero now, {:.1}M at the target sparsity{})",
+                    " ({:.1}M nonzero now, {:.1}M at the target sparsity, sparse kernels for {fast} of {sparse} \
+                     sparse matrices{})",
                     engine.spec().stored_count() as f64 / 1e6,
-                    target as f64 / 1e6,
+                    target.map_or(0, |s| s.stored_count()) as f64 / 1e6,
                     if c.sparsity.dynamic == "off" {
                         String::new()
                     } else {

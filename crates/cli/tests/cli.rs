@@ -138,6 +138,29 @@ fn train_writes_a_run_directory_that_eval_and_generate_read() {
     assert_eq!(again.stdout, out.stdout, "generation is seeded");
 }
 
+/// The run's first line says how many sparse matrices take the sparse
+/// kernels: two layers' attention matrices at 50% stay on the dense path
+/// (density above `sparsity.kernel_density_max`), their MLP matrices at 90%
+/// take the sparse kernels; with the crossover raised to 0.5, all eight do.
+#[test]
+fn a_sparse_run_says_which_matrices_take_the_sparse_kernels() {
+    let dir_tmp = tmp("sparse-header");
+    let mut sets = small_run_sets(dir_tmp.path());
+    sets.retain(|s| !s.starts_with("train.steps") && !s.starts_with("train.eval_interval"));
+    sets.extend(["train.steps=1", "train.eval_interval=0", "train.export_hf=false"].map(String::from));
+    sets.extend(["sparsity.attention=0.5", "sparsity.mlp=0.9"].map(String::from));
+    for (crossover, fast) in [("0.25", 4), ("0.5", 8)] {
+        let mut sets = sets.clone();
+        sets.push(format!("sparsity.kernel_density_max={crossover}"));
+        sets.push(format!("run_dir={}", dir_tmp.path().join(format!("run-{crossover}")).display()));
+        let args = train_args(&sets);
+        let out = weightstream(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let want = format!("sparse kernels for {fast} of 8 sparse matrices");
+        assert!(out.stderr.contains(&want) || out.stdout.contains(&want), "no `{want}` in:\n{}", out.stderr);
+    }
+}
+
 /// Runs a bad command and checks the error is one line naming `needle`.
 fn assert_one_line_error(args: &[&str], needle: &str) {
     let out = weightstream(args);
