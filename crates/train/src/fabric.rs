@@ -316,14 +316,8 @@ pub fn run_worker_process(store: &str, local: &RunConfig, deadline: Duration) ->
         let hello = Hello { role, position: a.position };
         let link = rt.block_on(ws_fabric::tcp::connect(&a.parent, &opts, hello, deadline)).map_err(fabric_error)?;
         let micro_batch = crate::stream::choose_micro_batch(&config, &spec)?;
-        let layers = spec.layer_count();
-        let setup = WorkerSetup {
-            train: Schedule::new(layers, config.train.batch_size / tree.workers / micro_batch, true),
-            eval: Schedule::new(layers, 1, false),
-            spec,
-            config,
-            micro_batch,
-        };
+        let (train, eval, _) = schedules(spec.layer_count(), &config, tree.workers, micro_batch);
+        let setup = WorkerSetup { train, eval, spec, config, micro_batch };
         tracing::info!("worker {w} of {} at position {}, parent {}", tree.workers, a.position, a.parent);
         let ended = Arc::new(AtomicBool::new(false));
         let shards = Shards::Sampled { data: data.clone().expect("loaded above"), worker: w };
@@ -738,6 +732,14 @@ fn spawn_worker(
     ])
 }
 
+/// One worker's schedules in a tree of `workers`: training over its share of
+/// the batch (returned too, in micro-batches), evaluation one micro-batch a
+/// pass.
+fn schedules(layers: usize, config: &RunConfig, workers: usize, micro_batch: usize) -> (Schedule, Schedule, usize) {
+    let micro_batches = config.train.batch_size / workers / micro_batch;
+    (Schedule::new(layers, micro_batches, true), Schedule::new(layers, 1, false), micro_batches)
+}
+
 /// The driver's ends of the workers inside this process: each one's shard
 /// sender, and all their threads.
 type InprocWorkers = (Vec<Sender<Shard>>, Vec<JoinHandle<()>>);
@@ -869,9 +871,7 @@ impl FabricTrainer {
         let spec = store.spec().clone();
         let n = config.fabric.workers;
         let tree = Tree::new(n, config.fabric.fanout).map_err(TrainError::Config)?;
-        let layers = spec.layer_count();
-        let train = Schedule::new(layers, config.train.batch_size / n / micro_batch, true);
-        let eval = Schedule::new(layers, 1, false);
+        let (train, eval, _) = schedules(spec.layer_count(), &config, n, micro_batch);
         store.set_access_sequence(&train.layer_sequence());
         let version = store.version;
         let runtime = process_runtime()?;
@@ -1007,17 +1007,16 @@ impl FabricTrainer {
         self.start_new_tree(link)
     }
 
-    /// One step's schedule on the current tree, and its micro-batches per worker.
-    fn train_schedule(&self) -> (Schedule, usize) {
-        let micro_batches = self.config.train.batch_size / self.tree.workers / self.micro_batch;
-        (Schedule::new(self.spec.layer_count(), micro_batches, true), micro_batches)
+    /// The schedules of one worker of the current tree (see [`schedules`]).
+    fn schedules(&self) -> (Schedule, Schedule, usize) {
+        schedules(self.spec.layer_count(), &self.config, self.tree.workers, self.micro_batch)
     }
 
     /// Tells the store the shape of the tree that formed again (a new
     /// epoch) and starts the root on its link.
     fn start_new_tree(&mut self, link: Link) -> Result<(), TrainError> {
         self.epoch += 1;
-        let (train, micro_batches) = self.train_schedule();
+        let (train, _, micro_batches) = self.schedules();
         self.store_control.send(Control::Reshape { train, micro_batches, epoch: self.epoch })?;
         let Reply::Reshaped = self.store_control.recv_reply()? else { unreachable!("the store answers with Reshaped") };
         self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
@@ -1057,8 +1056,7 @@ impl FabricTrainer {
         }
         let rt = self.runtime.as_ref().expect("running");
         let (link, worker_links) = build_tree_on(&self.tree, &self.config, rt, Some(next))?;
-        let (train, _) = self.train_schedule();
-        let eval = Schedule::new(self.spec.layer_count(), 1, false);
+        let (train, eval, _) = self.schedules();
         let mb = self.micro_batch;
         (self.shards, self.threads) = spawn_inproc_workers(worker_links, &self.spec, &self.config, mb, &train, &eval)?;
         eprintln!("fabric: {why}; the simulated network connected the tree again ({} workers)", self.tree.workers);
