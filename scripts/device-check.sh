@@ -26,14 +26,18 @@ ldconfig -p 2>/dev/null | grep -E "libcuda.so|libcublas|libnvrtc" | head -8 | te
 # The test binaries find the fixtures where they were built.
 mkdir -p /work && [ -e /work/main ] || ln -s "$PWD" /work/main
 
-log "CUDA kernel and model tests"
-timeout 60 device/cuda-gpu --test-threads=1 --nocapture > "$OUT/test-cuda.log" 2>&1
-cuda_rc=$?
-grep -E "^test |panicked|skipped" -A2 "$OUT/test-cuda.log" | head -60
-log "GPU streamed vs resident tests"
-timeout 100 device/train-gpu --test-threads=1 --nocapture > "$OUT/test-train.log" 2>&1
-train_rc=$?
-grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
+# TESTS=0 skips the CUDA test binaries (a call that only measures the CPU).
+cuda_rc=skipped; train_rc=skipped
+if [ "${TESTS:-1}" != 0 ]; then
+  log "CUDA kernel and model tests"
+  timeout 60 device/cuda-gpu --test-threads=1 --nocapture > "$OUT/test-cuda.log" 2>&1
+  cuda_rc=$?
+  grep -E "^test |panicked|skipped" -A2 "$OUT/test-cuda.log" | head -60
+  log "GPU streamed vs resident tests"
+  timeout 100 device/train-gpu --test-threads=1 --nocapture > "$OUT/test-train.log" 2>&1
+  train_rc=$?
+  grep -E "^test |panicked|skipped" -A2 "$OUT/test-train.log" | head -40
+fi
 
 # Each benchmark: a label, then `weightstream bench cuda` arguments, which
 # may start with VAR=value settings for the run (WS_CUDA_ATTENTION=materialized
@@ -97,20 +101,39 @@ done <<< "$TRAINS"
 # cores of their own (on the 2-core development VM they share two). A
 # label, then `weightstream bench fabric` arguments; JSON lines to
 # $OUT/fabric.jsonl. A few seconds each.
+# Both lists run SITTINGS times, alternating (quote medians); each JSON line
+# gets a "sitting" field.
 FABRIC=${FABRIC-"f4x2:--workers 4 --fanout 2 --repeats 5
 f4x4-top:--workers 4 --fanout 4 --top-in-store --repeats 5
 f8x2:--workers 8 --fanout 2 --repeats 5
 f8x4-top:--workers 8 --fanout 4 --top-in-store --repeats 5
 f1:--workers 1 --fanout 2 --repeats 5
 latency:--workers 64 --fanout 4 --latency"}
-while IFS= read -r line; do
-  [ -z "$line" ] && continue
-  take 20 fabric "$line" || continue
-  log "fabric $label: $rest"
-  # shellcheck disable=SC2086
-  timeout "$left" device/weightstream bench fabric $rest 2>> "$OUT/bench.err" \
-    | sed "s|^{|{\"label\": \"$label\", |" | tee -a "$OUT/fabric.jsonl" | cut -c1-220
-done <<< "$FABRIC"
+# The CPU streaming efficiency on the device machine's 16 cores (issue 3):
+# `weightstream bench streaming` arguments, the page cache dropped before
+# each run where this machine lets us (the line says whether it did).
+STREAMING=${STREAMING-}
+for sitting in $(seq "${SITTINGS:-1}"); do
+  while IFS= read -r line; do
+    [ -z "$line" ] && continue
+    take 20 fabric "$line" || continue
+    log "fabric $label (sitting $sitting): $rest"
+    # shellcheck disable=SC2086
+    timeout "$left" device/weightstream bench fabric $rest 2>> "$OUT/bench.err" \
+      | sed "s|^{|{\"label\": \"$label\", \"sitting\": $sitting, |" | tee -a "$OUT/fabric.jsonl" | cut -c1-220
+  done <<< "$FABRIC"
+  while IFS= read -r line; do
+    [ -z "$line" ] && continue
+    take 60 streaming "$line" || continue
+    sync; dropped=false
+    if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then dropped=true; fi
+    log "streaming $label (sitting $sitting, page cache dropped: $dropped): $rest"
+    # shellcheck disable=SC2086
+    timeout "$left" device/weightstream bench streaming $rest 2>> "$OUT/bench.err" \
+      | sed "s|^{|{\"label\": \"$label\", \"sitting\": $sitting, \"cache_dropped\": $dropped, |" \
+      | tee -a "$OUT/streaming.jsonl" | cut -c1-400
+  done <<< "$STREAMING"
+done
 python3 - "$OUT" "$cuda_rc" "$train_rc" "$bench_rc" <<'PY'
 import json, sys, re, os
 out, cuda_rc, train_rc, bench_rc = sys.argv[1:]
@@ -129,7 +152,8 @@ def jsonl(path):
     return rows
 s = {"exit": {"cuda_tests": cuda_rc, "train_tests": train_rc, "bench": bench_rc},
      "cuda_tests": tests(f"{out}/test-cuda.log"), "train_tests": tests(f"{out}/test-train.log"),
-     "bench": jsonl(f"{out}/bench.jsonl"), "fabric": jsonl(f"{out}/fabric.jsonl")}
+     "bench": jsonl(f"{out}/bench.jsonl"), "fabric": jsonl(f"{out}/fabric.jsonl"),
+     "streaming": jsonl(f"{out}/streaming.jsonl")}
 json.dump(s, open(f"{out}/summary.json", "w"), indent=1)
 print(json.dumps({k: s[k] for k in ("exit",)}), "cuda failed:", s["cuda_tests"]["failed"], "train failed:", s["train_tests"]["failed"])
 PY

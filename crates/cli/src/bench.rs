@@ -148,6 +148,10 @@ pub enum BenchCommand {
         /// The store runs the top node itself (fabric.top_in_store).
         #[arg(long)]
         top_in_store: bool,
+        /// Threads of the runtime that hosts the whole tree (every node,
+        /// link and worker of this one process); 0: one per core.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// The receiving process of bench fabric's raw TCP measurement.
     #[command(hide = true)]
@@ -229,8 +233,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             latency,
             mac_payload,
             top_in_store,
+            threads,
         } => {
-            let flags = crate::bench_fabric::Flags { latency, mac_payload, top_in_store };
+            let flags = crate::bench_fabric::Flags { latency, mac_payload, top_in_store, threads };
             crate::bench_fabric::run(workers, fanout, bytes, &transport, chunk_bytes, repeats.max(1), flags)
         }
         BenchCommand::TcpSink { addr, bytes, repeats } => crate::bench_fabric::tcp_sink(&addr, bytes, repeats),

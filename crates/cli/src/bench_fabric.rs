@@ -11,7 +11,10 @@
 //!   4 KiB weight chunk down, one 4 KiB gradient chunk up and summed) for
 //!   N = 1, 2, 4, ... up to `--workers`, median of many steps.
 //!
-//! The workers are tasks that skip compute: this measures the fabric.
+//! The workers are tasks that skip compute: this measures the fabric. The
+//! whole tree runs in this one process, on a runtime of `--threads` threads
+//! (one per core by default), so that on a machine with cores to spare
+//! every edge's copies can run at once, as in separate processes.
 
 use crate::bench::{median, round};
 use bytes::Bytes;
@@ -19,7 +22,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use ws_fabric::{Dtype, Frame, Kind, PassStart, Tree};
-use ws_train::fabric::{build_tree, fabric_error, process_runtime};
+use ws_train::fabric::{build_tree, fabric_error};
 use ws_train::{RunConfig, TrainError};
 
 type Result<T> = std::result::Result<T, TrainError>;
@@ -51,9 +54,9 @@ fn chunk_frame(kind: Kind, i: u64, chunk: &Bytes, total: u64) -> Frame {
 }
 
 /// Broadcast and reduce bytes per second through the tree, `repeats` times each.
-fn throughput(c: &RunConfig, bytes: usize, repeats: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+fn throughput(c: &RunConfig, bytes: usize, repeats: usize, threads: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let tree = Tree::new(c.fabric.workers, c.fabric.fanout).map_err(TrainError::Config)?;
-    let rt = process_runtime()?;
+    let rt = runtime(threads)?;
     let (root, leaves) = build_tree(&tree, c, &rt)?;
     let chunk = Bytes::from(vec![0u8; c.fabric.chunk_bytes]);
     let frames = bytes.div_ceil(chunk.len()) as u64;
@@ -123,10 +126,27 @@ fn throughput(c: &RunConfig, bytes: usize, repeats: usize) -> Result<(Vec<f64>, 
     })
 }
 
+/// Runtime threads for `--threads` (0: one per core).
+fn runtime_threads(threads: usize) -> usize {
+    if threads > 0 {
+        threads
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    }
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(runtime_threads(threads))
+        .enable_all()
+        .build()
+        .map_err(|e| TrainError::Config(format!("cannot start the fabric's runtime: {e}")))
+}
+
 /// Median microseconds of a lightweight step through a tree of `workers`.
-fn step_latency(c: &RunConfig, steps: usize) -> Result<f64> {
+fn step_latency(c: &RunConfig, steps: usize, threads: usize) -> Result<f64> {
     let tree = Tree::new(c.fabric.workers, c.fabric.fanout).map_err(TrainError::Config)?;
-    let rt = process_runtime()?;
+    let rt = runtime(threads)?;
     let (root, leaves) = build_tree(&tree, c, &rt)?;
     let chunk = Bytes::from(vec![0u8; 4096]);
     let mut tasks = Vec::new();
@@ -222,6 +242,8 @@ pub struct Flags {
     pub latency: bool,
     pub mac_payload: bool,
     pub top_in_store: bool,
+    /// Runtime threads for the whole tree; 0: one per core.
+    pub threads: usize,
 }
 
 pub fn run(
@@ -238,11 +260,11 @@ pub fn run(
         while n <= workers {
             let c = config(n, fanout, transport, chunk_bytes, flags)?;
             let depth = Tree::new(n, fanout).map_err(TrainError::Config)?.depth();
-            let us = step_latency(&c, 200)?;
+            let us = step_latency(&c, 200, flags.threads)?;
             println!(
                 "{}",
                 serde_json::json!({"bench": "fabric-latency", "workers": n, "fanout": fanout, "transport": transport,
-                    "depth": depth, "step_latency_us": round(us)})
+                    "depth": depth, "step_latency_us": round(us), "threads": runtime_threads(flags.threads)})
             );
             n *= 2;
         }
@@ -250,7 +272,7 @@ pub fn run(
     }
     let c = config(workers, fanout, transport, chunk_bytes, flags)?;
     let tcp = raw_tcp(bytes, chunk_bytes, repeats)?;
-    let (down, up) = throughput(&c, bytes, repeats)?;
+    let (down, up) = throughput(&c, bytes, repeats, flags.threads)?;
     let (tcp, down, up) = (median(tcp), median(down), median(up));
     // Every network edge of the tree carries all the bytes; on one machine
     // they all share its cores, so the per-edge rate is what compares with
@@ -264,7 +286,7 @@ pub fn run(
             "broadcast_bytes_per_s": round(down), "reduce_bytes_per_s": round(up), "tcp_bytes_per_s": round(tcp),
             "broadcast_vs_tcp": round(down / tcp), "reduce_vs_tcp": round(up / tcp), "edges": edges,
             "broadcast_edge_bytes_per_s_vs_tcp": round(edges as f64 * down / tcp),
-            "reduce_edge_bytes_per_s_vs_tcp": round(edges as f64 * up / tcp)})
+            "reduce_edge_bytes_per_s_vs_tcp": round(edges as f64 * up / tcp), "threads": runtime_threads(flags.threads)})
     );
     Ok(())
 }

@@ -71,15 +71,47 @@ impl Element for f64 {
     }
 }
 
+/// Elements summed at a time: a block of the sum that stays in L1 while
+/// every child's piece of it is added.
+const SUM_BLOCK: usize = 1024;
+
 /// child 0 + child 1 + ... in that order, element by element.
+///
+/// One pass over the payloads, a block at a time: the block of partial sums
+/// stays in L1 while each child's piece is added, so every byte is read once
+/// (summing child by child over the whole chunk read and wrote the partial
+/// sums F - 1 times, and ran at a quarter of the speed at F = 4). The order
+/// of the additions of each element is the same: ((c0 + c1) + c2) + ...
+/// [`sum_reference`] is the plain form it is tested against.
 fn sum_into_owned<T: Element>(frames: &[Frame]) -> Bytes {
+    let n = frames[0].payload.len() / T::SIZE;
+    let mut acc: Vec<T> = Vec::with_capacity(n);
+    let mut start = 0;
+    while start < n {
+        let len = SUM_BLOCK.min(n - start);
+        let bytes = start * T::SIZE..(start + len) * T::SIZE;
+        acc.extend(frames[0].payload[bytes.clone()].chunks_exact(T::SIZE).map(T::le));
+        let part = &mut acc[start..];
+        for f in &frames[1..] {
+            for (a, b) in part.iter_mut().zip(f.payload[bytes.clone()].chunks_exact(T::SIZE)) {
+                *a += T::le(b);
+            }
+        }
+        start += len;
+    }
+    Bytes::from_owner(Sum(acc))
+}
+
+/// The plain sum, child by child over the whole payload.
+#[cfg(test)]
+fn sum_reference<T: Element>(frames: &[Frame]) -> Vec<T> {
     let mut acc: Vec<T> = frames[0].payload.chunks_exact(T::SIZE).map(T::le).collect();
     for f in &frames[1..] {
         for (a, b) in acc.iter_mut().zip(f.payload.chunks_exact(T::SIZE)) {
             *a += T::le(b);
         }
     }
-    Bytes::from_owner(Sum(acc))
+    acc
 }
 
 #[cfg(test)]
@@ -189,6 +221,51 @@ mod tests {
         assert_eq!(decode_f32(&s.payload), vec![1.0, 9.0]);
         let fs = [grads(&[-1e8, 3.0]), grads(&[1.0, 4.0]), grads(&[1e8, 2.0])];
         assert_eq!(decode_f32(&reduce(&fs).unwrap().payload), vec![0.0, 9.0]);
+    }
+
+    /// The blocked sum against the plain one, bit for bit, over payloads
+    /// of several blocks plus a partial one, with values whose sum depends
+    /// on the order (mixed magnitudes and signs).
+    #[test]
+    fn the_blocked_sum_equals_the_plain_sum_bit_for_bit() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let m = ((x >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 2.0;
+            m * 10f64.powi((x % 16) as i32 - 8)
+        };
+        for children in [1, 2, 3, 4, 8] {
+            for n in [1, SUM_BLOCK - 1, SUM_BLOCK, 3 * SUM_BLOCK + 17] {
+                let f32s: Vec<Frame> =
+                    (0..children).map(|_| grads(&(0..n).map(|_| next() as f32).collect::<Vec<_>>())).collect();
+                let got = decode_f32(&reduce(&f32s).unwrap().payload);
+                let want = sum_reference::<f32>(&f32s);
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+                let f64s: Vec<Frame> = (0..children)
+                    .map(|_| {
+                        let mut f = grads(&[]);
+                        f.dtype = Dtype::F64;
+                        f.kind = Kind::Stats;
+                        f.payload = Bytes::from((0..n).flat_map(|_| next().to_le_bytes()).collect::<Vec<u8>>());
+                        f.total = f.payload.len() as u64;
+                        f
+                    })
+                    .collect();
+                let got: Vec<u64> = reduce(&f64s)
+                    .unwrap()
+                    .payload
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                let want: Vec<u64> = sum_reference::<f64>(&f64s).iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want);
+            }
+        }
     }
 
     #[test]
