@@ -15,6 +15,8 @@
 
 use crate::{Dtype, FabricError, Frame, Kind, Link};
 use bytes::Bytes;
+use std::collections::VecDeque;
+use tokio::task::JoinHandle;
 
 /// The elementwise sum of children's chunks, in child order.
 pub fn reduce(frames: &[Frame]) -> Result<Frame, FabricError> {
@@ -119,6 +121,22 @@ fn decode_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
 }
 
+/// Sums a node runs at once on the blocking pool (multi-threaded runtimes).
+const SUMS_IN_FLIGHT: usize = 4;
+/// Chunks at least this large are summed off the node's task.
+const PARALLEL_SUM_BYTES: usize = 64 << 10;
+
+/// Whether this runtime has threads to sum on beside the node's own.
+fn parallel_sums() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
+/// A sum's result from the blocking pool.
+fn joined(r: Result<Result<Frame, FabricError>, tokio::task::JoinError>) -> Result<Frame, FabricError> {
+    r.map_err(|e| FabricError::Protocol(format!("a sum failed: {e}")))?
+}
+
 /// How long a node whose parent closed gives frames already received (a
 /// last `Shutdown`) to be taken before it counts the parent as lost.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
@@ -158,23 +176,50 @@ pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), 
         }
     };
     let up = async move {
-        let mut frames = Vec::with_capacity(child_rx.len());
+        // Sums of large chunks run on the blocking pool, up to `depth` at a
+        // time, and go up in the order their chunks came: one thread alone
+        // sums F chunks slower than F links deliver them. In a
+        // single-threaded runtime (the simulator) every sum is inline.
+        let depth = if parallel_sums() { SUMS_IN_FLIGHT } else { 0 };
+        let mut sums: VecDeque<JoinHandle<Result<Frame, FabricError>>> = VecDeque::new();
+        let mut frames: Vec<Frame> = Vec::with_capacity(child_rx.len());
+        let mut closed: Vec<usize> = Vec::new();
         loop {
-            frames.clear();
-            let mut closed = Vec::new();
-            for (i, c) in child_rx.iter_mut().enumerate() {
-                match c.recv().await {
+            // The next child to hear from, in index order.
+            let i = frames.len() + closed.len();
+            if i == child_rx.len() {
+                if closed.len() == child_rx.len() {
+                    while let Some(h) = sums.pop_front() {
+                        up_tx.send(joined(h.await)?).await?;
+                    }
+                    return Ok(());
+                }
+                if !closed.is_empty() {
+                    return Err(FabricError::Closed(format!("{name}: children {closed:?} went away mid-step")));
+                }
+                let all = std::mem::replace(&mut frames, Vec::with_capacity(child_rx.len()));
+                if depth > 0 && all[0].payload.len() >= PARALLEL_SUM_BYTES {
+                    sums.push_back(tokio::task::spawn_blocking(move || reduce(&all)));
+                } else {
+                    // A small frame goes up after every sum ahead of it.
+                    while let Some(h) = sums.pop_front() {
+                        up_tx.send(joined(h.await)?).await?;
+                    }
+                    up_tx.send(reduce(&all)?).await?;
+                }
+                continue;
+            }
+            tokio::select! {
+                biased;
+                r = async { sums.front_mut().expect("guarded").await }, if !sums.is_empty() => {
+                    sums.pop_front();
+                    up_tx.send(joined(r)?).await?;
+                }
+                f = child_rx[i].recv(), if sums.len() < depth.max(1) => match f {
                     Some(f) => frames.push(f),
                     None => closed.push(i),
-                }
+                },
             }
-            if closed.len() == child_rx.len() {
-                return Ok(());
-            }
-            if !closed.is_empty() {
-                return Err(FabricError::Closed(format!("{name}: children {closed:?} went away mid-step")));
-            }
-            up_tx.send(reduce(&frames)?).await?;
         }
     };
     // The first loss ends both directions (and drops every link). A parent
@@ -266,6 +311,68 @@ mod tests {
                 assert_eq!(got, want);
             }
         }
+    }
+
+    /// With threads to sum on, large chunks are summed off the node's task,
+    /// several at once: the sums still go up in the order the chunks came,
+    /// a small frame after them keeps its place, each sum is the plain one
+    /// bit for bit, and the node still ends cleanly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_sums_go_up_in_order_and_exact() {
+        let elems = PARALLEL_SUM_BYTES / 4;
+        let frame_of = move |child: usize, k: usize| -> Frame {
+            if k == 10 {
+                let mut f = grads(&[]);
+                (f.kind, f.dtype, f.step) = (Kind::Stats, Dtype::F64, 7);
+                f.payload = Bytes::copy_from_slice(&(child as f64 + 0.25).to_le_bytes());
+                f.total = 8;
+                return f;
+            }
+            let vals: Vec<f32> = (0..elems)
+                .map(|j| ((j * 31 + k * 7 + child * 13) % 1000) as f32 * 10f32.powi((j % 9) as i32 - 4))
+                .collect();
+            let mut f = grads(&vals);
+            f.offset = (k * PARALLEL_SUM_BYTES) as u64;
+            f.total = (30 * PARALLEL_SUM_BYTES) as u64;
+            f
+        };
+        let (parent, mut store) = crate::link::inproc_pair(4, "node", "store");
+        let (mut kids, mut senders) = (Vec::new(), Vec::new());
+        for c in 0..3 {
+            let (a, b) = crate::link::inproc_pair(4, "node", &format!("w{c}"));
+            kids.push(a);
+            senders.push(tokio::spawn(async move {
+                let mut b = b;
+                for k in 0..30 {
+                    b.tx.send(frame_of(c, k)).await.unwrap();
+                }
+                // Stay until the run ends, as a worker does.
+                while let Some(f) = b.rx.recv().await {
+                    if f.kind == Kind::Shutdown {
+                        break;
+                    }
+                }
+            }));
+        }
+        let node = tokio::spawn(run(parent, kids, "n".into()));
+        for k in 0..30 {
+            let got = store.rx.recv().await.unwrap();
+            let inputs: Vec<Frame> = (0..3).map(|c| frame_of(c, k)).collect();
+            if k == 10 {
+                assert_eq!(got.kind, Kind::Stats);
+                assert_eq!(f64::from_le_bytes(got.payload[..].try_into().unwrap()), sum_reference::<f64>(&inputs)[0]);
+                continue;
+            }
+            assert_eq!((got.kind, got.offset), (Kind::Grads, inputs[0].offset), "chunk {k} in its place");
+            let want: Vec<u32> = sum_reference::<f32>(&inputs).iter().map(|v| v.to_bits()).collect();
+            assert_eq!(decode_f32(&got.payload).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+        }
+        store.tx.send(Frame::control(Kind::Shutdown)).await.unwrap();
+        for t in senders {
+            t.await.unwrap();
+        }
+        node.await.unwrap().unwrap();
+        assert!(store.rx.recv().await.is_none(), "the node closes its side");
     }
 
     #[test]
