@@ -136,11 +136,7 @@ fn runtime_threads(threads: usize) -> usize {
 }
 
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(runtime_threads(threads))
-        .enable_all()
-        .build()
-        .map_err(|e| TrainError::Config(format!("cannot start the fabric's runtime: {e}")))
+    ws_train::fabric::runtime_with(runtime_threads(threads))
 }
 
 /// Median microseconds of a lightweight step through a tree of `workers`.

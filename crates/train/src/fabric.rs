@@ -268,10 +268,26 @@ async fn tcp_links(tree: &Tree, opts: &TcpOptions, bind: &str, top_in_store: boo
     Ok((up, down))
 }
 
-/// The fabric's async runtime: two threads carry every link and node of a process.
+/// The fabric's async runtime: two threads carry every link and node of a
+/// worker's process (and of the embedded trainer, whose links copy nothing).
 pub fn process_runtime() -> Result<tokio::runtime::Runtime, TrainError> {
+    runtime_with(2)
+}
+
+/// The runtime of a process that forwards to children over the network (a
+/// fabric node, or the store when it waits for joiners and may host nodes):
+/// one thread per core, at least two. Each child's link writes its own
+/// copy of every chunk, and on two threads a node with F children could
+/// send only about two links' worth at once (BENCHMARKS.md, session 12: the
+/// whole tree on 2 threads moved one stream's worth of bytes on 16 cores).
+pub fn forwarding_runtime() -> Result<tokio::runtime::Runtime, TrainError> {
+    runtime_with(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
+}
+
+/// A multi-threaded runtime of `threads` threads for the fabric.
+pub fn runtime_with(threads: usize) -> Result<tokio::runtime::Runtime, TrainError> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .build()
         .map_err(|e| TrainError::Config(format!("cannot start the fabric's runtime: {e}")))
@@ -335,7 +351,7 @@ pub fn run_worker_process(store: &str, local: &RunConfig, deadline: Duration) ->
 /// `bind`, joins the store at `store`, and forwards and sums until the run
 /// ends; when the tree loses a member it joins again.
 pub fn run_node_process(store: &str, bind: &str, local: &RunConfig, deadline: Duration) -> Result<(), TrainError> {
-    let rt = process_runtime()?;
+    let rt = forwarding_runtime()?;
     let opts = tcp_options(local, false)?;
     rt.block_on(async {
         let listener = Listener::bind(bind, opts.clone()).await?;
@@ -874,7 +890,7 @@ impl FabricTrainer {
         let (train, eval, _) = schedules(spec.layer_count(), &config, n, micro_batch);
         store.set_access_sequence(&train.layer_sequence());
         let version = store.version;
-        let runtime = process_runtime()?;
+        let runtime = if config.fabric.launch == "join" { forwarding_runtime()? } else { process_runtime()? };
         let mut listener = None;
         let (root, worker_links) = if config.fabric.launch == "join" {
             let l = runtime
