@@ -209,7 +209,7 @@ async fn until_killed(killed: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 async fn read_loop(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+    rd: tokio::net::tcp::OwnedReadHalf,
     key: wire::MacKey,
     opts: &TcpOptions,
     to_owner: mpsc::Sender<Frame>,
@@ -217,6 +217,9 @@ async fn read_loop(
 ) -> Result<(), FabricError> {
     let mut seq = 0u64;
     let mut raw = [0u8; HEADER_BYTES];
+    // Small frames (headers, credits, statistics) come several to a read;
+    // a large payload bypasses the buffer once it is empty.
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER, rd);
     loop {
         match rd.read_exact(&mut raw).await {
             Ok(_) => {}
@@ -257,30 +260,53 @@ async fn read_loop(
     }
 }
 
-/// Writes header and payload in one vectored write where the socket takes
-/// it (one system call per frame, and no small packet for the header alone).
-async fn write_frame(
+/// The read buffer of a connection.
+const READ_BUFFER: usize = 64 << 10;
+/// Data frames one write may carry (each with its credit).
+const FRAMES_PER_WRITE: usize = 16;
+
+/// Writes frames, headers and payloads, in one vectored write where the
+/// socket takes it: one system call for a data frame and the credit owed
+/// beside it, and no small packet for a header alone.
+async fn write_frames(
     w: &mut tokio::net::tcp::OwnedWriteHalf,
-    f: &Frame,
+    frames: &[Frame],
     seq: &mut u64,
     key: &wire::MacKey,
     mac_payload: bool,
 ) -> Result<(), FabricError> {
-    let h = wire::encode_header(f, *seq, key, mac_payload);
-    *seq += 1;
-    let (mut a, mut b): (&[u8], &[u8]) = (&h, &f.payload);
-    while !a.is_empty() || !b.is_empty() {
-        let n = w
-            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
-            .await
-            .map_err(|e| FabricError::Io(format!("writing: {e}")))?;
+    let headers: Vec<[u8; HEADER_BYTES]> = frames
+        .iter()
+        .map(|f| {
+            *seq += 1;
+            wire::encode_header(f, *seq - 1, key, mac_payload)
+        })
+        .collect();
+    let mut slices: Vec<std::io::IoSlice> = Vec::with_capacity(2 * frames.len());
+    for (h, f) in headers.iter().zip(frames) {
+        slices.push(std::io::IoSlice::new(h));
+        if !f.payload.is_empty() {
+            slices.push(std::io::IoSlice::new(&f.payload));
+        }
+    }
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await.map_err(|e| FabricError::Io(format!("writing: {e}")))?;
         if n == 0 {
             return Err(FabricError::Io("writing: the connection takes no more bytes".into()));
         }
-        let k = n.min(a.len());
-        (a, b) = (&a[k..], &b[n - k..]);
+        std::io::IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
+}
+
+/// The credits owed so far, as one `Credit` frame (none owed: `None`).
+fn owed_credit(credits: &mut mpsc::UnboundedReceiver<u32>, first: Option<u32>) -> Option<Frame> {
+    let mut n = first.map(u64::from);
+    while let Ok(more) = credits.try_recv() {
+        n = Some(n.unwrap_or(0) + u64::from(more));
+    }
+    n.map(|n| Frame { step: n, ..Frame::control(Kind::Credit) })
 }
 
 async fn write_loop(
@@ -305,17 +331,30 @@ async fn write_loop(
         tokio::select! {
             biased;
             Some(n) = credits.recv() => {
-                let mut n = u64::from(n);
-                while let Ok(more) = credits.try_recv() {
-                    n += u64::from(more);
-                }
-                let f = Frame { step: n, ..Frame::control(Kind::Credit) };
-                write_frame(&mut w, &f, &mut seq, &key, opts.mac_payload).await?;
+                let f = owed_credit(&mut credits, Some(n)).expect("one credit at least");
+                write_frames(&mut w, &[f], &mut seq, &key, opts.mac_payload).await?;
             }
             permit = window.acquire(), if pending.is_some() => {
                 permit.expect("the window is never closed").forget();
-                let f = pending.take().expect("guarded");
-                write_frame(&mut w, &f, &mut seq, &key, opts.mac_payload).await?;
+                // The credit owed goes first, then every data frame already
+                // waiting that has a credit of its own.
+                let mut batch: Vec<Frame> = owed_credit(&mut credits, None).into_iter().collect();
+                batch.push(pending.take().expect("guarded"));
+                while batch.len() < FRAMES_PER_WRITE {
+                    let Ok(permit) = window.try_acquire() else { break };
+                    match frames.try_recv() {
+                        Ok(f) => {
+                            permit.forget();
+                            batch.push(f);
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+                write_frames(&mut w, &batch, &mut seq, &key, opts.mac_payload).await?;
             }
             f = frames.recv(), if pending.is_none() && open => match f {
                 Some(f) => pending = Some(f),
