@@ -6,14 +6,10 @@ fn main() {
     for f in [2usize, 4, 8] {
         let frames: Vec<Frame> = (0..f)
             .map(|i| Frame {
-                kind: Kind::Grads,
                 dtype: Dtype::F32,
-                step: 1,
-                use_index: 0,
-                layer: 0,
-                offset: 0,
                 total: 1 << 20,
                 payload: Bytes::from(vec![i as u8; 1 << 20]),
+                ..Frame::control(Kind::Grads)
             })
             .collect();
         let mut ts = Vec::new();
