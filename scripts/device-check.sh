@@ -103,11 +103,15 @@ done <<< "$TRAINS"
 # $OUT/fabric.jsonl. A few seconds each.
 # Both lists run SITTINGS times, alternating (quote medians); each JSON line
 # gets a "sitting" field.
-FABRIC=${FABRIC-"f4x2:--workers 4 --fanout 2 --repeats 5
+# The default list is session 12's (BENCHMARKS.md), so that a rerun
+# compares line for line.
+FABRIC=${FABRIC-"f1:--workers 1 --fanout 2 --repeats 5
+f2x2:--workers 2 --fanout 2 --repeats 5
+f4x2:--workers 4 --fanout 2 --repeats 5
 f4x4-top:--workers 4 --fanout 4 --top-in-store --repeats 5
 f8x2:--workers 8 --fanout 2 --repeats 5
 f8x4-top:--workers 8 --fanout 4 --top-in-store --repeats 5
-f1:--workers 1 --fanout 2 --repeats 5
+f8x8-top:--workers 8 --fanout 8 --top-in-store --repeats 5
 latency:--workers 64 --fanout 4 --latency"}
 # The CPU streaming efficiency on the device machine's 16 cores (issue 3):
 # `weightstream bench streaming` arguments, the page cache dropped before
