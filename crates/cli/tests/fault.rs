@@ -172,37 +172,36 @@ fn run_with_a_crash(faulty: &Path, fault: Fault) -> String {
     stderr
 }
 
-/// A fabric node process killed in the middle of a run: the store runs that
-/// node's place itself (its children connect to the store), the tree forms
-/// again with every worker, and the run equals one that never lost the
-/// node, byte for byte.
-#[test]
-fn a_lost_fabric_node_is_taken_over_by_the_store() {
+/// Kills one of `node_processes` fabric node processes after a few steps
+/// of a run of `workers` at fan-out `fanout` (the top node in the store's
+/// process when `top_in_store`); checks that the run equals, byte for byte,
+/// one that never lost the node, and returns the store's stderr.
+fn lose_a_node(workers: usize, fanout: usize, top_in_store: bool, node_processes: usize) -> String {
     const STEPS: u64 = 30;
+    let (n, f) = (workers.to_string(), fanout.to_string());
     let reference_tmp = tmp("node-reference");
     let reference = reference_tmp.path();
     let mut c = bin();
-    c.args(["train", "--workers", "3", "--fanout", "2"]);
+    c.args(["train", "--workers", &n, "--fanout", &f]);
     with_sets(&mut c, &sets(reference, STEPS));
     run_ok(c);
 
     let dir_tmp = tmp("node-lost");
-
     let dir = dir_tmp.path();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let store_addr = format!("127.0.0.1:{port}");
     let mut store = bin();
-    store.args(["store", "--listen", &store_addr, "--workers", "3", "--fanout", "2"]);
+    store.args(["store", "--listen", &store_addr, "--workers", &n, "--fanout", &f]);
     with_sets(&mut store, &sets(dir, STEPS));
-    store.args(["--set", "fabric.step_timeout_s=5"]);
+    store.args(["--set", "fabric.step_timeout_s=5", "--set", &format!("fabric.top_in_store={top_in_store}")]);
     let store = store.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let spawn = |role: &str| {
         let mut c = bin();
         c.args([role, "--store", &store_addr, "--timeout", "60"]).stderr(Stdio::null());
         c.spawn().unwrap()
     };
-    let mut nodes: Vec<Child> = (0..2).map(|_| spawn("fabric")).collect();
-    let mut workers: Vec<Child> = (0..3).map(|_| spawn("worker")).collect();
+    let mut nodes: Vec<Child> = (0..node_processes).map(|_| spawn("fabric")).collect();
+    let mut workers: Vec<Child> = (0..workers).map(|_| spawn("worker")).collect();
     // Once a few steps are done, one node dies.
     let metrics = dir.join("run/metrics.jsonl");
     let started = std::time::Instant::now();
@@ -218,6 +217,29 @@ fn a_lost_fabric_node_is_taken_over_by_the_store() {
         let _ = o.wait();
     }
     assert!(out.status.success(), "the store failed:\n{stderr}");
-    assert!(stderr.contains("the tree formed again with 3 workers (was 3)"), "{stderr}");
     assert!(weights_at(dir, STEPS) == weights_at(reference, STEPS), "the run that lost a node differs");
+    stderr
+}
+
+/// A fabric node process killed in the middle of a run (3 workers at
+/// fan-out 2: a top node and one below it, each a process): the surviving
+/// node process takes the top place and runs the place left over too, as
+/// its parent, so the lost place's children connect to it; the tree forms
+/// again with every worker, and the run equals one that never lost the
+/// node, byte for byte.
+#[test]
+fn a_lost_fabric_nodes_parent_takes_its_children() {
+    let stderr = lose_a_node(3, 2, false, 2);
+    let formed = "the tree formed again with 3 workers (was 3) (node 2 runs in node 1's process)";
+    assert!(stderr.contains(formed), "{stderr}");
+}
+
+/// The same where the lost place's parent is the top node that the store's
+/// process runs (6 workers at fan-out 4, `fabric.top_in_store`, two node
+/// processes below it): the store runs the place left over beside the top.
+#[test]
+fn a_lost_fabric_node_under_the_stores_top_node_runs_in_the_store() {
+    let stderr = lose_a_node(6, 4, true, 2);
+    let formed = "the tree formed again with 6 workers (was 6) (node 3 runs in the store)";
+    assert!(stderr.contains(formed), "{stderr}");
 }

@@ -46,6 +46,11 @@ pub struct Assignment {
     pub fanout: usize,
     /// The run's configuration (TOML), for workers to build the same model and data.
     pub run: String,
+    /// Node positions this node process runs besides its own: places no
+    /// process took after a loss, each run by the process that runs its
+    /// parent (descendants of `position`, parents before children).
+    #[serde(default)]
+    pub adopted: Vec<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -116,72 +121,154 @@ async fn refuse(j: Joined, why: &str) {
     let _ = j.link.tx.send(control(&Reply::Refused { refused: why.to_string() })).await;
 }
 
-/// The node positions that separate processes take when the store runs
-/// the top `hosted` nodes itself (positions 1..=hosted: numbered from the
-/// top down, so each hosted node's parent is the store or hosted too).
-pub fn process_nodes(tree: &Tree, hosted: usize) -> std::ops::RangeInclusive<usize> {
-    1 + hosted.min(tree.inner_nodes())..=tree.inner_nodes()
-}
-
-/// How many fabric node processes a tree needs when the store hosts `hosted` nodes.
+/// How many fabric node processes a tree needs when the store runs its top
+/// `hosted` nodes itself.
 pub fn node_processes(tree: &Tree, hosted: usize) -> usize {
-    process_nodes(tree, hosted).count()
+    tree.inner_nodes() - hosted.min(tree.inner_nodes())
 }
 
-/// Accepts the children of `me` (their hellos name their positions), in child order.
-async fn accept_children(listener: &Listener, tree: &Tree, me: usize) -> Result<Vec<Link>, FabricError> {
-    let children = &tree.positions[me].children;
-    let mut got: Vec<Option<Link>> = (0..children.len()).map(|_| None).collect();
+/// Who runs a node position: the store, or the node process at a position
+/// (the place's own process, or the one that adopted it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    Store,
+    Process(usize),
+}
+
+/// Where each node position runs (indexed by position; `None` for the
+/// store and the workers). The store runs the top `store_runs` nodes; the
+/// `processes` node processes take the next places from the top; a place
+/// left over (the deepest ones, after a loss) is run by whoever runs its
+/// parent, so the lost node's parent takes its children. Nodes are
+/// numbered from the top, so a parent's host is known before its children's.
+pub fn placement(tree: &Tree, store_runs: usize, processes: usize) -> Vec<Option<Host>> {
+    let inner = tree.inner_nodes();
+    let store_runs = store_runs.min(inner);
+    let last_process = (store_runs + processes).min(inner);
+    let mut host = vec![None; tree.positions.len()];
+    for p in tree.nodes() {
+        host[p] = Some(if p <= store_runs {
+            Host::Store
+        } else if p <= last_process {
+            Host::Process(p)
+        } else {
+            match tree.positions[p].parent.expect("a node has a parent") {
+                0 => Host::Store,
+                q => host[q].expect("parents are placed first"),
+            }
+        });
+    }
+    host
+}
+
+/// Accepts one connection for each of `wanted` (their hellos name their
+/// positions); returns the links in `wanted`'s order.
+async fn accept_positions(listener: &Listener, wanted: &[usize], whose: &str) -> Result<Vec<Link>, FabricError> {
+    let mut got: Vec<Option<Link>> = (0..wanted.len()).map(|_| None).collect();
     while got.iter().any(Option::is_none) {
         let (link, hello, from) = listener.accept().await?;
-        match children.iter().position(|&c| c == hello.position as usize) {
+        match wanted.iter().position(|&c| c == hello.position as usize) {
             Some(i) if got[i].is_none() => got[i] = Some(link),
-            _ => tracing::warn!("{from} named position {}, not a free child of {me}; refused", hello.position),
+            _ => tracing::warn!("{from} named position {}, not a free child of {whose}; refused", hello.position),
         }
     }
     Ok(got.into_iter().map(|l| l.expect("all accepted")).collect())
 }
 
+/// Runs the nodes at `positions` (parents before children) in this process
+/// and returns the parent end of the link to the first, whose parent is
+/// elsewhere: accepts their children that are elsewhere (each names its
+/// position), links the others in process, and spawns every node but the
+/// first, which `first` then runs on the link it is given.
+struct Local {
+    /// The first position's children, in child order.
+    first_children: Vec<Link>,
+    /// The other nodes, running.
+    others: Vec<tokio::task::JoinHandle<Result<(), FabricError>>>,
+}
+
+async fn run_here(
+    listener: &Listener,
+    tree: &Tree,
+    positions: &[usize],
+    whose: &str,
+    label: &str,
+) -> Result<Local, FabricError> {
+    let here = |p: usize| positions.contains(&p);
+    let remote: Vec<usize> =
+        positions.iter().flat_map(|&n| tree.positions[n].children.iter().copied()).filter(|&c| !here(c)).collect();
+    let accepted = accept_positions(listener, &remote, whose).await?;
+    let mut links: Vec<Option<Link>> = (0..tree.positions.len()).map(|_| None).collect();
+    for (c, l) in remote.into_iter().zip(accepted) {
+        links[c] = Some(l);
+    }
+    // In-process links from each local node to its local children.
+    let mut up: Vec<Option<Link>> = (0..tree.positions.len()).map(|_| None).collect();
+    for &n in &positions[1..] {
+        let parent = tree.positions[n].parent.expect("a node has a parent");
+        assert!(here(parent), "a local node's parent is local, but for the first");
+        let (down, child_up) =
+            crate::link::inproc_pair(listener.credits(), &format!("node {parent}"), &format!("node {n}"));
+        links[n] = Some(down);
+        up[n] = Some(child_up);
+    }
+    let children_of = |links: &mut Vec<Option<Link>>, n: usize| -> Vec<Link> {
+        tree.positions[n].children.iter().map(|&c| links[c].take().expect("linked above")).collect()
+    };
+    let first_children = children_of(&mut links, positions[0]);
+    let mut others = Vec::new();
+    for &n in &positions[1..] {
+        let (parent, children) = (up[n].take().expect("linked above"), children_of(&mut links, n));
+        let name = format!("node {n} ({label})");
+        others.push(tokio::spawn(crate::node::run(parent, children, name)));
+    }
+    Ok(Local { first_children, others })
+}
+
 /// Assigns positions in join order (nodes top first, workers by index),
-/// tells everyone, and returns the data link of the store's one child. The
-/// store runs nodes 1..=`hosted` itself (the top node with
-/// `fabric.top_in_store`; more when node processes are missing after a
-/// loss: the store takes the lost nodes' children): their children connect
-/// to the store, and the link returned is in-process.
+/// tells everyone, and returns the data link of the store's one child.
+/// `host` says where each node runs ([`placement`]): the store runs its
+/// nodes itself (their children connect to the store, and the link returned
+/// is in-process); a node process runs its own place and those it adopted,
+/// whose children connect to it.
 async fn form(
     listener: &Listener,
     tree: &Tree,
     nodes: Vec<Joined>,
     workers: Vec<Joined>,
     run: &str,
-    hosted: usize,
+    host: &[Option<Host>],
 ) -> Result<Link, FabricError> {
-    let hosted = hosted.min(tree.inner_nodes());
-    assert!(nodes.len() == node_processes(tree, hosted) && workers.len() == tree.workers);
-    let mut joined: Vec<(usize, Joined)> = process_nodes(tree, hosted)
-        .zip(nodes)
-        .chain((0..tree.workers).map(|w| tree.worker_position(w)).zip(workers))
-        .collect();
+    let own: Vec<usize> = tree.nodes().filter(|&p| host[p] == Some(Host::Process(p))).collect();
+    assert!(nodes.len() == own.len() && workers.len() == tree.workers);
+    let mut joined: Vec<(usize, Joined)> =
+        own.iter().copied().zip(nodes).chain((0..tree.workers).map(|w| tree.worker_position(w)).zip(workers)).collect();
     let mut listen = vec![None; tree.positions.len()];
     for (p, j) in &joined {
         listen[*p] = j.listen.clone();
     }
     for (p, j) in joined.iter_mut() {
         let parent = tree.positions[*p].parent.expect("not the store");
-        let at_store = parent <= hosted;
-        let addr = if at_store { j.store_addr.to_string() } else { listen[parent].clone().expect("nodes listen") };
+        // The process that runs the parent: the store, or a node process.
+        let addr = match (parent, host[parent]) {
+            (_, Some(Host::Process(q))) => listen[q].clone().expect("nodes listen"),
+            _ => j.store_addr.to_string(),
+        };
+        let adopted = tree.nodes().filter(|&x| x != *p && host[x] == Some(Host::Process(*p))).map(|x| x as u32);
         let a = Assignment {
             position: *p as u32,
             parent: addr,
             workers: tree.workers,
             fanout: tree.fanout,
             run: run.to_string(),
+            adopted: adopted.collect(),
         };
         j.link.tx.send(control(&Reply::Assigned(a))).await?;
     }
     drop(joined);
-    if hosted > 0 {
-        return host_nodes(listener, tree, hosted).await;
+    let in_store: Vec<usize> = tree.nodes().filter(|&p| host[p] == Some(Host::Store)).collect();
+    if !in_store.is_empty() {
+        return host_nodes(listener, tree, &in_store).await;
     }
     let top = tree.positions[0].children[0];
     loop {
@@ -193,47 +280,27 @@ async fn form(
     }
 }
 
-/// Runs nodes 1..=`hosted` in this process: accepts their children that are
-/// processes (each names its position), links hosted parents to hosted
-/// children in process, starts the nodes, and returns the store's link to
-/// the top node.
-async fn host_nodes(listener: &Listener, tree: &Tree, hosted: usize) -> Result<Link, FabricError> {
-    // Every child of a hosted node that is not hosted itself connects here.
-    let remote: Vec<usize> =
-        (1..=hosted).flat_map(|n| tree.positions[n].children.iter().copied()).filter(|&c| c > hosted).collect();
-    let mut links: Vec<Option<Link>> = (0..tree.positions.len()).map(|_| None).collect();
-    let mut missing = remote.len();
-    while missing > 0 {
-        let (link, hello, from) = listener.accept().await?;
-        let p = hello.position as usize;
-        if remote.contains(&p) && links[p].is_none() {
-            links[p] = Some(link);
-            missing -= 1;
-        } else {
-            tracing::warn!("{from} named position {p}, not a free child of a node the store runs; refused");
-        }
-    }
-    // Parent ends of in-process links: for the store (the top node's
-    // parent) and for each hosted node's hosted children.
-    let mut up: Vec<Option<Link>> = (0..tree.positions.len()).map(|_| None).collect();
-    let (root, top) = crate::link::inproc_pair(listener.credits(), "store", "node 1");
-    up[1] = Some(top);
-    for n in 2..=hosted {
-        let parent = tree.positions[n].parent.expect("a node has a parent");
-        let (down, child_up) =
-            crate::link::inproc_pair(listener.credits(), &format!("node {parent}"), &format!("node {n}"));
-        links[n] = Some(down);
-        up[n] = Some(child_up);
-    }
-    for (n, parent) in up.iter_mut().enumerate().take(hosted + 1).skip(1) {
-        let children = tree.positions[n].children.iter().map(|&c| links[c].take().expect("linked above")).collect();
-        let parent = parent.take().expect("linked above");
+/// Runs the nodes at `in_store` (the top node first, parents before
+/// children) in the store's process and returns the store's link to the
+/// top node.
+async fn host_nodes(listener: &Listener, tree: &Tree, in_store: &[usize]) -> Result<Link, FabricError> {
+    let top = tree.positions[0].children[0];
+    assert_eq!(in_store[0], top, "the store runs the top node when it runs any");
+    let local = run_here(listener, tree, in_store, "a node the store runs", "in the store").await?;
+    for h in local.others {
         tokio::spawn(async move {
-            if let Err(e) = crate::node::run(parent, children, format!("node {n} (in the store)")).await {
+            if let Ok(Err(e)) = h.await {
                 tracing::warn!("{e}");
             }
         });
     }
+    let (root, top_up) = crate::link::inproc_pair(listener.credits(), "store", &format!("node {top}"));
+    let children = local.first_children;
+    tokio::spawn(async move {
+        if let Err(e) = crate::node::run(top_up, children, format!("node {top} (in the store)")).await {
+            tracing::warn!("{e}");
+        }
+    });
     Ok(root)
 }
 
@@ -265,7 +332,7 @@ pub async fn admit(
             on_join(&format!("a {} joined", if role == ROLE_NODE { "fabric node" } else { "worker" }));
             list.push(j);
         }
-        form(listener, tree, nodes, workers, run, hosted).await
+        form(listener, tree, nodes, workers, run, &placement(tree, hosted, want_nodes)).await
     };
     let need = format!("it needs {want_nodes} fabric nodes and {} workers to join", tree.workers);
     tokio::time::timeout(deadline, work).await.map_err(|_| not_formed(deadline, need))?
@@ -275,8 +342,10 @@ pub async fn admit(
 /// (the survivors rejoin, replacements may come) until `quiet` passes with
 /// no new joiner, then forms the largest tree of at most `workers_max`
 /// workers that `fits`, and refuses the rest. Fewer node processes than the
-/// tree needs never cost workers: the store runs the missing nodes itself
-/// (from the top down), so their children connect to it.
+/// tree needs never cost workers: the node processes take the places from
+/// the top, and each place left over is run by whoever runs its parent (a
+/// node process, or the store), which takes its children. Returns the
+/// tree, the store's link, and where each node runs ([`placement`]).
 pub async fn admit_survivors(
     listener: &Listener,
     fanout: usize,
@@ -286,7 +355,7 @@ pub async fn admit_survivors(
     top_in_store: bool,
     quiet: Duration,
     deadline: Duration,
-) -> Result<(Tree, Link), FabricError> {
+) -> Result<(Tree, Link, Vec<Option<Host>>), FabricError> {
     let work = async {
         let (mut nodes, mut workers): (Vec<Joined>, Vec<Joined>) = (Vec::new(), Vec::new());
         loop {
@@ -309,22 +378,14 @@ pub async fn admit_survivors(
             }
             return Err(FabricError::Protocol(why));
         };
-        // The store hosts the top node if asked to, and as many more from
-        // the top as there are node processes missing.
-        let inner = tree.inner_nodes();
-        let hosted = usize::from(top_in_store).max(inner.saturating_sub(nodes.len())).min(inner);
-        let want_nodes = node_processes(&tree, hosted);
-        if hosted > usize::from(top_in_store) {
-            tracing::warn!(
-                "{} fabric node processes for {inner} places: the store runs {hosted} nodes itself",
-                nodes.len()
-            );
-        }
-        for j in nodes.drain(want_nodes..).chain(workers.drain(tree.workers..)) {
+        let store_runs = usize::from(top_in_store).min(tree.inner_nodes());
+        let processes = nodes.len().min(node_processes(&tree, store_runs));
+        let host = placement(&tree, store_runs, processes);
+        for j in nodes.drain(processes..).chain(workers.drain(tree.workers..)) {
             refuse(j, "the tree formed again without this process").await;
         }
-        let link = form(listener, &tree, nodes, workers, run, hosted).await?;
-        Ok((tree, link))
+        let link = form(listener, &tree, nodes, workers, run, &host).await?;
+        Ok((tree, link, host))
     };
     tokio::time::timeout(deadline, work).await.map_err(|_| not_formed(deadline, "no worker rejoined".into()))?
 }
@@ -358,7 +419,9 @@ pub async fn join(
 
 /// Runs a fabric node process's part once assigned: connects to its parent
 /// and accepts its children (at the same time), then forwards and sums
-/// until the run ends.
+/// until the run ends. It also runs the places it adopted (descendants of
+/// its own, parents first): their children connect here too, and
+/// in-process links join them to their parents.
 pub async fn run_node(
     a: &Assignment,
     listener: &Listener,
@@ -367,13 +430,66 @@ pub async fn run_node(
 ) -> Result<(), FabricError> {
     let tree = Tree::new(a.workers, a.fanout).map_err(FabricError::Protocol)?;
     let me = a.position as usize;
-    if me >= tree.positions.len() || tree.positions[me].role != Role::Node {
-        return Err(FabricError::Protocol(format!("position {me} is not a fabric node of this tree")));
+    let mine: Vec<usize> = std::iter::once(me).chain(a.adopted.iter().map(|&x| x as usize)).collect();
+    for (i, &p) in mine.iter().enumerate() {
+        if p >= tree.positions.len() || tree.positions[p].role != Role::Node {
+            return Err(FabricError::Protocol(format!("position {p} is not a fabric node of this tree")));
+        }
+        if i > 0 && !mine[..i].contains(&tree.positions[p].parent.expect("a node has a parent")) {
+            return Err(FabricError::Protocol(format!("node {me} was given node {p}, whose parent it does not run")));
+        }
+    }
+    if mine.len() > 1 {
+        tracing::warn!("node {me}: also runs nodes {:?}, places no process took (it runs their parents)", &mine[1..]);
     }
     let up = tcp::connect(&a.parent, opts, Hello { role: ROLE_NODE, position: a.position }, deadline);
-    let down = accept_children(listener, &tree, me);
+    let (whose, label) = (format!("node {me}"), format!("in node {me}'s process"));
+    let down = run_here(listener, &tree, &mine, &whose, &label);
     let (up, down) = tokio::join!(up, tokio::time::timeout(deadline, down));
-    let down =
+    let local =
         down.map_err(|_| FabricError::Io(format!("node {me}: its children did not connect within {deadline:?}")))??;
-    crate::node::run(up?, down, format!("node {me}")).await
+    let r = crate::node::run(up?, local.first_children, format!("node {me}")).await;
+    // The adopted nodes end with this one (it is their parent or ancestor).
+    for h in local.others {
+        if let Ok(Err(e)) = h.await {
+            if r.is_ok() {
+                return Err(e);
+            }
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Node processes take the places from the top; every place left over
+    /// runs where its parent runs (the store's child, where the store runs).
+    #[test]
+    fn a_place_no_process_takes_runs_where_its_parent_runs() {
+        for (n, f) in [(3, 2), (6, 4), (7, 2), (8, 2), (16, 4), (64, 4)] {
+            let tree = Tree::new(n, f).unwrap();
+            let inner = tree.inner_nodes();
+            for store_runs in [0, 1] {
+                for processes in 0..=node_processes(&tree, store_runs) {
+                    let host = placement(&tree, store_runs, processes);
+                    assert!(host[0].is_none() && (0..n).all(|w| host[tree.worker_position(w)].is_none()));
+                    let own: Vec<usize> = tree.nodes().filter(|&p| host[p] == Some(Host::Process(p))).collect();
+                    let top = store_runs.min(inner);
+                    assert_eq!(own, (top + 1..=top + processes).collect::<Vec<_>>(), "processes take the top places");
+                    for p in tree.nodes().filter(|&p| p > top + processes) {
+                        let parent = tree.positions[p].parent.unwrap();
+                        let want = if parent == 0 { Some(Host::Store) } else { host[parent] };
+                        assert_eq!(host[p], want, "N {n} F {f}: place {p} runs where its parent {parent} runs");
+                    }
+                }
+            }
+        }
+        // 3 workers at fan-out 2: top node 1 and node 2 below it.
+        let tree = Tree::new(3, 2).unwrap();
+        assert_eq!(placement(&tree, 0, 1)[1..=2], [Some(Host::Process(1)), Some(Host::Process(1))]);
+        assert_eq!(placement(&tree, 0, 0)[1..=2], [Some(Host::Store), Some(Host::Store)]);
+        assert_eq!(placement(&tree, 1, 0)[1..=2], [Some(Host::Store), Some(Host::Store)]);
+    }
 }

@@ -38,6 +38,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ws_data::{sample_batch, Split};
 use ws_fabric::chunk::{f32_bytes, f32_bytes_mut, frames, u16_bytes, u16_bytes_mut, Assembler, MessageId};
+use ws_fabric::rendezvous::Host;
 use ws_fabric::tcp::{Listener, TcpOptions};
 use ws_fabric::wire::Hello;
 use ws_fabric::PassStart;
@@ -1013,9 +1014,20 @@ impl FabricTrainer {
             REJOIN_QUIET,
             deadline,
         );
-        let (tree, link) = rt.block_on(admit).map_err(fabric_error)?;
+        let (tree, link, host) = rt.block_on(admit).map_err(fabric_error)?;
+        // Places no node process took: their parents' hosts run them.
+        let top_in_store = self.config.fabric.top_in_store;
+        let moved: Vec<String> = tree
+            .nodes()
+            .filter_map(|p| match host[p] {
+                Some(Host::Process(q)) if q != p => Some(format!("node {p} runs in node {q}'s process")),
+                Some(Host::Store) if !(top_in_store && p == 1) => Some(format!("node {p} runs in the store")),
+                _ => None,
+            })
+            .collect();
+        let moved = if moved.is_empty() { String::new() } else { format!(" ({})", moved.join(", ")) };
         eprintln!(
-            "fabric: {why}; the tree formed again with {} workers (was {})",
+            "fabric: {why}; the tree formed again with {} workers (was {}){moved}",
             tree.workers, self.config.fabric.workers
         );
         self.config.fabric.workers = tree.workers;
