@@ -428,6 +428,42 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// With a wide window the writer puts several waiting frames (and the
+    /// credit it owes) into one write, and the reader takes several from one
+    /// buffered read: empty, small and larger-than-the-buffer payloads still
+    /// arrive whole and in order, both ways.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_of_mixed_sizes_cross_in_order_under_a_wide_credit() {
+        let wide = TcpOptions { credits: 16, ..opts(SECRET) };
+        let size = |i: u64| match i % 7 {
+            0 => 0,
+            3 => (READ_BUFFER / 4) + 1000 + i as usize,
+            _ => 1 + i as usize,
+        };
+        let l = Listener::bind("127.0.0.1:0", wide.clone()).await.unwrap();
+        let addr = l.local_addr().to_string();
+        let server = tokio::spawn(async move {
+            let (mut link, _, _) = l.accept().await.unwrap();
+            while let Some(f) = link.rx.recv().await {
+                link.tx.send(f).await.unwrap();
+            }
+        });
+        let Link { tx, mut rx } =
+            connect(&addr, &wide, Hello { role: 2, position: 3 }, Duration::from_secs(5)).await.unwrap();
+        let sender = tokio::spawn(async move {
+            for i in 0..500 {
+                tx.send(chunk(i, size(i))).await.unwrap();
+            }
+            tx
+        });
+        for i in 0..500 {
+            assert_eq!(rx.recv().await.unwrap(), chunk(i, size(i)), "frame {i}");
+        }
+        drop(sender.await.unwrap());
+        drop(rx);
+        server.await.unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_wrong_secret_is_refused_and_the_listener_goes_on() {
         let l = Listener::bind("127.0.0.1:0", opts(SECRET)).await.unwrap();
