@@ -175,18 +175,20 @@ async fn accept_positions(listener: &Listener, wanted: &[usize], whose: &str) ->
     Ok(got.into_iter().map(|l| l.expect("all accepted")).collect())
 }
 
-/// Runs the nodes at `positions` (parents before children) in this process
-/// and returns the parent end of the link to the first, whose parent is
-/// elsewhere: accepts their children that are elsewhere (each names its
-/// position), links the others in process, and spawns every node but the
-/// first, which `first` then runs on the link it is given.
+/// The nodes a process runs, once [`run_here`] has linked them.
 struct Local {
-    /// The first position's children, in child order.
+    /// The first position's children, in child order: the caller runs the
+    /// first node on them and on its link to the parent elsewhere.
     first_children: Vec<Link>,
     /// The other nodes, running.
     others: Vec<tokio::task::JoinHandle<Result<(), FabricError>>>,
 }
 
+/// Links the nodes at `positions` (parents before children; the first's
+/// parent is elsewhere, every other's is among them) in this process:
+/// accepts their children that are elsewhere (each names its position),
+/// joins the others to their parents in process, and starts every node but
+/// the first.
 async fn run_here(
     listener: &Listener,
     tree: &Tree,
