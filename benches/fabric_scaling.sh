@@ -3,12 +3,12 @@
 # bundled corpus for one worker (the embedded default), two worker threads
 # behind the fabric, and two worker processes (`cluster`), alternating, for
 # SITTINGS sittings. Each figure is the median of the steps' own tokens/s
-# (metrics.jsonl) after the first two. Usage: benches/fabric_scaling.sh [SITTINGS] [STEPS]
+# (metrics.jsonl) after the first two. Usage: [BIN=path] benches/fabric_scaling.sh [SITTINGS] [STEPS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SITTINGS=${1:-3}
 STEPS=${2:-20}
-BIN=target/release/weightstream
+BIN=${BIN:-target/release/weightstream}
 [ -x "$BIN" ] || cargo build --release -p weightstream
 OUT=$(mktemp -d /tmp/fabric-scaling.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT

@@ -99,6 +99,16 @@ fn a_worker_killed_mid_step_costs_the_step_not_the_run() {
     assert!(stderr.contains("step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3"), "{stderr}");
     assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
     assert!(final_weights(hung) == final_weights(reference), "the run that timed out differs from the reference");
+
+    // One that stops answering late in the step, after its loss went up:
+    // the store's wait for the step's last gradients times out too (the
+    // simulator found this hang first).
+    let late_tmp = tmp("hung-late");
+    let late = late_tmp.path();
+    let stderr = run_with_a_crash(late, Fault::HangAfterLoss);
+    assert!(stderr.contains("step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3"), "{stderr}");
+    assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
+    assert!(final_weights(late) == final_weights(reference), "the run that timed out late differs from the reference");
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -109,6 +119,9 @@ enum Fault {
     CrashAndReplace,
     /// The worker stops answering (its process stays).
     Hang,
+    /// The same, in the last micro-batch's backward pass: after the
+    /// worker's loss went up.
+    HangAfterLoss,
 }
 
 #[test]
@@ -153,8 +166,13 @@ fn run_with_a_crash(faulty: &Path, fault: Fault) -> String {
     // Step 2, after use 4: the head's and the last block's gradients of
     // the first micro-batch have gone up (and, summed with the others',
     // into the store's accumulators).
+    // Two micro-batches of seven uses each (three forward, the head, three
+    // backward): use 12 is the second micro-batch's second backward use,
+    // after its head use (10), where the worker's loss goes up.
     if fault == Fault::Hang {
         others.push(worker().env("WEIGHTSTREAM_FAULT_STALL_AFTER", "2:4").spawn().unwrap());
+    } else if fault == Fault::HangAfterLoss {
+        others.push(worker().env("WEIGHTSTREAM_FAULT_STALL_AFTER", "2:12").spawn().unwrap());
     } else {
         let mut victim = worker().env("WEIGHTSTREAM_FAULT_EXIT_AFTER", "2:4").spawn().unwrap();
         assert_eq!(victim.wait().unwrap().code(), Some(137), "the victim did not die as planned");

@@ -5,9 +5,9 @@
 //! capacity is the credit (a bounded channel blocks at the same point); over
 //! TCP, `Credit` frames carry it back (see [`crate::tcp`]).
 //!
-//! Both halves work from async tasks (`send`, `recv`) and from plain threads
-//! (`blocking_send`, `blocking_recv`); the store and the workers are plain
-//! threads.
+//! Both halves are awaited (`send`, `recv`) under any executor: the nodes
+//! on tokio, the store's and the workers' loops on threads of their own or
+//! in the single-threaded simulator.
 
 use crate::{FabricError, Frame};
 use tokio::sync::mpsc;
@@ -56,11 +56,6 @@ impl LinkTx {
         self.tx.send(f).await.map_err(|_| FabricError::Closed(self.peer.clone()))
     }
 
-    /// From a plain thread (never from inside the async runtime).
-    pub fn blocking_send(&self, f: Frame) -> Result<(), FabricError> {
-        self.tx.blocking_send(f).map_err(|_| FabricError::Closed(self.peer.clone()))
-    }
-
     pub fn peer(&self) -> &str {
         &self.peer
     }
@@ -105,12 +100,6 @@ impl LinkRx {
     /// The next frame, or `None` once the peer has closed its side.
     pub async fn recv(&mut self) -> Option<Frame> {
         let f = self.rx.recv().await?;
-        self.taken(&f);
-        Some(f)
-    }
-
-    pub fn blocking_recv(&mut self) -> Option<Frame> {
-        let f = self.rx.blocking_recv()?;
         self.taken(&f);
         Some(f)
     }

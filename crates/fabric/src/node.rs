@@ -235,7 +235,9 @@ pub async fn run(parent: Link, children: Vec<Link>, name: String) -> Result<(), 
         }
         FabricError::Closed(format!("{lost_name}: the parent went away before the end of the run"))
     };
+    // Biased: the simulator's runs depend on the seed only.
     tokio::select! {
+        biased;
         r = async { tokio::try_join!(down, up) } => r.map(|_| ()),
         e = lost_parent => Err(e),
     }

@@ -156,7 +156,7 @@ fn delays_and_interleavings_never_change_the_weights() {
         let (want, broke) = simulate(0, shape, 3, 0, None);
         assert_eq!(broke, None);
         for seed in seeds() {
-            let (got, broke) = simulate(seed, shape, 3, 200, None);
+            let (got, broke) = simulate(seed, shape, 3, 20_000, None);
             assert_eq!(broke, None, "seed {seed} {shape:?}: the tree broke; rerun with WS_SIM_SEED={seed}");
             assert!(got == want, "seed {seed} {shape:?}: the weights differ; rerun with WS_SIM_SEED={seed}");
         }
@@ -171,7 +171,7 @@ fn a_worker_crash_mid_step_is_seen_in_that_step_and_applies_nothing_of_it() {
         let who = (seed as usize / 3) % shape.0;
         // The weights after the steps before the crash, from a run without one.
         let (want, _) = simulate(seed, shape, crash_step, 0, None);
-        let (got, broke) = simulate(seed, shape, 4, 200, Some((who, crash_step)));
+        let (got, broke) = simulate(seed, shape, 4, 20_000, Some((who, crash_step)));
         let what = format!("seed {seed}: worker {who} crashing in step {crash_step}");
         assert_eq!(broke, Some(crash_step), "{what}: the store saw the loss elsewhere; rerun with WS_SIM_SEED={seed}");
         assert!(got == want, "{what}: a partial step was applied; rerun with WS_SIM_SEED={seed}");

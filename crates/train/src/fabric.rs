@@ -2,39 +2,43 @@
 //! "The fabric"): one store, N workers, and the tree of `ws_fabric` between
 //! them, over in-process channels or authenticated TCP.
 //!
-//! The store thread is the one of single-worker streaming ([`crate::stream`]):
+//! The store loop is the one of single-worker streaming ([`crate::stream`]):
 //! it sends a pass start and the schedule's weights, and takes one gradient
-//! per gradient use. Here two root threads stand where the worker stood:
-//! one cuts the weights into chunks for the tree (and hands each buffer back
-//! at once), one puts the tree's summed gradient chunks back together.
+//! per gradient use. Here two root loops stand where the worker stood: one
+//! cuts the weights into chunks for the tree (and hands each buffer back at
+//! once), one puts the tree's summed gradient chunks back together.
 //!
-//! Each worker is three threads: one that assembles weight chunks into its
+//! Each worker is three loops: one that assembles weight chunks into its
 //! k+1 weight buffers (the prefetch), one that computes (the same
 //! [`CpuWorker`] as single-worker streaming), and one that cuts gradients
-//! into chunks. Worker w trains on sequences [w*B/N, (w+1)*B/N) of every
-//! global batch, scaled by 1/(B*T), so the tree's sum is the global
-//! gradient. The tree sums in child order, so runs with the same N and
+//! into chunks. Every loop is an async function: each runs on a thread of
+//! its own, or, in the simulator, all run on one thread under a virtual
+//! clock (`crate::exec`, docs/fabric.md "The simulator").
+//!
+//! Worker w trains on sequences [w*B/N, (w+1)*B/N) of every global batch,
+//! scaled by 1/(B*T), so the tree's sum is the global gradient. The tree sums in child order, so runs with the same N and
 //! fan-out agree bit for bit over every transport; against one worker, only
 //! the order of the sum differs.
 //!
 //! Evaluation pass i has worker w evaluate validation batch i*N + w (of the
 //! micro-batch size), so N workers see the batches one worker would.
 //!
-//! Not here yet: worker processes on other machines (the worker threads
-//! run in this process), and the fault handling of issue 4.
+//! Worker and node processes (`weightstream worker`, `weightstream
+//! fabric`) join a store started with `fabric.launch = "join"`; faults are
+//! in docs/fabric.md.
 
 use crate::config::RunConfig;
+use crate::exec::{Exec, Task};
 use crate::optim::learning_rate;
 use crate::schedule::Schedule;
-use crate::stream::{spawn_store, Control, CpuWorker, Down, PassIo, Reply, StoreControl, StoreEnds, ToStore};
+use crate::stream::{store_task, Control, CpuWorker, Down, PassIo, Reply, StoreControl, StoreEnds, ToStore};
 use crate::stream::{WeightMsg, Weights};
 use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use flume::{bounded, unbounded, Receiver, Sender};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ws_data::{sample_batch, Split};
 use ws_fabric::chunk::{f32_bytes, f32_bytes_mut, frames, u16_bytes, u16_bytes_mut, Assembler, MessageId};
@@ -63,9 +67,9 @@ enum Shards {
 }
 
 impl Shards {
-    fn next(&self, p: PassStart, c: &RunConfig, mb: usize) -> Option<Shard> {
+    async fn next(&self, p: PassStart, c: &RunConfig, mb: usize) -> Option<Shard> {
         match self {
-            Shards::Dealt(rx) => rx.recv().ok(),
+            Shards::Dealt(rx) => rx.recv_async().await.ok(),
             Shards::Sampled { data, worker } => {
                 let (n, t, seed) = (c.fabric.workers, c.seq_len(), c.train.seed);
                 let (mut inputs, mut targets) = (Vec::new(), Vec::new());
@@ -88,22 +92,35 @@ impl Shards {
 /// How long a child may take to reach its parent while the tree forms.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 
-/// A simulated network in place of the configured transport (tests):
-/// every link delays each frame by a seeded amount below `max_delay_us`.
-/// While `drops` is above zero, one link of each tree (seeded) drops its
-/// connection after a seeded number of frames one way (1 to
-/// `drop_within`); the members, all threads of this process, come back,
-/// the tree forms again over new links, and the pass is redone. With
-/// `crash`, the first drop is a worker's link and that worker is lost for
-/// good: the tree forms again with the workers left (the largest count
-/// whose batch share divides evenly), as over TCP.
-#[derive(Clone, Copy, Debug)]
+/// A simulated network in place of the configured transport (tests), and
+/// the simulator's single thread and virtual clock for the store, the tree
+/// and the workers (`crate::exec`): every link delays each frame by a
+/// seeded amount below `max_delay_us` (virtual time; use milliseconds, see
+/// `ws_fabric::sim`). While `drops` is above zero, one link of each tree
+/// (seeded) drops its connection after a seeded number of frames one way
+/// (1 to `drop_within`); the members, all tasks of the simulator, come
+/// back, the tree forms again over new links, and the pass is redone.
+/// With `crash`, the first drop is a worker's link and that worker is lost
+/// for good: the tree forms again with the workers left (the largest count
+/// whose batch share divides evenly), as over TCP. With `hang` instead, that
+/// worker's connection stalls rather than drops (a hung machine): nothing
+/// fails until `fabric.step_timeout_s` of simulated time has passed, then
+/// the step is aborted and the worker is lost as with `crash`.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Simulated {
     pub seed: u64,
     pub max_delay_us: u64,
     pub drops: u32,
     pub drop_within: u64,
     pub crash: bool,
+    pub hang: bool,
+}
+
+impl Simulated {
+    /// Whether the next fault loses a worker for good.
+    fn loses_a_worker(&self) -> bool {
+        self.drops > 0 && (self.crash || self.hang)
+    }
 }
 
 /// Builds the tree's links and starts its nodes on `rt`: returns the store's
@@ -140,18 +157,19 @@ pub fn build_tree_on(
         let cut = (s.drops > 0).then(|| {
             let mut rng = ws_fabric::sim::Rng::new(s.seed ^ 0xD509);
             let r = rng.next_u64();
-            let at = if s.crash {
+            let at = if s.loses_a_worker() {
                 tree.worker_position((r % tree.workers as u64) as usize)
             } else {
                 1 + (r % (n as u64 - 1)) as usize
             };
-            (at, (1 + rng.next_u64() % s.drop_within.max(1), rng.next_u64() & 1 == 1))
+            let fault = if s.hang { ws_fabric::sim::Fault::Stall } else { ws_fabric::sim::Fault::Drop };
+            (at, (1 + rng.next_u64() % s.drop_within.max(1), rng.next_u64() & 1 == 1, fault))
         });
         for (p, pos) in tree.positions.iter().enumerate() {
             for &c in &pos.children {
                 let seed = s.seed.wrapping_mul(0x1_0000).wrapping_add(c as u64);
                 let cut_after = cut.filter(|&(at, _)| at == c).map(|(_, after)| after);
-                let (a, b) = ws_fabric::sim::sim_pair_cut(f.chunks_in_flight, seed, s.max_delay_us, cut_after);
+                let (a, b) = ws_fabric::sim::sim_pair_fault(f.chunks_in_flight, seed, s.max_delay_us, cut_after);
                 down[p].push(a);
                 up[c] = Some(b);
             }
@@ -338,8 +356,9 @@ pub fn run_worker_process(store: &str, local: &RunConfig, deadline: Duration) ->
         tracing::info!("worker {w} of {} at position {}, parent {}", tree.workers, a.position, a.parent);
         let ended = Arc::new(AtomicBool::new(false));
         let shards = Shards::Sampled { data: data.clone().expect("loaded above"), worker: w };
-        for t in spawn_worker(w, link, setup, shards, ended.clone())? {
-            t.join().map_err(|_| TrainError::Config(format!("worker {w} failed (see above)")))?;
+        let exec = Exec::Threads;
+        for t in spawn_worker(&exec, w, link, setup, shards, ended.clone())? {
+            t.join(&exec).ok_or_else(|| TrainError::Config(format!("worker {w} failed (see above)")))?;
         }
         if ended.load(Ordering::SeqCst) {
             return Ok(());
@@ -382,7 +401,7 @@ const ROOT_DETACHING: u8 = 2;
 /// Cuts the store's weights into chunks for the tree; hands each buffer back
 /// once its chunks are out. Ends the run with `Shutdown` when the store
 /// stops; on `stop`, leaves without it (the tree is being replaced).
-fn root_down(
+async fn root_down(
     tx: LinkTx,
     spec: &ModelSpec,
     from_store: Receiver<Down>,
@@ -391,42 +410,54 @@ fn root_down(
     chunk: usize,
     state: Arc<AtomicU8>,
 ) {
-    let r = (|| -> Result<bool, FabricError> {
+    let r: Result<bool, FabricError> = async {
         loop {
-            crossbeam_channel::select! {
-                recv(stop) -> _ => return Ok(false),
-                recv(from_store) -> d => match d {
-                    Err(_) => return Ok(true),
-                    Ok(Down::Begin(p)) => tx.blocking_send(Frame::begin(p))?,
-                    Ok(Down::Masks(m)) => {
-                        let id = MessageId { kind: Kind::Masks, dtype: Dtype::None, step: m.version, use_index: 0, layer: 0 };
-                        frames(id, &m.to_safetensors(spec), chunk).try_for_each(|f| tx.blocking_send(f))?;
+            let d = tokio::select! {
+                biased;
+                _ = stop.recv_async() => return Ok(false),
+                d = from_store.recv_async() => d,
+            };
+            match d {
+                Err(_) => return Ok(true),
+                Ok(Down::Begin(p)) => tx.send(Frame::begin(p)).await?,
+                Ok(Down::Masks(m)) => {
+                    let id =
+                        MessageId { kind: Kind::Masks, dtype: Dtype::None, step: m.version, use_index: 0, layer: 0 };
+                    for f in frames(id, &m.to_safetensors(spec), chunk) {
+                        tx.send(f).await?;
                     }
-                    Ok(Down::Weights(m)) => {
-                        let (dtype, bytes) = match &m.data {
-                            Weights::F32(v) => (Dtype::F32, f32_bytes(&v[..m.len])),
-                            Weights::Bf16(v) => (Dtype::Bf16, u16_bytes(&v[..m.len])),
-                        };
-                        let id = MessageId {
-                            kind: Kind::Weights,
-                            dtype,
-                            step: m.step,
-                            use_index: m.use_index as u32,
-                            layer: m.layer as u32,
-                        };
-                        // The buffer goes back even if the tree fails midway.
-                        let sent = frames(id, bytes, chunk).try_for_each(|f| tx.blocking_send(f));
-                        let _ = to_store.send(ToStore::Release(m.data));
-                        sent?;
+                }
+                Ok(Down::Weights(m)) => {
+                    let (dtype, bytes) = match &m.data {
+                        Weights::F32(v) => (Dtype::F32, f32_bytes(&v[..m.len])),
+                        Weights::Bf16(v) => (Dtype::Bf16, u16_bytes(&v[..m.len])),
+                    };
+                    let id = MessageId {
+                        kind: Kind::Weights,
+                        dtype,
+                        step: m.step,
+                        use_index: m.use_index as u32,
+                        layer: m.layer as u32,
+                    };
+                    // The buffer goes back even if the tree fails midway.
+                    let mut sent = Ok(());
+                    for f in frames(id, bytes, chunk) {
+                        sent = tx.send(f).await;
+                        if sent.is_err() {
+                            break;
+                        }
                     }
-                },
+                    let _ = to_store.send(ToStore::Release(m.data));
+                    sent?;
+                }
             }
         }
-    })();
+    }
+    .await;
     match r {
         Ok(true) => {
             state.store(ROOT_SHUTTING_DOWN, Ordering::SeqCst);
-            let _ = tx.blocking_send(Frame::control(Kind::Shutdown));
+            let _ = tx.send(Frame::control(Kind::Shutdown)).await;
         }
         Ok(false) => {}
         Err(e) => tracing::warn!("fabric root (down): {e}"),
@@ -448,13 +479,13 @@ struct RootUp {
 /// Puts the tree's summed gradients back together for the store and passes
 /// the summed statistics to the driver. If the tree breaks while running,
 /// tells the store to drop the open pass, and the driver why.
-fn root_up(mut r: RootUp) {
+async fn root_up(mut r: RootUp) {
     let mut cur: Option<Vec<f32>> = None;
-    let result = (|| -> Result<(), String> {
+    let result: Result<(), String> = async {
         let mut asm = Assembler::new();
         let last_sparse = r.spec.tensors.iter().rposition(|t| t.is_sparse());
         let mut dense: Option<Vec<Option<Vec<f32>>>> = None;
-        while let Some(f) = r.rx.blocking_recv() {
+        while let Some(f) = r.rx.recv().await {
             match (f.kind, f.dtype) {
                 (Kind::Grads, Dtype::F32) if f.use_index == DENSE_GRADS_USE => {
                     let t = f.layer as usize;
@@ -473,7 +504,7 @@ fn root_up(mut r: RootUp) {
                 }
                 (Kind::Grads, Dtype::F32) => {
                     if cur.is_none() {
-                        cur = Some(r.grad_pool.recv().map_err(|_| "the store stopped")?);
+                        cur = Some(r.grad_pool.recv_async().await.map_err(|_| "the store stopped")?);
                     }
                     let buf = cur.as_mut().expect("taken above");
                     if let Some((id, n)) = asm.add(&f, f32_bytes_mut(buf)).map_err(|e| e.to_string())? {
@@ -495,7 +526,8 @@ fn root_up(mut r: RootUp) {
             }
         }
         Ok(())
-    })();
+    }
+    .await;
     if let Some(b) = cur {
         let _ = r.grad_return.send(b);
     }
@@ -512,7 +544,7 @@ fn root_up(mut r: RootUp) {
 /// A worker's receiving half: pass starts go to the compute thread; weight
 /// chunks are assembled into free buffers (k+1 of them, the prefetch).
 /// Returns whether the run ended (`Shutdown`) rather than the link.
-fn worker_down(
+async fn worker_down(
     mut rx: LinkRx,
     spec: &ModelSpec,
     to_compute: Sender<Down>,
@@ -521,7 +553,7 @@ fn worker_down(
     let mut asm = Assembler::new();
     let mut cur: Option<Weights> = None;
     let mut masks = Vec::new();
-    while let Some(f) = rx.blocking_recv() {
+    while let Some(f) = rx.recv().await {
         match f.kind {
             Kind::Masks => {
                 if masks.is_empty() {
@@ -547,7 +579,7 @@ fn worker_down(
             }
             Kind::Weights => {
                 if cur.is_none() {
-                    match free.recv() {
+                    match free.recv_async().await {
                         Ok(b) => cur = Some(b),
                         Err(_) => break,
                     }
@@ -581,7 +613,7 @@ fn worker_down(
 
 /// A worker's sending half: gradients and statistics as chunks to the
 /// parent; released weight buffers back to the receiving half.
-fn worker_up(
+async fn worker_up(
     tx: LinkTx,
     from_compute: Receiver<ToStore>,
     free: Sender<Weights>,
@@ -597,7 +629,7 @@ fn worker_up(
         Some((s.parse().ok()?, u.parse().ok()?))
     };
     let (exit_after, stall_after) = (at("WEIGHTSTREAM_FAULT_EXIT_AFTER"), at("WEIGHTSTREAM_FAULT_STALL_AFTER"));
-    while let Ok(m) = from_compute.recv() {
+    while let Ok(m) = from_compute.recv_async().await {
         match m {
             ToStore::Release(w) => {
                 let _ = free.send(w);
@@ -611,11 +643,12 @@ fn worker_up(
                     layer: layer as u32,
                 };
                 for f in frames(id, f32_bytes(&data[..len]), chunk) {
-                    tx.blocking_send(f).map_err(|e| e.to_string())?;
+                    tx.send(f).await.map_err(|e| e.to_string())?;
                 }
                 let _ = grad_return.send(data);
                 if exit_after == Some((step, use_index)) {
-                    // Time for the writer to put the frames on the wire.
+                    // Time for the writer to put the frames on the wire (a
+                    // worker process's thread: blocking it blocks no one else).
                     std::thread::sleep(Duration::from_millis(300));
                     eprintln!("worker: WEIGHTSTREAM_FAULT_EXIT_AFTER={step}:{use_index}: exiting");
                     // SAFETY: ends the process at once, like a crash; nothing is left half-written.
@@ -637,7 +670,7 @@ fn worker_up(
                     payload: bytes::Bytes::copy_from_slice(&sum.to_le_bytes()),
                     ..Frame::control(Kind::Stats)
                 };
-                tx.blocking_send(f).map_err(|e| e.to_string())?;
+                tx.send(f).await.map_err(|e| e.to_string())?;
             }
             ToStore::DenseGrads { step, grads } => {
                 for (t, g) in grads.iter().enumerate() {
@@ -650,7 +683,7 @@ fn worker_up(
                         layer: t as u32,
                     };
                     for f in frames(id, f32_bytes(g), chunk) {
-                        tx.blocking_send(f).map_err(|e| e.to_string())?;
+                        tx.send(f).await.map_err(|e| e.to_string())?;
                     }
                 }
             }
@@ -669,7 +702,7 @@ struct WorkerSetup {
     eval: Schedule,
 }
 
-fn worker_compute(
+async fn worker_compute(
     s: WorkerSetup,
     shards: Shards,
     weights: Receiver<Down>,
@@ -682,27 +715,30 @@ fn worker_compute(
     let crossover = s.config.sparsity.kernel_density_max;
     let mut spec = s.spec.clone();
     loop {
-        let Some(p) = crate::stream::recv_begin(&weights, &mut cpu.workspace, &mut spec, crossover) else { return };
-        let Some(shard) = shards.next(p, &s.config, mb) else { return };
+        let Some(p) = crate::stream::recv_begin(&weights, &mut cpu.workspace, &mut spec, crossover).await else {
+            return;
+        };
+        let Some(shard) = shards.next(p, &s.config, mb).await else { return };
         let (sched, step, dloss) = if p.training { (&s.train, p.index, scale) } else { (&s.eval, u64::MAX, 0.0) };
         // The loss goes up right after the last head use, ahead of the
         // backward gradients: a step whose gradients all arrived has its loss.
         let io = PassIo { weights: &weights, to_store: &to_up, grad_pool: &grad_pool, stats_index: Some(p.index) };
-        if cpu.pass(&spec, sched, step, &shard.inputs, &shard.targets, mb, t, dloss, &io).is_err() {
+        if cpu.pass(&spec, sched, step, &shard.inputs, &shard.targets, mb, t, dloss, &io).await.is_err() {
             return;
         }
     }
 }
 
-/// Starts one worker's three threads on `link`; `ended` is set if the run
-/// ended normally (rather than the link).
+/// Starts one worker's three loops on `link` where `exec` runs them;
+/// `ended` is set if the run ended normally (rather than the link).
 fn spawn_worker(
+    exec: &Exec,
     w: usize,
     link: Link,
     s: WorkerSetup,
     shards: Shards,
     ended: Arc<AtomicBool>,
-) -> Result<Vec<JoinHandle<()>>, TrainError> {
+) -> Result<Vec<Task<()>>, TrainError> {
     let buffers = s.config.stream.prefetch_depth + 1;
     let max_layer = crate::stream::max_layer_params(&s.spec);
     let dtype = Precision::parse(&s.config.stream.dtype).expect("validated");
@@ -723,30 +759,26 @@ fn spawn_worker(
     let (to_up, from_compute) = unbounded();
     let Link { tx, rx } = link;
     let spec = s.spec.clone();
-    let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(f)
-            .map_err(|e| TrainError::Config(format!("cannot start a worker thread: {e}")))
-    };
     Ok(vec![
-        spawn(
-            format!("worker{w}-down"),
-            Box::new(move || match worker_down(rx, &spec, to_compute, free_rx) {
+        exec.spawn(format!("worker{w}-down"), move || async move {
+            match worker_down(rx, &spec, to_compute, free_rx).await {
                 Ok(done) => ended.store(done, Ordering::SeqCst),
                 Err(e) => tracing::error!("worker {w}: {e}"),
-            }),
-        )?,
-        spawn(
-            format!("worker{w}-up"),
-            Box::new(move || {
-                if let Err(e) = worker_up(tx, from_compute, free_tx, grad_return, chunk) {
-                    tracing::warn!("worker {w}: {e}");
-                }
-            }),
-        )?,
-        spawn(format!("worker{w}"), Box::new(move || worker_compute(s, shards, weights, to_up, grad_pool)))?,
+            }
+        })?,
+        exec.spawn(format!("worker{w}-up"), move || async move {
+            if let Err(e) = worker_up(tx, from_compute, free_tx, grad_return, chunk).await {
+                tracing::warn!("worker {w}: {e}");
+            }
+        })?,
+        exec.spawn(format!("worker{w}"), move || worker_compute(s, shards, weights, to_up, grad_pool))?,
     ])
+}
+
+/// Whether `w` workers divide a batch of `b` sequences evenly, whole
+/// micro-batches of `mb` each.
+fn share_fits(b: usize, mb: usize, w: usize) -> bool {
+    b.is_multiple_of(w) && (b / w).is_multiple_of(mb)
 }
 
 /// One worker's schedules in a tree of `workers`: training over its share of
@@ -758,12 +790,13 @@ fn schedules(layers: usize, config: &RunConfig, workers: usize, micro_batch: usi
 }
 
 /// The driver's ends of the workers inside this process: each one's shard
-/// sender, and all their threads.
-type InprocWorkers = (Vec<Sender<Shard>>, Vec<JoinHandle<()>>);
+/// sender, and all their loops.
+type InprocWorkers = (Vec<Sender<Shard>>, Vec<Task<()>>);
 
 /// Starts the workers of a tree inside this process, one per link, each
 /// fed its shards by the driver.
 fn spawn_inproc_workers(
+    exec: &Exec,
     links: Vec<Link>,
     spec: &ModelSpec,
     config: &RunConfig,
@@ -782,15 +815,15 @@ fn spawn_inproc_workers(
             train: train.clone(),
             eval: eval.clone(),
         };
-        threads.extend(spawn_worker(w, link, setup, Shards::Dealt(rx), Arc::new(AtomicBool::new(false)))?);
+        threads.extend(spawn_worker(exec, w, link, setup, Shards::Dealt(rx), Arc::new(AtomicBool::new(false)))?);
     }
     Ok((shards, threads))
 }
 
 /// The store's end of the running tree.
 struct Root {
-    down: JoinHandle<()>,
-    up: JoinHandle<()>,
+    down: Task<()>,
+    up: Task<()>,
     stop: Sender<()>,
     state: Arc<AtomicU8>,
     /// Closes the connection to the store's child at once (TCP).
@@ -808,17 +841,17 @@ struct StoreSide {
     stats: Sender<Result<f64, String>>,
 }
 
-fn start_root(link: Link, side: &StoreSide, chunk: usize, epoch: u64) -> Result<Root, TrainError> {
+fn start_root(exec: &Exec, link: Link, side: &StoreSide, chunk: usize, epoch: u64) -> Result<Root, TrainError> {
     let Link { tx, rx } = link;
     let kill = tx.killer();
     let state = Arc::new(AtomicU8::new(ROOT_RUNNING));
     let (stop, stop_rx) = bounded(1);
-    let spawn_err = |e: std::io::Error| TrainError::Config(format!("cannot start a fabric thread: {e}"));
     let (w, ts, st, spec) = (side.weights.clone(), side.to_store.clone(), state.clone(), side.spec.clone());
-    let down = std::thread::Builder::new()
-        .name("fabric-root-down".into())
-        .spawn(move || root_down(tx, &spec, w, stop_rx, ts, chunk, st))
-        .map_err(spawn_err)?;
+    let down =
+        exec.spawn(
+            "fabric-root-down".into(),
+            move || async move { root_down(tx, &spec, w, stop_rx, ts, chunk, st).await },
+        )?;
     let r = RootUp {
         rx,
         spec: side.spec.clone(),
@@ -829,7 +862,7 @@ fn start_root(link: Link, side: &StoreSide, chunk: usize, epoch: u64) -> Result<
         state: state.clone(),
         epoch,
     };
-    let up = std::thread::Builder::new().name("fabric-root-up".into()).spawn(move || root_up(r)).map_err(spawn_err)?;
+    let up = exec.spawn("fabric-root-up".into(), move || root_up(r))?;
     Ok(Root { down, up, stop, state, kill })
 }
 
@@ -855,8 +888,11 @@ pub struct FabricTrainer {
     /// See [`Self::shrunk`].
     shrunk: Vec<(u64, usize)>,
     shards: Vec<Sender<Shard>>,
-    threads: Vec<JoinHandle<()>>,
-    store: Option<JoinHandle<Store>>,
+    threads: Vec<Task<()>>,
+    store: Option<Task<Store>>,
+    /// Where the store, root and workers run: threads, or the simulator.
+    exec: Exec,
+    /// The runtime of the tree's nodes and links (threads; the simulator has its own).
     runtime: Option<tokio::runtime::Runtime>,
     inputs: Vec<u32>,
     targets: Vec<u32>,
@@ -891,12 +927,17 @@ impl FabricTrainer {
         let (train, eval, _) = schedules(spec.layer_count(), &config, n, micro_batch);
         store.set_access_sequence(&train.layer_sequence());
         let version = store.version;
-        let runtime = if config.fabric.launch == "join" { forwarding_runtime()? } else { process_runtime()? };
+        let exec = if sim.is_some() { Exec::simulated()? } else { Exec::Threads };
+        let runtime = match (&exec, config.fabric.launch.as_str()) {
+            (Exec::Sim(_), _) => None,
+            (Exec::Threads, "join") => Some(forwarding_runtime()?),
+            (Exec::Threads, _) => Some(process_runtime()?),
+        };
+        let rt = runtime.as_ref().or(exec.sim_runtime()).expect("one of the two");
         let mut listener = None;
         let (root, worker_links) = if config.fabric.launch == "join" {
-            let l = runtime
-                .block_on(Listener::bind(&config.fabric.bind, tcp_options(&config, false)?))
-                .map_err(fabric_error)?;
+            let l =
+                rt.block_on(Listener::bind(&config.fabric.bind, tcp_options(&config, false)?)).map_err(fabric_error)?;
             let top_in_store = config.fabric.top_in_store;
             eprintln!(
                 "store: waiting at {} for {} workers and {} fabric nodes to join",
@@ -908,25 +949,26 @@ impl FabricTrainer {
             let run = config.to_toml();
             let admit =
                 ws_fabric::rendezvous::admit(&l, &tree, &run, top_in_store, deadline, |m| tracing::info!("{m}"));
-            let link = runtime.block_on(admit).map_err(fabric_error)?;
+            let link = rt.block_on(admit).map_err(fabric_error)?;
             listener = Some(l);
             (link, Vec::new())
         } else {
-            build_tree_on(&tree, &config, &runtime, sim)?
+            build_tree_on(&tree, &config, rt, sim)?
         };
-        let StoreEnds { control, reply, weights, to_store, grad_pool, grad_return, handle } =
-            spawn_store(&config, store, &train, &eval)?;
+        let (StoreEnds { control, reply, weights, to_store, grad_pool, grad_return }, task) =
+            store_task(&config, store, &train, &eval)?;
+        let handle = task.start(&exec)?;
         let (stats_tx, stats) = unbounded();
         let side = StoreSide { spec: spec.clone(), weights, to_store, grad_pool, grad_return, stats: stats_tx };
-        let root = start_root(root, &side, config.fabric.chunk_bytes, 0)?;
-        let (shards, threads) = spawn_inproc_workers(worker_links, &spec, &config, micro_batch, &train, &eval)?;
+        let root = start_root(&exec, root, &side, config.fabric.chunk_bytes, 0)?;
+        let (shards, threads) = spawn_inproc_workers(&exec, worker_links, &spec, &config, micro_batch, &train, &eval)?;
         Ok(FabricTrainer {
             config,
             spec,
             tree,
             micro_batch,
             step: version,
-            store_control: StoreControl { control, reply },
+            store_control: StoreControl { control, reply, exec: exec.clone() },
             side,
             stats,
             root: Some(root),
@@ -938,7 +980,8 @@ impl FabricTrainer {
             shards,
             threads,
             store: Some(handle),
-            runtime: Some(runtime),
+            exec,
+            runtime,
             inputs: Vec::new(),
             targets: Vec::new(),
         })
@@ -951,25 +994,59 @@ impl FabricTrainer {
     /// The summed statistic of one pass from the tree, waiting at most
     /// `fabric.step_timeout_s` (0: no limit).
     fn pass_stats(&self) -> Result<f64, String> {
-        let limit = self.config.fabric.step_timeout_s;
-        let r = if limit == 0 {
-            self.stats.recv().map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected)
-        } else {
-            self.stats.recv_timeout(Duration::from_secs(limit))
-        };
-        match r {
+        match self.recv_within_step(&self.stats) {
             Ok(r) => r,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                // A member stopped answering: the pass ends here, and the tree with it.
-                let reason = format!("no answer from the tree within fabric.step_timeout_s = {limit}");
-                let _ = self.side.to_store.send(ToStore::Abort { epoch: self.epoch, reason: reason.clone() });
-                if let Some(k) = self.root.as_ref().and_then(|r| r.kill.as_ref()) {
-                    let _ = k.send(true);
-                }
-                Err(reason)
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err("the fabric stopped".into()),
+            Err(flume::RecvTimeoutError::Timeout) => Err(self.give_up()),
+            Err(flume::RecvTimeoutError::Disconnected) => Err("the fabric stopped".into()),
         }
+    }
+
+    /// The store's answer to a step whose loss arrived, waiting at most
+    /// `fabric.step_timeout_s` for the step's last gradients: a worker
+    /// that stops answering after it sent its loss costs the step too.
+    fn step_reply(&self) -> Result<Reply, TrainError> {
+        match self.recv_within_step(&self.store_control.reply) {
+            Ok(Reply::Failed(e)) => Err(TrainError::Config(e)),
+            Ok(r) => Ok(r),
+            Err(flume::RecvTimeoutError::Timeout) => {
+                self.give_up();
+                // The store drops the pass and says so.
+                self.store_control.recv_reply()
+            }
+            Err(flume::RecvTimeoutError::Disconnected) => {
+                Err(TrainError::Config("the store stopped unexpectedly".into()))
+            }
+        }
+    }
+
+    /// The next message on `rx`, waiting at most `fabric.step_timeout_s`
+    /// (0: no limit); in the simulator, of simulated time, which passes
+    /// only while every member waits.
+    fn recv_within_step<T>(&self, rx: &Receiver<T>) -> Result<T, flume::RecvTimeoutError> {
+        use flume::RecvTimeoutError::{Disconnected, Timeout};
+        let limit = self.config.fabric.step_timeout_s;
+        match (&self.exec, limit) {
+            (Exec::Threads, 0) => rx.recv().map_err(|_| Disconnected),
+            (Exec::Threads, _) => rx.recv_timeout(Duration::from_secs(limit)),
+            (Exec::Sim(_), 0) => self.exec.wait(rx.recv_async()).map_err(|_| Disconnected),
+            (Exec::Sim(_), _) => match self.exec.wait_timeout(Duration::from_secs(limit), rx.recv_async()) {
+                Some(r) => r.map_err(|_| Disconnected),
+                None => Err(Timeout),
+            },
+        }
+    }
+
+    /// A member stopped answering: the pass ends here, and the tree with
+    /// it (the store drops the pass; the connection to the tree closes).
+    /// Returns why.
+    fn give_up(&self) -> String {
+        let limit = self.config.fabric.step_timeout_s;
+        let reason = format!("no answer from the tree within fabric.step_timeout_s = {limit}");
+        let _ = self.side.to_store.send(ToStore::Abort { epoch: self.epoch, reason: reason.clone() });
+        if let Some(k) = self.root.as_ref().and_then(|r| r.kill.as_ref()) {
+            let _ = k.send(true);
+        }
+        reason
     }
 
     /// After a loss: retires the root, forms the tree again from the
@@ -985,8 +1062,8 @@ impl FabricTrainer {
             if let Some(k) = &root.kill {
                 let _ = k.send(true);
             }
-            let _ = root.down.join();
-            let _ = root.up.join();
+            let _ = root.down.join(&self.exec);
+            let _ = root.up.join(&self.exec);
         }
         // What the old tree left: weights never sent, statistics never read.
         while let Ok(d) = self.side.weights.try_recv() {
@@ -999,7 +1076,8 @@ impl FabricTrainer {
             return self.reconnect(why, sim);
         }
         let listener = self.listener.as_ref().expect("checked above");
-        let fits = |w: usize| self.share_fits(w);
+        let (b, mb) = (self.config.train.batch_size, self.micro_batch);
+        let fits = move |w: usize| share_fits(b, mb, w);
         let deadline = Duration::from_secs(self.config.fabric.join_timeout_s);
         let rt = self.runtime.as_ref().expect("running");
         let run = self.config.to_toml();
@@ -1047,7 +1125,7 @@ impl FabricTrainer {
         let (train, _, micro_batches) = self.schedules();
         self.store_control.send(Control::Reshape { train, micro_batches, epoch: self.epoch })?;
         let Reply::Reshaped = self.store_control.recv_reply()? else { unreachable!("the store answers with Reshaped") };
-        self.root = Some(start_root(link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
+        self.root = Some(start_root(&self.exec, link, &self.side, self.config.fabric.chunk_bytes, self.epoch)?);
         Ok(())
     }
 
@@ -1058,20 +1136,18 @@ impl FabricTrainer {
         // The old tree's workers end once their links close (the drop
         // closes every link of the tree in turn) and their shards stop.
         self.shards.clear();
-        let deadline = Instant::now() + OLD_TREE_ENDS;
-        while self.threads.iter().any(|t| !t.is_finished()) {
-            if Instant::now() > deadline {
-                return Err(TrainError::Config(format!("fabric: {why}; the old tree's workers did not end")));
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        if !self.exec.join_all(std::mem::take(&mut self.threads), OLD_TREE_ENDS) {
+            return Err(TrainError::Config(format!("fabric: {why}; the old tree's workers did not end")));
         }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let next =
-            Simulated { seed: sim.seed.wrapping_add(1), drops: sim.drops.saturating_sub(1), crash: false, ..sim };
+        let next = Simulated {
+            seed: sim.seed.wrapping_add(1),
+            drops: sim.drops.saturating_sub(1),
+            crash: false,
+            hang: false,
+            ..sim
+        };
         self.sim = Some(next);
-        if sim.crash {
+        if sim.loses_a_worker() {
             // A worker is gone for good: the largest tree of those left
             // whose batch share divides evenly.
             let fanout = self.config.fabric.fanout;
@@ -1082,24 +1158,31 @@ impl FabricTrainer {
             self.config.fabric.workers = self.tree.workers;
             self.shrunk.push((self.step, self.tree.workers));
         }
-        let rt = self.runtime.as_ref().expect("running");
+        let rt = self.exec.sim_runtime().or(self.runtime.as_ref()).expect("running");
         let (link, worker_links) = build_tree_on(&self.tree, &self.config, rt, Some(next))?;
         let (train, eval, _) = self.schedules();
-        let mb = self.micro_batch;
-        (self.shards, self.threads) = spawn_inproc_workers(worker_links, &self.spec, &self.config, mb, &train, &eval)?;
+        let (exec, mb) = (&self.exec, self.micro_batch);
+        (self.shards, self.threads) =
+            spawn_inproc_workers(exec, worker_links, &self.spec, &self.config, mb, &train, &eval)?;
         eprintln!("fabric: {why}; the simulated network connected the tree again ({} workers)", self.tree.workers);
         self.start_new_tree(link)
     }
 
     /// Whether `w` workers divide the batch evenly, whole micro-batches each.
     fn share_fits(&self, w: usize) -> bool {
-        let (b, mb) = (self.config.train.batch_size, self.micro_batch);
-        b.is_multiple_of(w) && (b / w).is_multiple_of(mb)
+        share_fits(self.config.train.batch_size, self.micro_batch, w)
     }
 
     /// How many times the tree has formed again since the start.
     pub fn formed_again(&self) -> u64 {
         self.epoch
+    }
+
+    /// The simulated time since the start (a simulated run; `None`
+    /// otherwise): it moves only by the links' seeded delays, so the same
+    /// seed gives the same reading after every step.
+    pub fn simulated_time(&self) -> Option<Duration> {
+        self.exec.elapsed()
     }
 
     /// Where the simulated network lost a worker for good: (the step then
@@ -1109,8 +1192,9 @@ impl FabricTrainer {
     }
 
     /// Sends each worker its share of `inputs`/`targets` (B*T each);
-    /// worker processes sample their own.
-    fn deal(&self, inputs: &[u32], targets: &[u32]) -> Result<(), TrainError> {
+    /// worker processes sample their own. Fails with the reason when a
+    /// worker has stopped (the tree broke while idle).
+    fn deal(&self, inputs: &[u32], targets: &[u32]) -> Result<(), String> {
         if self.shards.is_empty() {
             return Ok(());
         }
@@ -1120,7 +1204,7 @@ impl FabricTrainer {
                 inputs: inputs[w * share..(w + 1) * share].to_vec(),
                 targets: targets[w * share..(w + 1) * share].to_vec(),
             };
-            s.send(shard).map_err(|_| TrainError::Config(format!("worker {w} stopped")))?;
+            s.send(shard).map_err(|_| format!("worker {w} stopped"))?;
         }
         Ok(())
     }
@@ -1129,7 +1213,7 @@ impl FabricTrainer {
     pub fn into_store(mut self) -> Store {
         let handle = self.store.take().expect("running");
         self.shutdown();
-        handle.join().expect("the store thread does not panic")
+        handle.join(&self.exec).expect("the store thread does not panic")
     }
 
     fn shutdown(&mut self) {
@@ -1142,15 +1226,14 @@ impl FabricTrainer {
             // The root's receiver clone keeps the weights channel open: the
             // store thread must end first, so join it before the root.
             if let Some(h) = self.store.take() {
-                let s = h.join();
+                let s = h.join(&self.exec);
                 drop(s);
             }
-            let _ = root.down.join();
-            let _ = root.up.join();
+            let _ = root.down.join(&self.exec);
+            let _ = root.up.join(&self.exec);
         }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        // The workers end on the tree's Shutdown.
+        self.exec.join_all(std::mem::take(&mut self.threads), OLD_TREE_ENDS);
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
@@ -1161,7 +1244,7 @@ impl Drop for FabricTrainer {
     fn drop(&mut self) {
         self.shutdown();
         if let Some(h) = self.store.take() {
-            let _ = h.join();
+            let _ = h.join(&self.exec);
         }
     }
 }
@@ -1188,10 +1271,14 @@ impl Engine for FabricTrainer {
             sample_batch(train, b, t, self.config.train.seed, TRAIN_STREAM, self.step, &mut inputs, &mut targets);
             let dealt = self.deal(&inputs, &targets);
             (self.inputs, self.targets) = (inputs, targets);
-            dealt?;
+            if let Err(why) = dealt {
+                self.reform(&format!("step {}: {why}", self.step))?;
+                continue;
+            }
             self.store_control.send(Control::Train { step: self.step, lr })?;
             let stats = self.pass_stats();
-            match (self.store_control.recv_reply()?, stats) {
+            let reply = if stats.is_ok() { self.step_reply()? } else { self.store_control.recv_reply()? };
+            match (reply, stats) {
                 (Reply::StepDone { grad_norm }, Ok(sum)) => {
                     self.step += 1;
                     if self.config.sparsity.ramp_steps > 0 {
@@ -1214,14 +1301,21 @@ impl Engine for FabricTrainer {
             let (n, mb, t) = (self.config.fabric.workers, self.micro_batch, self.config.seq_len());
             let passes = batches.div_ceil(n);
             let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+            let mut stopped = None;
             for i in 0..passes {
                 // Worker processes sample these themselves.
                 for (w, s) in self.shards.iter().enumerate() {
                     let index = (i * n + w) as u64;
                     sample_batch(tokens, mb, t, self.config.train.seed, VAL_STREAM, index, &mut inputs, &mut targets);
                     let shard = Shard { inputs: inputs.clone(), targets: targets.clone() };
-                    s.send(shard).map_err(|_| TrainError::Config(format!("worker {w} stopped")))?;
+                    if s.send(shard).is_err() {
+                        stopped.get_or_insert(w);
+                    }
                 }
+            }
+            if let Some(w) = stopped {
+                self.reform(&format!("an evaluation: worker {w} stopped"))?;
+                continue;
             }
             self.store_control.send(Control::Eval { batches: passes })?;
             let mut sum = Ok(0f64);

@@ -19,7 +19,7 @@ use crate::schedule::{Pass, Schedule};
 use crate::stream::{max_layer_params, Down, ToStore, WeightMsg, WeightWaits, Weights};
 use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
-use crossbeam_channel::{Receiver, Sender};
+use flume::{Receiver, Sender};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

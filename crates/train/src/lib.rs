@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod exec;
 pub mod fabric;
 #[cfg(feature = "cuda")]
 pub mod gpu;

@@ -2,7 +2,9 @@
 //! and a store that holds them all, connected by channels (the interfaces
 //! the fabric will carry over the network).
 //!
-//! The store runs on its own thread. For each use of the schedule it reads
+//! The store runs on its own thread (an async loop over its channels, so
+//! that the fabric's simulator can run it on one thread with everything
+//! else; see `crate::exec`). For each use of the schedule it reads
 //! the layer from its tiers into a free weight buffer and sends it; the
 //! worker computes, sends the gradients of head and backward uses up, and
 //! releases the buffer, which is the credit for the next fetch: with k+1
@@ -16,12 +18,13 @@
 //! mirrors, so fp32 streaming gives the resident run's weights bit for bit.
 
 use crate::config::RunConfig;
+use crate::exec::{Exec, Task};
 use crate::optim::learning_rate;
 use crate::schedule::{Pass, Schedule};
 use crate::sparsity::Dynamic;
 use crate::trainer::{Engine, StepStats, TRAIN_STREAM, VAL_STREAM};
 use crate::TrainError;
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use flume::{bounded, unbounded, Receiver, RecvError, Sender};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -60,7 +63,12 @@ pub enum Down {
 
 /// The next weights of a pass (`None`: the store stopped).
 pub fn recv_weights(rx: &Receiver<Down>) -> Option<WeightMsg> {
-    match rx.recv() {
+    expect_weights(rx.recv())
+}
+
+/// What came down where a pass's next weights belong.
+fn expect_weights(d: Result<Down, RecvError>) -> Option<WeightMsg> {
+    match d {
         Ok(Down::Weights(m)) => Some(m),
         Ok(Down::Begin(p)) => panic!("a pass ({p:?}) began inside another"),
         Ok(Down::Masks(_)) => panic!("masks changed inside a pass"),
@@ -84,26 +92,38 @@ impl WeightWaits {
     pub fn recv(&mut self, rx: &Receiver<Down>, first: bool) -> Option<WeightMsg> {
         let t0 = Instant::now();
         let m = recv_weights(rx);
-        let s = t0.elapsed().as_secs_f64();
+        self.add(t0, first);
+        m
+    }
+
+    /// [`Self::recv`], awaiting the weights.
+    pub async fn recv_async(&mut self, rx: &Receiver<Down>, first: bool) -> Option<WeightMsg> {
+        let t0 = Instant::now();
+        let m = expect_weights(rx.recv_async().await);
+        self.add(t0, first);
+        m
+    }
+
+    fn add(&mut self, since: Instant, first: bool) {
+        let s = since.elapsed().as_secs_f64();
         self.total_s += s;
         if first {
             self.first_s += s;
             self.passes += 1;
         }
-        m
     }
 }
 
 /// The start of the next pass (`None`: the store stopped), taking new
 /// patterns into `workspace` and their counts into `spec` on the way.
-pub(crate) fn recv_begin(
+pub(crate) async fn recv_begin(
     rx: &Receiver<Down>,
     workspace: &mut Workspace,
     spec: &mut ModelSpec,
     crossover: f64,
 ) -> Option<PassStart> {
     loop {
-        match rx.recv() {
+        match rx.recv_async().await {
             Ok(Down::Begin(p)) => return Some(p),
             Ok(Down::Masks(m)) => {
                 m.apply_to(spec);
@@ -286,10 +306,10 @@ pub(crate) struct StoreThread {
 }
 
 impl StoreThread {
-    pub(crate) fn run(mut self, control: Receiver<Control>, reply: Sender<Reply>) -> Store {
-        while let Ok(c) = control.recv() {
+    pub(crate) async fn run(mut self, control: Receiver<Control>, reply: Sender<Reply>) -> Store {
+        while let Ok(c) = control.recv_async().await {
             let r = match c {
-                Control::Train { step, lr } => match self.pass(true, step) {
+                Control::Train { step, lr } => match self.pass(true, step).await {
                     Ok(()) => {
                         let grad_norm = self.store.finish_step(lr);
                         self.ramp().and_then(|_| self.prune_regrow()).map(|_| Reply::StepDone { grad_norm })
@@ -300,11 +320,20 @@ impl StoreThread {
                     }
                     Err(PassEnd::Failed(e)) => Err(e),
                 },
-                Control::Eval { batches } => match (0..batches as u64).try_for_each(|i| self.pass(false, i)) {
-                    Ok(()) => Ok(Reply::EvalDone),
-                    Err(PassEnd::Aborted(why)) => Ok(Reply::Aborted(why)),
-                    Err(PassEnd::Failed(e)) => Err(e),
-                },
+                Control::Eval { batches } => {
+                    let mut done = Ok(());
+                    for i in 0..batches as u64 {
+                        done = self.pass(false, i).await;
+                        if done.is_err() {
+                            break;
+                        }
+                    }
+                    match done {
+                        Ok(()) => Ok(Reply::EvalDone),
+                        Err(PassEnd::Aborted(why)) => Ok(Reply::Aborted(why)),
+                        Err(PassEnd::Failed(e)) => Err(e),
+                    }
+                }
                 Control::Reshape { train, micro_batches, epoch } => {
                     self.store.set_micro_batches(micro_batches);
                     self.store.set_access_sequence(&train.layer_sequence());
@@ -354,7 +383,7 @@ impl StoreThread {
 
     /// Sends every use's weights of one pass and takes its gradients; `index`
     /// is the step (training) or the evaluation pass.
-    fn pass(&mut self, training: bool, index: u64) -> Result<(), PassEnd> {
+    async fn pass(&mut self, training: bool, index: u64) -> Result<(), PassEnd> {
         let sched = if training { self.train.clone() } else { self.eval.clone() };
         let step = if training { index } else { u64::MAX };
         let masks = self.store.masks();
@@ -371,7 +400,7 @@ impl StoreThread {
                 if let Some(b) = self.free.pop() {
                     break b;
                 }
-                let m = self.from_worker.recv().map_err(|_| "worker stopped".to_string())?;
+                let m = self.from_worker.recv_async().await.map_err(|_| "worker stopped".to_string())?;
                 self.handle(m, &sched, step, &mut grads_left)?;
             };
             let len = self.store.layout().layer_params(self.store.spec(), u.layer);
@@ -388,7 +417,7 @@ impl StoreThread {
             }
         }
         while grads_left > 0 || self.free.len() < self.buffers || (dense_grads && self.dense_grads.is_none()) {
-            let m = self.from_worker.recv().map_err(|_| "worker stopped".to_string())?;
+            let m = self.from_worker.recv_async().await.map_err(|_| "worker stopped".to_string())?;
             self.handle(m, &sched, step, &mut grads_left)?;
         }
         Ok(())
@@ -427,7 +456,35 @@ pub(crate) struct StoreEnds {
     pub grad_pool: Receiver<Vec<f32>>,
     /// Where a gradient buffer goes back to that pool without reaching the store.
     pub grad_return: Sender<Vec<f32>>,
-    pub handle: JoinHandle<Store>,
+}
+
+/// The store's loop before it starts, with the thread pool it computes in.
+pub(crate) struct StoreTask {
+    thread: StoreThread,
+    control: Receiver<Control>,
+    reply: Sender<Reply>,
+    pool: rayon::ThreadPool,
+}
+
+impl StoreTask {
+    /// Runs the loop on a thread of its own, inside its pool.
+    pub fn spawn(self) -> Result<JoinHandle<Store>, TrainError> {
+        let StoreTask { thread, control, reply, pool } = self;
+        std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || pool.install(move || pollster::block_on(thread.run(control, reply))))
+            .map_err(|e| TrainError::Config(format!("cannot start the store thread: {e}")))
+    }
+
+    /// Starts the loop where `exec` runs loops. The simulator runs it on
+    /// its one thread, where the store's parallel loops use rayon's global
+    /// pool.
+    pub fn start(self, exec: &Exec) -> Result<Task<Store>, TrainError> {
+        match exec {
+            Exec::Threads => self.spawn().map(Task::Thread),
+            Exec::Sim(_) => exec.spawn("store".into(), move || self.thread.run(self.control, self.reply)),
+        }
+    }
 }
 
 /// Starts the store thread (in its own thread pool of `store.threads`)
@@ -437,7 +494,18 @@ pub(crate) fn spawn_store(
     store: Store,
     train: &Schedule,
     eval: &Schedule,
-) -> Result<StoreEnds, TrainError> {
+) -> Result<(StoreEnds, JoinHandle<Store>), TrainError> {
+    let (ends, task) = store_task(config, store, train, eval)?;
+    Ok((ends, task.spawn()?))
+}
+
+/// The store's ends and its loop, not started.
+pub(crate) fn store_task(
+    config: &RunConfig,
+    store: Store,
+    train: &Schedule,
+    eval: &Schedule,
+) -> Result<(StoreEnds, StoreTask), TrainError> {
     let k = config.stream.prefetch_depth;
     let dtype = Precision::parse(&config.stream.dtype).expect("validated");
     let max_layer = max_layer_params(store.spec());
@@ -480,23 +548,22 @@ pub(crate) fn spawn_store(
         .thread_name(|i| format!("store-{i}"))
         .build()
         .map_err(|e| TrainError::Config(format!("cannot start the store's threads: {e}")))?;
-    let handle = std::thread::Builder::new()
-        .name("store".into())
-        .spawn(move || pool.install(move || thread.run(control_rx, reply_tx)))
-        .map_err(|e| TrainError::Config(format!("cannot start the store thread: {e}")))?;
-    Ok(StoreEnds { control, reply, weights, to_store, grad_pool, grad_return, handle })
+    let task = StoreTask { thread, control: control_rx, reply: reply_tx, pool };
+    Ok((StoreEnds { control, reply, weights, to_store, grad_pool, grad_return }, task))
 }
 
 /// The driver's side of the store thread: requests and their replies.
 pub(crate) struct StoreControl {
     pub control: Sender<Control>,
     pub reply: Receiver<Reply>,
+    /// Where the store runs (the simulator runs it while the driver waits).
+    pub exec: Exec,
 }
 
 impl StoreControl {
     /// Why the store stopped (its reply says).
     pub fn failure(&self) -> TrainError {
-        match self.reply.recv() {
+        match self.exec.wait(self.reply.recv_async()) {
             Ok(Reply::Failed(e)) => TrainError::Config(e),
             _ => TrainError::Config("the store stopped unexpectedly".into()),
         }
@@ -507,7 +574,7 @@ impl StoreControl {
     }
 
     pub fn recv_reply(&self) -> Result<Reply, TrainError> {
-        match self.reply.recv() {
+        match self.exec.wait(self.reply.recv_async()) {
             Ok(Reply::Failed(e)) => Err(TrainError::Config(e)),
             Ok(r) => Ok(r),
             Err(_) => Err(TrainError::Config("the store stopped unexpectedly".into())),
@@ -589,7 +656,7 @@ impl StreamingTrainer {
         store.set_micro_batches(train.contributions());
         store.set_access_sequence(&train.layer_sequence());
         let version = store.version;
-        let StoreEnds { control, reply, weights, to_store, grad_pool, handle, .. } =
+        let (StoreEnds { control, reply, weights, to_store, grad_pool, .. }, handle) =
             spawn_store(&config, store, &train, &eval)?;
         let cpu = if config.train.device == "cuda" {
             // The GPU computes; this CPU workspace stays unused (and fp32:
@@ -603,7 +670,7 @@ impl StreamingTrainer {
             train,
             eval,
             step: version,
-            store_control: StoreControl { control, reply },
+            store_control: StoreControl { control, reply, exec: Exec::Threads },
             weights,
             to_store,
             grad_pool,
@@ -655,7 +722,7 @@ impl StreamingTrainer {
         dloss_scale: f32,
     ) -> Result<f64, TrainError> {
         let crossover = self.config.sparsity.kernel_density_max;
-        match recv_begin(&self.weights, &mut self.cpu.workspace, &mut self.spec, crossover) {
+        match pollster::block_on(recv_begin(&self.weights, &mut self.cpu.workspace, &mut self.spec, crossover)) {
             Some(p) => assert_eq!(p, PassStart { training, index }, "the store began another pass"),
             None => return Err(self.failure()),
         }
@@ -674,7 +741,7 @@ impl StreamingTrainer {
         }
         let io =
             PassIo { weights: &self.weights, to_store: &self.to_store, grad_pool: &self.grad_pool, stats_index: None };
-        match self.cpu.pass(&self.spec, sched, step, inputs, targets, mb, t, dloss_scale, &io) {
+        match pollster::block_on(self.cpu.pass(&self.spec, sched, step, inputs, targets, mb, t, dloss_scale, &io)) {
             Ok(loss) => Ok(loss),
             Err(StoreStopped) => Err(self.failure()),
         }
@@ -752,7 +819,7 @@ impl CpuWorker {
     /// weights, computes, sends gradients up and releases the weights.
     /// Returns the loss sum over `inputs`.
     #[allow(clippy::too_many_arguments)]
-    pub fn pass(
+    pub async fn pass(
         &mut self,
         spec: &ModelSpec,
         sched: &Schedule,
@@ -762,7 +829,7 @@ impl CpuWorker {
         mb: usize,
         t: usize,
         dloss_scale: f32,
-        io: &PassIo,
+        io: &PassIo<'_>,
     ) -> Result<f64, StoreStopped> {
         assert!(
             !sched.keep_weights && !sched.sum_gradients,
@@ -776,7 +843,7 @@ impl CpuWorker {
             self.workspace.capture_dense_grads(spec);
         }
         for (j, u) in sched.uses.iter().enumerate() {
-            let msg = self.waits.recv(io.weights, j == 0).ok_or(StoreStopped)?;
+            let msg = self.waits.recv_async(io.weights, j == 0).await.ok_or(StoreStopped)?;
             assert!(
                 msg.step == step && msg.use_index == j && msg.layer == u.layer,
                 "weights out of schedule: got step {} use {} layer {}, expected step {step} use {j} layer {}",
@@ -804,7 +871,7 @@ impl CpuWorker {
                     loss += ws.head(spec, &views, None, y, mb, t, 0.0);
                 }
                 Pass::Head | Pass::Backward => {
-                    let mut g = io.grad_pool.recv().map_err(|_| StoreStopped)?;
+                    let mut g = io.grad_pool.recv_async().await.map_err(|_| StoreStopped)?;
                     let len = msg.len;
                     g[..len].fill(0.0);
                     {

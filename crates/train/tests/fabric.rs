@@ -67,6 +67,8 @@ struct Run {
     formed_again: u64,
     /// Where a simulated crash lost a worker: (step, workers from then on).
     shrunk: Vec<(u64, usize)>,
+    /// The simulated time at the end of each step (simulated runs).
+    times: Vec<Option<std::time::Duration>>,
 }
 
 fn fabric_run(c: &RunConfig, name: &str, sim: Option<Simulated>) -> Run {
@@ -78,18 +80,19 @@ fn fabric_run(c: &RunConfig, name: &str, sim: Option<Simulated>) -> Run {
         None => FabricTrainer::start(c.clone(), store, mb).unwrap(),
     };
     let data = tokens();
-    let (mut losses, mut norms) = (Vec::new(), Vec::new());
+    let (mut losses, mut norms, mut times) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..STEPS {
         let s = t.train_step(&data).unwrap();
         losses.push(s.loss);
         norms.push(s.grad_norm);
+        times.push(t.simulated_time());
     }
     let val = t.evaluate(&data, c.fabric.workers * 2).unwrap();
     let params = t.params().unwrap();
     let (formed_again, shrunk) = (t.formed_again(), t.shrunk().to_vec());
     drop(t);
     let _ = std::fs::remove_dir_all(tmp(name));
-    Run { losses, norms, val, params, formed_again, shrunk }
+    Run { losses, norms, val, params, formed_again, shrunk, times }
 }
 
 fn resident_run(workers: usize) -> (Run, Params) {
@@ -106,7 +109,8 @@ fn resident_run(workers: usize) -> (Run, Params) {
         norms.push(s.grad_norm);
     }
     let val = r.evaluate(&data, workers * 2);
-    (Run { losses, norms, val, params: r.params.clone(), formed_again: 0, shrunk: Vec::new() }, init)
+    let params = r.params.clone();
+    (Run { losses, norms, val, params, formed_again: 0, shrunk: Vec::new(), times: Vec::new() }, init)
 }
 
 fn assert_close(what: &str, a: f64, b: f64, tol: f64) {
@@ -124,10 +128,10 @@ fn n_workers_over_channels_and_tcp_agree_bit_for_bit_and_with_the_resident_run()
             let t = fabric_run(&config(workers, fanout, "tcp"), &format!("t{workers}-{fanout}"), None);
             let sim = Simulated {
                 seed: (workers * 10 + fanout) as u64,
-                max_delay_us: 100,
+                max_delay_us: 20_000,
                 drops: 0,
                 drop_within: 0,
-                crash: false,
+                ..Default::default()
             };
             let s = fabric_run(&config(workers, fanout, "inproc"), &format!("s{workers}-{fanout}"), Some(sim));
             for (name, other) in [("repeat", &b), ("tcp", &t), ("simulated network", &s)] {
@@ -158,7 +162,7 @@ fn n_workers_over_channels_and_tcp_agree_bit_for_bit_and_with_the_resident_run()
 
 #[test]
 fn dropped_connections_that_come_back_leave_the_fault_free_weights() {
-    let seeds: u64 = std::env::var("WS_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let seeds: u64 = std::env::var("WS_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
     for (workers, fanout) in [(3, 2), (4, 4), (7, 2)] {
         let c = config(workers, fanout, "inproc");
         let want = fabric_run(&c, &format!("nodrop{workers}-{fanout}"), None);
@@ -168,7 +172,7 @@ fn dropped_connections_that_come_back_leave_the_fault_free_weights() {
             // the first 600 (later steps).
             let (drops, drop_within) = (1 + (seed % 2) as u32, [160, 160, 600][seed as usize % 3]);
             let what = format!("N={workers} F={fanout} seed {seed} ({drops} drops within {drop_within} frames)");
-            let sim = Simulated { seed: 1000 + seed, max_delay_us: 50, drops, drop_within, crash: false };
+            let sim = Simulated { seed: 1000 + seed, max_delay_us: 20_000, drops, drop_within, ..Default::default() };
             let got = fabric_run(&c, &format!("drop{workers}-{fanout}-{seed}"), Some(sim));
             assert_eq!(want.losses, got.losses, "{what}: losses");
             assert_eq!(want.norms, got.norms, "{what}: gradient norms");
@@ -180,6 +184,30 @@ fn dropped_connections_that_come_back_leave_the_fault_free_weights() {
         assert!(formed_again >= seeds, "N={workers} F={fanout}: only {formed_again} drops in {seeds} runs");
         eprintln!("N={workers} F={fanout}: {seeds} seeds, the tree formed again {formed_again} times");
     }
+}
+
+#[test]
+fn a_simulated_run_is_a_function_of_its_seed() {
+    // The store, the tree and the workers all run on the test's thread under
+    // a paused clock that moves only by the links' seeded delays. The same
+    // seed (delays, and a connection that drops and comes back) gives the
+    // same simulated time after every step, to the nanosecond; another seed
+    // another timeline, and the same weights.
+    let c = config(7, 2, "inproc");
+    let sim = |seed| Simulated { seed, max_delay_us: 20_000, drops: 1, drop_within: 600, ..Default::default() };
+    let a = fabric_run(&c, "seed-a", Some(sim(3000)));
+    let b = fabric_run(&c, "seed-b", Some(sim(3000)));
+    let other = fabric_run(&c, "seed-c", Some(sim(3001)));
+    let times: Vec<_> = a.times.iter().map(|t| t.expect("a simulated run keeps simulated time")).collect();
+    eprintln!("seed 3000: simulated time after each step {times:?}; seed 3001: {:?}", other.times);
+    assert!(times.windows(2).all(|w| w[0] < w[1]) && times[0] > std::time::Duration::ZERO, "{times:?}");
+    assert_eq!(a.times, b.times, "the same seed, another timeline");
+    assert_eq!(a.formed_again, b.formed_again);
+    assert!(a.params == b.params && a.losses == b.losses);
+    assert_ne!(a.times, other.times, "another seed, the same timeline");
+    assert!(a.params == other.params && a.val == other.val);
+    // A run over channels has no simulated clock.
+    assert!(fabric_run(&c, "seed-none", None).times.iter().all(Option::is_none));
 }
 
 /// The run that loses workers where `shrunk` says: (step, workers from it
@@ -208,22 +236,46 @@ fn staged_run(c: &RunConfig, name: &str, shrunk: &[(u64, usize)]) -> Run {
     let params = t.params().unwrap();
     drop(t);
     let _ = std::fs::remove_dir_all(tmp(name));
-    Run { losses, norms, val, params, formed_again: 0, shrunk: Vec::new() }
+    Run { losses, norms, val, params, formed_again: 0, shrunk: Vec::new(), times: Vec::new() }
 }
 
 #[test]
 fn a_worker_lost_for_good_leaves_the_weights_of_the_run_without_it_from_that_step() {
-    let seeds: u64 = std::env::var("WS_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let seeds: u64 = std::env::var("WS_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
     // (N, F): the tree left has 2 workers each time (the largest count below
     // N whose share of the batch of 2N sequences divides evenly).
-    for (workers, fanout) in [(3, 2), (4, 4), (5, 2)] {
+    lose_a_worker(seeds, &[(3, 2), (4, 4), (5, 2)], false);
+}
+
+#[test]
+fn a_worker_that_stops_answering_is_lost_after_the_step_timeout_in_simulated_time() {
+    // Its connection stalls (frames vanish, nothing closes): the step waits
+    // out fabric.step_timeout_s (1800 s by default) of simulated time, which
+    // takes no real time, and then goes on as if the worker had crashed.
+    let seeds: u64 = std::env::var("WS_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(8) / 2;
+    lose_a_worker(seeds.max(1), &[(3, 2), (4, 4)], true);
+}
+
+/// Over `seeds` seeds at each (N, F) of `shapes`, a worker's connection
+/// drops (or stalls: `hang`) in the first 160 frames and the worker never
+/// comes back: the run's losses and weights are those of the run that had
+/// N workers up to that step and the workers left from it on.
+fn lose_a_worker(seeds: u64, shapes: &[(usize, usize)], hang: bool) {
+    let timeout = std::time::Duration::from_secs(config(2, 2, "inproc").fabric.step_timeout_s);
+    for &(workers, fanout) in shapes {
         let c = config(workers, fanout, "inproc");
         let mut lost = 0;
         for seed in 0..seeds {
-            let what = format!("N={workers} F={fanout} seed {seed}");
-            let sim = Simulated { seed: 2000 + seed, max_delay_us: 50, drops: 1, drop_within: 160, crash: true };
-            let got = fabric_run(&c, &format!("crash{workers}-{fanout}-{seed}"), Some(sim));
+            let what = format!("N={workers} F={fanout} seed {seed} (hang: {hang})");
+            let sim =
+                Simulated { seed: 2000 + seed, max_delay_us: 20_000, drops: 1, drop_within: 160, crash: !hang, hang };
+            let got = fabric_run(&c, &format!("crash{workers}-{fanout}-{seed}-{hang}"), Some(sim));
             let shrunk = got.shrunk.clone();
+            if let (true, Some(&(step, _))) = (hang, shrunk.first()) {
+                // The simulated clock at the end of the step redone waited out the timeout.
+                let t = got.times[step as usize].expect("simulated time");
+                assert!(t > timeout, "{what}: step {step} ended at {t:?} of simulated time, within the timeout");
+            }
             let want = staged_run(&c, &format!("staged{workers}-{fanout}-{seed}"), &shrunk);
             assert_eq!(want.losses, got.losses, "{what} (lost {shrunk:?}): losses");
             assert_eq!(want.norms, got.norms, "{what}: gradient norms");
@@ -237,6 +289,6 @@ fn a_worker_lost_for_good_leaves_the_weights_of_the_run_without_it_from_that_ste
             }
         }
         assert!(lost >= seeds / 2, "N={workers} F={fanout}: a worker was lost in only {lost} of {seeds} runs");
-        eprintln!("N={workers} F={fanout}: {seeds} seeds, a worker lost in {lost}");
+        eprintln!("N={workers} F={fanout}: {seeds} seeds, a worker lost in {lost} (hang: {hang})");
     }
 }
