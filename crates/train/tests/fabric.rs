@@ -75,20 +75,22 @@ fn fabric_run(c: &RunConfig, name: &str, sim: Option<Simulated>) -> Run {
     let spec = ModelSpec::new(c.model);
     let mb = c.micro_batch();
     let store = create_store(c, &spec, &tmp(name), c.train.batch_size / c.fabric.workers / mb).unwrap();
+    // A failure names the run, and with it the seed ({sim:?}).
+    let fail = |e: ws_train::TrainError| -> ! { panic!("run {name} ({sim:?}): {e}") };
     let mut t = match sim {
-        Some(s) => FabricTrainer::start_simulated(c.clone(), store, mb, s).unwrap(),
-        None => FabricTrainer::start(c.clone(), store, mb).unwrap(),
+        Some(s) => FabricTrainer::start_simulated(c.clone(), store, mb, s).unwrap_or_else(|e| fail(e)),
+        None => FabricTrainer::start(c.clone(), store, mb).unwrap_or_else(|e| fail(e)),
     };
     let data = tokens();
     let (mut losses, mut norms, mut times) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..STEPS {
-        let s = t.train_step(&data).unwrap();
+        let s = t.train_step(&data).unwrap_or_else(|e| fail(e));
         losses.push(s.loss);
         norms.push(s.grad_norm);
         times.push(t.simulated_time());
     }
-    let val = t.evaluate(&data, c.fabric.workers * 2).unwrap();
-    let params = t.params().unwrap();
+    let val = t.evaluate(&data, c.fabric.workers * 2).unwrap_or_else(|e| fail(e));
+    let params = t.params().unwrap_or_else(|e| fail(e));
     let (formed_again, shrunk) = (t.formed_again(), t.shrunk().to_vec());
     drop(t);
     let _ = std::fs::remove_dir_all(tmp(name));
