@@ -85,13 +85,26 @@ impl Exec {
         }
     }
 
-    /// [`Self::wait`] for at most `limit` (the simulator's clock: virtual
-    /// time, which passes only while every loop waits); `None` on timeout.
-    pub fn wait_timeout<F: Future>(&self, limit: Duration, fut: F) -> Option<F::Output> {
-        match self {
-            Exec::Threads => unreachable!("threads wait on their channels' own timeouts"),
-            Exec::Sim(s) => s.local.block_on(&s.rt, async { tokio::time::timeout(limit, fut).await.ok() }),
+    /// The next message on `rx`, waiting at most `limit` (`None`: no
+    /// limit): blocked (threads), or running the simulation, whose clock is
+    /// virtual and passes only while every loop waits.
+    pub fn recv<T>(&self, rx: &flume::Receiver<T>, limit: Option<Duration>) -> Result<T, flume::RecvTimeoutError> {
+        use flume::RecvTimeoutError::{Disconnected, Timeout};
+        match (self, limit) {
+            (Exec::Threads, None) => rx.recv().map_err(|_| Disconnected),
+            (Exec::Threads, Some(limit)) => rx.recv_timeout(limit),
+            (Exec::Sim(_), None) => self.wait(rx.recv_async()).map_err(|_| Disconnected),
+            (Exec::Sim(s), Some(limit)) => match Self::sim_wait_timeout(s, limit, rx.recv_async()) {
+                Some(r) => r.map_err(|_| Disconnected),
+                None => Err(Timeout),
+            },
         }
+    }
+
+    /// Runs the simulation until `fut` completes or `limit` of simulated
+    /// time has passed (`None`).
+    fn sim_wait_timeout<F: Future>(s: &Sim, limit: Duration, fut: F) -> Option<F::Output> {
+        s.local.block_on(&s.rt, async { tokio::time::timeout(limit, fut).await.ok() })
     }
 
     /// Starts the loop `make` builds: on a new thread named `name`, or as a
@@ -132,7 +145,7 @@ impl Exec {
                 }
                 true
             }
-            Exec::Sim(_) => {
+            Exec::Sim(s) => {
                 let all = async {
                     for t in tasks {
                         if let Task::Local(h) = t {
@@ -140,7 +153,7 @@ impl Exec {
                         }
                     }
                 };
-                self.wait_timeout(limit, all).is_some()
+                Self::sim_wait_timeout(s, limit, all).is_some()
             }
         }
     }

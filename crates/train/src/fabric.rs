@@ -994,7 +994,7 @@ impl FabricTrainer {
     /// The summed statistic of one pass from the tree, waiting at most
     /// `fabric.step_timeout_s` (0: no limit).
     fn pass_stats(&self) -> Result<f64, String> {
-        match self.recv_within_step(&self.stats) {
+        match self.exec.recv(&self.stats, self.step_limit()) {
             Ok(r) => r,
             Err(flume::RecvTimeoutError::Timeout) => Err(self.give_up()),
             Err(flume::RecvTimeoutError::Disconnected) => Err("the fabric stopped".into()),
@@ -1005,35 +1005,21 @@ impl FabricTrainer {
     /// `fabric.step_timeout_s` for the step's last gradients: a worker
     /// that stops answering after it sent its loss costs the step too.
     fn step_reply(&self) -> Result<Reply, TrainError> {
-        match self.recv_within_step(&self.store_control.reply) {
-            Ok(Reply::Failed(e)) => Err(TrainError::Config(e)),
-            Ok(r) => Ok(r),
-            Err(flume::RecvTimeoutError::Timeout) => {
+        match self.store_control.reply_within(self.step_limit())? {
+            Some(r) => Ok(r),
+            None => {
                 self.give_up();
                 // The store drops the pass and says so.
                 self.store_control.recv_reply()
             }
-            Err(flume::RecvTimeoutError::Disconnected) => {
-                Err(TrainError::Config("the store stopped unexpectedly".into()))
-            }
         }
     }
 
-    /// The next message on `rx`, waiting at most `fabric.step_timeout_s`
-    /// (0: no limit); in the simulator, of simulated time, which passes
-    /// only while every member waits.
-    fn recv_within_step<T>(&self, rx: &Receiver<T>) -> Result<T, flume::RecvTimeoutError> {
-        use flume::RecvTimeoutError::{Disconnected, Timeout};
-        let limit = self.config.fabric.step_timeout_s;
-        match (&self.exec, limit) {
-            (Exec::Threads, 0) => rx.recv().map_err(|_| Disconnected),
-            (Exec::Threads, _) => rx.recv_timeout(Duration::from_secs(limit)),
-            (Exec::Sim(_), 0) => self.exec.wait(rx.recv_async()).map_err(|_| Disconnected),
-            (Exec::Sim(_), _) => match self.exec.wait_timeout(Duration::from_secs(limit), rx.recv_async()) {
-                Some(r) => r.map_err(|_| Disconnected),
-                None => Err(Timeout),
-            },
-        }
+    /// How long the driver waits for the tree in a step: `fabric.step_timeout_s`
+    /// (0: no limit); in the simulator, of simulated time.
+    fn step_limit(&self) -> Option<Duration> {
+        let s = self.config.fabric.step_timeout_s;
+        (s > 0).then(|| Duration::from_secs(s))
     }
 
     /// A member stopped answering: the pass ends here, and the tree with

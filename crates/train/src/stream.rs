@@ -563,7 +563,7 @@ pub(crate) struct StoreControl {
 impl StoreControl {
     /// Why the store stopped (its reply says).
     pub fn failure(&self) -> TrainError {
-        match self.exec.wait(self.reply.recv_async()) {
+        match self.exec.recv(&self.reply, None) {
             Ok(Reply::Failed(e)) => TrainError::Config(e),
             _ => TrainError::Config("the store stopped unexpectedly".into()),
         }
@@ -574,10 +574,19 @@ impl StoreControl {
     }
 
     pub fn recv_reply(&self) -> Result<Reply, TrainError> {
-        match self.exec.wait(self.reply.recv_async()) {
+        Ok(self.reply_within(None)?.expect("no time limit"))
+    }
+
+    /// The store's next reply, waiting at most `limit` (`None`: no
+    /// limit); `Ok(None)` when the limit passed first.
+    pub fn reply_within(&self, limit: Option<std::time::Duration>) -> Result<Option<Reply>, TrainError> {
+        match self.exec.recv(&self.reply, limit) {
             Ok(Reply::Failed(e)) => Err(TrainError::Config(e)),
-            Ok(r) => Ok(r),
-            Err(_) => Err(TrainError::Config("the store stopped unexpectedly".into())),
+            Ok(r) => Ok(Some(r)),
+            Err(flume::RecvTimeoutError::Timeout) => Ok(None),
+            Err(flume::RecvTimeoutError::Disconnected) => {
+                Err(TrainError::Config("the store stopped unexpectedly".into()))
+            }
         }
     }
 
