@@ -27,10 +27,9 @@ pub(crate) struct Sim {
 }
 
 /// Where the loops of a run execute.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) enum Exec {
     /// Each loop on a thread of its own.
-    #[default]
     Threads,
     /// All on the driver's thread, under a paused clock.
     Sim(Rc<Sim>),
