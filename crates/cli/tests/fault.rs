@@ -109,6 +109,16 @@ fn a_worker_killed_mid_step_costs_the_step_not_the_run() {
     assert!(stderr.contains("step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3"), "{stderr}");
     assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
     assert!(final_weights(late) == final_weights(reference), "the run that timed out late differs from the reference");
+
+    // A hang with the top node in the store: the store's link to the tree
+    // is in-process, and closing it must free the store's sender, blocked
+    // on a tree that no longer takes weights.
+    let top_tmp = tmp("hung-top-in-store");
+    let top = top_tmp.path();
+    let stderr = run_with_a_crash(top, Fault::HangTopInStore);
+    assert!(stderr.contains("step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3"), "{stderr}");
+    assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
+    assert!(final_weights(top) == final_weights(reference), "the run with the top node in the store differs");
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -122,6 +132,10 @@ enum Fault {
     /// The same, in the last micro-batch's backward pass: after the
     /// worker's loss went up.
     HangAfterLoss,
+    /// `Hang`, with the top node in the store's process
+    /// (`fabric.top_in_store`, as `weightstream cluster` runs): the store's
+    /// link to the tree is in-process.
+    HangTopInStore,
 }
 
 #[test]
@@ -148,9 +162,11 @@ fn run_with_a_crash(faulty: &Path, fault: Fault) -> String {
     store.args(["store", "--listen", &store_addr, "--workers", "3", "--fanout", "2"]);
     with_sets(&mut store, &sets(faulty, 4));
     store.args(["--set", "fabric.step_timeout_s=3"]);
+    let top_in_store = fault == Fault::HangTopInStore;
+    store.args(["--set", &format!("fabric.top_in_store={top_in_store}")]);
     let store = store.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut others: Vec<Child> = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..if top_in_store { 1 } else { 2 } {
         let mut n = bin();
         n.args(["fabric", "--store", &store_addr, "--timeout", "60"]).stderr(Stdio::null());
         others.push(n.spawn().unwrap());
@@ -169,7 +185,7 @@ fn run_with_a_crash(faulty: &Path, fault: Fault) -> String {
     // Two micro-batches of seven uses each (three forward, the head, three
     // backward): use 12 is the second micro-batch's second backward use,
     // after its head use (10), where the worker's loss goes up.
-    if fault == Fault::Hang {
+    if fault == Fault::Hang || fault == Fault::HangTopInStore {
         others.push(worker().env("WEIGHTSTREAM_FAULT_STALL_AFTER", "2:4").spawn().unwrap());
     } else if fault == Fault::HangAfterLoss {
         others.push(worker().env("WEIGHTSTREAM_FAULT_STALL_AFTER", "2:12").spawn().unwrap());

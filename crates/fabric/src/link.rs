@@ -18,8 +18,11 @@ pub const CREDITS_MAX: usize = 1024;
 pub struct LinkTx {
     tx: mpsc::Sender<Frame>,
     peer: String,
-    /// Closes a TCP connection at once, whatever it is waiting for.
+    /// Closes the connection at once, whatever it is waiting for.
     kill: Option<tokio::sync::watch::Sender<bool>>,
+    /// Turns true when the connection is cut (in-process and simulated
+    /// links, which have no task to close): a send waiting for room ends.
+    cut: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 pub struct LinkRx {
@@ -38,22 +41,48 @@ pub struct Link {
 
 impl LinkTx {
     pub(crate) fn new(tx: mpsc::Sender<Frame>, peer: String) -> LinkTx {
-        LinkTx { tx, peer, kill: None }
+        LinkTx { tx, peer, kill: None, cut: None }
     }
 
+    /// A TCP connection's: `kill` makes its tasks close the socket.
     pub(crate) fn with_kill(mut self, kill: tokio::sync::watch::Sender<bool>) -> LinkTx {
         self.kill = Some(kill);
         self
     }
 
-    /// A handle that closes this link's connection (TCP) from anywhere,
-    /// even while a sender waits for credit; `None` in-process.
+    /// A connection without tasks of its own (in-process, simulated):
+    /// `cut` turned on fails the sends, waiting ones included, and is its
+    /// killer.
+    pub(crate) fn with_cut(mut self, cut: tokio::sync::watch::Sender<bool>) -> LinkTx {
+        self.cut = Some(cut.subscribe());
+        self.kill = Some(cut);
+        self
+    }
+
+    /// A handle that closes this link's connection from anywhere, even
+    /// while a sender waits for credit: the peer sees it gone
+    /// ([`LinkRx::peer_gone`]).
     pub fn killer(&self) -> Option<tokio::sync::watch::Sender<bool>> {
         self.kill.clone()
     }
 
     pub async fn send(&self, f: Frame) -> Result<(), FabricError> {
-        self.tx.send(f).await.map_err(|_| FabricError::Closed(self.peer.clone()))
+        let sent = match &self.cut {
+            None => self.tx.send(f).await.is_ok(),
+            Some(cut) => {
+                let mut cut = cut.clone();
+                tokio::select! {
+                    biased;
+                    _ = cut.wait_for(|&c| c) => false,
+                    r = self.tx.send(f) => r.is_ok(),
+                }
+            }
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(FabricError::Closed(self.peer.clone()))
+        }
     }
 
     pub fn peer(&self) -> &str {
@@ -71,8 +100,9 @@ impl LinkRx {
         self
     }
 
-    /// Resolves once the peer is known to be gone (TCP); never in-process,
-    /// where a gone peer closes the channel itself.
+    /// Resolves once the peer is known to be gone: a TCP connection ended,
+    /// or a connection was killed. A peer that just drops its end of an
+    /// in-process link closes the channel instead.
     pub fn peer_gone(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let gone = self.gone.clone();
         async move {
@@ -110,8 +140,14 @@ pub fn inproc_pair(credits: usize, a_name: &str, b_name: &str) -> (Link, Link) {
     assert!((1..=CREDITS_MAX).contains(&credits));
     let (a_tx, b_rx) = mpsc::channel(credits);
     let (b_tx, a_rx) = mpsc::channel(credits);
+    // Either end's killer cuts the link: both ends' sends fail, and both
+    // see the peer gone.
+    let (cut, gone) = tokio::sync::watch::channel(false);
     (
-        Link { tx: LinkTx::new(a_tx, b_name.to_string()), rx: LinkRx::new(a_rx, None) },
-        Link { tx: LinkTx::new(b_tx, a_name.to_string()), rx: LinkRx::new(b_rx, None) },
+        Link {
+            tx: LinkTx::new(a_tx, b_name.to_string()).with_cut(cut.clone()),
+            rx: LinkRx::new(a_rx, None).with_gone(gone.clone()),
+        },
+        Link { tx: LinkTx::new(b_tx, a_name.to_string()).with_cut(cut), rx: LinkRx::new(b_rx, None).with_gone(gone) },
     )
 }

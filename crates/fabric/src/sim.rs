@@ -119,8 +119,8 @@ pub fn sim_pair_fault(credits: usize, seed: u64, max_us: u64, fault: Option<(u64
     wire(from_b, to_a, seed ^ 0xABCD, max_us, way(true), state());
     // Each end learns of a cut as a TCP end learns of a closed connection
     // (a node whose parent is gone ends even while it waits on a child).
-    a.tx = a.tx.with_kill(turn_on.clone());
-    b.tx = b.tx.with_kill(turn_on);
+    a.tx = a.tx.with_cut(turn_on.clone());
+    b.tx = b.tx.with_cut(turn_on);
     a.rx = a.rx.with_gone(is_cut.clone());
     b.rx = b.rx.with_gone(is_cut);
     (a, b)
