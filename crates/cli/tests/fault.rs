@@ -93,32 +93,24 @@ fn a_worker_killed_mid_step_costs_the_step_not_the_run() {
     assert!(final_weights(faulty) == final_weights(reference), "the recovered run differs from the reference");
 
     // A worker that stops answering instead: the step timeout catches it.
-    let hung_tmp = tmp("hung");
-    let hung = hung_tmp.path();
-    let stderr = run_with_a_crash(hung, Fault::Hang);
-    assert!(stderr.contains("step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3"), "{stderr}");
-    assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
-    assert!(final_weights(hung) == final_weights(reference), "the run that timed out differs from the reference");
-
-    // One that stops answering late in the step, after its loss went up:
-    // the store's wait for the step's last gradients times out too (the
-    // simulator found this hang first).
-    let late_tmp = tmp("hung-late");
-    let late = late_tmp.path();
-    let stderr = run_with_a_crash(late, Fault::HangAfterLoss);
-    assert!(stderr.contains("step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3"), "{stderr}");
-    assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
-    assert!(final_weights(late) == final_weights(reference), "the run that timed out late differs from the reference");
-
-    // A hang with the top node in the store: the store's link to the tree
-    // is in-process, and closing it must free the store's sender, blocked
-    // on a tree that no longer takes weights.
-    let top_tmp = tmp("hung-top-in-store");
-    let top = top_tmp.path();
-    let stderr = run_with_a_crash(top, Fault::HangTopInStore);
-    assert!(stderr.contains("step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3"), "{stderr}");
-    assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{stderr}");
-    assert!(final_weights(top) == final_weights(reference), "the run with the top node in the store differs");
+    // - Hang: at step 2's use 4, while weights still stream.
+    // - HangAfterLoss: late in the step, after its loss went up; the
+    //   driver's wait for the step's last gradients times out too (the
+    //   simulator found this hang first).
+    // - HangTopInStore: as Hang, with the top node in the store; the
+    //   store's link to the tree is in-process, and closing it must free
+    //   the store's sender, blocked on a tree that no longer takes weights.
+    for (fault, name) in
+        [(Fault::Hang, "hung"), (Fault::HangAfterLoss, "hung-late"), (Fault::HangTopInStore, "hung-top")]
+    {
+        let dir_tmp = tmp(name);
+        let dir = dir_tmp.path();
+        let stderr = run_with_a_crash(dir, fault);
+        let timed_out = "step 2 aborted: no answer from the tree within fabric.step_timeout_s = 3";
+        assert!(stderr.contains(timed_out), "{name}: {stderr}");
+        assert!(stderr.contains("the tree formed again with 2 workers (was 3)"), "{name}: {stderr}");
+        assert!(final_weights(dir) == final_weights(reference), "{name}: the run differs from the reference");
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
