@@ -38,7 +38,21 @@ pub(crate) enum Exec {
 /// A loop started by [`Exec::spawn`].
 pub(crate) enum Task<T> {
     Thread(std::thread::JoinHandle<T>),
-    Local(tokio::task::JoinHandle<T>),
+    /// A task of the simulator, which runs it while anyone waits.
+    Local(tokio::task::JoinHandle<T>, Rc<Sim>),
+}
+
+impl Sim {
+    /// Runs the simulation until `fut` completes.
+    fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        self.local.block_on(&self.rt, fut)
+    }
+
+    /// Runs the simulation until `fut` completes or `limit` of simulated
+    /// time has passed (`None`).
+    fn block_on_within<F: Future>(&self, limit: Duration, fut: F) -> Option<F::Output> {
+        self.block_on(async { tokio::time::timeout(limit, fut).await.ok() })
+    }
 }
 
 impl Exec {
@@ -75,15 +89,6 @@ impl Exec {
         }
     }
 
-    /// Waits here until `fut` completes: blocked (threads), or running the
-    /// simulation until then.
-    pub fn wait<F: Future>(&self, fut: F) -> F::Output {
-        match self {
-            Exec::Threads => pollster::block_on(fut),
-            Exec::Sim(s) => s.local.block_on(&s.rt, fut),
-        }
-    }
-
     /// The next message on `rx`, waiting at most `limit` (`None`: no
     /// limit): blocked (threads), or running the simulation, whose clock is
     /// virtual and passes only while every loop waits.
@@ -92,18 +97,12 @@ impl Exec {
         match (self, limit) {
             (Exec::Threads, None) => rx.recv().map_err(|_| Disconnected),
             (Exec::Threads, Some(limit)) => rx.recv_timeout(limit),
-            (Exec::Sim(_), None) => self.wait(rx.recv_async()).map_err(|_| Disconnected),
-            (Exec::Sim(s), Some(limit)) => match Self::sim_wait_timeout(s, limit, rx.recv_async()) {
+            (Exec::Sim(s), None) => s.block_on(rx.recv_async()).map_err(|_| Disconnected),
+            (Exec::Sim(s), Some(limit)) => match s.block_on_within(limit, rx.recv_async()) {
                 Some(r) => r.map_err(|_| Disconnected),
                 None => Err(Timeout),
             },
         }
-    }
-
-    /// Runs the simulation until `fut` completes or `limit` of simulated
-    /// time has passed (`None`).
-    fn sim_wait_timeout<F: Future>(s: &Sim, limit: Duration, fut: F) -> Option<F::Output> {
-        s.local.block_on(&s.rt, async { tokio::time::timeout(limit, fut).await.ok() })
     }
 
     /// Starts the loop `make` builds: on a new thread named `name`, or as a
@@ -120,12 +119,10 @@ impl Exec {
                 .spawn(move || pollster::block_on(make()))
                 .map(Task::Thread)
                 .map_err(|e| TrainError::Config(format!("cannot start a thread: {e}"))),
-            Exec::Sim(s) => Ok(Task::Local(s.local.spawn_local(make()))),
+            Exec::Sim(s) => Ok(Task::Local(s.local.spawn_local(make()), s.clone())),
         }
     }
-}
 
-impl Exec {
     /// Waits up to `limit` for every loop of `tasks` to end (running the
     /// simulation meanwhile); whether they all did. Loops still running
     /// then are left to end on their own.
@@ -140,19 +137,19 @@ impl Exec {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 for t in tasks {
-                    let _ = t.join(self);
+                    let _ = t.join();
                 }
                 true
             }
             Exec::Sim(s) => {
                 let all = async {
                     for t in tasks {
-                        if let Task::Local(h) = t {
+                        if let Task::Local(h, _) = t {
                             let _ = h.await;
                         }
                     }
                 };
-                Self::sim_wait_timeout(s, limit, all).is_some()
+                s.block_on_within(limit, all).is_some()
             }
         }
     }
@@ -162,16 +159,16 @@ impl<T> Task<T> {
     pub fn is_finished(&self) -> bool {
         match self {
             Task::Thread(h) => h.is_finished(),
-            Task::Local(h) => h.is_finished(),
+            Task::Local(h, _) => h.is_finished(),
         }
     }
 
     /// Waits for the loop's end (running the simulation meanwhile); `None`
     /// if it panicked.
-    pub fn join(self, exec: &Exec) -> Option<T> {
+    pub fn join(self) -> Option<T> {
         match self {
             Task::Thread(h) => h.join().ok(),
-            Task::Local(h) => exec.wait(h).ok(),
+            Task::Local(h, sim) => sim.block_on(h).ok(),
         }
     }
 }

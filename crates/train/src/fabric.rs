@@ -358,7 +358,7 @@ pub fn run_worker_process(store: &str, local: &RunConfig, deadline: Duration) ->
         let shards = Shards::Sampled { data: data.clone().expect("loaded above"), worker: w };
         let exec = Exec::Threads;
         for t in spawn_worker(&exec, w, link, setup, shards, ended.clone())? {
-            t.join(&exec).ok_or_else(|| TrainError::Config(format!("worker {w} failed (see above)")))?;
+            t.join().ok_or_else(|| TrainError::Config(format!("worker {w} failed (see above)")))?;
         }
         if ended.load(Ordering::SeqCst) {
             return Ok(());
@@ -1048,8 +1048,8 @@ impl FabricTrainer {
             if let Some(k) = &root.kill {
                 let _ = k.send(true);
             }
-            let _ = root.down.join(&self.exec);
-            let _ = root.up.join(&self.exec);
+            let _ = root.down.join();
+            let _ = root.up.join();
         }
         // What the old tree left: weights never sent, statistics never read.
         while let Ok(d) = self.side.weights.try_recv() {
@@ -1199,7 +1199,7 @@ impl FabricTrainer {
     pub fn into_store(mut self) -> Store {
         let handle = self.store.take().expect("running");
         self.shutdown();
-        handle.join(&self.exec).expect("the store thread does not panic")
+        handle.join().expect("the store thread does not panic")
     }
 
     fn shutdown(&mut self) {
@@ -1212,11 +1212,11 @@ impl FabricTrainer {
             // The root's receiver clone keeps the weights channel open: the
             // store thread must end first, so join it before the root.
             if let Some(h) = self.store.take() {
-                let s = h.join(&self.exec);
+                let s = h.join();
                 drop(s);
             }
-            let _ = root.down.join(&self.exec);
-            let _ = root.up.join(&self.exec);
+            let _ = root.down.join();
+            let _ = root.up.join();
         }
         // The workers end on the tree's Shutdown.
         self.exec.join_all(std::mem::take(&mut self.threads), OLD_TREE_ENDS);
@@ -1230,7 +1230,7 @@ impl Drop for FabricTrainer {
     fn drop(&mut self) {
         self.shutdown();
         if let Some(h) = self.store.take() {
-            let _ = h.join(&self.exec);
+            let _ = h.join();
         }
     }
 }
