@@ -11,10 +11,11 @@
 //! `Y[n, block] += w * X[k, block]`, with 128 features of the block (32 KiB)
 //! in L1 while every output feature takes its nonzeros from them (read
 //! chunk-major, so in one sequential run), and the 64 outputs in registers.
-//! The weight gradient is one dot product over the tokens per nonzero, on
-//! transposed activations, tokens in cache-sized blocks. All scratch starts
-//! on a cache line: a 64-byte load that straddles two lines halves the
-//! products' speed.
+//! The weight gradient is one dot product over the tokens per nonzero, in
+//! chunks of 128 tokens: one side's chunk (a feature of dout, or of inp)
+//! in eight registers while its nonzeros' rows of the other side, transposed
+//! in tiles sized to the density, stream past. All scratch starts on a cache
+//! line: a 64-byte load that straddles two lines halves the products' speed.
 //!
 //! - [`forward`]: `out = inp @ W + bias`;
 //! - [`backward_input`]: `dinp = dout @ W^T` (overwrites);
@@ -300,19 +301,6 @@ fn transpose_region(dst: &mut [f32], ds: usize, src: &[f32], ss: usize, rows: us
     }
 }
 
-/// `dst[C,R] = src[R,C]^T`, in 32x32 tiles over the pool.
-pub fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
-    assert_eq!(src.len(), rows * cols);
-    assert_eq!(dst.len(), rows * cols);
-    const T: usize = 64;
-    // Bands of 64 columns of src: rows c0..c1 of dst, one task each.
-    dst.par_chunks_mut(T * rows).enumerate().for_each(|(cb, d)| {
-        let c0 = cb * T;
-        let c1 = (c0 + T).min(cols);
-        transpose_region(d, rows, &src[c0..], cols, rows, c1 - c0);
-    });
-}
-
 /// Tokens per block of the sparse products: four 16-lane vectors per feature.
 const TOK: usize = 64;
 /// Features per chunk: the power of two that gives each output feature
@@ -331,25 +319,26 @@ fn chunk_features(features: usize, outs: usize, nnz: usize) -> usize {
 }
 
 /// A sparse matrix's nonzeros reordered chunk-major: by feature chunk (`kc`
-/// input features, [`chunk_features`]), then output feature, then input
-/// feature. A chunk's pass over every output then reads indices and values
-/// in one sequential run (by output feature they would be a short piece of every
-/// column, scattered over the whole matrix).
-struct ChunkMajor {
+/// input features), then output feature, then input feature, each with a
+/// payload (its value for the products, its position in the values' order
+/// for the weight gradient). A chunk's pass over every output then reads
+/// indices and payloads in one sequential run (by output feature they would
+/// be a short piece of every column, scattered over the whole matrix).
+struct ChunkMajor<T> {
     /// Features per chunk.
     kc: usize,
     /// Output o's nonzeros in chunk c: `start[c * outs + o]..start[c * outs + o + 1]`.
     start: Vec<u32>,
     index: Vec<u32>,
-    value: Vec<f32>,
+    value: Vec<T>,
 }
 
-impl ChunkMajor {
-    /// From nonzeros given by output feature (`start`, `index`, `value(p)`),
-    /// indices ascending within each output feature.
-    fn new(start: &[u32], index: &[u32], value: &(impl Fn(usize) -> f32 + Sync), features: usize) -> ChunkMajor {
+impl<T: Copy + Default + Send + Sync> ChunkMajor<T> {
+    /// From nonzeros given by output feature (`start`, `index`, payload
+    /// `value(p)`), indices ascending within each output feature, in chunks
+    /// of `kc` of the `features` input features.
+    fn new(start: &[u32], index: &[u32], value: &(impl Fn(usize) -> T + Sync), features: usize, kc: usize) -> Self {
         let outs = start.len() - 1;
-        let kc = chunk_features(features, outs, index.len());
         let chunks = features.div_ceil(kc);
         // Where output o's nonzeros of chunk c begin, by output: ptr[o * (chunks + 1) + c].
         let mut ptr = vec![0u32; outs * (chunks + 1)];
@@ -371,7 +360,7 @@ impl ChunkMajor {
             }
         }
         let nnz = index.len();
-        let (mut cindex, mut cvalue) = (vec![0u32; nnz], vec![0f32; nnz]);
+        let (mut cindex, mut cvalue) = (vec![0u32; nnz], vec![T::default(); nnz]);
         // One task per chunk, each filling its own run of both arrays.
         let mut runs = Vec::with_capacity(chunks);
         let (mut ri, mut rv) = (&mut cindex[..], &mut cvalue[..]);
@@ -417,7 +406,7 @@ fn spmm(
     assert_eq!(inp.len(), bt * features);
     assert_eq!(out.len(), bt * outs);
     assert!(index.iter().all(|&j| (j as usize) < features), "an index beyond the features");
-    let nz = ChunkMajor::new(start, index, &value, features);
+    let nz = ChunkMajor::new(start, index, &value, features, chunk_features(features, outs, index.len()));
     let chunks = features.div_ceil(nz.kc);
     let simd = simd && simd::available();
     out.par_chunks_mut(TOK * outs.max(1)).enumerate().for_each_init(
@@ -488,12 +477,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::TOK;
+    use super::{TOK, WG_TOK};
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl")
+        })
     }
 
     /// For every output o < `starts.len() - 1`: `yb[o] (+)= sum over p in
@@ -601,52 +592,59 @@ mod simd {
         }
     }
 
-    /// `dv[q] += xt[rows[q] * bt + b0..][..C] . d` for every q, `d` (C
-    /// tokens of one column of dout, C = 128 or 256) in C/16 registers.
+    /// For every wide feature r < `starts.len() - 1` (`wide[r]`: its
+    /// [`WG_TOK`] tokens): `acc[q] += narrow[index[q]] . wide[r]` for q in
+    /// `starts[r]..starts[r + 1]`, `wide[r]` in eight registers, four
+    /// nonzeros at a time (eight independent FMA chains, the four sums
+    /// reduced together).
     ///
     /// # Safety
-    /// AVX-512F must be present; `(rows[q] + 1) * bt <= xt.len()` and
-    /// `b0 + C <= bt`.
+    /// AVX-512F and VL must be present; `(index[q] + 1) * WG_TOK <=
+    /// narrow.len()` for every q in those ranges, which lie inside `index`
+    /// and `acc`; `wide` holds `(starts.len() - 1) * WG_TOK`.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    pub unsafe fn sddmm_tile(acc: *mut f32, narrow: &[f32], wide: &[f32], starts: &[u32], index: &[u32]) {
+        let rows = starts.len() - 1;
+        assert!(wide.len() >= rows * WG_TOK && starts[rows] as usize <= index.len());
+        let (x, ix) = (narrow.as_ptr(), index.as_ptr());
+        for r in 0..rows {
+            let (p0, p1) = (*starts.get_unchecked(r) as usize, *starts.get_unchecked(r + 1) as usize);
+            if p0 == p1 {
+                continue;
+            }
+            let d: [__m512; 8] = std::array::from_fn(|j| _mm512_loadu_ps(wide.as_ptr().add(r * WG_TOK + 16 * j)));
+            let mut q = p0;
+            while q + 4 <= p1 {
+                let sums = dots::<4>(x, ix.add(q), &d);
+                _mm_storeu_ps(acc.add(q), _mm_add_ps(_mm_loadu_ps(acc.add(q)), sums));
+                q += 4;
+            }
+            let (sums, mask) = match p1 - q {
+                0 => continue,
+                1 => (dots::<1>(x, ix.add(q), &d), 0b0001),
+                2 => (dots::<2>(x, ix.add(q), &d), 0b0011),
+                _ => (dots::<3>(x, ix.add(q), &d), 0b0111),
+            };
+            _mm_mask_storeu_ps(acc.add(q), mask, _mm_add_ps(_mm_maskz_loadu_ps(mask, acc.add(q)), sums));
+        }
+    }
+
+    /// `[x[ix[0]] . d, .., x[ix[R - 1]] . d, 0, ..]` over [`WG_TOK`]
+    /// tokens, two FMA chains per row.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn sddmm_chunk<const C: usize>(
-        dv: &mut [f32],
-        xt: &[f32],
-        bt: usize,
-        b0: usize,
-        d: &[f32],
-        rows: &[u32],
-    ) {
-        const { assert!(C == 128 || C == 256) };
-        assert!(d.len() == C && b0 + C <= bt && dv.len() == rows.len());
-        let mut dr = [_mm512_setzero_ps(); 16];
-        for (j, r) in dr.iter_mut().take(C / 16).enumerate() {
-            *r = _mm512_loadu_ps(d.as_ptr().add(16 * j));
-        }
-        // Four nonzeros at a time, two accumulators each (eight independent
-        // FMA chains), their four sums reduced together.
-        let whole = rows.len() / 4 * 4;
-        for q in (0..whole).step_by(4) {
-            let x: [*const f32; 4] = std::array::from_fn(|i| xt.as_ptr().add(rows[q + i] as usize * bt + b0));
-            let mut a = [[_mm512_setzero_ps(); 2]; 4];
-            for j in 0..C / 16 {
-                for i in 0..4 {
-                    a[i][j % 2] = _mm512_fmadd_ps(_mm512_loadu_ps(x[i].add(16 * j)), dr[j], a[i][j % 2]);
-                }
+    unsafe fn dots<const R: usize>(x: *const f32, ix: *const u32, d: &[__m512; 8]) -> __m128 {
+        const { assert!(R >= 1 && R <= 4 && WG_TOK == 128) };
+        let rows: [*const f32; R] = std::array::from_fn(|i| x.add(*ix.add(i) as usize * WG_TOK));
+        let mut a = [[_mm512_setzero_ps(); 2]; R];
+        for (j, d) in d.iter().enumerate() {
+            for i in 0..R {
+                a[i][j % 2] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[i].add(16 * j)), *d, a[i][j % 2]);
             }
-            let v = a.map(|p| _mm512_add_ps(p[0], p[1]));
-            let sums = reduce4(v[0], v[1], v[2], v[3]);
-            let at = dv.as_mut_ptr().add(q);
-            _mm_storeu_ps(at, _mm_add_ps(_mm_loadu_ps(at), sums));
         }
-        for (v, &r) in dv[whole..].iter_mut().zip(&rows[whole..]) {
-            let x = xt.as_ptr().add(r as usize * bt + b0);
-            let mut a = [_mm512_setzero_ps(); 4];
-            for j in 0..C / 16 {
-                a[j % 4] = _mm512_fmadd_ps(_mm512_loadu_ps(x.add(16 * j)), dr[j], a[j % 4]);
-            }
-            let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-            *v += _mm512_reduce_add_ps(s);
-        }
+        let v: [__m512; 4] =
+            std::array::from_fn(|i| if i < R { _mm512_add_ps(a[i][0], a[i][1]) } else { _mm512_setzero_ps() });
+        reduce4(v[0], v[1], v[2], v[3])
     }
 
     /// The lane sums of four vectors, `[sum a, sum b, sum c, sum d]`:
@@ -705,7 +703,7 @@ mod simd {
     pub unsafe fn dot(_: &[f32], _: &[f32]) -> f32 {
         unreachable!("no SIMD path on this architecture")
     }
-    pub unsafe fn sddmm_chunk<const C: usize>(_: &mut [f32], _: &[f32], _: usize, _: usize, _: &[f32], _: &[u32]) {
+    pub unsafe fn sddmm_tile(_: *mut f32, _: &[f32], _: &[f32], _: &[u32], _: &[u32]) {
         unreachable!("no SIMD path on this architecture")
     }
     pub unsafe fn transpose16(_: *mut f32, _: usize, _: *const f32, _: usize) {
@@ -713,11 +711,11 @@ mod simd {
     }
 }
 
-/// Scratch for the transposed activations, reused across calls.
+/// Scratch for the weight gradient (transposed activations, sums), reused across calls.
 #[derive(Default)]
 pub struct Scratch {
     xt: Vec<f32>,
-    yt: Vec<f32>,
+    acc: Vec<f32>,
 }
 
 /// `n` floats of `v` (grown as needed) starting on a 64-byte boundary: the
@@ -748,68 +746,151 @@ pub fn backward_input(dinp: &mut [f32], dout: &[f32], w: &SparsePattern, values:
     spmm(dinp, dout, bt, w.n, &w.row_start, &w.row_cols, |p| values[w.row_value[p] as usize], None, true);
 }
 
+/// Tokens per chunk of the weight gradient: eight 16-lane vectors, so a
+/// feature's chunk of one side sits in eight registers while its nonzeros'
+/// rows of the other side stream past.
+const WG_TOK: usize = 128;
+/// Features of the streamed side per tile of the weight gradient: the power
+/// of two that gives each feature held in registers about 12 nonzeros per
+/// tile, within [64, 1024]. At 64 features a tile ([`WG_TOK`] tokens, 32
+/// KiB) stays in L1 while a group of features takes its nonzeros' dot
+/// products from it; a wider tile sits in L2, whose loads bound the
+/// product, but at low density a narrow one leaves each feature too few
+/// nonzeros between its loads and its loop's mispredicted end. Measured on
+/// 768x3072, one thread (`sparse_micro kernels`): 64 features is best at
+/// 75% sparsity, 128 at 90%, 256-1024 at 95% and 1024 at 99%.
+fn tile_features(features: usize, outs: usize, nnz: usize) -> usize {
+    let density = nnz as f64 / (features.max(1) * outs.max(1)) as f64;
+    let want = (12.0 / density.max(1e-9)).min(1024.0) as usize;
+    want.next_power_of_two().clamp(64, 1024)
+}
+
 /// `dvalues[p] += sum over tokens of inp[t, k_p] * dout[t, n_p]` for every
 /// nonzero p of `w` (in `w.values`' order): the weight gradient at the
-/// mask only. Tokens in blocks, added in block order (deterministic).
+/// mask only (a sampled dense-dense product).
+///
+/// The product is symmetric in its two sides; the narrower one (inp when
+/// K <= N) is transposed whole, chunk by chunk of [`WG_TOK`] tokens, and
+/// shared, while groups of the wider side's features run in parallel,
+/// each transposing its own features chunk by chunk and holding one
+/// feature's chunk in registers while its nonzeros' rows of the narrow
+/// side stream past, tile by tile ([`tile_features`]). Every nonzero's sum
+/// gathers the chunks in order, whatever the grouping, so the result does
+/// not depend on the thread count.
 pub fn backward_weight(dvalues: &mut [f32], inp: &[f32], dout: &[f32], w: &SparsePattern, bt: usize, s: &mut Scratch) {
     let (k, n) = (w.k, w.n);
     assert_eq!(dvalues.len(), w.nnz());
     assert_eq!(inp.len(), bt * k);
     assert_eq!(dout.len(), bt * n);
-    // Tokens per chunk: 256, or 128 where a chunk of 256 tokens of every
-    // input feature would not fit in L2 next to dout's columns.
-    let chunk = if k * 256 * 4 <= SDDMM_CHUNK_BYTES { 256 } else { 128 };
-    let chunks = bt.div_ceil(chunk);
-    // XT chunk-major: chunk j holds tokens chunk*j.. of every input feature,
-    // feature by feature (one contiguous block per chunk); zero past BT.
-    let xt = sized(&mut s.xt, chunks * k * chunk);
-    xt.par_chunks_mut(k * chunk).enumerate().for_each(|(j, blk)| {
-        let t0 = j * chunk;
-        let t1 = (t0 + chunk).min(bt);
-        if t1 - t0 < chunk {
-            blk.fill(0.0);
-        }
-        transpose_region(blk, chunk, &inp[t0 * k..], k, t1 - t0, k);
-    });
-    let dt = sized(&mut s.yt, n * bt);
-    transpose(dt, dout, bt, n);
-    let (xt, dt) = (&*xt, &*dt);
-    let out = SendPtr(dvalues.as_mut_ptr());
-    let simd = simd::available();
-    // Chunks outermost: a chunk of XT (K x chunk tokens, contiguous) stays in
-    // L2 while every column takes its nonzeros' dot products from it (the
-    // column's slice of dout held in registers while its nonzeros stream
-    // past); the chunks in order, so each value's sum is the same every time.
-    for j in 0..chunks {
-        let (b0, b1) = (j * chunk, ((j + 1) * chunk).min(bt));
-        let xc = &xt[j * k * chunk..(j + 1) * k * chunk];
-        (0..n).into_par_iter().with_min_len(16).for_each(|c| {
-            let (p0, p1) = (w.col_start[c] as usize, w.col_start[c + 1] as usize);
-            if p0 == p1 {
-                return;
-            }
-            // SAFETY: column c's nonzeros p0..p1 are written by this task alone.
-            let dv = unsafe { std::slice::from_raw_parts_mut(out.get().add(p0), p1 - p0) };
-            let rows = &w.row_index[p0..p1];
-            let d = &dt[c * bt + b0..c * bt + b1];
-            match (simd && b1 - b0 == chunk, chunk) {
-                // SAFETY: AVX-512F checked; every row index < k, so each slice is inside xc.
-                (true, 256) => unsafe { simd::sddmm_chunk::<256>(dv, xc, 256, 0, d, rows) },
-                // SAFETY: as above.
-                (true, _) => unsafe { simd::sddmm_chunk::<128>(dv, xc, 128, 0, d, rows) },
-                (false, _) => {
-                    for (v, &r) in dv.iter_mut().zip(rows) {
-                        *v += dot(&xc[r as usize * chunk..r as usize * chunk + (b1 - b0)], d);
-                    }
-                }
-            }
-        });
+    if w.nnz() == 0 {
+        return;
+    }
+    if k <= n {
+        // Wide side: dout's columns (the pattern by column; values in order).
+        sddmm(
+            dvalues,
+            Side { m: dout, width: n },
+            Side { m: inp, width: k },
+            &w.col_start,
+            &w.row_index,
+            &|q| q as u32,
+            bt,
+            s,
+        );
+    } else {
+        // Wide side: inp's features (the pattern by row).
+        let at = |q: usize| w.row_value[q];
+        sddmm(dvalues, Side { m: inp, width: k }, Side { m: dout, width: n }, &w.row_start, &w.row_cols, &at, bt, s);
     }
 }
 
-/// The largest chunk of transposed activations the weight gradient keeps in
-/// L2 (1 MiB: half of this machine's 2 MiB per core).
-const SDDMM_CHUNK_BYTES: usize = 1 << 20;
+/// One operand of the weight gradient: `m[BT, width]`, token-major.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    m: &'a [f32],
+    width: usize,
+}
+
+/// `dvalues[pos(q)] += sum over t of wide[t, r] * narrow[t, index[q]]` for
+/// every wide feature r and q in `start[r]..start[r + 1]` (indices
+/// ascending within each r). See [`backward_weight`].
+#[allow(clippy::too_many_arguments)]
+fn sddmm(
+    dvalues: &mut [f32],
+    wide: Side,
+    narrow: Side,
+    start: &[u32],
+    index: &[u32],
+    pos: &(impl Fn(usize) -> u32 + Sync),
+    bt: usize,
+    s: &mut Scratch,
+) {
+    let (rw, cn) = (wide.width, narrow.width);
+    assert_eq!(start.len(), rw + 1);
+    assert!(index.iter().all(|&c| (c as usize) < cn), "an index beyond the features");
+    let nnz = index.len();
+    let wf = tile_features(cn, rw, nnz);
+    let nz = ChunkMajor::new(start, index, pos, cn, wf);
+    let (tiles, chunks) = (cn.div_ceil(wf), bt.div_ceil(WG_TOK));
+    // The narrow side transposed, chunk j as [cn][WG_TOK], zero past BT.
+    let Scratch { xt, acc } = s;
+    let nt = sized(xt, chunks * cn * WG_TOK);
+    nt.par_chunks_mut(cn * WG_TOK).enumerate().for_each(|(j, blk)| {
+        let t0 = j * WG_TOK;
+        let rows = (bt - t0).min(WG_TOK);
+        if rows < WG_TOK {
+            blk.fill(0.0);
+        }
+        transpose_region(blk, WG_TOK, &narrow.m[t0 * cn..], cn, rows, cn);
+    });
+    let acc = sized(acc, nnz);
+    acc.fill(0.0);
+    let (nt, sums, out) = (&*nt, SendPtr(acc.as_mut_ptr()), SendPtr(dvalues.as_mut_ptr()));
+    // A few groups per thread; each nonzero is one group's alone.
+    let per = rw.div_ceil(4 * rayon::current_num_threads()).max(16);
+    let simd = simd::available();
+    (0..rw.div_ceil(per)).into_par_iter().for_each_init(Vec::new, |wv, g| {
+        let (r0, r1) = (g * per, ((g + 1) * per).min(rw));
+        let wt = sized(wv, (r1 - r0) * WG_TOK);
+        for j in 0..chunks {
+            let t0 = j * WG_TOK;
+            let rows = (bt - t0).min(WG_TOK);
+            // wt[r][i] = wide[t0 + i][r0 + r], zero past BT.
+            if rows < WG_TOK {
+                wt.fill(0.0);
+            }
+            transpose_region(wt, WG_TOK, &wide.m[t0 * rw + r0..], rw, rows, r1 - r0);
+            let nc = &nt[j * cn * WG_TOK..(j + 1) * cn * WG_TOK];
+            for c in 0..tiles {
+                let starts = &nz.start[c * rw + r0..=c * rw + r1];
+                if simd {
+                    // SAFETY: AVX-512 checked; every index < cn (asserted),
+                    // so each row is inside nc; the nonzeros of features
+                    // r0..r1 are this task's alone.
+                    unsafe { simd::sddmm_tile(sums.get(), nc, wt, starts, &nz.index) };
+                    continue;
+                }
+                for r in 0..r1 - r0 {
+                    for q in starts[r] as usize..starts[r + 1] as usize {
+                        let ci = nz.index[q] as usize;
+                        let d = dot(&nc[ci * WG_TOK..(ci + 1) * WG_TOK], &wt[r * WG_TOK..(r + 1) * WG_TOK]);
+                        // SAFETY: as above, q is this task's alone.
+                        unsafe { *sums.get().add(q) += d };
+                    }
+                }
+            }
+        }
+        for c in 0..tiles {
+            for q in nz.start[c * rw + r0] as usize..nz.start[c * rw + r1] as usize {
+                let p = nz.value[q] as usize;
+                assert!(p < nnz);
+                // SAFETY: q and its position p (inside dvalues, asserted) are
+                // this task's alone: positions are a permutation of 0..nnz.
+                unsafe { *out.get().add(p) += *sums.get().add(q) };
+            }
+        }
+    });
+}
 
 pub mod reference {
     //! Plain loops over the nonzeros: the specification of the fast kernels.
@@ -898,9 +979,13 @@ mod tests {
     #[test]
     fn sparse_kernels_match_reference_and_dense_on_the_masked_matrix() {
         let mut rng = Rng::new(21);
-        // (The last shape has K x 256 tokens beyond the weight gradient's L2
-        // chunk, so it takes 128-token chunks.)
-        for &(bt, k, n) in &[(37usize, 24usize, 40usize), (130, 64, 48), (600, 96, 80), (300, 1100, 12)] {
+        // The weight gradient holds dout's columns in registers where K <= N
+        // (the first and fifth shapes), inp's features elsewhere; the last
+        // three have several tiles of features at the higher densities, and
+        // every token count but 600 ends in a partial chunk.
+        for &(bt, k, n) in
+            &[(37usize, 24usize, 40usize), (130, 64, 48), (600, 96, 80), (300, 1100, 12), (150, 200, 260)]
+        {
             for density in [0.0, 0.02, 0.1, 0.25, 0.5, 1.0] {
                 let dense = random(&mut rng, k * n);
                 let mut mask = top_magnitude_mask(&random(&mut rng, k * n), density);
@@ -1029,7 +1114,7 @@ mod tests {
         let (r, c) = (70, 45);
         let x = random(&mut rng, r * c);
         let mut t = vec![0f32; r * c];
-        transpose(&mut t, &x, r, c);
+        transpose_region(&mut t, r, &x, c, r, c);
         for i in 0..r {
             for j in 0..c {
                 assert_eq!(t[j * r + i].to_bits(), x[i * c + j].to_bits());
