@@ -1,9 +1,9 @@
 //! Micro-benchmarks behind the sparse kernels' figures in BENCHMARKS.md
 //! (run with `RAYON_NUM_THREADS=1` for one thread):
 //!
-//! - `sparse_micro kernels K N SPARSITY f|i|w`: one sparse kernel (forward,
-//!   input gradient, weight gradient) at 2048 tokens, 25 calls; prints the
-//!   median and the minimum.
+//! - `sparse_micro kernels K N SPARSITY f|i|w`: one sparse kernel (forward
+//!   with a bias, as the model's layers have; input gradient; weight
+//!   gradient) at 2048 tokens, 25 calls; prints the median and the minimum.
 //! - `sparse_micro inner [FEATS] [PER] [OFFSET] [OUTPUTS] [NONZEROS]`: the
 //!   forward's inner loop alone on synthetic data: FEATS feature rows of 64
 //!   tokens (in L1 at 128), PER nonzeros per output, the rows OFFSET floats
@@ -28,7 +28,7 @@ fn kernels(args: &[String]) {
         rng.fill_normal(&mut v, 0.0, 1.0);
         v
     };
-    let (w, x, g) = (fill(k * n), fill(bt * k), fill(bt * n));
+    let (w, x, g, bias) = (fill(k * n), fill(bt * k), fill(bt * n), fill(n));
     let sw = SparseWeight::from_dense_top(&w, k, n, 1.0 - s);
     let (mut out, mut dinp, mut dv) = (vec![0f32; bt * n], vec![0f32; bt * k], vec![0f32; sw.nnz()]);
     let mut scratch = Scratch::default();
@@ -36,7 +36,7 @@ fn kernels(args: &[String]) {
         .map(|_| {
             let t = Instant::now();
             match which {
-                "f" => sparse::forward(&mut out, &x, &sw.pattern, &sw.values, None, bt),
+                "f" => sparse::forward(&mut out, &x, &sw.pattern, &sw.values, Some(&bias), bt),
                 "i" => sparse::backward_input(&mut dinp, &g, &sw.pattern, &sw.values, bt),
                 _ => sparse::backward_weight(&mut dv, &x, &g, &sw.pattern, bt, &mut scratch),
             }

@@ -424,13 +424,13 @@ fn spmm(
                 let starts = &nz.start[c * outs..(c + 1) * outs + 1];
                 if simd {
                     // SAFETY: AVX-512F checked; every index < features (asserted above).
-                    unsafe { simd::chunk_sum(yb, xb, c == 0, starts, &nz.index, &nz.value) };
+                    unsafe { simd::chunk_sum(yb, xb, (c == 0).then_some(bias), starts, &nz.index, &nz.value) };
                     continue;
                 }
                 for o in 0..outs {
                     let y = &mut yb[o * TOK..(o + 1) * TOK];
                     if c == 0 {
-                        y.fill(0.0);
+                        y.fill(bias.map_or(0.0, |b| b[o]));
                     }
                     for p in starts[o] as usize..starts[o + 1] as usize {
                         let v = nz.value[p];
@@ -441,15 +441,8 @@ fn spmm(
                     }
                 }
             }
-            // out[t0 + i][o] = yb[o][i] + bias[o]
+            // out[t0 + i][o] = yb[o][i] (the bias is in yb's start).
             transpose_region(out_rows, outs, yb, TOK, outs, nt);
-            if let Some(b) = bias {
-                for row in out_rows.chunks_mut(outs) {
-                    for (x, b) in row.iter_mut().zip(b) {
-                        *x += b;
-                    }
-                }
-            }
         },
     );
 }
@@ -487,41 +480,51 @@ mod simd {
         })
     }
 
-    /// For every output o < `starts.len() - 1`: `yb[o] (+)= sum over p in
+    /// For every output o < `starts.len() - 1`: `yb[o] += sum over p in
     /// starts[o]..starts[o + 1] of value[p] * xb[index[p]]` (64 tokens
     /// each), two nonzeros at a time into two accumulator sets (eight
-    /// independent FMA chains).
+    /// independent FMA chains). On the first chunk (`first` is `Some`), yb
+    /// starts from the bias (or zero) instead of its contents.
     ///
     /// # Safety
     /// AVX-512F must be present; `(index[p] + 1) * TOK <= xb.len()` for
     /// every p in those ranges, which lie inside `index` and `value`; `yb`
-    /// holds `outs * TOK`.
+    /// and a bias hold `outs * TOK` and `outs`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn chunk_sum(yb: &mut [f32], xb: &[f32], first: bool, starts: &[u32], index: &[u32], value: &[f32]) {
+    pub unsafe fn chunk_sum(
+        yb: &mut [f32],
+        xb: &[f32],
+        first: Option<Option<&[f32]>>,
+        starts: &[u32],
+        index: &[u32],
+        value: &[f32],
+    ) {
         const _: () = assert!(TOK == 64);
         let outs = starts.len() - 1;
         assert!(yb.len() >= outs * TOK && index.len() == value.len());
         assert!(starts[outs] as usize <= index.len());
+        if let Some(Some(b)) = first {
+            assert!(b.len() >= outs);
+        }
         let (x, ix, vl) = (xb.as_ptr(), index.as_ptr(), value.as_ptr());
         let z = _mm512_setzero_ps();
         for o in 0..outs {
             let (p0, p1) = (*starts.get_unchecked(o) as usize, *starts.get_unchecked(o + 1) as usize);
             let y = yb.as_mut_ptr().add(o * TOK);
+            let start = |bias: Option<&[f32]>| bias.map_or(z, |b| _mm512_set1_ps(*b.get_unchecked(o)));
             if p0 == p1 {
-                if first {
+                if let Some(bias) = first {
                     for j in 0..4 {
-                        _mm512_storeu_ps(y.add(16 * j), z);
+                        _mm512_storeu_ps(y.add(16 * j), start(bias));
                     }
                 }
                 continue;
             }
-            let mut a = [z; 4];
+            let mut a = match first {
+                Some(bias) => [start(bias); 4],
+                None => std::array::from_fn(|j| _mm512_loadu_ps(y.add(16 * j))),
+            };
             let mut b = [z; 4];
-            if !first {
-                for (j, a) in a.iter_mut().enumerate() {
-                    *a = _mm512_loadu_ps(y.add(16 * j));
-                }
-            }
             let mut p = p0;
             while p + 2 <= p1 {
                 let (v0, v1) = (_mm512_set1_ps(*vl.add(p)), _mm512_set1_ps(*vl.add(p + 1)));
@@ -697,7 +700,7 @@ mod simd {
     pub fn available() -> bool {
         false
     }
-    pub unsafe fn chunk_sum(_: &mut [f32], _: &[f32], _: bool, _: &[u32], _: &[u32], _: &[f32]) {
+    pub unsafe fn chunk_sum(_: &mut [f32], _: &[f32], _: Option<Option<&[f32]>>, _: &[u32], _: &[u32], _: &[f32]) {
         unreachable!("no SIMD path on this architecture")
     }
     pub unsafe fn dot(_: &[f32], _: &[f32]) -> f32 {
