@@ -101,7 +101,7 @@ pub enum BenchCommand {
     /// whole streamed training steps of a model whose attention and MLP
     /// matrices are sparse against the dense model (time and bytes streamed).
     Sparsity {
-        /// One sparsity (fraction of zeros, e.g. 0.9); default 0, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95 (--step: 0.9).
+        /// One sparsity (fraction of zeros, e.g. 0.9); default 0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95 (--step: 0.9).
         #[arg(long)]
         sparsity: Option<f64>,
         /// Whole training steps instead of single layers.
@@ -218,7 +218,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let levels = match sparsity {
                 Some(s) if (0.0..1.0).contains(&s) => vec![s],
                 Some(s) => return Err(TrainError::Config(format!("--sparsity {s}: expected a fraction in [0, 1)"))),
-                None => vec![0.0, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95],
+                None => vec![0.0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95],
             };
             bench_sparsity(&levels, repeats.max(1), tokens.max(1));
             Ok(())
