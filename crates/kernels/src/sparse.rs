@@ -143,22 +143,46 @@ impl SparsePattern {
     }
 
     /// `dense[K*N]` with `values` at the nonzeros and zeros elsewhere.
+    /// Bands of [`BAND`] columns in parallel (the dense path of every
+    /// sparse matrix runs this at each use).
     pub fn scatter(&self, values: &[f32], dense: &mut [f32]) {
         assert_eq!(values.len(), self.nnz());
         assert_eq!(dense.len(), self.k * self.n);
-        dense.fill(0.0);
-        for (i, &v) in self.positions().zip(values) {
-            dense[i] = v;
-        }
+        dense.par_chunks_mut(1 << 16).for_each(|d| d.fill(0.0));
+        let out = SendPtr(dense.as_mut_ptr());
+        self.bands(|c, p, r| {
+            // SAFETY: r < k and c < n (a pattern's indices), so the element
+            // is inside dense; column c belongs to this band alone.
+            unsafe { *out.get().add(r * self.n + c) = values[p] };
+        });
     }
 
     /// `values[p] += dense[position of p]` for every nonzero p.
     pub fn gather_add(&self, dense: &[f32], values: &mut [f32]) {
         assert_eq!(values.len(), self.nnz());
         assert_eq!(dense.len(), self.k * self.n);
-        for (v, i) in values.iter_mut().zip(self.positions()) {
-            *v += dense[i];
-        }
+        let out = SendPtr(values.as_mut_ptr());
+        self.bands(|c, p, r| {
+            // SAFETY: p < nnz = values.len(), and column c (so nonzero p)
+            // belongs to this band alone.
+            unsafe { *out.get().add(p) += dense[r * self.n + c] };
+        });
+    }
+
+    /// `f(column, nonzero, row)` for every nonzero, bands of [`BAND`]
+    /// columns in parallel, each band column by column: its writes or reads
+    /// of a row stay in one cache line of the dense matrix, and the values
+    /// of a band are one run.
+    fn bands(&self, f: impl Fn(usize, usize, usize) + Sync) {
+        (0..self.n.div_ceil(BAND)).into_par_iter().for_each(|b| {
+            for c in b * BAND..((b + 1) * BAND).min(self.n) {
+                for p in self.col_start[c] as usize..self.col_start[c + 1] as usize {
+                    let r = self.row_index[p] as usize;
+                    assert!(r < self.k);
+                    f(c, p, r);
+                }
+            }
+        });
     }
 
     /// The mask as a bitmap, bit `i % 8` of byte `i / 8` for position i
@@ -220,6 +244,10 @@ impl SparsePattern {
         (gap == 0).then(|| SparsePattern::from_mask(&mask, k, n))
     }
 }
+
+/// Columns per task of [`SparsePattern::scatter`] and
+/// [`SparsePattern::gather_add`]: 64 bytes of a row, one cache line.
+const BAND: usize = 16;
 
 /// A pattern with its values: a sparse matrix in one piece (tests, benchmarks).
 #[derive(Clone, Debug, PartialEq)]
