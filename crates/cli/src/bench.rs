@@ -465,15 +465,17 @@ fn bench_streaming(
 }
 
 /// Bytes one training step moves between the store and the worker: weights
-/// down at every use, gradients up at every head and backward use.
+/// down at every use that needs them, gradients up at every head and
+/// backward use.
 fn bytes_per_step(config: &RunConfig, spec: &ws_model::ModelSpec, micro_batches: usize) -> (u64, u64) {
-    let layout = ws_store::Layout::new(spec, ws_store::PAGE_PARAMS_DEFAULT);
     let sched = ws_train::schedule::Schedule::new(spec.layer_count(), micro_batches, true);
     let width = if config.stream.dtype == "bf16" { 2 } else { 4 };
     let (mut down, mut up) = (0u64, 0u64);
-    for u in &sched.uses {
-        let n = layout.layer_params(spec, u.layer) as u64;
-        down += width * n;
+    for (j, u) in sched.uses.iter().enumerate() {
+        let n = spec.layer_len(u.layer) as u64;
+        if sched.needs_weights(j) {
+            down += width * n;
+        }
         if u.sends_gradients(true) {
             up += 4 * n;
         }

@@ -179,6 +179,11 @@ impl ModelSpec {
     pub fn layer_count(&self) -> usize {
         self.layers.len()
     }
+
+    /// Values layer `l` streams: its tensors' stored values in layer order.
+    pub fn layer_len(&self, l: usize) -> usize {
+        self.layers[l].tensors.iter().map(|&t| self.tensors[t].len()).sum()
+    }
 }
 
 #[cfg(test)]

@@ -485,6 +485,7 @@ impl Workspace {
 
     /// Backward of layer `l` (embedding or block), after `head` or the
     /// backward of layer l+1. Accumulates into `grads` (the layer's tensors).
+    /// The embedding's reads no weights: `w` may be empty there.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,

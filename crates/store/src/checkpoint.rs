@@ -89,13 +89,12 @@ impl Store {
             let f = std::fs::File::create(&path).map_err(io("cannot create", &path))?;
             files.push((f, path, file, crc32fast::Hasher::new(), 0));
         }
-        self.for_each_page(|s, _i, buf| {
+        self.for_each_page(|s, _i, regions| {
             // Weights, first and second moments (the gradient holds nothing
             // at a step boundary), straight from the page: no staging copy.
-            let region_bytes = 4 * (buf.len() / 4);
             let (f, path, _, crc, n) = &mut files[s];
             for region in [0, 2, 3] {
-                let bytes = &buf.as_bytes()[region * region_bytes..(region + 1) * region_bytes];
+                let bytes = &regions[region].as_bytes()[..4 * regions[region].len()];
                 f.write_all(bytes).map_err(io("cannot write", path))?;
                 crc.update(bytes);
                 *n += bytes.len() as u64;

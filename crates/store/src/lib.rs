@@ -14,14 +14,16 @@
 //!   keeps the pages that fit the budget in DRAM (in page order) and writes
 //!   the rest; an evicted page is written back if DRAM changed it. A budget
 //!   that holds the whole model never writes flash (until a checkpoint),
-//!   so the disk need not be as large as the model. The DRAM tier holds the pages
-//!   that fit the budget; the unit of residency is the page, so the budget
-//!   need only hold one page, whatever the size of a layer. The order of
-//!   accesses is known (the schedule), so eviction is Belady's: the page
+//!   so the disk need not be as large as the model. The DRAM tier holds
+//!   regions of pages, each in a buffer of its own, and counts only those
+//!   against its budget: a backward pass brings in a page's weights and
+//!   gradient, not its moments. The unit of eviction is the page, so the
+//!   budget need only hold one page, whatever the size of a layer. The order
+//!   of accesses is known (the schedule), so eviction is Belady's: the page
 //!   needed furthest in the future goes, never one the current access still
 //!   needs. Every page read from flash is checked against the CRC32 of what
-//!   was written. An evicted page's buffer stays in the tier (and in its
-//!   budget) for the next page read: memory is mapped and first touched
+//!   was written. An evicted page's buffers stay in the tier (and in its
+//!   budget) for the next regions read: memory is mapped and first touched
 //!   once, not at every read.
 //! - A step's gradient contributions are added in arrival order, which the
 //!   schedule fixes; when a tensor has all its contributions its sum of
@@ -148,7 +150,7 @@ impl Layout {
 
     /// Floats of one layer's weights as streamed (its tensors in layer order).
     pub fn layer_params(&self, spec: &ModelSpec, layer: usize) -> usize {
-        spec.layers[layer].tensors.iter().map(|&t| spec.tensors[t].len()).sum()
+        spec.layer_len(layer)
     }
 
     /// The tensors of slab `s` that overlap its parameters `p0..p1`, as
@@ -215,7 +217,7 @@ type PageFill<'a> = dyn FnMut(usize, usize, &mut [f32]) -> Result<()> + 'a;
 
 /// Where a new page went: kept in DRAM, or written to flash (its regions' CRC32).
 enum Placed {
-    Dram(AlignedBuf),
+    Dram([AlignedBuf; 4]),
     Flash([u32; 4]),
 }
 
@@ -229,14 +231,14 @@ struct PendingUpdate {
 }
 
 struct Page {
-    /// In DRAM when `Some`: weights | gradient | m | v of the page's parameters.
-    dram: Option<AlignedBuf>,
-    /// Regions (bit r: 0 weights, 1 gradient, 2 m, 3 v) whose DRAM copy
-    /// differs from flash; only the span covering them is written back.
+    /// Its regions in DRAM (0 weights, 1 gradient, 2 m, 3 v of the page's
+    /// parameters), each a buffer of its own: a backward pass needs only the
+    /// weights and the gradient, so the moments stay on flash and take no
+    /// room in the tier.
+    dram: [Option<AlignedBuf>; 4],
+    /// Regions (bit r) whose DRAM copy differs from flash; only they are
+    /// written back.
     dirty: u8,
-    /// Regions present in the DRAM copy (a backward pass needs only the
-    /// weights and the gradient, so the moments stay on flash).
-    valid: u8,
     /// CRC32 of each region on flash as last written.
     crc: [u32; 4],
     pending: Option<PendingUpdate>,
@@ -246,6 +248,37 @@ struct Page {
     /// an update and the backward pass that follows, this saves 8 of the
     /// 44 bytes per parameter a step would move when the DRAM tier is short.
     grad_unset: bool,
+}
+
+impl Page {
+    /// The regions in DRAM (bit r for region r).
+    fn resident(&self) -> u8 {
+        (0..4).filter(|&r| self.dram[r].is_some()).fold(0, |m, r| m | 1 << r)
+    }
+
+    fn in_dram(&self) -> bool {
+        self.dram.iter().any(Option::is_some)
+    }
+
+    /// Region `r`, which must be in DRAM.
+    fn region(&self, r: usize) -> &AlignedBuf {
+        self.dram[r].as_ref().expect("a resident region")
+    }
+
+    fn region_mut(&mut self, r: usize) -> &mut AlignedBuf {
+        self.dram[r].as_mut().expect("a resident region")
+    }
+
+    /// All four regions, which must be in DRAM.
+    fn regions_mut(&mut self) -> [&mut [f32]; 4] {
+        let [Some(w), Some(g), Some(m), Some(v)] = &mut self.dram else { panic!("a page not wholly resident") };
+        [w, g, m, v]
+    }
+}
+
+/// The regions `mask` holds, in order.
+fn regions_of(mask: u8) -> impl Iterator<Item = usize> {
+    (0..4).filter(move |r| mask & (1 << r) != 0)
 }
 
 /// Measured use of the DRAM tier and traffic to flash, for tests and benchmarks.
@@ -397,12 +430,12 @@ impl Store {
             .iter()
             .map(|b| {
                 (0..b.len() - 1)
-                    .map(|_| Page { dram: None, dirty: 0, valid: 0, crc: [0; 4], pending: None, grad_unset: false })
+                    .map(|_| Page { dram: Default::default(), dirty: 0, crc: [0; 4], pending: None, grad_unset: false })
                     .collect()
             })
             .collect();
         let state_bytes: u64 = (0..layout.slab_params.len()).map(|s| layout.slab_bytes(s)).sum();
-        let cycle_floats = if config.dram_budget < state_bytes { (layout.min_dram_bytes() / 4) as usize } else { 0 };
+        let cycle_floats = if config.dram_budget < state_bytes { (layout.min_dram_bytes() / 16) as usize } else { 0 };
         Ok(Store {
             spec: spec.clone(),
             layout,
@@ -452,20 +485,24 @@ impl Store {
         let mut placed = Vec::with_capacity(keep.len());
         for (i, w) in bounds.windows(2).enumerate() {
             let (p0, p1) = (w[0], w[1]);
-            let mut page = AlignedBuf::zeroed(4 * (p1 - p0));
-            if keep[i] {
-                // Its gradient and moments are written only at the first
-                // step; their memory is touched here, where the slabs are
-                // filled in parallel, not then, when the worker waits.
-                page.populate();
-            }
+            let len = p1 - p0;
+            let mut page = AlignedBuf::zeroed(4 * len);
             fill(p0, p1, &mut page)?;
             if keep[i] {
-                placed.push(Placed::Dram(page));
+                placed.push(Placed::Dram(std::array::from_fn(|r| {
+                    let mut b = AlignedBuf::zeroed(len);
+                    // Its gradient and moments are written only at the first
+                    // step; their memory is touched here, where the slabs
+                    // are filled in parallel, not then, when the worker waits.
+                    b.populate();
+                    b.copy_from_slice(&page[r * len..(r + 1) * len]);
+                    b
+                })));
                 continue;
             }
             let mut crc = [0; 4];
-            self.write_span(s, p0, p1, &page, ALL, &mut crc)?;
+            let regions: [&[u8]; 4] = std::array::from_fn(|r| &page.as_bytes()[4 * len * r..4 * len * (r + 1)]);
+            self.write_span(s, p0, p1, regions, ALL, &mut crc)?;
             placed.push(Placed::Flash(crc));
         }
         Ok(placed)
@@ -477,11 +514,11 @@ impl Store {
             let (p0, p1) = self.page_range(s, i);
             let page = &mut self.pages[s][i];
             match p {
-                Placed::Dram(buf) => {
+                Placed::Dram(bufs) => {
                     // Flash has never seen it: every region is dirty.
-                    self.stats.dram_bytes += 4 * buf.capacity() as u64;
-                    self.stats.buffers_mapped += 1;
-                    (page.dram, page.valid, page.dirty) = (Some(buf), ALL, ALL);
+                    self.stats.dram_bytes += bufs.iter().map(|b| 4 * b.capacity() as u64).sum::<u64>();
+                    self.stats.buffers_mapped += 4;
+                    (page.dram, page.dirty) = (bufs.map(Some), ALL);
                     self.stats.dram_bytes_peak = self.stats.dram_bytes_peak.max(self.stats.dram_bytes);
                 }
                 Placed::Flash(crc) => {
@@ -524,9 +561,9 @@ impl Store {
             assert_eq!(new.nnz(), pattern.nnz(), "a prune-and-regrow keeps the count");
             let moved = state.map(|v| remap(&v, &from));
             let mut at = 0;
-            self.tensor_regions(t, |page, len, r| {
+            self.tensor_regions(t, |page, r| {
                 for (k, region) in [0, 2, 3].into_iter().enumerate() {
-                    page[region * len + r.start..region * len + r.end].copy_from_slice(&moved[k][at..at + r.len()]);
+                    page[region][r.clone()].copy_from_slice(&moved[k][at..at + r.len()]);
                 }
                 at += r.len();
             })?;
@@ -592,24 +629,23 @@ impl Store {
     /// Tensor `t`'s weights, first and second moments, up to date.
     fn tensor_state(&mut self, t: usize) -> Result<[Vec<f32>; 3]> {
         let mut state = [Vec::new(), Vec::new(), Vec::new()];
-        self.tensor_regions(t, |page, len, r| {
+        self.tensor_regions(t, |page, r| {
             for (k, region) in [0, 2, 3].into_iter().enumerate() {
-                state[k].extend_from_slice(&page[region * len + r.start..region * len + r.end]);
+                state[k].extend_from_slice(&page[region][r.clone()]);
             }
         })?;
         Ok(state)
     }
 
     /// Visits tensor `t`'s pages in order, every region resident and up to
-    /// date: `f(page buffer, page length, the tensor's range in the page)`;
-    /// the pages are then dirty.
-    fn tensor_regions(&mut self, t: usize, mut f: impl FnMut(&mut [f32], usize, std::ops::Range<usize>)) -> Result<()> {
+    /// date: `f(the page's regions, the tensor's range in the page)`; the
+    /// pages are then dirty.
+    fn tensor_regions(&mut self, t: usize, mut f: impl FnMut([&mut [f32]; 4], std::ops::Range<usize>)) -> Result<()> {
         let (s, off) = self.layout.place[t];
         let parts: Vec<_> = self.layout.pages_over(s, off..off + self.spec.tensors[t].len()).collect();
         for (i, p0, lo, hi) in parts {
-            let len = self.layout.pages[s][i + 1] - p0;
             self.page(s, i, ALL, None)?;
-            f(self.pages[s][i].dram.as_mut().expect("resident"), len, lo - p0..hi - p0);
+            f(self.pages[s][i].regions_mut(), lo - p0..hi - p0);
             self.pages[s][i].dirty = ALL;
         }
         Ok(())
@@ -656,32 +692,37 @@ impl Store {
 
     /// Writes back the `dirty` regions of page (s, i) (one positioned write
     /// each) and records their checksums; an unset gradient stays unwritten.
-    fn write_regions(&mut self, s: usize, i: usize, buf: &AlignedBuf, dirty: u8) -> Result<()> {
+    fn write_regions(&mut self, s: usize, i: usize, dirty: u8) -> Result<()> {
         let (p0, p1) = self.page_range(s, i);
-        let dirty = if self.pages[s][i].grad_unset { dirty & !GRADIENT } else { dirty };
-        let mut crc = self.pages[s][i].crc;
-        let written = self.write_span(s, p0, p1, buf, dirty, &mut crc)?;
+        let page = &self.pages[s][i];
+        let dirty = if page.grad_unset { dirty & !GRADIENT } else { dirty };
+        let regions: [&[u8]; 4] =
+            std::array::from_fn(|r| page.dram[r].as_ref().map_or(&[][..], |b| &b.as_bytes()[..4 * (p1 - p0)]));
+        let mut crc = page.crc;
+        let written = self.write_span(s, p0, p1, regions, dirty, &mut crc)?;
         self.pages[s][i].crc = crc;
         self.stats.flash_write_bytes += written;
         Ok(())
     }
 
     /// Writes the regions `mask` of the page holding parameters p0..p1 of
-    /// slab `s` (one positioned write each) and sets their CRC32s in `crc`;
-    /// returns the bytes written. Needs no `&mut`: new slabs are written in parallel.
+    /// slab `s` (one positioned write each, from `regions[r]`) and sets
+    /// their CRC32s in `crc`; returns the bytes written. Needs no `&mut`:
+    /// new slabs are written in parallel.
     fn write_span(
         &self,
         s: usize,
         p0: usize,
         p1: usize,
-        buf: &AlignedBuf,
+        regions: [&[u8]; 4],
         mask: u8,
         crc: &mut [u32; 4],
     ) -> Result<u64> {
         let region = 4 * (p1 - p0);
         let mut written = 0;
-        for r in (0..4).filter(|r| mask & (1 << r) != 0) {
-            let bytes = &buf.as_bytes()[r * region..(r + 1) * region];
+        for r in regions_of(mask) {
+            let bytes = regions[r];
+            assert_eq!(bytes.len(), region, "region {r} of a page of slab {s}");
             let at = (16 * p0 + r * region) as u64;
             crc[r] = write_crc(&self.files[s], bytes, at).map_err(io("cannot write slab file", &self.slab_path(s)))?;
             written += bytes.len() as u64;
@@ -689,38 +730,49 @@ impl Store {
         Ok(written)
     }
 
-    /// Page (s, i) read from flash into a buffer of the tier (within its
-    /// budget: a spare, or one freed by evicting), without entering the tier;
-    /// give the buffer back with `self.spares.push`.
-    fn read_page(&mut self, s: usize, i: usize) -> Result<AlignedBuf> {
-        let (p0, p1) = self.page_range(s, i);
-        let mut buf = self.page_buffer(s, i, 4 * (p1 - p0))?;
-        if let Err(e) = self.read_regions_into(s, i, &mut buf, ALL) {
-            self.spares.push(buf);
-            return Err(e);
-        }
-        Ok(buf)
-    }
-
-    /// Reads the regions `mask` of page (s, i) from flash into `buf` (of
-    /// the page's size), each verified against its checksum; an unset
-    /// gradient is not read (its region keeps what the buffer held).
-    fn read_regions_into(&mut self, s: usize, i: usize, buf: &mut AlignedBuf, mask: u8) -> Result<()> {
-        let (p0, p1) = self.page_range(s, i);
-        assert_eq!(buf.len(), 4 * (p1 - p0));
-        let region = 4 * (p1 - p0);
-        let mask = if self.pages[s][i].grad_unset { mask & !GRADIENT } else { mask };
-        for r in (0..4).filter(|r| mask & (1 << r) != 0) {
-            let bytes = &mut buf.as_bytes_mut()[r * region..(r + 1) * region];
-            let at = (16 * p0 + r * region) as u64;
-            let found = read_crc(&self.files[s], bytes, at).map_err(io("cannot read slab file", &self.slab_path(s)))?;
-            let expected = self.pages[s][i].crc[r];
-            if found != expected {
-                return Err(StoreError::Corrupt { path: self.slab_path(s), layer: s, found, expected });
+    /// Page (s, i) read from flash into buffers of the tier (within its
+    /// budget: spares, or ones freed by evicting), without entering the
+    /// tier; give the buffers back with `self.spares.extend`.
+    fn read_page(&mut self, s: usize, i: usize) -> Result<[AlignedBuf; 4]> {
+        let mut bufs = Vec::with_capacity(4);
+        for r in 0..4 {
+            let (p0, p1) = self.page_range(s, i);
+            let mut buf = match self.page_buffer(s, i, p1 - p0) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.spares.extend(bufs);
+                    return Err(e);
+                }
+            };
+            let read = self.read_region(s, i, r, &mut buf);
+            bufs.push(buf);
+            if let Err(e) = read {
+                self.spares.extend(bufs);
+                return Err(e);
             }
-            self.stats.flash_read_bytes += bytes.len() as u64;
         }
         self.stats.flash_reads += 1;
+        Ok(bufs.try_into().unwrap_or_else(|_| unreachable!("four regions")))
+    }
+
+    /// Reads region `r` of page (s, i) from flash into `buf` (of the page's
+    /// length), verified against its checksum; an unset gradient is not read
+    /// (the buffer keeps what it held).
+    fn read_region(&mut self, s: usize, i: usize, r: usize, buf: &mut AlignedBuf) -> Result<()> {
+        let (p0, p1) = self.page_range(s, i);
+        assert_eq!(buf.len(), p1 - p0);
+        if r == 1 && self.pages[s][i].grad_unset {
+            return Ok(());
+        }
+        let region = 4 * (p1 - p0);
+        let bytes = &mut buf.as_bytes_mut()[..region];
+        let at = (16 * p0 + r * region) as u64;
+        let found = read_crc(&self.files[s], bytes, at).map_err(io("cannot read slab file", &self.slab_path(s)))?;
+        let expected = self.pages[s][i].crc[r];
+        if found != expected {
+            return Err(StoreError::Corrupt { path: self.slab_path(s), layer: s, found, expected });
+        }
+        self.stats.flash_read_bytes += region as u64;
         Ok(())
     }
 
@@ -738,36 +790,39 @@ impl Store {
             .unwrap_or(usize::MAX)
     }
 
-    /// Brings regions `need` of page (s, i) into DRAM, evicting the page
-    /// needed furthest ahead to make room.
-    fn ensure_resident(&mut self, s: usize, i: usize, need_regions: u8) -> Result<()> {
-        if let Some(mut buf) = self.pages[s][i].dram.take() {
-            let missing = need_regions & !self.pages[s][i].valid;
-            let r = if missing != 0 { self.read_regions_into(s, i, &mut buf, missing) } else { Ok(()) };
-            self.pages[s][i].dram = Some(buf);
-            r?;
-            self.pages[s][i].valid |= missing;
+    /// Brings regions `need` of page (s, i) into DRAM, each into a buffer
+    /// of its own, evicting the pages needed furthest ahead to make room.
+    fn ensure_resident(&mut self, s: usize, i: usize, need: u8) -> Result<()> {
+        let missing = need & !self.pages[s][i].resident();
+        if missing == 0 {
             return Ok(());
         }
+        if !self.pages[s][i].in_dram() {
+            self.pages[s][i].dirty = 0;
+        }
         let (p0, p1) = self.page_range(s, i);
-        let mut buf = self.page_buffer(s, i, 4 * (p1 - p0))?;
-        self.read_regions_into(s, i, &mut buf, need_regions)?;
-        self.pages[s][i].valid = need_regions;
-        self.pages[s][i].dram = Some(buf);
-        self.pages[s][i].dirty = 0;
+        for r in regions_of(missing) {
+            let mut buf = self.page_buffer(s, i, p1 - p0)?;
+            if let Err(e) = self.read_region(s, i, r, &mut buf) {
+                self.spares.push(buf);
+                return Err(e);
+            }
+            self.pages[s][i].dram[r] = Some(buf);
+        }
+        self.stats.flash_reads += 1;
         Ok(())
     }
 
-    /// A buffer for `floats` floats of page (s, i), within the budget: a
-    /// spare that holds it, else new memory where the budget has room,
+    /// A buffer for `floats` floats (a region) of page (s, i), within the
+    /// budget: a spare that holds it, else new memory where the budget has room,
     /// else the spare of a page evicted for it (the one needed furthest
     /// ahead, never one the current access still needs). Spares too small
     /// for any page to come are given back only when nothing is left to
     /// evict.
     fn page_buffer(&mut self, s: usize, i: usize, floats: usize) -> Result<AlignedBuf> {
         let budget = self.config.dram_budget;
-        // A large page gets the largest page's room when the tier cycles,
-        // so its buffer serves any large page after it.
+        // A large page's region gets the largest region's room when the
+        // tier cycles, so its buffer serves any large page's region after it.
         let capacity = if 2 * floats > self.cycle_floats { floats.max(self.cycle_floats) } else { floats };
         loop {
             // The tightest spare that holds the page; a small page takes a
@@ -796,13 +851,10 @@ impl Store {
             }
             let victim = (0..self.pages.len())
                 .flat_map(|vs| (0..self.pages[vs].len()).map(move |vi| (vs, vi)))
-                .filter(|&(vs, vi)| self.pages[vs][vi].dram.is_some() && (vs, vi) != (s, i))
+                .filter(|&(vs, vi)| self.pages[vs][vi].in_dram() && (vs, vi) != (s, i))
                 .max_by_key(|&(vs, vi)| (self.next_use(vs, vi), vs, vi));
             match victim {
-                Some((vs, vi)) => {
-                    let b = self.evict(vs, vi)?;
-                    self.spares.push(b);
-                }
+                Some((vs, vi)) => self.evict(vs, vi)?,
                 None => {
                     let b = self.spares.pop().expect("the budget holds the largest page (checked at creation)");
                     self.stats.dram_bytes -= 4 * b.capacity() as u64;
@@ -811,17 +863,17 @@ impl Store {
         }
     }
 
-    /// Drops page (s, i) from DRAM, writing it behind if dirty; returns its
-    /// buffer (still counted in the tier).
-    fn evict(&mut self, s: usize, i: usize) -> Result<AlignedBuf> {
-        let buf = self.pages[s][i].dram.take().expect("evicting a resident page");
+    /// Drops page (s, i) from DRAM, writing its dirty regions behind; its
+    /// buffers become spares (still counted in the tier).
+    fn evict(&mut self, s: usize, i: usize) -> Result<()> {
         let dirty = self.pages[s][i].dirty;
-        assert_eq!(dirty & !self.pages[s][i].valid, 0, "only regions in DRAM can be dirty");
+        assert_eq!(dirty & !self.pages[s][i].resident(), 0, "only regions in DRAM can be dirty");
         if dirty != 0 {
-            self.write_regions(s, i, &buf, dirty)?;
+            self.write_regions(s, i, dirty)?;
             self.pages[s][i].dirty = 0;
         }
-        Ok(buf)
+        self.spares.extend(self.pages[s][i].dram.iter_mut().filter_map(Option::take));
+        Ok(())
     }
 
     /// Makes regions `need` of page (s, i) resident and up to date (a
@@ -842,10 +894,8 @@ impl Store {
         let (p0, p1) = self.page_range(s, i);
         let len = p1 - p0;
         let opt = self.config.optimizer;
-        let buf = self.pages[s][i].dram.as_mut().expect("resident");
-        let (w, rest) = buf.split_at_mut(len);
-        let (g, rest) = rest.split_at_mut(len);
-        let (m, v) = rest.split_at_mut(len);
+        let [w, g, m, v] = self.pages[s][i].regions_mut();
+        debug_assert_eq!(w.len(), len);
         let (e, mut out) = match emit {
             Some((e, out)) => (e, Some(out)),
             None => (0..0, None),
@@ -904,7 +954,7 @@ impl Store {
                 if !self.page(s, i, need, emit)? {
                     match bf16.as_deref_mut() {
                         Some(b) => {
-                            let w = &self.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
+                            let w = &self.pages[s][i].region(0)[r.clone()];
                             ws_kernels::bf16::to_bf16_into(&mut b[at..at + r.len()], w);
                         }
                         None => f(self, t, s, i, page_len, r, at),
@@ -932,7 +982,7 @@ impl Store {
     pub fn read_layer(&mut self, layer: usize, out: &mut [f32]) -> Result<()> {
         assert_eq!(out.len(), self.layout.layer_params(&self.spec, layer), "layer {layer}: wrong buffer size");
         self.for_layer_pages(layer, WEIGHTS, None, |st, _t, s, i, _len, r, o| {
-            let w = &st.pages[s][i].dram.as_ref().expect("resident")[r.clone()];
+            let w = &st.pages[s][i].region(0)[r.clone()];
             ws_kernels::parallel::copy(&mut out[o..o + r.len()], w);
         })?;
         self.advance();
@@ -965,8 +1015,8 @@ impl Store {
                 self.grad_sq[t] = Default::default();
             }
         }
-        self.for_layer_pages(layer, GRADIENT, None, |st, t, s, i, len, r, o| {
-            let g = &mut st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end];
+        self.for_layer_pages(layer, GRADIENT, None, |st, t, s, i, _len, r, o| {
+            let g = &mut st.pages[s][i].region_mut(1)[r.clone()];
             let x = &grads[o..o + r.len()];
             match (first[t], st.contributions_left[t] == 0) {
                 (true, true) => st.grad_sq[t].copy_and_feed(g, x),
@@ -1008,8 +1058,8 @@ impl Store {
             })
             .collect();
         for layer in touched {
-            self.for_layer_pages(layer, GRADIENT, None, |st, _t, s, i, len, r, _o| {
-                st.pages[s][i].dram.as_mut().expect("resident")[len + r.start..len + r.end].fill(0.0);
+            self.for_layer_pages(layer, GRADIENT, None, |st, _t, s, i, _len, r, _o| {
+                st.pages[s][i].region_mut(1)[r].fill(0.0);
                 st.pages[s][i].dirty |= GRADIENT;
             })?;
         }
@@ -1047,24 +1097,22 @@ impl Store {
         Ok(())
     }
 
-    /// Calls `f(slab, page, page buffer)` for every page in order, after
-    /// applying pending updates; pages not in DRAM are read from flash
-    /// without entering the tier.
-    fn for_each_page(&mut self, mut f: impl FnMut(usize, usize, &AlignedBuf) -> Result<()>) -> Result<()> {
+    /// Calls `f(slab, page, its four regions)` for every page in order,
+    /// after applying pending updates; pages not in DRAM are read from
+    /// flash without entering the tier.
+    fn for_each_page(&mut self, mut f: impl FnMut(usize, usize, [&AlignedBuf; 4]) -> Result<()>) -> Result<()> {
         self.flush()?;
         for s in 0..self.pages.len() {
             for i in 0..self.pages[s].len() {
-                if self.pages[s][i].dram.is_some() {
+                if self.pages[s][i].in_dram() {
                     self.ensure_resident(s, i, ALL)?;
-                }
-                match &self.pages[s][i].dram {
-                    Some(b) => f(s, i, b)?,
-                    None => {
-                        let b = self.read_page(s, i)?;
-                        let r = f(s, i, &b);
-                        self.spares.push(b);
-                        r?;
-                    }
+                    let page = &self.pages[s][i];
+                    f(s, i, std::array::from_fn(|r| page.region(r)))?;
+                } else {
+                    let bufs = self.read_page(s, i)?;
+                    let r = f(s, i, std::array::from_fn(|r| &bufs[r]));
+                    self.spares.extend(bufs);
+                    r?;
                 }
             }
         }
@@ -1076,13 +1124,12 @@ impl Store {
         let (mut w, mut m, mut v) = (Params::zeros(&self.spec), Params::zeros(&self.spec), Params::zeros(&self.spec));
         let layout = self.layout.clone();
         let spec = self.spec.clone();
-        self.for_each_page(|s, i, buf| {
+        self.for_each_page(|s, i, regions| {
             let (p0, p1) = (layout.pages[s][i], layout.pages[s][i + 1]);
-            let len = p1 - p0;
             for (t, off, lo, hi) in layout.tensors_in(&spec, s, p0, p1) {
-                w.tensors[t][lo - off..hi - off].copy_from_slice(&buf[lo - p0..hi - p0]);
-                m.tensors[t][lo - off..hi - off].copy_from_slice(&buf[2 * len + lo - p0..2 * len + hi - p0]);
-                v.tensors[t][lo - off..hi - off].copy_from_slice(&buf[3 * len + lo - p0..3 * len + hi - p0]);
+                w.tensors[t][lo - off..hi - off].copy_from_slice(&regions[0][lo - p0..hi - p0]);
+                m.tensors[t][lo - off..hi - off].copy_from_slice(&regions[2][lo - p0..hi - p0]);
+                v.tensors[t][lo - off..hi - off].copy_from_slice(&regions[3][lo - p0..hi - p0]);
             }
             Ok(())
         })?;
@@ -1578,6 +1625,31 @@ mod tests {
             let _ = std::fs::remove_dir_all(tmp(&format!("bf16-a{page}-{budget}")));
             let _ = std::fs::remove_dir_all(tmp(&format!("bf16-b{page}-{budget}")));
         }
+    }
+
+    #[test]
+    fn a_read_for_the_weights_alone_brings_in_and_counts_only_the_weights() {
+        // A tier of two pages' room. A page read for its weights (no update
+        // pending) takes a quarter of a page's room: its gradient and
+        // moments stay on flash, so four times as many such pages fit.
+        let spec = spec();
+        let params = random_params(&spec, 1);
+        let min = Layout::new(&spec, 256).min_dram_bytes();
+        let dir = tmp("weights-alone");
+        let mut store = Store::create(&spec, &params, None, 0, &dir, cfg(2 * min)).unwrap();
+        let layer = spec.layer_count() - 2;
+        let s = store.layout().layer_slabs[layer][0];
+        assert!(store.pages[s].iter().all(|p| !p.in_dram()), "the last block starts on flash");
+        let mut w = vec![0f32; store.layout().layer_params(&spec, layer)];
+        store.read_layer(layer, &mut w).unwrap();
+        let expected: Vec<f32> = spec.layers[layer].tensors.iter().flat_map(|&t| params.tensors[t].clone()).collect();
+        assert_eq!(w, expected);
+        let held: Vec<u8> = store.pages[s].iter().filter(|p| p.in_dram()).map(Page::resident).collect();
+        assert!(held.iter().all(|&r| r == WEIGHTS), "regions held: {held:?}");
+        assert!(held.len() > 2, "{} pages' weights held in two pages' room", held.len());
+        let st = store.stats();
+        assert!(st.dram_bytes <= 2 * min && st.dram_bytes_peak <= 2 * min, "{st:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -516,14 +516,7 @@ impl GpuStreamWorker {
                 let msg = self.waits.recv(weights, next == 0).ok_or_else(stopped)?;
                 let f = fetches[next];
                 let u = sched.uses[f];
-                assert!(
-                    msg.step == step && msg.use_index == f && msg.layer == u.layer,
-                    "weights out of schedule: got step {} use {} layer {}, expected step {step} use {f} layer {}",
-                    msg.step,
-                    msg.use_index,
-                    msg.layer,
-                    u.layer
-                );
+                msg.expect_use(step, f, u.layer);
                 let s = next % depth;
                 let dst = match &self.kept {
                     Some(kept) if keep => kept.base(u.layer),
@@ -570,6 +563,8 @@ impl GpuStreamWorker {
             let base = match (&self.kept, slot) {
                 (Some(kept), _) if keep => kept.base(u.layer),
                 (_, Some(s)) => self.slots[s].ptr(),
+                // The embedding's backward reads no weights: no address is used.
+                _ if !sched.needs_weights(j) => 0,
                 _ => unreachable!("use {j} neither fetched nor kept"),
             };
             let w = layer_ptrs(spec, u.layer, base);

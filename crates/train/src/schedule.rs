@@ -5,9 +5,12 @@
 //! A training step runs, for each micro-batch m: forward of layers
 //! 0..L-2 (embedding and blocks), the head L-1 (forward and backward at once,
 //! it is the last layer), then backward of L-2..0. Every use fetches the
-//! layer's weights afresh; the uses that compute gradients (head and
-//! backward) send them up right after. An evaluation pass runs the forward
-//! uses and the head without gradients.
+//! layer's weights afresh, except the embedding's backward: its gradient is
+//! the output gradient added into the rows of the tokens (and positions)
+//! seen, which reads no weights, so the tied embedding goes down twice a
+//! step (embedding and head), not three times. The uses that compute
+//! gradients (head and backward) send them up right after. An evaluation
+//! pass runs the forward uses and the head without gradients.
 //!
 //! With prefetch depth k the worker holds at most k+1 layers of weights: the
 //! weights of use j are fetched once use j-k-1 has released its own.
@@ -78,11 +81,19 @@ impl Schedule {
         self
     }
 
-    /// The uses that fetch weights from the store, in order: every use, or
-    /// each layer's first when the worker keeps them.
+    /// Whether use `j` computes with the layer's weights: all but the
+    /// embedding's backward (layer 0), whose gradient needs none.
+    pub fn needs_weights(&self, j: usize) -> bool {
+        let u = self.uses[j];
+        !(u.layer == 0 && u.pass == Pass::Backward)
+    }
+
+    /// The uses that fetch weights from the store, in order: every use that
+    /// needs them, or each layer's first when the worker keeps them.
     pub fn fetch_uses(&self) -> Vec<usize> {
         let mut seen = vec![false; self.layers];
         (0..self.uses.len())
+            .filter(|&j| self.needs_weights(j))
             .filter(|&j| !self.keep_weights || !std::mem::replace(&mut seen[self.uses[j].layer], true))
             .collect()
     }
@@ -141,7 +152,11 @@ mod tests {
     #[test]
     fn a_worker_that_keeps_weights_fetches_each_layer_once_and_one_that_sums_sends_once() {
         let plain = Schedule::new(4, 3, true);
-        assert_eq!(plain.fetch_uses(), (0..21).collect::<Vec<_>>());
+        // Every use but each micro-batch's embedding backward (uses 6, 13, 20).
+        let weighted: Vec<usize> = (0..21).filter(|j| j % 7 != 6).collect();
+        assert_eq!(plain.fetch_uses(), weighted);
+        assert!((0..21).all(|j| plain.needs_weights(j) == (j % 7 != 6)));
+        assert_eq!(plain.layer_sequence(), [0, 1, 2, 3, 2, 1].repeat(3));
         assert_eq!(plain.contributions(), 3);
         let keep = Schedule::new(4, 3, true).for_worker(true, false);
         assert_eq!(keep.uses, plain.uses);
@@ -153,7 +168,7 @@ mod tests {
         assert_eq!(senders, vec![17, 18, 19, 20], "the last micro-batch's head and backward uses");
         assert_eq!(sum.gradient_messages(), 4);
         assert_eq!(sum.contributions(), 1);
-        assert_eq!(sum.fetch_uses().len(), 21);
+        assert_eq!(sum.fetch_uses(), weighted);
         // An evaluation sends nothing, and keeps a layer it uses once.
         let eval = Schedule::new(4, 1, false).for_worker(true, true);
         assert_eq!((eval.fetch_uses().len(), eval.gradient_messages(), eval.sum_gradients), (4, 0, false));

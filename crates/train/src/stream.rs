@@ -52,6 +52,19 @@ pub struct WeightMsg {
     pub data: Weights,
 }
 
+impl WeightMsg {
+    /// Panics unless these are the weights of use `j` (layer `layer`) of `step`.
+    pub fn expect_use(&self, step: u64, j: usize, layer: usize) {
+        assert!(
+            self.step == step && self.use_index == j && self.layer == layer,
+            "weights out of schedule: got step {} use {} layer {}, expected step {step} use {j} layer {layer}",
+            self.step,
+            self.use_index,
+            self.layer,
+        );
+    }
+}
+
 /// What the store sends down: the start of a pass, then its layers'
 /// weights; before a pass, the sparse tensors' patterns when the worker's
 /// copy is not current.
@@ -852,25 +865,25 @@ impl CpuWorker {
             self.workspace.capture_dense_grads(spec);
         }
         for (j, u) in sched.uses.iter().enumerate() {
-            let msg = self.waits.recv_async(io.weights, j == 0).await.ok_or(StoreStopped)?;
-            assert!(
-                msg.step == step && msg.use_index == j && msg.layer == u.layer,
-                "weights out of schedule: got step {} use {} layer {}, expected step {step} use {j} layer {}",
-                msg.step,
-                msg.use_index,
-                msg.layer,
-                u.layer
-            );
-            let w: &[f32] = match &msg.data {
-                Weights::F32(v) => &v[..msg.len],
-                Weights::Bf16(v) => {
-                    for (d, &s) in self.decoded[..msg.len].iter_mut().zip(&v[..msg.len]) {
+            // A use that needs no weights (the embedding's backward) gets none.
+            let msg = match sched.needs_weights(j) {
+                true => Some(self.waits.recv_async(io.weights, j == 0).await.ok_or(StoreStopped)?),
+                false => None,
+            };
+            if let Some(msg) = &msg {
+                msg.expect_use(step, j, u.layer);
+            }
+            let w: &[f32] = match msg.as_ref().map(|m| (&m.data, m.len)) {
+                None => &[],
+                Some((Weights::F32(v), len)) => &v[..len],
+                Some((Weights::Bf16(v), len)) => {
+                    for (d, &s) in self.decoded[..len].iter_mut().zip(&v[..len]) {
                         *d = from_bf16(s);
                     }
-                    &self.decoded[..msg.len]
+                    &self.decoded[..len]
                 }
             };
-            let views = split(spec, u.layer, w);
+            let views = if msg.is_some() { split(spec, u.layer, w) } else { Vec::new() };
             let x = &inputs[u.micro * mb * t..(u.micro + 1) * mb * t];
             let y = &targets[u.micro * mb * t..(u.micro + 1) * mb * t];
             let ws = &mut self.workspace;
@@ -881,7 +894,7 @@ impl CpuWorker {
                 }
                 Pass::Head | Pass::Backward => {
                     let mut g = io.grad_pool.recv_async().await.map_err(|_| StoreStopped)?;
-                    let len = msg.len;
+                    let len = spec.layer_len(u.layer);
                     g[..len].fill(0.0);
                     {
                         let mut gv = split_mut(spec, u.layer, &mut g[..len]);
@@ -895,7 +908,9 @@ impl CpuWorker {
                     io.to_store.send(grads).map_err(|_| StoreStopped)?;
                 }
             }
-            io.to_store.send(ToStore::Release(msg.data)).map_err(|_| StoreStopped)?;
+            if let Some(msg) = msg {
+                io.to_store.send(ToStore::Release(msg.data)).map_err(|_| StoreStopped)?;
+            }
             if let (true, Some(index)) = (j == last_head, io.stats_index) {
                 io.to_store.send(ToStore::Stats { index, sum: loss }).map_err(|_| StoreStopped)?;
             }
