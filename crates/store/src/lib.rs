@@ -483,10 +483,14 @@ impl Store {
     fn fill_slab(&self, s: usize, keep: &[bool], fill: &mut PageFill) -> Result<Vec<Placed>> {
         let bounds = &self.layout.pages[s];
         let mut placed = Vec::with_capacity(keep.len());
+        // One staging buffer for the slab's pages, mapped and touched once.
+        let largest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let mut page = AlignedBuf::with_capacity(4 * largest, 0);
         for (i, w) in bounds.windows(2).enumerate() {
             let (p0, p1) = (w[0], w[1]);
             let len = p1 - p0;
-            let mut page = AlignedBuf::zeroed(4 * len);
+            page.set_len(4 * len);
+            page.fill(0.0);
             fill(p0, p1, &mut page)?;
             if keep[i] {
                 placed.push(Placed::Dram(std::array::from_fn(|r| {
@@ -736,23 +740,31 @@ impl Store {
     fn read_page(&mut self, s: usize, i: usize) -> Result<[AlignedBuf; 4]> {
         let mut bufs = Vec::with_capacity(4);
         for r in 0..4 {
-            let (p0, p1) = self.page_range(s, i);
-            let mut buf = match self.page_buffer(s, i, p1 - p0) {
-                Ok(b) => b,
+            match self.load_region(s, i, r) {
+                Ok(b) => bufs.push(b),
                 Err(e) => {
                     self.spares.extend(bufs);
                     return Err(e);
                 }
-            };
-            let read = self.read_region(s, i, r, &mut buf);
-            bufs.push(buf);
-            if let Err(e) = read {
-                self.spares.extend(bufs);
-                return Err(e);
             }
         }
         self.stats.flash_reads += 1;
         Ok(bufs.try_into().unwrap_or_else(|_| unreachable!("four regions")))
+    }
+
+    /// Region `r` of page (s, i) read from flash into a buffer of the tier
+    /// ([`Store::page_buffer`], [`Store::read_region`]); on failure the
+    /// buffer goes back to the spares.
+    fn load_region(&mut self, s: usize, i: usize, r: usize) -> Result<AlignedBuf> {
+        let (p0, p1) = self.page_range(s, i);
+        let mut buf = self.page_buffer(s, i, p1 - p0)?;
+        match self.read_region(s, i, r, &mut buf) {
+            Ok(()) => Ok(buf),
+            Err(e) => {
+                self.spares.push(buf);
+                Err(e)
+            }
+        }
     }
 
     /// Reads region `r` of page (s, i) from flash into `buf` (of the page's
@@ -800,14 +812,8 @@ impl Store {
         if !self.pages[s][i].in_dram() {
             self.pages[s][i].dirty = 0;
         }
-        let (p0, p1) = self.page_range(s, i);
         for r in regions_of(missing) {
-            let mut buf = self.page_buffer(s, i, p1 - p0)?;
-            if let Err(e) = self.read_region(s, i, r, &mut buf) {
-                self.spares.push(buf);
-                return Err(e);
-            }
-            self.pages[s][i].dram[r] = Some(buf);
+            self.pages[s][i].dram[r] = Some(self.load_region(s, i, r)?);
         }
         self.stats.flash_reads += 1;
         Ok(())

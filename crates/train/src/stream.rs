@@ -867,23 +867,23 @@ impl CpuWorker {
         for (j, u) in sched.uses.iter().enumerate() {
             // A use that needs no weights (the embedding's backward) gets none.
             let msg = match sched.needs_weights(j) {
-                true => Some(self.waits.recv_async(io.weights, j == 0).await.ok_or(StoreStopped)?),
+                true => {
+                    let msg = self.waits.recv_async(io.weights, j == 0).await.ok_or(StoreStopped)?;
+                    msg.expect_use(step, j, u.layer);
+                    Some(msg)
+                }
                 false => None,
             };
-            if let Some(msg) = &msg {
-                msg.expect_use(step, j, u.layer);
-            }
-            let w: &[f32] = match msg.as_ref().map(|m| (&m.data, m.len)) {
-                None => &[],
-                Some((Weights::F32(v), len)) => &v[..len],
+            let views = match msg.as_ref().map(|m| (&m.data, m.len)) {
+                None => Vec::new(),
+                Some((Weights::F32(v), len)) => split(spec, u.layer, &v[..len]),
                 Some((Weights::Bf16(v), len)) => {
                     for (d, &s) in self.decoded[..len].iter_mut().zip(&v[..len]) {
                         *d = from_bf16(s);
                     }
-                    &self.decoded[..len]
+                    split(spec, u.layer, &self.decoded[..len])
                 }
             };
-            let views = if msg.is_some() { split(spec, u.layer, w) } else { Vec::new() };
             let x = &inputs[u.micro * mb * t..(u.micro + 1) * mb * t];
             let y = &targets[u.micro * mb * t..(u.micro + 1) * mb * t];
             let ws = &mut self.workspace;
